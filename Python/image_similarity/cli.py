@@ -1,0 +1,240 @@
+"""The `image-similarity` command: each step of the job as a subcommand, and `run` for all of them."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .rank import METHODS
+
+DEFAULT_OUT = "image-similarity-output"
+
+CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433  # the reference solution's best figures on this kind of data
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=None, metavar="DB",
+                        help="database: a SQLite file path or sqlite:///path (default: image_similarity.sqlite here)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    net = argparse.ArgumentParser(add_help=False)
+    net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
+                     help=f"pretrained network (default: {DEFAULT_BACKBONE}, or the trained model's)")
+    net.add_argument("--weights", metavar="FILE", help="checkpoint file to use instead of the default location")
+    net.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
+
+    parser = argparse.ArgumentParser(
+        prog="image-similarity",
+        description="Find catalogue images similar to a query image: ingest labelled images into a database, "
+                    "featurize them with a pretrained CNN, split, train a linear SVM, evaluate, and rank.",
+        epilog="Start with 'image-similarity run' to do every step on the bundled sample data.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("ingest", parents=[common], help="load a folder of images (one sub-folder per class)",
+                       description="Store every image under DIR with its label (the sub-folder name). "
+                                   "Bad files are skipped and recorded with the reason; re-running adds nothing new.")
+    p.add_argument("dir", type=Path, help="folder with one sub-folder per class")
+
+    p = sub.add_parser("featurize", parents=[common, net], help="compute feature vectors for stored images",
+                       description="Run the pretrained network over every stored image without features for "
+                                   "the backbone. Resumable: an interrupted run loses at most one batch.")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+
+    p = sub.add_parser("split", parents=[common], help="stratified train/test split, near-duplicates kept together",
+                       description="Split the stored images per class; near-duplicate images stay on one side.")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="share of each class for testing (default: 0.25)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same split (default: 0)")
+
+    p = sub.add_parser("train", parents=[common], help="train a linear SVM (C by cross-validation)",
+                       description="Train a linear SVM on the training split's features, choosing C by "
+                                   "cross-validation, and store it as a new model version.")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="features to train on (default: the most complete)")
+    p.add_argument("--C", type=float, nargs="+", default=None, metavar="C", help="candidate C values")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    p = sub.add_parser("evaluate", parents=[common], help="accuracy, confusion, ROC and ranking quality",
+                       description="Evaluate a model on its split: accuracies, confusion matrix, ROC/AUC, and "
+                                   "for each ranking method the rank of 1 positive among 100 negatives per test "
+                                   "image, Recall@k and mAP. Stores the figures and writes PNG plots.")
+    p.add_argument("--model-version", type=int, help="model version (default: latest)")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"folder for plots (default: {DEFAULT_OUT})")
+    p.add_argument("--json", action="store_true", help="print all figures as one JSON object")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing positives and negatives (default: 0)")
+
+    p = sub.add_parser("rank", parents=[common, net], help="the catalogue images most similar to a query image",
+                       description="Featurize QUERY and list the most similar catalogue images (never the "
+                                   "query itself or its near duplicates). Results are stored in the rankings table.")
+    p.add_argument("query", type=Path, help="query image file")
+    p.add_argument("--top", type=int, default=10, help="how many images (default: 10)")
+    p.add_argument("--method", choices=METHODS, help="similarity (default: the best in the latest evaluation)")
+    p.add_argument("--model-version", type=int, help="model version (default: latest)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("run", parents=[common, net], help="every step, then rank a sample query",
+                       description="Ingest DIR (default: the bundled sample), featurize, split, train, evaluate, "
+                                   "print a summary, and rank one test image.")
+    p.add_argument("dir", type=Path, nargs="?", help="folder with one sub-folder per class (default: bundled sample)")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"folder for plots (default: {DEFAULT_OUT})")
+    p.add_argument("--seed", type=int, default=0, help="random seed for split, training and evaluation (default: 0)")
+    return parser
+
+
+def _featurizer(args: argparse.Namespace, backbone: str | None = None):
+    from .featurize import Featurizer
+
+    return Featurizer(backbone or args.backbone or DEFAULT_BACKBONE, device=args.device, weights=args.weights)
+
+
+def cmd_ingest(store, args) -> None:
+    from .ingest import ingest
+
+    report = ingest(store, args.dir, progress=not args.quiet)
+    print(f"added {report.added} images, {report.already_stored} already stored, {len(report.skipped)} skipped")
+    for name, reason in report.skipped:
+        print(f"  skipped {name}: {reason}")
+
+
+def cmd_featurize(store, args) -> None:
+    from .featurize import featurize
+
+    report = featurize(store, _featurizer(args), batch_size=args.batch_size, progress=not args.quiet)
+    print(f"featurized {report.added} images with {report.backbone} on {report.device}"
+          f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
+
+
+def cmd_split(store, args) -> None:
+    from .split import split
+
+    counts = split(store, args.test_fraction, args.seed)
+    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
+
+
+def cmd_train(store, args) -> None:
+    from .train import C_GRID, train
+
+    model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
+    print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
+          f"C={model.params['C']:g}, cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
+
+
+def print_evaluation(summary: dict[str, Any]) -> None:
+    print(f"model version {summary['model_version']} ({summary['backbone']}), "
+          f"{summary['n_train']} train / {summary['n_test']} test images")
+    print(f"  accuracy: train {_percent(summary['train_accuracy'])}, test {_percent(summary['test_accuracy'])}, "
+          f"test class-averaged {_percent(summary['class_avg_accuracy'])}  (CNTK reference: {_percent(CNTK_ACCURACY)})")
+    print("  per class (test): " + ", ".join(f"{c} {_percent(v)}" for c, v in summary["per_class_test_accuracy"].items())
+          + "; AUC " + ", ".join(f"{c} {v:.3f}" for c, v in summary["auc"].items()))
+    print(f"  ranking (1 positive among 1 + 100 negatives per test image; CNTK reference top-1 {_percent(CNTK_TOP1)}):")
+    print(f"    {'method':<8} {'top-1':>6} {'top-5':>6} {'top-10':>6} {'mean':>6} {'median':>6}"
+          f" {'R@1':>6} {'R@5':>6} {'R@10':>6} {'mAP':>6}")
+    for method, r in summary["ranking"].items():
+        best = "  <- best" if method == summary["best_method"] else ""
+        print(f"    {method:<8} {_percent(r['top1']):>6} {_percent(r['top5']):>6} {_percent(r['top10']):>6} "
+              f"{r['mean_rank']:>6.2f} {r['median_rank']:>6.1f} {_percent(r['recall@1']):>6} "
+              f"{_percent(r['recall@5']):>6} {_percent(r['recall@10']):>6} {r['map']:>6.3f}{best}")
+    for name, path in summary.get("plots", {}).items():
+        print(f"  plot {name}: {path}")
+
+
+def cmd_evaluate(store, args) -> None:
+    from .evaluate import evaluate
+    from .train import load_model
+
+    summary = evaluate(store, load_model(store, args.model_version), out_dir=args.out, seed=args.seed)
+    print(json.dumps(summary, indent=2) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_evaluation(summary)
+
+
+def print_ranking(result) -> None:
+    print(f"top {len(result.matches)} for {result.query} (method {result.method}, {result.backbone}"
+          + (f", model version {result.model_version})" if result.model_version else ")"))
+    print(f"  {'rank':>4} {'id':>6} {'label':<12} {'score':>9}  name")
+    for m in result.matches:
+        print(f"  {m.rank:>4} {m.image_id:>6} {m.label:<12} {m.score:>9.4f}  {m.name}")
+
+
+def cmd_rank(store, args) -> None:
+    from .rank import latest_model, rank
+    from .train import load_model
+
+    model = load_model(store, args.model_version) if args.model_version else latest_model(store)
+    result = rank(store, args.query.read_bytes(), _featurizer(args, model.backbone if model else None),
+                  top=args.top, method=args.method, model=model, name=args.query.name)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_ranking(result)
+
+
+def cmd_run(store, args) -> None:
+    from .evaluate import evaluate
+    from .featurize import featurize
+    from .ingest import ingest
+    from .resources import sample_dataset
+    from .split import split
+    from .train import train
+
+    folder = args.dir or sample_dataset()
+    quiet = args.quiet
+    report = ingest(store, folder, progress=not quiet)
+    print(f"ingest {folder}: {report.added} added, {report.already_stored} already stored, "
+          f"{len(report.skipped)} skipped")
+    for name, reason in report.skipped:
+        print(f"  skipped {name}: {reason}")
+    featurizer = _featurizer(args)
+    fz = featurize(store, featurizer, progress=not quiet)
+    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
+    counts = split(store, seed=args.seed)
+    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
+    model = train(store, featurizer.backbone, seed=args.seed)
+    print(f"train: model version {model.version}, C={model.params['C']:g}, "
+          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
+    summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
+    print_evaluation(summary)
+    best = summary["ranking"][summary["best_method"]]
+    print(f"  vs CNTK reference: test accuracy {_percent(summary['test_accuracy'])} vs {_percent(CNTK_ACCURACY)}, "
+          f"top-1 {_percent(best['top1'])} vs {_percent(CNTK_TOP1)}, median rank {best['median_rank']:g}")
+    from .rank import rank
+
+    test_ids = sorted(i for i, s in store.split().items() if s == "test")
+    query = next(im for im in store.images() if im.id == test_ids[0])
+    result = rank(store, store.image_bytes(query.id), featurizer, model=model, name=f"{query.name} ({query.label})")
+    print_ranking(result)
+
+
+COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
+            "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .backbones import WeightsNotFoundError
+    from .images import BadImageError
+    from .store import DEFAULT_DB, StoreError, connect
+
+    args = build_parser().parse_args(argv)
+    try:
+        with connect(args.db or DEFAULT_DB) as store:
+            COMMANDS[args.command](store, args)
+    except KeyboardInterrupt:
+        print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BadImageError as err:
+        print(f"image-similarity: error: {getattr(args, 'query', '')}: {err}", file=sys.stderr)
+        return 1
+    except (StoreError, WeightsNotFoundError, ValueError, OSError) as err:
+        print(f"image-similarity: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Featurize: turn every stored image into a feature vector with a pretrained network, batched and resumable."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .backbones import DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
+from .images import BadImageError, decode_image
+from .store import Store
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The requested device, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class FeaturizeReport:
+    """What a featurize run did."""
+
+    backbone: str
+    device: str
+    added: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+
+class Featurizer:
+    """A pretrained backbone on a device, turning RGB images into float32 feature vectors."""
+
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, device: str | None = None,
+                 weights: str | os.PathLike | None = None, workers: int | None = None) -> None:
+        self.device = pick_device(device)
+        self.extractor: FeatureExtractor = load_backbone(backbone, weights)
+        self.spec = self.extractor.spec
+        self.extractor.to(self.device, memory_format=torch.channels_last)
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
+
+    @property
+    def backbone(self) -> str:
+        return self.spec.name
+
+    def prepare(self, data: bytes) -> np.ndarray:
+        """Decode image bytes into the network's uint8 input; BadImageError when they are not an image."""
+        return prepare_image(decode_image(data), self.spec)
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, dim)."""
+        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.extractor(x).float().cpu().numpy()
+        return self.extractor(x).numpy()
+
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Feature vectors of decoded RGB images."""
+        return self.forward(np.stack([prepare_image(im, self.spec) for im in images]))
+
+    def submit(self, items: Sequence[tuple[int, bytes]]) -> list[tuple[int, Future]]:
+        """Start decoding a batch in the background."""
+        return [(image_id, self.pool.submit(self.prepare, data)) for image_id, data in items]
+
+
+def _collect(pending: list[tuple[int, Future]]) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
+    ids, arrays, bad = [], [], []
+    for image_id, future in pending:
+        try:
+            arrays.append(future.result())
+            ids.append(image_id)
+        except BadImageError as err:
+            bad.append((image_id, str(err)))
+    return ids, arrays, bad
+
+
+def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str = DEFAULT_BACKBONE,
+              batch_size: int = 32, progress: bool = True) -> FeaturizeReport:
+    """Featurize every stored image that has no features for the backbone yet.
+
+    Streams batches from the store, decodes the next batch while the network runs on the current one, and
+    commits each batch on its own: an interrupted run loses at most one batch and resumes where it stopped.
+    """
+    featurizer = featurizer or Featurizer(backbone)
+    report = FeaturizeReport(backbone=featurizer.backbone, device=str(featurizer.device))
+    todo = len(store.images()) - store.feature_counts().get(featurizer.backbone, 0)
+    bar = tqdm(total=max(todo, 0), desc=f"featurize ({featurizer.backbone}, {featurizer.device})", unit="img",
+               disable=not progress)
+
+    def finish(pending: list[tuple[int, Future]]) -> None:
+        ids, arrays, bad = _collect(pending)
+        if ids:
+            store.put_features(featurizer.backbone, ids, featurizer.forward(np.stack(arrays)))
+            report.added += len(ids)
+        for image_id, reason in bad:
+            report.skipped.append((image_id, reason))
+            store.record_rejected(f"image id {image_id}", "", reason, stage="featurize")
+        bar.update(len(pending))
+
+    pending: list[tuple[int, Future]] = []
+    for items in store.missing_features(featurizer.backbone, batch_size):
+        started = featurizer.submit(items)
+        if pending:
+            finish(pending)
+        pending = started
+    if pending:
+        finish(pending)
+    bar.close()
+    return report

@@ -1,0 +1,156 @@
+"""Rank: the catalogue images most similar to a query image, by one of several similarity methods."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_matrix
+from .images import decode_image
+from .store import Store, StoreError
+from .train import SimilarityModel, l2_normalize, load_model
+
+METHODS = ("l2", "cosine", "scores", "learned")
+"""l2 and cosine on features; scores: cosine on SVM class scores; learned: the trained pair metric."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """One ranked catalogue image. `score` is higher for more similar images (for l2: minus the distance)."""
+
+    rank: int
+    image_id: int
+    name: str
+    label: str
+    score: float
+
+
+class Catalogue:
+    """Featurized catalogue images held in memory, with what each method needs precomputed."""
+
+    def __init__(self, ids: np.ndarray, names: list[str], labels: list[str], sha256: list[str],
+                 dhashes: list[str], features: np.ndarray, model: SimilarityModel | None = None) -> None:
+        self.ids, self.names, self.labels = ids, names, np.asarray(labels)
+        self.sha256, self.dhashes = np.asarray(sha256), list(dhashes)
+        self.features = np.ascontiguousarray(features, dtype=np.float32)
+        self.sq_norms = np.einsum("ij,ij->i", self.features, self.features)
+        self.unit = l2_normalize(self.features)
+        self.model = model
+        if model is not None:
+            self.unit_scores = l2_normalize(model.decision_function(self.features))
+            self.weighted_sq = (self.unit ** 2) @ model.metric_weights
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_store(cls, store: Store, backbone: str, model: SimilarityModel | None = None,
+                   ids: list[int] | None = None) -> Catalogue:
+        """The featurized images of a store (all of them, or only `ids`)."""
+        rows = {im.id: im for im in store.images()}
+        found, X = store.features(backbone, ids)
+        if len(found) == 0:
+            raise StoreError(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
+        meta = [rows[int(i)] for i in found]
+        return cls(found, [m.name for m in meta], [m.label for m in meta], [m.sha256 for m in meta],
+                   [m.dhash for m in meta], X, model)
+
+    def similarity(self, queries: np.ndarray, method: str) -> np.ndarray:
+        """(n_queries, n_catalogue) similarities; higher is more similar."""
+        queries = np.atleast_2d(queries).astype(np.float32)
+        if method == "l2":
+            sq = np.einsum("ij,ij->i", queries, queries)[:, None] + self.sq_norms - 2 * queries @ self.features.T
+            return -np.sqrt(np.maximum(sq, 0))
+        if method == "cosine":
+            return l2_normalize(queries) @ self.unit.T
+        if method not in METHODS:
+            raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
+        if self.model is None:
+            raise StoreError(f"method {method!r} needs a trained model: run 'image-similarity train' first")
+        if method == "scores":
+            return l2_normalize(self.model.decision_function(queries)) @ self.unit_scores.T
+        q = l2_normalize(queries)
+        w = self.model.metric_weights
+        # w . (q - x)^2 = w . q^2 - 2 (w * q) . x + w . x^2
+        return ((q ** 2) @ w)[:, None] - 2 * (q * w) @ self.unit.T + self.weighted_sq + self.model.metric_bias
+
+    def duplicates_of(self, sha256: str, query_dhash: str, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
+        """Mask of catalogue images that are the query itself or a near duplicate of it."""
+        return (self.sha256 == sha256) | (hamming_matrix([query_dhash], self.dhashes)[0] <= max_distance)
+
+    def search(self, query: np.ndarray, method: str, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
+        """The `top` most similar catalogue images to one query vector."""
+        scores = self.similarity(query, method)[0]
+        if exclude is not None:
+            scores = np.where(exclude, -np.inf, scores)
+        top = min(top, int(np.isfinite(scores).sum()))
+        best = np.argpartition(-scores, top - 1)[:top] if top else np.array([], dtype=int)
+        best = best[np.argsort(-scores[best], kind="stable")]
+        return [Match(r + 1, int(self.ids[i]), self.names[i], str(self.labels[i]), float(scores[i]))
+                for r, i in enumerate(best)]
+
+
+@dataclass
+class RankResult:
+    """A query's ranking and how it was made."""
+
+    query: str
+    method: str
+    backbone: str
+    model_version: int | None
+    matches: list[Match]
+    query_id: int | None = None
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k != "matches"},
+                "matches": [asdict(m) for m in self.matches]}
+
+
+def latest_model(store: Store) -> SimilarityModel | None:
+    """The latest trained model, or None when there is none yet."""
+    try:
+        return load_model(store)
+    except StoreError:
+        return None
+
+
+def default_method(store: Store, model: SimilarityModel | None) -> str:
+    """The method the latest evaluation of the model found best; else learned with a model, cosine without."""
+    if model is None:
+        return "cosine"
+    evaluation = store.evaluation(model.version)
+    if evaluation and evaluation.summary.get("best_method") in METHODS:
+        return evaluation.summary["best_method"]
+    return "learned"
+
+
+def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,
+         model: SimilarityModel | None = None, catalogue: Catalogue | None = None, name: str = "query",
+         save: bool = True) -> RankResult:
+    """Rank the catalogue against a query image given as bytes; never returns the query or its near twins.
+
+    Uses the latest model unless `model` is given; `featurizer` must use its backbone. Pass a prebuilt
+    `catalogue` to answer many queries quickly.
+    """
+    if top < 1:
+        raise ValueError(f"--top must be at least 1, got {top}")
+    image = decode_image(data)
+    if catalogue is None:
+        model = model or latest_model(store)
+        catalogue = Catalogue.from_store(store, featurizer.backbone, model)
+    model = catalogue.model
+    if model is not None and model.backbone != featurizer.backbone:
+        raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
+    method = method or default_method(store, model)
+    vector = featurizer.features([image])[0]
+    sha = hashlib.sha256(data).hexdigest()
+    matches = catalogue.search(vector, method, top, catalogue.duplicates_of(sha, dhash(image)))
+    result = RankResult(name, method, featurizer.backbone, model.version if model else None, matches)
+    if save:
+        result.query_id = store.put_ranking(
+            {"name": name, "sha256": sha, "method": method, "backbone": featurizer.backbone,
+             "model_version": result.model_version},
+            [(m.rank, m.image_id, m.score) for m in matches],
+        )
+    return result

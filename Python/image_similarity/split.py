@@ -1,0 +1,54 @@
+"""Split: a stratified, seeded train/test split that keeps near-duplicate images on one side."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+
+from .dedup import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
+from .store import ImageRow, Store, StoreError
+
+
+def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: int = 0,
+                 max_distance: int = NEAR_DUPLICATE_DISTANCE) -> dict[int, str]:
+    """image id -> 'train' or 'test'.
+
+    Near-duplicate groups (dhash within `max_distance`) are the unit of assignment, so no test image has a
+    twin in training. Groups are stratified by their majority label: each class gets about `test_fraction`
+    of its images in test, and keeps at least one group in training.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
+    groups = near_duplicate_groups([im.dhash for im in images], max_distance)
+    members: dict[int, list[ImageRow]] = defaultdict(list)
+    for image, group in zip(images, groups):
+        members[int(group)].append(image)
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for group, rows in sorted(members.items()):
+        by_class[Counter(r.label for r in rows).most_common(1)[0][0]].append(group)
+
+    rng = np.random.default_rng(seed)
+    subsets: dict[int, str] = {}
+    for label in sorted(by_class):
+        class_groups = [by_class[label][i] for i in rng.permutation(len(by_class[label]))]
+        total = sum(len(members[g]) for g in class_groups)
+        target, n_test = round(test_fraction * total), 0
+        for i, group in enumerate(class_groups):
+            size = len(members[group])
+            last = i == len(class_groups) - 1
+            to_test = not last and abs(n_test + size - target) < abs(n_test - target)
+            n_test += size if to_test else 0
+            for row in members[group]:
+                subsets[row.id] = "test" if to_test else "train"
+    return subsets
+
+
+def split(store: Store, test_fraction: float = 0.25, seed: int = 0) -> dict[str, int]:
+    """Split the stored images and save the split; return the count per subset."""
+    images = store.images()
+    if not images:
+        raise StoreError("no images stored: run 'image-similarity ingest DIR' first")
+    subsets = split_images(images, test_fraction, seed)
+    store.put_split(subsets, seed, test_fraction)
+    return dict(Counter(subsets.values()))

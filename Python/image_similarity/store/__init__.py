@@ -1,0 +1,32 @@
+"""Stores: the engine's tables in a database. `connect` picks one from a path or URL."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError
+from .sqlite import SQLiteStore
+
+DEFAULT_DB = "image_similarity.sqlite"
+
+__all__ = [
+    "DEFAULT_DB",
+    "EvaluationRecord",
+    "ImageRow",
+    "ModelRecord",
+    "NewImage",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "connect",
+]
+
+
+def connect(db: str | Path = DEFAULT_DB) -> Store:
+    """Open the store named by a file path or a URL (`sqlite:///path`)."""
+    text = str(db)
+    if text.startswith("sqlite:///"):
+        return SQLiteStore(text.removeprefix("sqlite:///"))
+    if "://" in text:
+        scheme = text.split("://", 1)[0]
+        raise StoreError(f"unsupported database URL scheme {scheme!r}: use a file path or sqlite:///path")
+    return SQLiteStore(text)

@@ -1,0 +1,159 @@
+"""The interface every store implements, and the plain records that cross it.
+
+A store maps the engine's steps onto database tables. It is the only code that writes SQL, always with
+bound parameters. Vectors cross the interface as numpy arrays; stores choose their own column types.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One catalogue image as stored (without its bytes)."""
+
+    id: int
+    name: str
+    label: str
+    sha256: str
+    dhash: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """An image to add: validated bytes plus metadata."""
+
+    name: str
+    label: str
+    data: bytes
+    format: str
+    width: int
+    height: int
+    mode: str
+    sha256: str
+    dhash: str
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A trained model as plain arrays and metadata: never a pickle."""
+
+    backbone: str
+    classes: list[str]
+    arrays: dict[str, np.ndarray]
+    params: dict[str, Any]
+    version: int | None = None
+    created_at: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """The figures of one evaluation of one model version."""
+
+    model_version: int
+    summary: dict[str, Any]
+    metrics: list[tuple[str, str, str, float]] = field(default_factory=list)
+    """(subset or method, metric, class or '', value) rows."""
+    confusion: list[tuple[str, str, str, int]] = field(default_factory=list)
+    """(subset, true label, predicted label, count) rows."""
+    id: int | None = None
+    created_at: str | None = None
+
+
+class StoreError(RuntimeError):
+    """A store cannot do what was asked (missing table contents, bad connection string, ...)."""
+
+
+class Store(abc.ABC):
+    """Tables of the image-similarity job. Every write is one transaction; re-running a step is safe."""
+
+    url: str
+
+    # images
+    @abc.abstractmethod
+    def add_image(self, image: NewImage) -> int | None:
+        """Store an image; return its id, or None when identical bytes are already stored."""
+
+    @abc.abstractmethod
+    def find_sha256(self, sha256: str) -> ImageRow | None:
+        """The stored image with these exact bytes, if any."""
+
+    @abc.abstractmethod
+    def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:
+        """Record a file that was skipped, with the reason (idempotent per name, stage and reason)."""
+
+    @abc.abstractmethod
+    def rejected(self) -> list[tuple[str, str, str, str]]:
+        """(name, label, stage, reason) of every skipped file."""
+
+    @abc.abstractmethod
+    def images(self) -> list[ImageRow]:
+        """Every stored image, by id."""
+
+    @abc.abstractmethod
+    def image_bytes(self, image_id: int) -> bytes:
+        """The stored bytes of one image."""
+
+    # features
+    @abc.abstractmethod
+    def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
+        """Batches of (id, bytes) of images with no features for this backbone, in id order, streamed."""
+
+    @abc.abstractmethod
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+        """Store float32 vectors, one per id, in one transaction (existing rows are kept)."""
+
+    @abc.abstractmethod
+    def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 matrix) of stored features for this backbone, by id; only `ids` when given."""
+
+    @abc.abstractmethod
+    def feature_counts(self) -> dict[str, int]:
+        """Number of featurized images per backbone."""
+
+    # split
+    @abc.abstractmethod
+    def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:
+        """Replace the train/test split atomically."""
+
+    @abc.abstractmethod
+    def split(self) -> dict[int, str]:
+        """image id -> 'train' or 'test'; empty when no split was made."""
+
+    # models
+    @abc.abstractmethod
+    def put_model(self, model: ModelRecord) -> int:
+        """Store a model as a new version; return the version."""
+
+    @abc.abstractmethod
+    def model(self, version: int | None = None) -> ModelRecord:
+        """A stored model: the latest when version is None. StoreError when there is none."""
+
+    # evaluation
+    @abc.abstractmethod
+    def put_evaluation(self, evaluation: EvaluationRecord) -> int:
+        """Store an evaluation and its metric rows; return its id."""
+
+    @abc.abstractmethod
+    def evaluation(self, model_version: int | None = None) -> EvaluationRecord | None:
+        """The latest evaluation (of a model version when given), or None."""
+
+    # rankings
+    @abc.abstractmethod
+    def put_ranking(self, query: dict[str, Any], rows: Sequence[tuple[int, int, float]]) -> int:
+        """Store one query's results as (rank, image id, score) rows; return the query's id."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close the connection."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""The command line as a user meets it: help, the steps one by one, JSON output, one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from image_similarity.cli import main
+
+STEPS = ["ingest", "featurize", "split", "train", "evaluate", "rank", "run"]
+
+
+@pytest.mark.parametrize("command", STEPS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"image-similarity {command}" in out and "--db" in out
+
+
+def test_console_script_help_lists_the_steps():
+    out = subprocess.run([sys.executable, "-m", "image_similarity.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in STEPS:
+        assert command in out
+
+
+def test_steps_one_by_one_on_real_photos(tmp_path, small_dir, capsys, sample_dir):
+    db = str(tmp_path / "cli.sqlite")
+    assert main(["ingest", str(small_dir), "--db", db, "-q"]) == 0
+    assert "added 36 images" in capsys.readouterr().out
+    assert main(["featurize", "--db", db, "-q", "--batch-size", "16"]) == 0
+    assert "featurized 36 images with efficientnet_lite0" in capsys.readouterr().out
+    assert main(["split", "--db", db, "--seed", "2"]) == 0
+    assert main(["train", "--db", db, "--C", "0.1", "1"]) == 0
+    assert "trained model version 1" in capsys.readouterr().out.splitlines()[-1]
+    assert main(["evaluate", "--db", db, "--json", "--out", str(tmp_path / "plots")]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert {"test_accuracy", "class_avg_accuracy", "best_method"} <= set(figures)
+    assert {"top1", "top5", "top10", "median_rank", "map"} <= set(figures["ranking"]["learned"])
+    assert (tmp_path / "plots" / "confusion.png").exists()
+    query = sorted((sample_dir / "leopard").iterdir())[-1]
+    assert main(["rank", str(query), "--db", db, "--json", "--top", "3", "--method", "cosine"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "cosine" and len(result["matches"]) == 3
+    assert {"rank", "image_id", "label", "score", "name"} <= set(result["matches"][0])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["rank", "/no/such/query.jpg"], "No such file"),
+    (["split"], "no images stored"),
+    (["train"], "no train/test split"),
+    (["evaluate"], "no trained model"),
+    (["ingest", "--db", "postgres://user:secret@host/db", "."], "unsupported database URL scheme 'postgres'"),
+])
+def test_errors_are_one_line_without_traceback(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "secret" not in err
+
+
+def test_non_image_query_is_one_line(tmp_path, capsys, full_copy):
+    bad = tmp_path / "query.jpg"
+    bad.write_text("hello")
+    assert main(["rank", str(bad), "--db", str(full_copy)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("image-similarity: error:") and "not an image" in err and "\n" not in err

@@ -1,0 +1,90 @@
+"""Split (stratified, seeded, near-duplicates kept together) and train (versioned plain-array models)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from image_similarity.dedup import dhash, near_duplicate_groups
+from image_similarity.images import decode_image
+from image_similarity.split import split, split_images
+from image_similarity.store import ImageRow, SQLiteStore, StoreError
+from image_similarity.train import load_model, train
+
+
+@pytest.fixture(scope="module")
+def images(full_db):
+    with SQLiteStore(full_db[0]) as store:
+        return store.images()
+
+
+def test_same_seed_same_split_other_seed_other_split(images):
+    assert split_images(images, seed=3) == split_images(images, seed=3)
+    assert split_images(images, seed=3) != split_images(images, seed=4)
+
+
+def test_split_is_stratified(images):
+    subsets = split_images(images, test_fraction=0.25, seed=1)
+    for label in ("dotted", "leopard", "striped"):
+        ids = [im.id for im in images if im.label == label]
+        share = sum(subsets[i] == "test" for i in ids) / len(ids)
+        assert 0.2 <= share <= 0.3, (label, share)
+
+
+def test_no_near_duplicate_straddles_the_split(images, full_db):
+    """The bundled photos have no dhash twins, so add re-encoded copies of 60 of them as twins."""
+    with SQLiteStore(full_db[0]) as store:
+        twins = []
+        for n, im in enumerate(images[::9]):
+            buf = io.BytesIO()
+            decode_image(store.image_bytes(im.id)).resize((200, 200)).save(buf, "JPEG", quality=70)
+            twins.append(ImageRow(100_000 + n, f"copy of {im.name}", im.label, "", dhash(decode_image(buf.getvalue()))))
+    rows = images + twins
+    groups = near_duplicate_groups([im.dhash for im in rows])
+    assert len(set(groups)) <= len(rows) - len(twins) * 0.9
+    subsets = split_images(rows, seed=0)
+    sides: dict[int, set] = {}
+    for im, g in zip(rows, groups):
+        sides.setdefault(int(g), set()).add(subsets[im.id])
+    assert all(len(s) == 1 for s in sides.values())
+    assert 0.2 < sum(v == "test" for v in subsets.values()) / len(rows) < 0.3
+
+
+def test_bad_fraction_and_empty_store_are_clear_errors(images, tmp_path):
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_images(images, test_fraction=1.5)
+    with SQLiteStore(tmp_path / "empty.sqlite") as store, pytest.raises(StoreError, match="no images"):
+        split(store)
+
+
+def test_training_adds_versions_that_round_trip_as_plain_arrays(full_copy):
+    with SQLiteStore(full_copy) as store:
+        before = load_model(store)
+        model = train(store, before.backbone, C=[0.1, 1.0], seed=1)
+        assert model.version == before.version + 1
+        assert load_model(store).version == model.version
+        assert load_model(store, before.version).params["C"] == before.params["C"]
+        again = load_model(store)
+        np.testing.assert_array_equal(again.coef, model.coef)
+        np.testing.assert_array_equal(again.metric_weights, model.metric_weights)
+        _, X = store.features(model.backbone)
+        assert (again.predict(X) == model.predict(X)).all()
+        dtypes = {r[0] for r in store.conn.execute("SELECT dtype FROM model_arrays")}
+        assert dtypes <= {"<f4", "<f8"}
+        assert model.coef.shape == (3, X.shape[1]) and model.classes == ["dotted", "leopard", "striped"]
+        assert model.params["C"] in (0.1, 1.0)
+
+
+def test_training_needs_a_split_and_features(tmp_path, small_dir):
+    from image_similarity.ingest import ingest
+
+    with SQLiteStore(tmp_path / "db.sqlite") as store:
+        ingest(store, small_dir, progress=False)
+        with pytest.raises(StoreError, match="split"):
+            train(store)
+        split(store)
+        with pytest.raises(StoreError, match="featurize"):
+            train(store)
+        with pytest.raises(StoreError, match="no trained model"):
+            load_model(store)
