@@ -70,3 +70,13 @@ def test_non_image_query_is_one_line(tmp_path, capsys, full_copy):
     assert main(["rank", str(bad), "--db", str(full_copy)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("image-similarity: error:") and "not an image" in err and "\n" not in err
+
+
+def test_rank_with_another_backbone_than_the_model(full_copy, sample_dir, capsys):
+    query = str(sorted((sample_dir / "dotted").iterdir())[0])
+    assert main(["rank", query, "--db", str(full_copy), "--backbone", "mobilenet_v2", "--method", "learned"]) == 1
+    assert "uses efficientnet_lite0 features, not mobilenet_v2" in capsys.readouterr().err
+    assert main(["featurize", "--db", str(full_copy), "--backbone", "mobilenet_v2", "-q"]) == 0
+    assert main(["rank", query, "--db", str(full_copy), "--backbone", "mobilenet_v2", "--json", "--top", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert result["backbone"] == "mobilenet_v2" and result["method"] == "cosine" and len(result["matches"]) == 4

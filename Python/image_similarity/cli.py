@@ -168,6 +168,10 @@ def cmd_rank(store, args) -> None:
     from .train import load_model
 
     model = load_model(store, args.model_version) if args.model_version else latest_model(store)
+    if model and args.backbone and args.backbone != model.backbone:  # rank on other features, without the model
+        if args.method in ("scores", "learned") or args.model_version:
+            raise ValueError(f"model version {model.version} uses {model.backbone} features, not {args.backbone}")
+        model = None
     result = rank(store, args.query.read_bytes(), _featurizer(args, model.backbone if model else None),
                   top=args.top, method=args.method, model=model, name=args.query.name)
     print(json.dumps(result.to_dict(), indent=2) if args.json else "", end="\n" if args.json else "")

@@ -38,9 +38,9 @@ def ranking_figure(ranking: dict[str, dict[str, float]]) -> plt.Figure:
     width = 0.8 / len(ks)
     for n, k in enumerate(ks):
         ax.bar(np.arange(len(methods)) + n * width, [ranking[m][k] for m in methods], width, label=k)
-    ax.set(xticks=np.arange(len(methods)) + width, xticklabels=methods, ylim=(0, 1), ylabel="hit rate",
+    ax.set(xticks=np.arange(len(methods)) + width, xticklabels=methods, ylim=(0, 1.1), ylabel="hit rate",
            title="Ranking: positive among 1 + 100 negatives")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", ncols=3)
     fig.tight_layout()
     return fig
 

@@ -130,7 +130,7 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
          save: bool = True) -> RankResult:
     """Rank the catalogue against a query image given as bytes; never returns the query or its near twins.
 
-    Uses the latest model unless `model` is given; `featurizer` must use its backbone. Pass a prebuilt
+    Uses the latest model unless `model` is given, if it was trained on the featurizer's backbone. Pass a prebuilt
     `catalogue` to answer many queries quickly.
     """
     if top < 1:
@@ -138,6 +138,8 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
     image = decode_image(data)
     if catalogue is None:
         model = model or latest_model(store)
+        if model is not None and model.backbone != featurizer.backbone:
+            model = None  # features of another backbone: rank by l2 or cosine alone
         catalogue = Catalogue.from_store(store, featurizer.backbone, model)
     model = catalogue.model
     if model is not None and model.backbone != featurizer.backbone:
