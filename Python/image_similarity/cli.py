@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, help="similarity (default: the best in the latest evaluation)")
     p.add_argument("--model-version", type=int, help="model version (default: latest)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the query beside its matches into this PNG")
 
     p = sub.add_parser("run", parents=[common, net], help="every step, then rank a sample query",
                        description="Ingest DIR (default: the bundled sample), featurize, split, train, evaluate, "
@@ -150,8 +151,9 @@ def cmd_evaluate(store, args) -> None:
     from .train import load_model
 
     summary = evaluate(store, load_model(store, args.model_version), out_dir=args.out, seed=args.seed)
-    print(json.dumps(summary, indent=2) if args.json else "", end="\n" if args.json else "")
-    if not args.json:
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
         print_evaluation(summary)
 
 
@@ -172,11 +174,21 @@ def cmd_rank(store, args) -> None:
         if args.method in ("scores", "learned") or args.model_version:
             raise ValueError(f"model version {model.version} uses {model.backbone} features, not {args.backbone}")
         model = None
-    result = rank(store, args.query.read_bytes(), _featurizer(args, model.backbone if model else None),
+    data = args.query.read_bytes()
+    result = rank(store, data, _featurizer(args, model.backbone if model else None),
                   top=args.top, method=args.method, model=model, name=args.query.name)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else "", end="\n" if args.json else "")
-    if not args.json:
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
         print_ranking(result)
+    if args.plot:
+        from .plots import plt, ranking_plot
+
+        figure = ranking_plot(store, data, result)
+        figure.savefig(args.plot, dpi=100)
+        plt.close(figure)
+        if not args.json:
+            print(f"  plot: {args.plot}")
 
 
 def cmd_run(store, args) -> None:

@@ -105,6 +105,7 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
     _, X_test, y_test = data["test"]
     curves = roc_curves(y_test, model.decision_function(X_test), model.classes)
     summary["auc"] = {c: a for c, (_, _, a) in curves.items()}
+    summary["roc"] = {c: {"fpr": fpr.tolist(), "tpr": tpr.tolist()} for c, (fpr, tpr, _) in curves.items()}
     metrics += [("test", "auc", c, a) for c, a in summary["auc"].items()]
 
     train_ids, X_train, y_train = data["train"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from .images import BadImageError, decode_image

@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .images import MAX_FILE_BYTES, BadImageError, inspect_image
 from .store import NewImage, Store

@@ -1,6 +1,7 @@
-"""Plots of an evaluation: confusion matrix, ROC curves, ranking hit rates per method."""
+"""Plots: an evaluation (confusion matrix, ROC curves, ranking hit rates per method) and a query's top matches."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import matplotlib
@@ -8,6 +9,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+from PIL import Image, ImageOps
+
+from .images import decode_image
+from .rank import Match, RankResult
+from .store import Store, StoreError
+
+CORRECT, WRONG = "#2ca02c", "#d62728"
 
 
 def confusion_figure(classes: list[str], matrix: np.ndarray) -> plt.Figure:
@@ -58,3 +66,67 @@ def save_evaluation_plots(out_dir: str | Path, classes: list[str], confusion: np
         fig.savefig(paths[name], dpi=110)
         plt.close(fig)
     return paths
+
+
+def evaluation_figures(store: Store, model_version: int | None = None) -> dict[str, plt.Figure]:
+    """Redraw the confusion, ROC and ranking figures of the latest stored evaluation (of a model version)."""
+    evaluation = store.evaluation(model_version)
+    if evaluation is None:
+        raise StoreError("no evaluation stored: run 'image-similarity evaluate' first")
+    summary = evaluation.summary
+    if "roc" not in summary:
+        raise StoreError(f"evaluation {evaluation.id} has no ROC points: run 'image-similarity evaluate' again")
+    classes = summary["classes"]
+    matrix = np.zeros((len(classes), len(classes)), dtype=int)
+    for subset, true, predicted, count in evaluation.confusion:
+        if subset == "test":
+            matrix[classes.index(true), classes.index(predicted)] = count
+    curves = {c: (np.array(r["fpr"]), np.array(r["tpr"]), summary["auc"][c]) for c, r in summary["roc"].items()}
+    return {"confusion": confusion_figure(classes, matrix), "roc": roc_figure(curves),
+            "ranking": ranking_figure(summary["ranking"])}
+
+
+def _thumbnail(image: Image.Image, size: int = 256) -> Image.Image:
+    """The image scaled to fit a white size x size square, so that every frame has the same shape."""
+    return ImageOps.pad(image, (size, size), color="white")
+
+
+def ranking_grid_figure(query: Image.Image, matches: list[Match], images: dict[int, Image.Image],
+                        query_label: str | None = None, title: str = "") -> plt.Figure:
+    """The query beside a grid of its matches, each with label and score; with a known query label, matches
+    with the same label get a green frame and a tick, others a red frame and a cross."""
+    cols = 5
+    rows = max(1, -(-len(matches) // cols))
+    fig = plt.figure(figsize=(2.2 * (cols + 2), 2.7 * rows + 0.6))
+    grid = fig.add_gridspec(rows, cols + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(_thumbnail(query, 512))
+    ax.set(xticks=[], yticks=[])
+    ax.set_xlabel(f"query: {query_label or 'label unknown'}", fontsize=12)
+    for n, match in enumerate(matches):
+        ax = fig.add_subplot(grid[n // cols, 2 + n % cols])
+        ax.imshow(_thumbnail(images[match.image_id]))
+        ax.set(xticks=[], yticks=[])
+        mark = ""
+        if query_label is not None:
+            correct = match.label == query_label
+            mark = "\u2713 " if correct else "\u2717 "
+            for spine in ax.spines.values():
+                spine.set(color=CORRECT if correct else WRONG, linewidth=4)
+        ax.set_xlabel(f"{match.rank}. {mark}{match.label}\nscore {match.score:.4f}", fontsize=10)
+    if query_label is not None and matches:
+        same = sum(m.label == query_label for m in matches)
+        title += f"{': ' if title else ''}{same} of {len(matches)} share the query's label"
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def ranking_plot(store: Store, query_data: bytes, result: RankResult) -> plt.Figure:
+    """`ranking_grid_figure` for a rank result, with the match images and (when the query's bytes are in the
+    catalogue) the query's label taken from the store."""
+    known = store.find_sha256(hashlib.sha256(query_data).hexdigest())
+    images = {m.image_id: decode_image(store.image_bytes(m.image_id)) for m in result.matches}
+    title = f"Top {len(result.matches)} for {result.query} by {result.method} ({result.backbone})"
+    return ranking_grid_figure(decode_image(query_data), result.matches, images, known.label if known else None,
+                               title)
