@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, nargs="?", help="folder with one sub-folder per class (default: bundled sample)")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"folder for plots (default: {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="random seed for split, training and evaluation (default: 0)")
+
+    p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
+                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/health, /api/model; "
+                                   "OpenAPI schema at /openapi.json) and a page at / to try it, on the latest model. "
+                                   "The model and catalogue are loaded once at start; uploads are limited to 10 MB.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     return parser
 
 
@@ -227,8 +234,20 @@ def cmd_run(store, args) -> None:
     print_ranking(result)
 
 
+def cmd_serve(store, args) -> None:
+    import uvicorn
+
+    from .rank import latest_model
+    from .web import create_app
+
+    model = latest_model(store)
+    app = create_app(store, _featurizer(args, model.backbone if model else None))
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
-            "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run}
+            "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
