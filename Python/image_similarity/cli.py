@@ -23,7 +23,8 @@ def _percent(x: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=None, metavar="DB",
-                        help="database: a SQLite file path or sqlite:///path (default: image_similarity.sqlite here)")
+                        help="database: a SQLite file path, sqlite:///path, or mssql://[user@]host[:port]/database "
+                             "(password in IMAGE_SIMILARITY_DB_PASSWORD; default: image_similarity.sqlite here)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
