@@ -3,11 +3,15 @@ statement it sends is valid T-SQL with one bound value per placeholder."""
 from __future__ import annotations
 
 import builtins
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlglot
 
+from image_similarity import cli, store as stores
+from image_similarity.sqlcontext import PROCEDURES, call
 from image_similarity.store import EvaluationRecord, ModelRecord, NewImage, StoreError, connect
 from image_similarity.store.mssql import ODBC_DRIVER, PASSWORD_ENV, MSSQLStore, connection_string
 
@@ -47,6 +51,7 @@ class Recorder:
 
     def __init__(self, rows: list[tuple]) -> None:
         self.rows, self.sent, self.commits, self.autocommit = rows, [], 0, True
+        self.description = [("featurized",), ("backbone",)] if rows else None
 
     def cursor(self):
         return self
@@ -59,6 +64,9 @@ class Recorder:
 
     def fetchall(self):
         return self.rows
+
+    def nextset(self):
+        return False
 
     def fetchone(self):
         return (7,)
@@ -99,3 +107,35 @@ def test_every_statement_is_tsql_with_bound_values():
         assert sql.count("?") == len(params), sql
     inserted = [p for sql, p in conn.sent if sql.startswith("INSERT INTO dbo.model_arrays")]
     assert inserted[0][0] == 7 and inserted[0][4] == np.ones((2, 3), "<f4").tobytes()
+
+
+def declared_parameters(procedure: str) -> set[str]:
+    """Parameter names in the CREATE PROCEDURE header of SQLR/'s procedure."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "SQLR").glob("[0-9][0-9]_*.sql")):
+        found = re.search(rf"CREATE OR ALTER PROCEDURE dbo\.{procedure}\n(.*?)\nAS\n", path.read_text(), re.S)
+        if found:
+            return set(re.findall(r"@(\w+)", found.group(1)))
+    raise AssertionError(f"no procedure {procedure}")
+
+
+def test_sql_context_calls_only_declared_procedures_and_parameters():
+    for procedure, names in PROCEDURES.items():
+        assert set(names) <= declared_parameters(procedure), procedure
+    for procedure, names in cli.SQL_STEPS.values():
+        assert set(names) <= set(PROCEDURES[procedure])
+
+
+def test_sql_context_binds_every_value(monkeypatch, sample_dir, tmp_path, capsys):
+    conn = Recorder([(3, "efficientnet_lite0")])
+    monkeypatch.setattr(stores, "connect", lambda db: MSSQLStore("mssql://sql01/Images", connection=conn))
+    query = next((sample_dir / "striped").iterdir())
+    assert cli.main(["rank", str(query), "--db", "mssql://sql01/Images", "--context", "sql", "--top", "5"]) == 0
+    assert cli.main(["split", "--db", "mssql://sql01/Images", "--context", "sql", "--seed", "2"]) == 0
+    (rank_sql, rank_args), (split_sql, split_args) = conn.sent
+    assert rank_sql == "EXEC dbo.RankCandidates @query = ?, @query_name = ?, @top = ?"
+    assert rank_args == (query.read_bytes(), query.name, 5)
+    assert split_sql == "EXEC dbo.PrepareData @test_fraction = ?, @seed = ?" and split_args == (0.25, 2)
+    assert "featurized  backbone\n  3  efficientnet_lite0" in capsys.readouterr().out
+    with pytest.raises(StoreError, match="needs --db mssql://"):
+        with stores.SQLiteStore(tmp_path / "x.sqlite") as local:
+            call(local, "PrepareData", seed=0)
