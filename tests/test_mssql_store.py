@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import sqlglot
 
-from image_similarity import cli, store as stores
+from image_similarity import cli
+from image_similarity import store as stores
 from image_similarity.sqlcontext import PROCEDURES, call
 from image_similarity.store import EvaluationRecord, ModelRecord, NewImage, StoreError, connect
 from image_similarity.store.mssql import ODBC_DRIVER, PASSWORD_ENV, MSSQLStore, connection_string
@@ -96,9 +97,9 @@ def test_every_statement_is_tsql_with_bound_values():
                                                  [("test", "a", "a", 3)])) == 7
     assert store.put_ranking({"name": "q", "sha256": "cd" * 32, "method": "l2", "backbone": "b"},
                              [(1, 1, 0.5), (2, 2, 0.4)]) == 7
-    for call in (store.images, store.rejected, store.split, store.feature_counts, store.evaluation,
+    for read in (store.images, store.rejected, store.split, store.feature_counts, store.evaluation,
                  lambda: store.features("b"), lambda: list(store.missing_features("b", 8))):
-        call()
+        read()
     with pytest.raises(StoreError, match="no trained model"):
         store.model()
     assert len(conn.sent) > 20
@@ -112,7 +113,7 @@ def test_every_statement_is_tsql_with_bound_values():
 def declared_parameters(procedure: str) -> set[str]:
     """Parameter names in the CREATE PROCEDURE header of SQLR/'s procedure."""
     for path in sorted((Path(__file__).resolve().parents[1] / "SQLR").glob("[0-9][0-9]_*.sql")):
-        found = re.search(rf"CREATE OR ALTER PROCEDURE dbo\.{procedure}\n(.*?)\nAS\n", path.read_text(), re.S)
+        found = re.search(rf"CREATE OR ALTER PROCEDURE dbo\.{procedure}\n(.*?)\nAS\n", path.read_text(), re.DOTALL)
         if found:
             return set(re.findall(r"@(\w+)", found.group(1)))
     raise AssertionError(f"no procedure {procedure}")
@@ -136,6 +137,5 @@ def test_sql_context_binds_every_value(monkeypatch, sample_dir, tmp_path, capsys
     assert rank_args == (query.read_bytes(), query.name, 5)
     assert split_sql == "EXEC dbo.PrepareData @test_fraction = ?, @seed = ?" and split_args == (0.25, 2)
     assert "featurized  backbone\n  3  efficientnet_lite0" in capsys.readouterr().out
-    with pytest.raises(StoreError, match="needs --db mssql://"):
-        with stores.SQLiteStore(tmp_path / "x.sqlite") as local:
-            call(local, "PrepareData", seed=0)
+    with stores.SQLiteStore(tmp_path / "x.sqlite") as local, pytest.raises(StoreError, match="needs --db mssql://"):
+        call(local, "PrepareData", seed=0)

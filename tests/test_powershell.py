@@ -48,7 +48,7 @@ def test_setup_script_supports_whatif_and_guards_every_step():
     text = SCRIPT.read_text()
     assert "SupportsShouldProcess = $true" in text and "$PSCmdlet.ShouldProcess(" in text
     assert "$ErrorActionPreference = 'Stop'" in text and "IsInRole" in text
-    steps = re.findall(r"^\s*Invoke-Step ['\"]([^'\"]+)", text, re.M)
+    steps = re.findall(r"^\s*Invoke-Step ['\"]([^'\"]+)", text, re.MULTILINE)
     assert [s.split()[0] for s in steps] == ["enable", "install", "run", "load", "run"]
     assert "'external scripts enabled', 1" in text and "dbo.Initial_Run_Once" in text
     # what it prints or throws never contains the credential or the connection string

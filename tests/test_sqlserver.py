@@ -70,7 +70,7 @@ def emulate(text: str, db: Path, values: dict) -> tuple[pd.DataFrame, dict]:
         conn.close()
     scope = {"InputDataSet": frame, "OutputDataSet": pd.DataFrame()}
     scope.update({name: None if output else values[name] for name, output in names})
-    exec(compile(script, "@script", "exec"), scope)
+    exec(compile(script, "@script", "exec"), scope)  # noqa: S102 - emulating sp_execute_external_script
     return scope["OutputDataSet"], {name: scope[name] for name, output in names if output}
 
 
@@ -151,7 +151,7 @@ def test_rank_candidates_top10_equals_the_engine(full_copy, featurizer):
 
 def test_featurize_images_fills_missing_vectors_and_reports_bad_bytes(full_copy):
     with SQLiteStore(full_copy) as store:
-        ids, before = store.features("efficientnet_lite0", [1, 2, 3])
+        _, before = store.features("efficientnet_lite0", [1, 2, 3])
         store.conn.execute("PRAGMA foreign_keys = OFF")
         with store.conn:
             store.conn.execute("DELETE FROM features WHERE image_id IN (1, 2, 3)")
@@ -181,5 +181,5 @@ def test_add_image_inspects_with_the_engine(sample_dir):
 def test_a_typo_in_a_procedure_fails(full_copy, old, new):
     text = procedure("PrepareData")
     assert old in text
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pd.errors.DatabaseError, ValueError)):
         emulate(text.replace(old, new), full_copy, {"test_fraction": 0.25, "seed": 0})

@@ -79,7 +79,7 @@ class MSSQLStore(Store):
             self.conn = connection if connection is not None else open_connection(url)
         except StoreError:
             raise
-        except Exception as err:  # driver errors: report the server, never the connection string
+        except Exception as err:  # noqa: BLE001 - driver errors: report the server, never the connection string
             raise StoreError(f"cannot connect to {self.url}: {type(err).__name__}") from None
         self.conn.autocommit = False
 
@@ -119,8 +119,8 @@ class MSSQLStore(Store):
         if self.find_sha256(image.sha256) is not None:
             return None
         return self._write([(
-            "INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)"
+             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
             [(image.name, image.label, image.format, image.width, image.height, image.mode, len(image.data),
               image.sha256, image.dhash, image.data)])], returning="id")
 
@@ -130,10 +130,10 @@ class MSSQLStore(Store):
 
     def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:
         self._write([(
-            "MERGE dbo.rejected_files AS r USING (SELECT ? AS name, ? AS label, ? AS stage, ? AS reason) AS s"
-            " ON r.name = s.name AND r.stage = s.stage AND r.reason = s.reason"
-            " WHEN MATCHED THEN UPDATE SET seen_at = SYSUTCDATETIME()"
-            " WHEN NOT MATCHED THEN INSERT (name, label, stage, reason) VALUES (s.name, s.label, s.stage, s.reason);",
+            ("MERGE dbo.rejected_files AS r USING (SELECT ? AS name, ? AS label, ? AS stage, ? AS reason) AS s"
+             " ON r.name = s.name AND r.stage = s.stage AND r.reason = s.reason"
+             " WHEN MATCHED THEN UPDATE SET seen_at = SYSUTCDATETIME()"
+             " WHEN NOT MATCHED THEN INSERT (name, label, stage, reason) VALUES (s.name, s.label, s.stage, s.reason);"),
             [(name, label, stage, reason)])])
 
     def rejected(self) -> list[tuple[str, str, str, str]]:
@@ -164,8 +164,8 @@ class MSSQLStore(Store):
     def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         self._write([(
-            "INSERT INTO dbo.features (image_id, backbone, dim, vector) SELECT ?, ?, ?, ?"
-            " WHERE NOT EXISTS (SELECT 1 FROM dbo.features WHERE image_id = ? AND backbone = ?)",
+            ("INSERT INTO dbo.features (image_id, backbone, dim, vector) SELECT ?, ?, ?, ?"
+             " WHERE NOT EXISTS (SELECT 1 FROM dbo.features WHERE image_id = ? AND backbone = ?)"),
             [(int(i), backbone, vectors.shape[1], v.tobytes(), int(i), backbone) for i, v in zip(ids, vectors)])])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -221,8 +221,9 @@ class MSSQLStore(Store):
              [(evaluation.model_version, json.dumps(evaluation.summary))]),
             ("INSERT INTO dbo.evaluation_metrics (evaluation_id, scope, metric, class, value) VALUES (?, ?, ?, ?, ?)",
              [(_ID, *row) for row in evaluation.metrics]),
-            ("INSERT INTO dbo.evaluation_confusion (evaluation_id, subset, true_label, predicted_label, count)"
-             " VALUES (?, ?, ?, ?, ?)", [(_ID, *row) for row in evaluation.confusion]),
+            (("INSERT INTO dbo.evaluation_confusion (evaluation_id, subset, true_label, predicted_label, count)"
+              " VALUES (?, ?, ?, ?, ?)"),
+             [(_ID, *row) for row in evaluation.confusion]),
         ], returning="id"))
 
     def evaluation(self, model_version: int | None = None) -> EvaluationRecord | None:
