@@ -23,8 +23,12 @@ def _percent(x: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=None, metavar="DB",
-                        help="database: a SQLite file path or sqlite:///path (default: image_similarity.sqlite here)")
+                        help="database: a SQLite file path, sqlite:///path, or mssql://[user@]host[:port]/database "
+                             "(password in IMAGE_SIMILARITY_DB_PASSWORD; default: image_similarity.sqlite here)")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--context", choices=("local", "sql"), default="local",
+                        help="where steps compute: local (here, default) or sql (the stored procedures inside "
+                             "SQL Server; needs --db mssql://...; ingest always runs here)")
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
                      help=f"pretrained network (default: {DEFAULT_BACKBONE}, or the trained model's)")
@@ -245,6 +249,36 @@ def cmd_serve(store, args) -> None:
     uvicorn.run(app, host=args.host, port=args.port)
 
 
+SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
+             "split": ("PrepareData", ("test_fraction", "seed")),
+             "train": ("TrainModel", ("backbone", "c_grid", "seed")),
+             "evaluate": ("EvaluateModel", ("model_version", "seed")),
+             "rank": ("RankCandidates", ("query", "query_name", "top", "method", "model_version")),
+             "run": ("Initial_Run_Once", ("backbone", "seed"))}
+"""--context sql: the stored procedure of each command and the options it passes on."""
+
+
+def cmd_sql(store, args) -> None:
+    """Run the step as its stored procedure inside SQL Server (--context sql) and print what it returns."""
+    from .resources import sample_dataset
+    from .sqlcontext import call
+
+    if args.command == "run":
+        cmd_ingest(store, argparse.Namespace(dir=args.dir or sample_dataset(), quiet=args.quiet))
+    procedure, names = SQL_STEPS[args.command]
+    values = {name: getattr(args, name, None) for name in names}
+    if args.command == "rank":
+        values.update(query=args.query.read_bytes(), query_name=args.query.name)
+    if args.command == "train" and args.C:
+        values["c_grid"] = json.dumps(args.C)
+    columns, rows = call(store, procedure, **values)
+    print(f"{procedure} ran inside SQL Server")
+    if columns:
+        print("  " + "  ".join(columns))
+        for row in rows:
+            print("  " + "  ".join(str(v) for v in row))
+
+
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
             "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run,
             "serve": cmd_serve}
@@ -258,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with connect(args.db or DEFAULT_DB) as store:
-            COMMANDS[args.command](store, args)
+            sql = args.context == "sql" and args.command != "ingest"
+            (cmd_sql if sql else COMMANDS[args.command])(store, args)
     except KeyboardInterrupt:
         print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

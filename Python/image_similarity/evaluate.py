@@ -82,7 +82,20 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
         if len(ids) == 0:
             raise StoreError(f"no featurized {subset} images for {model.backbone!r}: run split and featurize first")
         data[subset] = (ids, X, np.array([rows[int(i)].label for i in ids]))
+    record, results, curves = evaluate_data(model, data, {i: r.dhash for i, r in rows.items()}, seed)
+    summary = record.summary
+    summary["evaluation_id"] = store.put_evaluation(record)
+    if out_dir is not None:
+        from .plots import save_evaluation_plots
 
+        summary["plots"] = save_evaluation_plots(out_dir, model.classes, results["test"]["confusion"], curves,
+                                                 summary["ranking"])
+    return summary
+
+
+def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                  dhashes: dict[int, str], seed: int = 0) -> tuple[EvaluationRecord, dict[str, Any], dict]:
+    """(record, classification results per subset, ROC curves) of a model on 'train' and 'test' (ids, X, labels)."""
     summary: dict[str, Any] = {"model_version": model.version, "backbone": model.backbone, "classes": model.classes,
                                "C": model.params.get("C"), "n_train": len(data["train"][0]),
                                "n_test": len(data["test"][0])}
@@ -110,7 +123,7 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
 
     train_ids, X_train, y_train = data["train"]
     catalogue = Catalogue(train_ids, [""] * len(train_ids), list(y_train), [""] * len(train_ids),
-                          [rows[int(i)].dhash for i in train_ids], X_train, model)
+                          [dhashes[int(i)] for i in train_ids], X_train, model)
     ranking = {}
     for method in METHODS:
         similarity = catalogue.similarity(X_test, method)
@@ -120,10 +133,5 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
         metrics += [(f"ranking:{method}", k, "", v) for k, v in figures.items()]
     summary["ranking"] = ranking
     summary["best_method"] = max(METHODS, key=lambda m: (ranking[m]["top1"], ranking[m]["map"]))
-    summary["evaluation_id"] = store.put_evaluation(
-        EvaluationRecord(model_version=model.version, summary=summary, metrics=metrics, confusion=confusion))
-    if out_dir is not None:
-        from .plots import save_evaluation_plots
-
-        summary["plots"] = save_evaluation_plots(out_dir, model.classes, results["test"]["confusion"], curves, ranking)
-    return summary
+    record = EvaluationRecord(model_version=model.version, summary=summary, metrics=metrics, confusion=confusion)
+    return record, results, curves

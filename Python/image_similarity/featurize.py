@@ -70,7 +70,8 @@ class Featurizer:
         return [(image_id, self.pool.submit(self.prepare, data)) for image_id, data in items]
 
 
-def _collect(pending: list[tuple[int, Future]]) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
+def collect_batch(pending: list[tuple[int, Future]]) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
+    """Wait for a submitted batch: (ids, decoded arrays) of good images and (id, reason) of bad ones."""
     ids, arrays, bad = [], [], []
     for image_id, future in pending:
         try:
@@ -95,7 +96,7 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
                disable=not progress)
 
     def finish(pending: list[tuple[int, Future]]) -> None:
-        ids, arrays, bad = _collect(pending)
+        ids, arrays, bad = collect_batch(pending)
         if ids:
             store.put_features(featurizer.backbone, ids, featurizer.forward(np.stack(arrays)))
             report.added += len(ids)

@@ -70,7 +70,7 @@ def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: S
     min_count = min(np.sum(y == c) for c in classes)
     folds = max(2, min(folds, min_count))
     cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    search = GridSearchCV(LinearSVC(dual="auto", max_iter=20000), {"C": list(C)}, cv=cv, n_jobs=1)
+    search = GridSearchCV(LinearSVC(dual="auto", max_iter=20000, random_state=seed), {"C": list(C)}, cv=cv, n_jobs=1)
     search.fit(X, y, groups=groups if groups is not None else np.arange(len(y)))
     svm = search.best_estimator_
     coef, intercept = svm.coef_, svm.intercept_
@@ -115,18 +115,22 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
     ids, X = store.features(backbone, train_ids)
     if len(ids) == 0:
         raise StoreError(f"no features for backbone {backbone!r} in the training split: run featurize first")
-    y = np.array([rows[i].label for i in ids])
-    groups = near_duplicate_groups([rows[i].dhash for i in ids])
-    coef, intercept, best_c, cv_score = fit_svm(X, y, groups, C, seed=seed)
-    weights, bias = fit_pair_metric(X, y, seed=seed)
-    model = SimilarityModel(
-        backbone=backbone, classes=sorted(set(y.tolist())), coef=coef, intercept=intercept,
-        metric_weights=weights, metric_bias=bias,
-        params={"C": best_c, "cv_accuracy": cv_score, "C_grid": list(C), "n_train": len(ids), "seed": seed,
-                "normalize": "l2"},
-    )
+    model = fit_model(backbone, X, np.array([rows[i].label for i in ids]), [rows[i].dhash for i in ids], C, seed)
     model.version = store.put_model(model.to_record())
     return model
+
+
+def fit_model(backbone: str, X: np.ndarray, y: np.ndarray, dhashes: Sequence[str], C: Sequence[float] = C_GRID,
+              seed: int = 0) -> SimilarityModel:
+    """Fit the SVM (near-duplicate groups kept within one fold) and the pair metric on training features."""
+    coef, intercept, best_c, cv_score = fit_svm(X, y, near_duplicate_groups(list(dhashes)), C, seed=seed)
+    weights, bias = fit_pair_metric(X, y, seed=seed)
+    return SimilarityModel(
+        backbone=backbone, classes=sorted(set(y.tolist())), coef=coef, intercept=intercept,
+        metric_weights=weights, metric_bias=bias,
+        params={"C": best_c, "cv_accuracy": cv_score, "C_grid": list(C), "n_train": len(y), "seed": seed,
+                "normalize": "l2"},
+    )
 
 
 def load_model(store: Store, version: int | None = None) -> SimilarityModel:

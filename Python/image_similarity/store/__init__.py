@@ -22,11 +22,15 @@ __all__ = [
 
 
 def connect(db: str | Path = DEFAULT_DB) -> Store:
-    """Open the store named by a file path or a URL (`sqlite:///path`)."""
+    """Open the store named by a file path or a URL (`sqlite:///path`, `mssql://[user@]host[:port]/database`)."""
     text = str(db)
     if text.startswith("sqlite:///"):
         return SQLiteStore(text.removeprefix("sqlite:///"))
+    if text.startswith("mssql://"):  # issue 4: SQL Server
+        from .mssql import MSSQLStore
+
+        return MSSQLStore(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"unsupported database URL scheme {scheme!r}: use a file path or sqlite:///path")
+        raise StoreError(f"unsupported database URL scheme {scheme!r}: use a file path, sqlite:///path or mssql://")
     return SQLiteStore(text)

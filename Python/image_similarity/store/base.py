@@ -6,6 +6,7 @@ bound parameters. Vectors cross the interface as numpy arrays; stores choose the
 from __future__ import annotations
 
 import abc
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,17 @@ class EvaluationRecord:
     """(subset, true label, predicted label, count) rows."""
     id: int | None = None
     created_at: str | None = None
+
+
+def encode_array(array: np.ndarray) -> tuple[str, str, bytes]:
+    """(little-endian dtype, JSON shape, bytes): how every store keeps a model array."""
+    dtype = array.dtype.newbyteorder("<").str
+    return dtype, json.dumps(array.shape), np.ascontiguousarray(array, dtype).tobytes()
+
+
+def decode_array(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    """The array `encode_array` encoded."""
+    return np.frombuffer(data, dtype=dtype).reshape(json.loads(shape)).copy()
 
 
 class StoreError(RuntimeError):

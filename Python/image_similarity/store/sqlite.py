@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError
+from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -227,8 +227,7 @@ class SQLiteStore(Store):
             version = cur.lastrowid
             self.conn.executemany(
                 "INSERT INTO model_arrays (version, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
-                [(version, name, _dtype(a), json.dumps(a.shape), np.ascontiguousarray(a, _dtype(a)).tobytes())
-                 for name, a in model.arrays.items()],
+                [(version, name, *encode_array(a)) for name, a in model.arrays.items()],
             )
         return int(version)
 
@@ -245,7 +244,7 @@ class SQLiteStore(Store):
             raise StoreError("no trained model: run 'image-similarity train' first" if version is None
                              else f"no model version {version}")
         arrays = {
-            name: np.frombuffer(data, dtype=dtype).reshape(json.loads(shape)).copy()
+            name: decode_array(dtype, shape, data)
             for name, dtype, shape, data in self.conn.execute(
                 "SELECT name, dtype, shape, data FROM model_arrays WHERE version = ?", (row[0],))
         }
@@ -304,8 +303,3 @@ class SQLiteStore(Store):
                 [(qid, r, i, float(s)) for r, i, s in rows],
             )
         return int(qid)
-
-
-def _dtype(array: np.ndarray) -> str:
-    """Little-endian dtype string for storing an array portably."""
-    return array.dtype.newbyteorder("<").str

@@ -1,0 +1,254 @@
+"""A SQL Server store: the tables SQLR/02_Tables.sql creates, reached with mssql-python or pyodbc.
+
+URL: `mssql://[user@]host[:port]/database[?encrypt=yes&trust_server_certificate=no]`. With a user, the
+password comes from the environment variable IMAGE_SIMILARITY_DB_PASSWORD (never from the URL, never
+printed); without one, Windows authentication (Trusted_Connection).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+
+from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array
+
+PASSWORD_ENV = "IMAGE_SIMILARITY_DB_PASSWORD"
+ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
+OPTIONS = {"encrypt": "Encrypt", "trust_server_certificate": "TrustServerCertificate"}
+
+
+def _odbc_value(value: str) -> str:
+    """A connection-string value, braced when it holds characters that would end or open one."""
+    return "{" + value.replace("}", "}}") + "}" if any(c in value for c in ";{}=") or value != value.strip() else value
+
+
+def connection_string(url: str, env: Mapping[str, str] = os.environ, driver: str | None = None) -> str:
+    """The ODBC connection string for an mssql:// URL (`driver` named for pyodbc; mssql-python bundles its own)."""
+    parts = urlsplit(url)
+    if parts.scheme != "mssql" or not parts.hostname:
+        raise StoreError("a SQL Server URL looks like mssql://[user@]host[:port]/database")
+    if parts.password is not None:
+        raise StoreError(f"do not put a password in the URL: set {PASSWORD_ENV}")
+    database = unquote(parts.path.lstrip("/"))
+    if not database:
+        raise StoreError("the SQL Server URL names no database: mssql://host/database")
+    fields = {"Server": parts.hostname + (f",{parts.port}" if parts.port else ""), "Database": database}
+    if parts.username:
+        if not env.get(PASSWORD_ENV):
+            raise StoreError(f"SQL authentication as {unquote(parts.username)!r} needs the password in {PASSWORD_ENV}")
+        fields.update(UID=unquote(parts.username), PWD=env[PASSWORD_ENV])
+    else:
+        fields["Trusted_Connection"] = "yes"
+    for key, values in parse_qs(parts.query).items():
+        if key not in OPTIONS or values[-1] not in ("yes", "no"):
+            raise StoreError(f"unknown SQL Server URL option {key}={values[-1]}: use "
+                             + ", ".join(f"{k}=yes|no" for k in OPTIONS))
+        fields[OPTIONS[key]] = values[-1]
+    fields.setdefault("Encrypt", "yes")
+    if driver:
+        fields = {"Driver": driver, **fields}
+    return ";".join(f"{k}={_odbc_value(v)}" for k, v in fields.items())
+
+
+def open_connection(url: str) -> Any:
+    """A DB-API connection: mssql-python when installed, else pyodbc with ODBC Driver 18."""
+    try:
+        import mssql_python
+
+        return mssql_python.connect(connection_string(url))
+    except ImportError:
+        pass
+    try:
+        import pyodbc
+    except ImportError:
+        raise StoreError("no SQL Server driver: pip install mssql-python (or pyodbc with ODBC Driver 18)") from None
+    return pyodbc.connect(connection_string(url, driver=ODBC_DRIVER))
+
+
+class MSSQLStore(Store):
+    """Store in a SQL Server database whose tables SQLR/02_Tables.sql created. Every write is one transaction."""
+
+    def __init__(self, url: str, connection: Any = None) -> None:
+        parts = urlsplit(url)
+        self.url = f"mssql://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"  # no user
+        try:
+            self.conn = connection if connection is not None else open_connection(url)
+        except StoreError:
+            raise
+        except Exception as err:  # noqa: BLE001 - driver errors: report the server, never the connection string
+            raise StoreError(f"cannot connect to {self.url}: {type(err).__name__}") from None
+        self.conn.autocommit = False
+
+    def _all(self, sql: str, *args: Any) -> list[tuple]:
+        cur = self.conn.cursor()
+        cur.execute(sql, *args) if args else cur.execute(sql)
+        rows = [tuple(r) for r in cur.fetchall()]
+        self.conn.commit()
+        return rows
+
+    def _write(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]], returning: str | None = None) -> Any:
+        """Run (sql, rows) pairs in one transaction. With `returning`, the first statement inserts one row and
+        outputs that identity column, whose value replaces `_ID` in the later rows; it is returned."""
+        cur = self.conn.cursor()
+        try:
+            value = None
+            for n, (sql, rows) in enumerate(statements):
+                rows = [[value if a is _ID else a for a in row] for row in rows]
+                if n == 0 and returning:
+                    cur.execute(sql.replace(" VALUES ", f" OUTPUT INSERTED.{returning} VALUES ", 1), *rows[0])
+                    value = cur.fetchone()[0]
+                elif len(rows) == 1:
+                    cur.execute(sql, *rows[0])
+                elif rows:
+                    cur.executemany(sql, rows)
+            self.conn.commit()
+            return value
+        except Exception:
+            self.conn.rollback()
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # images
+    def add_image(self, image: NewImage) -> int | None:
+        if self.find_sha256(image.sha256) is not None:
+            return None
+        return self._write([(
+            ("INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)"
+             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+            [(image.name, image.label, image.format, image.width, image.height, image.mode, len(image.data),
+              image.sha256, image.dhash, image.data)])], returning="id")
+
+    def find_sha256(self, sha256: str) -> ImageRow | None:
+        rows = self._all("SELECT id, name, label, sha256, dhash FROM dbo.images WHERE sha256 = ?", sha256)
+        return ImageRow(*rows[0]) if rows else None
+
+    def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:
+        self._write([(
+            ("MERGE dbo.rejected_files AS r USING (SELECT ? AS name, ? AS label, ? AS stage, ? AS reason) AS s"
+             " ON r.name = s.name AND r.stage = s.stage AND r.reason = s.reason"
+             " WHEN MATCHED THEN UPDATE SET seen_at = SYSUTCDATETIME()"
+             " WHEN NOT MATCHED THEN INSERT (name, label, stage, reason) VALUES (s.name, s.label, s.stage, s.reason);"),
+            [(name, label, stage, reason)])])
+
+    def rejected(self) -> list[tuple[str, str, str, str]]:
+        return self._all("SELECT name, label, stage, reason FROM dbo.rejected_files ORDER BY id")
+
+    def images(self) -> list[ImageRow]:
+        return [ImageRow(*r) for r in self._all("SELECT id, name, label, sha256, dhash FROM dbo.images ORDER BY id")]
+
+    def image_bytes(self, image_id: int) -> bytes:
+        rows = self._all("SELECT data FROM dbo.images WHERE id = ?", image_id)
+        if not rows:
+            raise StoreError(f"no image with id {image_id}")
+        return bytes(rows[0][0])
+
+    # features
+    def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
+        last = 0
+        while True:
+            batch = self._all(
+                "SELECT TOP (?) i.id, i.data FROM dbo.images AS i WHERE i.id > ? AND NOT EXISTS"
+                " (SELECT 1 FROM dbo.features AS f WHERE f.image_id = i.id AND f.backbone = ?) ORDER BY i.id",
+                batch_size, last, backbone)
+            if not batch:
+                return
+            last = batch[-1][0]
+            yield [(int(i), bytes(d)) for i, d in batch]
+
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
+        self._write([(
+            ("INSERT INTO dbo.features (image_id, backbone, dim, vector) SELECT ?, ?, ?, ?"
+             " WHERE NOT EXISTS (SELECT 1 FROM dbo.features WHERE image_id = ? AND backbone = ?)"),
+            [(int(i), backbone, vectors.shape[1], v.tobytes(), int(i), backbone) for i, v in zip(ids, vectors)])])
+
+    def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rows = self._all("SELECT image_id, dim, vector FROM dbo.features WHERE backbone = ? ORDER BY image_id",
+                         backbone)
+        if ids is not None:
+            wanted = {int(i) for i in ids}
+            rows = [r for r in rows if r[0] in wanted]
+        if not rows:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        matrix = np.frombuffer(b"".join(bytes(r[2]) for r in rows), dtype="<f4").reshape(len(rows), rows[0][1])
+        return np.array([r[0] for r in rows], dtype=np.int64), matrix.astype(np.float32)
+
+    def feature_counts(self) -> dict[str, int]:
+        return dict(self._all("SELECT backbone, COUNT(*) FROM dbo.features GROUP BY backbone"))
+
+    # split
+    def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:
+        self._write([("DELETE FROM dbo.splits", [()]),
+                     ("INSERT INTO dbo.splits (image_id, subset, seed, test_fraction) VALUES (?, ?, ?, ?)",
+                      [(int(i), s, seed, test_fraction) for i, s in subsets.items()])])
+
+    def split(self) -> dict[int, str]:
+        return dict(self._all("SELECT image_id, subset FROM dbo.splits ORDER BY image_id"))
+
+    # models
+    def put_model(self, model: ModelRecord) -> int:
+        return int(self._write([
+            ("INSERT INTO dbo.models (backbone, classes, params) VALUES (?, ?, ?)",
+             [(model.backbone, json.dumps(model.classes), json.dumps(model.params))]),
+            ("INSERT INTO dbo.model_arrays (version, name, dtype, shape, data) VALUES (?, ?, ?, ?, ?)",
+             [(_ID, name, *encode_array(a)) for name, a in model.arrays.items()]),
+        ], returning="version"))
+
+    def model(self, version: int | None = None) -> ModelRecord:
+        select = "SELECT TOP (1) version, backbone, classes, params, CONVERT(nvarchar(33), created_at, 126)" \
+                 " FROM dbo.models"
+        rows = self._all(select + " ORDER BY version DESC") if version is None else \
+            self._all(select + " WHERE version = ?", version)
+        if not rows:
+            raise StoreError("no trained model: run 'image-similarity train' first" if version is None
+                             else f"no model version {version}")
+        v, backbone, classes, params, created = rows[0]
+        arrays = {name: decode_array(dtype, shape, bytes(data)) for name, dtype, shape, data in self._all(
+            "SELECT name, dtype, shape, data FROM dbo.model_arrays WHERE version = ?", v)}
+        return ModelRecord(version=v, backbone=backbone, classes=json.loads(classes), arrays=arrays,
+                           params=json.loads(params), created_at=created)
+
+    # evaluation
+    def put_evaluation(self, evaluation: EvaluationRecord) -> int:
+        return int(self._write([
+            ("INSERT INTO dbo.evaluations (model_version, summary) VALUES (?, ?)",
+             [(evaluation.model_version, json.dumps(evaluation.summary))]),
+            ("INSERT INTO dbo.evaluation_metrics (evaluation_id, scope, metric, class, value) VALUES (?, ?, ?, ?, ?)",
+             [(_ID, *row) for row in evaluation.metrics]),
+            (("INSERT INTO dbo.evaluation_confusion (evaluation_id, subset, true_label, predicted_label, count)"
+              " VALUES (?, ?, ?, ?, ?)"),
+             [(_ID, *row) for row in evaluation.confusion]),
+        ], returning="id"))
+
+    def evaluation(self, model_version: int | None = None) -> EvaluationRecord | None:
+        select = "SELECT TOP (1) id, model_version, summary, CONVERT(nvarchar(33), created_at, 126) FROM dbo.evaluations"
+        rows = self._all(select + " ORDER BY id DESC") if model_version is None else \
+            self._all(select + " WHERE model_version = ? ORDER BY id DESC", model_version)
+        if not rows:
+            return None
+        eid, version, summary, created = rows[0]
+        metrics = self._all("SELECT scope, metric, class, value FROM dbo.evaluation_metrics WHERE evaluation_id = ?",
+                            eid)
+        confusion = self._all("SELECT subset, true_label, predicted_label, count FROM dbo.evaluation_confusion"
+                              " WHERE evaluation_id = ?", eid)
+        return EvaluationRecord(id=eid, model_version=version, summary=json.loads(summary), created_at=created,
+                                metrics=metrics, confusion=confusion)
+
+    # rankings
+    def put_ranking(self, query: dict[str, Any], rows: Sequence[tuple[int, int, float]]) -> int:
+        return int(self._write([
+            ("INSERT INTO dbo.queries (query_name, query_sha256, method, backbone, model_version) VALUES (?, ?, ?, ?, ?)",
+             [(query["name"], query["sha256"], query["method"], query["backbone"], query.get("model_version"))]),
+            ("INSERT INTO dbo.rankings (query_id, rank, image_id, score) VALUES (?, ?, ?, ?)",
+             [(_ID, r, i, float(s)) for r, i, s in rows]),
+        ], returning="id"))
+
+
+_ID = object()
+"""Placeholder in `_write` rows for the identity value the first statement created."""

@@ -1,0 +1,110 @@
+-- The engine's tables (Python/image_similarity/store/sqlite.py), in T-SQL types. Safe to re-run.
+IF OBJECT_ID(N'dbo.images', N'U') IS NULL
+    CREATE TABLE dbo.images (
+        id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        name nvarchar(400) NOT NULL,
+        label nvarchar(200) NOT NULL,
+        format nvarchar(16) NOT NULL,
+        width int NOT NULL,
+        height int NOT NULL,
+        mode nvarchar(16) NOT NULL,
+        size_bytes int NOT NULL,
+        sha256 char(64) NOT NULL UNIQUE,
+        dhash char(64) NOT NULL,
+        data varbinary(max) NOT NULL,
+        added_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
+IF OBJECT_ID(N'dbo.rejected_files', N'U') IS NULL
+    CREATE TABLE dbo.rejected_files (
+        id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        name nvarchar(400) NOT NULL,
+        label nvarchar(200) NOT NULL,
+        stage nvarchar(32) NOT NULL,
+        reason nvarchar(400) NOT NULL,
+        seen_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME(),
+        CONSTRAINT uq_rejected UNIQUE (name, stage, reason)
+    );
+GO
+IF OBJECT_ID(N'dbo.features', N'U') IS NULL
+    CREATE TABLE dbo.features (
+        image_id int NOT NULL REFERENCES dbo.images (id) ON DELETE CASCADE,
+        backbone nvarchar(64) NOT NULL,
+        dim int NOT NULL,
+        vector varbinary(max) NOT NULL,
+        PRIMARY KEY (image_id, backbone)
+    );
+GO
+IF OBJECT_ID(N'dbo.splits', N'U') IS NULL
+    CREATE TABLE dbo.splits (
+        image_id int NOT NULL PRIMARY KEY REFERENCES dbo.images (id) ON DELETE CASCADE,
+        subset varchar(5) NOT NULL CHECK (subset IN ('train', 'test')),
+        seed int NOT NULL,
+        test_fraction float NOT NULL
+    );
+GO
+IF OBJECT_ID(N'dbo.models', N'U') IS NULL
+    CREATE TABLE dbo.models (
+        version int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        backbone nvarchar(64) NOT NULL,
+        classes nvarchar(max) NOT NULL,
+        params nvarchar(max) NOT NULL,
+        created_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
+IF OBJECT_ID(N'dbo.model_arrays', N'U') IS NULL
+    CREATE TABLE dbo.model_arrays (
+        version int NOT NULL REFERENCES dbo.models (version) ON DELETE CASCADE,
+        name nvarchar(64) NOT NULL,
+        dtype nvarchar(16) NOT NULL,
+        shape nvarchar(64) NOT NULL,
+        data varbinary(max) NOT NULL,
+        PRIMARY KEY (version, name)
+    );
+GO
+IF OBJECT_ID(N'dbo.evaluations', N'U') IS NULL
+    CREATE TABLE dbo.evaluations (
+        id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        model_version int NOT NULL REFERENCES dbo.models (version),
+        summary nvarchar(max) NOT NULL,
+        created_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
+IF OBJECT_ID(N'dbo.evaluation_metrics', N'U') IS NULL
+    CREATE TABLE dbo.evaluation_metrics (
+        evaluation_id int NOT NULL REFERENCES dbo.evaluations (id) ON DELETE CASCADE,
+        scope nvarchar(64) NOT NULL,
+        metric nvarchar(64) NOT NULL,
+        class nvarchar(200) NOT NULL,
+        value float NOT NULL
+    );
+GO
+IF OBJECT_ID(N'dbo.evaluation_confusion', N'U') IS NULL
+    CREATE TABLE dbo.evaluation_confusion (
+        evaluation_id int NOT NULL REFERENCES dbo.evaluations (id) ON DELETE CASCADE,
+        subset varchar(5) NOT NULL,
+        true_label nvarchar(200) NOT NULL,
+        predicted_label nvarchar(200) NOT NULL,
+        count int NOT NULL
+    );
+GO
+IF OBJECT_ID(N'dbo.queries', N'U') IS NULL
+    CREATE TABLE dbo.queries (
+        id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        query_name nvarchar(400) NOT NULL,
+        query_sha256 char(64) NOT NULL,
+        method nvarchar(16) NOT NULL,
+        backbone nvarchar(64) NOT NULL,
+        model_version int NULL,
+        created_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
+IF OBJECT_ID(N'dbo.rankings', N'U') IS NULL
+    CREATE TABLE dbo.rankings (
+        query_id int NOT NULL REFERENCES dbo.queries (id) ON DELETE CASCADE,
+        rank int NOT NULL,
+        image_id int NOT NULL REFERENCES dbo.images (id),
+        score float NOT NULL,
+        PRIMARY KEY (query_id, rank)
+    );
+GO

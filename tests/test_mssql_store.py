@@ -1,0 +1,141 @@
+"""The SQL Server store up to the driver: connection strings, credentials kept out of messages, and every
+statement it sends is valid T-SQL with one bound value per placeholder."""
+from __future__ import annotations
+
+import builtins
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlglot
+
+from image_similarity import cli
+from image_similarity import store as stores
+from image_similarity.sqlcontext import PROCEDURES, call
+from image_similarity.store import EvaluationRecord, ModelRecord, NewImage, StoreError, connect
+from image_similarity.store.mssql import ODBC_DRIVER, PASSWORD_ENV, MSSQLStore, connection_string
+
+SECRET = "s3cr;et}pw"
+
+
+def test_connection_strings():
+    env = {PASSWORD_ENV: SECRET}
+    assert connection_string("mssql://sql01:1433/ImageSimilarity", env) == \
+        "Server=sql01,1433;Database=ImageSimilarity;Trusted_Connection=yes;Encrypt=yes"
+    text = connection_string("mssql://app@sql01/Images?trust_server_certificate=yes", env, driver=ODBC_DRIVER)
+    assert text == ("Driver=ODBC Driver 18 for SQL Server;Server=sql01;Database=Images;UID=app;"
+                    "PWD={s3cr;et}}pw};TrustServerCertificate=yes;Encrypt=yes")
+    for url, message in [("mssql://app:pw@sql01/db", PASSWORD_ENV), ("mssql://sql01/", "no database"),
+                         ("mssql://app@sql01/db", PASSWORD_ENV), ("mssql://sql01/db?timeout=3", "unknown")]:
+        with pytest.raises(StoreError, match=message):
+            connection_string(url, {})
+
+
+def test_missing_driver_is_a_clear_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_drivers(name, *args, **kwargs):
+        if name in ("mssql_python", "pyodbc"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_drivers)
+    monkeypatch.setenv(PASSWORD_ENV, SECRET)
+    with pytest.raises(StoreError, match="pip install mssql-python") as err:
+        connect("mssql://app@sql01/Images")
+    assert SECRET not in str(err.value)
+
+
+class Recorder:
+    """A DB-API connection and cursor that records statements and answers with `rows`."""
+
+    def __init__(self, rows: list[tuple]) -> None:
+        self.rows, self.sent, self.commits, self.autocommit = rows, [], 0, True
+        self.description = [("featurized",), ("backbone",)] if rows else None
+
+    def cursor(self):
+        return self
+
+    def execute(self, sql, *params):
+        self.sent.append((sql, params))
+
+    def executemany(self, sql, rows):
+        self.sent += [(sql, tuple(r)) for r in rows]
+
+    def fetchall(self):
+        return self.rows
+
+    def nextset(self):
+        return False
+
+    def fetchone(self):
+        return (7,)
+
+    def commit(self):
+        self.commits += 1
+
+    def rollback(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_every_statement_is_tsql_with_bound_values():
+    image = NewImage("a/1.jpg", "a", b"\xff\xd8", "JPEG", 2, 1, "RGB", "ab" * 32, "0" * 64)
+    model = ModelRecord("efficientnet_lite0", ["a", "b"], {"coef": np.ones((2, 3), np.float32)}, {"C": 1.0})
+    conn = Recorder([])
+    store = MSSQLStore("mssql://sql01/Images", connection=conn)
+    assert store.url == "mssql://sql01/Images" and conn.autocommit is False
+    assert store.add_image(image) == 7
+    store.record_rejected("b.jpg", "a", "not an image", "ingest")
+    store.put_features("efficientnet_lite0", [1, 2], np.ones((2, 3), np.float32))
+    store.put_split({1: "train", 2: "test"}, 0, 0.25)
+    assert store.put_model(model) == 7
+    assert store.put_evaluation(EvaluationRecord(7, {"x": 1}, [("test", "accuracy", "", 0.9)],
+                                                 [("test", "a", "a", 3)])) == 7
+    assert store.put_ranking({"name": "q", "sha256": "cd" * 32, "method": "l2", "backbone": "b"},
+                             [(1, 1, 0.5), (2, 2, 0.4)]) == 7
+    for read in (store.images, store.rejected, store.split, store.feature_counts, store.evaluation,
+                 lambda: store.features("b"), lambda: list(store.missing_features("b", 8))):
+        read()
+    with pytest.raises(StoreError, match="no trained model"):
+        store.model()
+    assert len(conn.sent) > 20
+    for sql, params in conn.sent:
+        sqlglot.parse_one(sql, read="tsql")  # raises on invalid T-SQL
+        assert sql.count("?") == len(params), sql
+    inserted = [p for sql, p in conn.sent if sql.startswith("INSERT INTO dbo.model_arrays")]
+    assert inserted[0][0] == 7 and inserted[0][4] == np.ones((2, 3), "<f4").tobytes()
+
+
+def declared_parameters(procedure: str) -> set[str]:
+    """Parameter names in the CREATE PROCEDURE header of SQLR/'s procedure."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "SQLR").glob("[0-9][0-9]_*.sql")):
+        found = re.search(rf"CREATE OR ALTER PROCEDURE dbo\.{procedure}\n(.*?)\nAS\n", path.read_text(), re.DOTALL)
+        if found:
+            return set(re.findall(r"@(\w+)", found.group(1)))
+    raise AssertionError(f"no procedure {procedure}")
+
+
+def test_sql_context_calls_only_declared_procedures_and_parameters():
+    for procedure, names in PROCEDURES.items():
+        assert set(names) <= declared_parameters(procedure), procedure
+    for procedure, names in cli.SQL_STEPS.values():
+        assert set(names) <= set(PROCEDURES[procedure])
+
+
+def test_sql_context_binds_every_value(monkeypatch, sample_dir, tmp_path, capsys):
+    conn = Recorder([(3, "efficientnet_lite0")])
+    monkeypatch.setattr(stores, "connect", lambda db: MSSQLStore("mssql://sql01/Images", connection=conn))
+    query = next((sample_dir / "striped").iterdir())
+    assert cli.main(["rank", str(query), "--db", "mssql://sql01/Images", "--context", "sql", "--top", "5"]) == 0
+    assert cli.main(["split", "--db", "mssql://sql01/Images", "--context", "sql", "--seed", "2"]) == 0
+    (rank_sql, rank_args), (split_sql, split_args) = conn.sent
+    assert rank_sql == "EXEC dbo.RankCandidates @query = ?, @query_name = ?, @top = ?"
+    assert rank_args == (query.read_bytes(), query.name, 5)
+    assert split_sql == "EXEC dbo.PrepareData @test_fraction = ?, @seed = ?" and split_args == (0.25, 2)
+    assert "featurized  backbone\n  3  efficientnet_lite0" in capsys.readouterr().out
+    with stores.SQLiteStore(tmp_path / "x.sqlite") as local, pytest.raises(StoreError, match="needs --db mssql://"):
+        call(local, "PrepareData", seed=0)
