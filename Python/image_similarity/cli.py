@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with connect(args.db or DEFAULT_DB) as store:
-            sql = args.context == "sql" and args.command != "ingest"
+            sql = args.context == "sql" and args.command in SQL_STEPS
             (cmd_sql if sql else COMMANDS[args.command])(store, args)
     except KeyboardInterrupt:
         print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
