@@ -22,6 +22,7 @@ HASH_SIZE = 16
 NEAR_DUPLICATE_DISTANCE = 16
 
 _BLOCK_ELEMENTS = 1 << 24  # distance-matrix entries computed at once by near_duplicate_groups
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # set bits per byte value
 
 
 def dhash(image: Image.Image, hash_size: int = HASH_SIZE) -> str:
@@ -87,14 +88,30 @@ def near_duplicate_groups(hashes: Sequence[str], max_distance: int = NEAR_DUPLIC
     return np.argsort(np.argsort(first_seen))[groups]
 
 
-def _signs(hashes: Sequence[str]) -> np.ndarray:
-    """Hex hashes as rows of +1/-1 (bit set/unset), float32."""
+def packed_hashes(hashes: Sequence[str]) -> np.ndarray:
+    """Hex hashes as rows of bytes, uint8 (odd widths are left-padded with a zero nibble)."""
+    if len(hashes) == 0:
+        return np.zeros((0, 0), dtype=np.uint8)
     width = len(hashes[0])
     if any(len(h) != width for h in hashes):
         raise ValueError("all hashes must have the same length")
     pad = "0" * (width % 2)  # bytes.fromhex needs whole bytes
-    raw = np.frombuffer(bytes.fromhex("".join(pad + h for h in hashes)), dtype=np.uint8)
-    bits = np.unpackbits(raw.reshape(len(hashes), -1), axis=1)[:, 4 * (width % 2) :]
+    return np.frombuffer(bytes.fromhex("".join(pad + h for h in hashes)), dtype=np.uint8).reshape(len(hashes), -1)
+
+
+def hamming_to(query: str, packed: np.ndarray) -> np.ndarray:
+    """Hamming distances (int32) from one hex hash to every row of `packed_hashes`: fast for big catalogues."""
+    if len(packed) == 0:
+        return np.zeros(0, dtype=np.int32)
+    mine = packed_hashes([query])
+    if mine.shape[1] != packed.shape[1]:
+        raise ValueError("the hash and the packed hashes differ in length")
+    return _POPCOUNT[packed ^ mine].sum(axis=1, dtype=np.int32)
+
+
+def _signs(hashes: Sequence[str]) -> np.ndarray:
+    """Hex hashes as rows of +1/-1 (bit set/unset), float32."""
+    bits = np.unpackbits(packed_hashes(hashes), axis=1)[:, 4 * (len(hashes[0]) % 2) :]
     return bits.astype(np.float32) * 2 - 1
 
 

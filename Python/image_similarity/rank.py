@@ -6,13 +6,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_matrix
+from . import ann
+from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
 from .images import decode_image
 from .store import Store, StoreError
 from .train import SimilarityModel, l2_normalize, load_model
 
 METHODS = ("l2", "cosine", "scores", "learned")
 """l2 and cosine on features; scores: cosine on SVM class scores; learned: the trained pair metric."""
+
+INDEXES = ("auto", "exact", "hnsw")
+"""exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss);
+auto: hnsw for catalogues of at least ANN_THRESHOLD images when faiss is installed, else exact."""
+ANN_THRESHOLD = 200_000
 
 
 @dataclass(frozen=True)
@@ -27,12 +33,24 @@ class Match:
 
 
 class Catalogue:
-    """Featurized catalogue images held in memory, with what each method needs precomputed."""
+    """Featurized catalogue images held in memory, with what each method needs precomputed.
+
+    `index` (one of INDEXES) chooses exact or approximate search for l2 and cosine; the HNSW graph of a
+    method is built on its first approximate search.
+    """
 
     def __init__(self, ids: np.ndarray, names: list[str], labels: list[str], sha256: list[str],
-                 dhashes: list[str], features: np.ndarray, model: SimilarityModel | None = None) -> None:
+                 dhashes: list[str], features: np.ndarray, model: SimilarityModel | None = None,
+                 index: str = "auto") -> None:
+        if index not in INDEXES:
+            raise ValueError(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
+        if index == "hnsw" and not ann.available():
+            raise ImportError(ann.MISSING)
         self.ids, self.names, self.labels = ids, names, np.asarray(labels)
         self.sha256, self.dhashes = np.asarray(sha256), list(dhashes)
+        self.packed_dhashes = packed_hashes(self.dhashes)
+        self.index = index
+        self.graphs: dict[str, ann.HNSWIndex] = {}
         self.features = np.ascontiguousarray(features, dtype=np.float32)
         self.sq_norms = np.einsum("ij,ij->i", self.features, self.features)
         self.unit = l2_normalize(self.features)
@@ -46,7 +64,7 @@ class Catalogue:
 
     @classmethod
     def from_store(cls, store: Store, backbone: str, model: SimilarityModel | None = None,
-                   ids: list[int] | None = None) -> Catalogue:
+                   ids: list[int] | None = None, index: str = "auto") -> Catalogue:
         """The featurized images of a store (all of them, or only `ids`)."""
         rows = {im.id: im for im in store.images()}
         found, X = store.features(backbone, ids)
@@ -54,7 +72,7 @@ class Catalogue:
             raise StoreError(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
         meta = [rows[int(i)] for i in found]
         return cls(found, [m.name for m in meta], [m.label for m in meta], [m.sha256 for m in meta],
-                   [m.dhash for m in meta], X, model)
+                   [m.dhash for m in meta], X, model, index)
 
     def similarity(self, queries: np.ndarray, method: str) -> np.ndarray:
         """(n_queries, n_catalogue) similarities; higher is more similar."""
@@ -77,18 +95,51 @@ class Catalogue:
 
     def duplicates_of(self, sha256: str, query_dhash: str, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
         """Mask of catalogue images that are the query itself or a near duplicate of it."""
-        return (self.sha256 == sha256) | (hamming_matrix([query_dhash], self.dhashes)[0] <= max_distance)
+        return (self.sha256 == sha256) | (hamming_to(query_dhash, self.packed_dhashes) <= max_distance)
+
+    def approximate(self, method: str) -> bool:
+        """Whether `search` answers this method from an HNSW graph rather than exactly."""
+        if method not in ("l2", "cosine") or self.index == "exact":
+            return False
+        return self.index == "hnsw" or (len(self) >= ANN_THRESHOLD and ann.available())
+
+    def graph(self, method: str) -> ann.HNSWIndex:
+        """The HNSW graph for l2 (on the features) or cosine (inner product on unit rows), built once."""
+        if method not in self.graphs:
+            vectors = self.unit if method == "cosine" else self.features
+            self.graphs[method] = ann.HNSWIndex(vectors, inner_product=method == "cosine")
+        return self.graphs[method]
 
     def search(self, query: np.ndarray, method: str, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
         """The `top` most similar catalogue images to one query vector."""
+        best, scores = (self._nearest if self.approximate(method) else self._exact)(query, method, top, exclude)
+        return [Match(r + 1, int(self.ids[i]), self.names[i], str(self.labels[i]), float(s))
+                for r, (i, s) in enumerate(zip(best, scores))]
+
+    def _exact(self, query: np.ndarray, method: str, top: int,
+               exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the best `top`, by scoring every row."""
         scores = self.similarity(query, method)[0]
         if exclude is not None:
-            scores = np.where(exclude, -np.inf, scores)
+            scores[exclude] = -np.inf
         top = min(top, int(np.isfinite(scores).sum()))
         best = np.argpartition(-scores, top - 1)[:top] if top else np.array([], dtype=int)
         best = best[np.argsort(-scores[best], kind="stable")]
-        return [Match(r + 1, int(self.ids[i]), self.names[i], str(self.labels[i]), float(scores[i]))
-                for r, i in enumerate(best)]
+        return best, scores[best]
+
+    def _nearest(self, query: np.ndarray, method: str, top: int,
+                 exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of (about) the best `top` l2/cosine matches, from the HNSW graph."""
+        query = np.atleast_2d(query).astype(np.float32)
+        if method == "cosine":
+            query = l2_normalize(query)
+        skipped = int(exclude.sum()) if exclude is not None else 0
+        rows, values = self.graph(method).search(query, min(top + skipped, len(self)))
+        if exclude is not None:
+            kept = ~exclude[rows]
+            rows, values = rows[kept], values[kept]
+        scores = -np.sqrt(np.maximum(values, 0)) if method == "l2" else values
+        return rows[:top], scores[:top]
 
 
 @dataclass
@@ -131,7 +182,7 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
     """Rank the catalogue against a query image given as bytes; never returns the query or its near twins.
 
     Uses the latest model unless `model` is given, if it was trained on the featurizer's backbone. Pass a prebuilt
-    `catalogue` to answer many queries quickly.
+    `catalogue` to answer many queries quickly (large ones then use the HNSW index: see INDEXES).
     """
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -140,7 +191,8 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
         model = model or latest_model(store)
         if model is not None and model.backbone != featurizer.backbone:
             model = None  # features of another backbone: rank by l2 or cosine alone
-        catalogue = Catalogue.from_store(store, featurizer.backbone, model)
+        # One query: an HNSW graph would cost far more to build than one exact scan saves.
+        catalogue = Catalogue.from_store(store, featurizer.backbone, model, index="exact")
     model = catalogue.model
     if model is not None and model.backbone != featurizer.backbone:
         raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")

@@ -1,0 +1,270 @@
+"""Benchmarks: featurization throughput, query latency and ranking at scale.
+
+Every figure is printed next to a baseline measured in the same run, as a ratio, because the machines are
+shared and noisy: compare ratios across commits, not seconds. Times are the best of a few repeats.
+
+    PYTHONPATH=Python python benchmarks/run.py [--quick | --smoke] [--json] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from image_similarity.featurize import Featurizer, featurize
+from image_similarity.ingest import class_files, ingest_bytes
+from image_similarity.rank import Catalogue, rank
+from image_similarity.resources import SAMPLE_DATASET
+from image_similarity.store import SQLiteStore
+
+BACKBONES = ("efficientnet_lite0", "mobilenet_v2")
+BATCH_SIZE = 32
+
+# mode -> sizes: featurization images, peak-RSS image counts, exact catalogue sizes, ANN catalogue size
+MODES = {
+    "full": dict(images=557, rss=(1_000, 10_000), catalogue=(10_000, 100_000, 1_000_000), ann=1_000_000),
+    "quick": dict(images=96, rss=(200, 1_000), catalogue=(10_000, 100_000, 300_000), ann=300_000),
+    "smoke": dict(images=8, rss=(8, 16), catalogue=(1_000, 5_000), ann=5_000),
+}
+DIM, SMALL_DIM = 1280, 256  # catalogues up to 100k use the backbones' dimension; larger ones SMALL_DIM (memory)
+ANN_QUERIES = 200
+
+
+def best_of(fns: list[Callable[[], object]], repeats: int = 3) -> list[float]:
+    """The fastest of `repeats` runs of each fn, in seconds; the fns take turns, so they share the noise."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def photo_store(path: Path, n: int) -> SQLiteStore:
+    """A store of n bundled photos, ingested by the engine; beyond 557, copies with a few bytes appended after
+    the image data (decoded the same, distinct sha256)."""
+    photos = [(name, label, p.read_bytes()) for name, label, p in class_files(SAMPLE_DATASET)]
+    store = SQLiteStore(path)
+    for i in range(n):
+        name, label, data = photos[i % len(photos)]
+        copy = i // len(photos)
+        ingest_bytes(store, f"{copy}/{name}" if copy else name, label, data + b"\0" * copy)
+    return store
+
+
+# --- featurization ---------------------------------------------------------------------------------------
+
+def featurization(backbone: str, n: int, workdir: Path) -> dict:
+    """Images/s of the whole featurize step from the store vs the network's forward pass alone."""
+    featurizer = Featurizer(backbone, device="cpu")
+    with photo_store(workdir / f"feat-{backbone}.sqlite", n) as store:
+        batches = [np.stack([featurizer.prepare(data) for _, data in items])
+                   for items in store.missing_features(backbone, BATCH_SIZE)]
+        featurizer.forward(batches[0])  # warm-up
+
+        def pipeline() -> None:
+            store.conn.execute("DELETE FROM features")
+            store.conn.commit()
+            featurize(store, featurizer, batch_size=BATCH_SIZE, progress=False)
+
+        forward_s, pipeline_s = best_of([lambda: [featurizer.forward(b) for b in batches], pipeline], 2)
+    return {"backbone": backbone, "images": n, "forward_ips": n / forward_s, "pipeline_ips": n / pipeline_s,
+            "ratio": forward_s / pipeline_s}
+
+
+def _peak_rss_child(n: int, workdir: str) -> float:
+    """In a fresh process: featurize n images from a store; peak RSS in MiB."""
+    with photo_store(Path(workdir) / f"rss-{n}.sqlite", n) as store:
+        featurize(store, Featurizer(BACKBONES[0], device="cpu"), batch_size=BATCH_SIZE, progress=False)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_rss(n: int, workdir: Path) -> float:
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_peak_rss_child, n, str(workdir)).result()
+
+
+# --- ranking ---------------------------------------------------------------------------------------------
+
+def clustered(n: int, dim: int, seed: int = 0, clusters: int = 1000) -> np.ndarray:
+    """n float32 vectors around `clusters` random centres, non-negative like pooled CNN features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(1.0, 1.0, (clusters, dim)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):  # in blocks: no float64 temporaries of the full size
+        stop = min(start + 100_000, n)
+        noise = rng.standard_normal((stop - start, dim), dtype=np.float32) * 0.35
+        out[start:stop] = np.maximum(centres[rng.integers(0, clusters, stop - start)] + noise, 0)
+    return out
+
+
+def synthetic_catalogue(vectors: np.ndarray, index: str = "exact") -> Catalogue:
+    n = len(vectors)
+    rng = np.random.default_rng(1)
+    dhashes = [row.tobytes().hex() for row in rng.integers(0, 256, (n, 32), dtype=np.uint8)]
+    return Catalogue(np.arange(n), [f"img{i}" for i in range(n)], ["x"] * n, [f"{i:064x}" for i in range(n)],
+                     dhashes, vectors, index=index)
+
+
+def per_row_loop(features: np.ndarray, query: np.ndarray, top: int = 10) -> list[int]:
+    """The original scoring script: one distance call per catalogue row, then a sort."""
+    distances = [np.linalg.norm(query - row) for row in features]
+    return sorted(range(len(distances)), key=distances.__getitem__)[:top]
+
+
+def ranking(n: int, query_bytes: bytes, featurizer: Featurizer, store: SQLiteStore, loop: bool) -> dict:
+    """Exact l2 search at size n vs the bare matrix-vector product and (when `loop`) the per-row loop."""
+    dim = DIM if n <= 100_000 else SMALL_DIM
+    catalogue = synthetic_catalogue(clustered(n, dim))
+    query = catalogue.features[n // 2] + 0.01
+    matvec_s, search_s = best_of([lambda: catalogue.features @ query, lambda: catalogue.search(query, "l2")], 10)
+    out = {"n": n, "dim": dim, "matvec_ms": 1e3 * matvec_s, "search_ms": 1e3 * search_s}
+    if loop:
+        out["loop_ms"] = 1e3 * best_of([lambda: per_row_loop(catalogue.features, query)], 1)[0]
+    if dim == featurizer.spec.dim:
+        out["query_ms"] = 1e3 * best_of([lambda: rank(store, query_bytes, featurizer, method="l2",
+                                                       catalogue=catalogue, save=False)], 5)[0]
+    return out
+
+
+def approximate(n: int) -> dict:
+    """Recall@10 of the HNSW path against exact search, and the speed-up, on clustered vectors."""
+    vectors = clustered(n + ANN_QUERIES, SMALL_DIM)
+    queries, vectors = vectors[:ANN_QUERIES], vectors[ANN_QUERIES:]  # held out: not in the catalogue
+    catalogue = synthetic_catalogue(vectors, "hnsw")
+    start = time.perf_counter()
+    catalogue.graph("l2")
+    build_s = time.perf_counter() - start
+    hits, exact_s, ann_s = 0, [], []
+    for q in queries:
+        catalogue.index = "exact"  # one catalogue, both ways: half the memory of two
+        t0 = time.perf_counter()
+        truth = {m.image_id for m in catalogue.search(q, "l2")}
+        t1 = time.perf_counter()
+        catalogue.index = "hnsw"
+        found = {m.image_id for m in catalogue.search(q, "l2")}
+        t2 = time.perf_counter()
+        hits += len(truth & found)
+        exact_s.append(t1 - t0)
+        ann_s.append(t2 - t1)
+    exact_ms, ann_ms = 1e3 * float(np.median(exact_s)), 1e3 * float(np.median(ann_s))
+    return {"n": n, "dim": SMALL_DIM, "recall_at_10": hits / (10 * len(queries)), "exact_ms": exact_ms,
+            "ann_ms": ann_ms, "speedup": exact_ms / ann_ms, "build_s": build_s}
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+def plot(rows: list[dict], ann: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    n = [r["n"] for r in rows]
+    ax.plot(n, [r["search_ms"] for r in rows], "o-", label="Catalogue.search, exact l2")
+    ax.plot(n, [r["matvec_ms"] for r in rows], "s--", label="bare matrix-vector product (floor)")
+    looped = [r for r in rows if "loop_ms" in r]
+    ax.plot([r["n"] for r in looped], [r["loop_ms"] for r in looped], "x:", label="per-row Python loop")
+    ax.plot([ann["n"]], [ann["ann_ms"]], "*", markersize=14, label=f"HNSW (recall@10 {ann['recall_at_10']:.3f})")
+    for r in rows:
+        ax.annotate(f"d={r['dim']}", (r["n"], r["search_ms"]), textcoords="offset points", xytext=(4, -12),
+                    fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="catalogue size (vectors)", ylabel="latency per query (ms)",
+           title="Ranking one query (CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(mode: str, out_dir: Path) -> dict:
+    sizes = MODES[mode]
+    backbones = BACKBONES[:1] if mode == "smoke" else BACKBONES
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        feats = [featurization(b, sizes["images"], workdir) for b in backbones]
+        rss = {n: peak_rss(n, workdir) for n in sizes["rss"]}
+        featurizer = Featurizer(BACKBONES[0], device="cpu")
+        with photo_store(workdir / "query.sqlite", 1) as store:
+            query_bytes = store.image_bytes(store.images()[0].id)
+            rows = [ranking(n, query_bytes, featurizer, store, loop=n <= 100_000) for n in sizes["catalogue"]]
+    ann = approximate(sizes["ann"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(rows, ann, out_dir / "latency.png")
+    head = next((r for r in rows if r["n"] == 100_000), rows[-1])
+    small, large = min(sizes["rss"]), max(sizes["rss"])
+    return {
+        "mode": mode,
+        "sizes": {"featurize_images": sizes["images"], "rss_images": list(sizes["rss"]),
+                  "rank_catalogue": head["n"], "ann_catalogue": ann["n"], "ann_dim": ann["dim"]},
+        "featurize_pipeline_vs_forward": min(f["ratio"] for f in feats),
+        "featurize": feats,
+        "peak_rss_mib": {str(n): v for n, v in rss.items()},
+        "peak_rss_growth": rss[large] / rss[small],
+        "rank_100k_vs_loop": head["loop_ms"] / head["search_ms"],
+        "rank_100k_vs_matvec": head["search_ms"] / head["matvec_ms"],
+        "query_ms_100k": head["query_ms"],
+        "ranking": rows,
+        "ann_recall_at_10_1m": ann["recall_at_10"],
+        "ann_speedup_1m": ann["speedup"],
+        "ann": ann,
+        "plot": str(out_dir / "latency.png"),
+    }
+
+
+def table(result: dict) -> str:
+    s = result["sizes"]
+    lines = [f"mode: {result['mode']}" + ("" if result["mode"] == "full" else
+             f" (smaller sizes: 'rank 100k' is {s['rank_catalogue']:,}, 'ANN 1m' is {s['ann_catalogue']:,} vectors)"),
+             "", f"featurize on CPU, batch {BATCH_SIZE}, {s['featurize_images']} bundled photos:",
+             f"  {'backbone':20} {'forward img/s':>14} {'pipeline img/s':>15} {'ratio':>6}  (goal >= 0.80)"]
+    lines += [f"  {f['backbone']:20} {f['forward_ips']:14.1f} {f['pipeline_ips']:15.1f} {f['ratio']:6.2f}"
+              for f in result["featurize"]]
+    rss = result["peak_rss_mib"]
+    lines += ["  peak RSS: " + ", ".join(f"{int(n):,} images {v:.0f} MiB" for n, v in rss.items())
+              + f"  (growth x{result['peak_rss_growth']:.2f})", "",
+              "rank one query, exact l2 (synthetic clustered vectors; ms, best of repeats):",
+              f"  {'size':>10} {'dim':>5} {'loop':>9} {'matvec':>8} {'search':>8} {'vs loop':>8} {'vs matvec':>9}"
+              f" {'featurize+rank':>15}"]
+    for r in result["ranking"]:
+        loop = f"{r['loop_ms']:9.1f}" if "loop_ms" in r else f"{'-':>9}"
+        speed = f"{r['loop_ms'] / r['search_ms']:7.1f}x" if "loop_ms" in r else f"{'-':>8}"
+        query = f"{r['query_ms']:15.1f}" if "query_ms" in r else f"{'-':>15}"
+        lines.append(f"  {r['n']:>10,} {r['dim']:>5} {loop} {r['matvec_ms']:8.2f} {r['search_ms']:8.2f} {speed}"
+                     f" {r['search_ms'] / r['matvec_ms']:8.2f}x {query}")
+    a = result["ann"]
+    lines += ["  goals at 100k: >= 20x the loop, <= 1.5x the matvec, featurize+rank < 100 ms", "",
+              f"approximate (HNSW, faiss) vs exact l2 at {a['n']:,} x {a['dim']} clustered vectors, "
+              f"{ANN_QUERIES} held-out queries:",
+              f"  recall@10 {a['recall_at_10']:.3f}, exact {a['exact_ms']:.2f} ms, HNSW {a['ann_ms']:.3f} ms, "
+              f"speed-up {a['speedup']:.0f}x, index built in {a['build_s']:.1f} s", "", f"plot: {result['plot']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark featurization and ranking; every figure is a ratio "
+                                                 "to a baseline measured in the same run.")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller sizes: a few minutes on 2 cores")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, one backbone: checks that it runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-output"), help="folder for latency.png")
+    args = parser.parse_args(argv)
+    result = run("smoke" if args.smoke else "quick" if args.quick else "full", args.out)
+    print(json.dumps(result, indent=1) if args.json else table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

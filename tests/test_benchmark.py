@@ -1,0 +1,27 @@
+"""The benchmark script runs end to end (tiny sizes) and reports every figure the README promises."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("featurize_pipeline_vs_forward", "rank_100k_vs_loop", "rank_100k_vs_matvec", "query_ms_100k",
+        "ann_recall_at_10_1m", "ann_speedup_1m")
+
+
+def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--json", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=True)
+    result = json.loads(done.stdout)
+    assert result["mode"] == "smoke"
+    assert all(isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0 for k in KEYS)
+    assert 0.9 <= result["ann_recall_at_10_1m"] <= 1
+    assert result["rank_100k_vs_loop"] > 1  # even at smoke size the vectorised search beats the loop
+    assert [r["n"] for r in result["ranking"]] == [1_000, 5_000]
+    assert set(result["peak_rss_mib"]) == {"8", "16"}
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
