@@ -54,7 +54,8 @@ def test_steps_one_by_one_on_real_photos(tmp_path, small_dir, capsys, sample_dir
     (["split"], "no images stored"),
     (["train"], "no train/test split"),
     (["evaluate"], "no trained model"),
-    (["ingest", "--db", "postgres://user:secret@host/db", "."], "unsupported database URL scheme 'postgres'"),
+    (["ingest", "--db", "mysql://user:secret@host/db", "."], "unsupported database URL scheme 'mysql'"),
+    (["ingest", "--db", "postgresql://user:secret@host/db", "."], "do not put a password in the URL"),
 ])
 def test_errors_are_one_line_without_traceback(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

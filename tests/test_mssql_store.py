@@ -137,5 +137,5 @@ def test_sql_context_binds_every_value(monkeypatch, sample_dir, tmp_path, capsys
     assert rank_args == (query.read_bytes(), query.name, 5)
     assert split_sql == "EXEC dbo.PrepareData @test_fraction = ?, @seed = ?" and split_args == (0.25, 2)
     assert "featurized  backbone\n  3  efficientnet_lite0" in capsys.readouterr().out
-    with stores.SQLiteStore(tmp_path / "x.sqlite") as local, pytest.raises(StoreError, match="needs --db mssql://"):
+    with stores.SQLiteStore(tmp_path / "x.sqlite") as local, pytest.raises(StoreError, match="needs --db postgresql"):
         call(local, "PrepareData", seed=0)

@@ -23,12 +23,14 @@ def _percent(x: float) -> str:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=None, metavar="DB",
-                        help="database: a SQLite file path, sqlite:///path, or mssql://[user@]host[:port]/database "
-                             "(password in IMAGE_SIMILARITY_DB_PASSWORD; default: image_similarity.sqlite here)")
+                        help="database: a SQLite file path, sqlite:///path, postgresql://[user@]host[:port]/database "
+                             "(password in PGPASSWORD or ~/.pgpass), or mssql://[user@]host[:port]/database "
+                             "(password in IMAGE_SIMILARITY_DB_PASSWORD); default: image_similarity.sqlite here")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     common.add_argument("--context", choices=("local", "sql"), default="local",
                         help="where steps compute: local (here, default) or sql (the stored procedures inside "
-                             "SQL Server; needs --db mssql://...; ingest always runs here)")
+                             "the database server; needs --db postgresql://... or mssql://...; ingest always "
+                             "runs here)")
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
                      help=f"pretrained network (default: {DEFAULT_BACKBONE}, or the trained model's)")
@@ -259,7 +261,7 @@ SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
 
 
 def cmd_sql(store, args) -> None:
-    """Run the step as its stored procedure inside SQL Server (--context sql) and print what it returns."""
+    """Run the step as its stored procedure inside the database server (--context sql); print what it returns."""
     from .resources import sample_dataset
     from .sqlcontext import call
 
@@ -272,8 +274,11 @@ def cmd_sql(store, args) -> None:
     if args.command == "train" and args.C:
         values["c_grid"] = json.dumps(args.C)
     columns, rows = call(store, procedure, **values)
-    print(f"{procedure} ran inside SQL Server")
-    if columns:
+    server = "PostgreSQL" if store.url.startswith("postgresql://") else "SQL Server"
+    print(f"{procedure} ran inside {server}")
+    if columns == ["summary"]:
+        print_evaluation(rows[0][0])
+    elif columns:
         print("  " + "  ".join(columns))
         for row in rows:
             print("  " + "  ".join(str(v) for v in row))

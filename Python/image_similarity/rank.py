@@ -142,6 +142,22 @@ class Catalogue:
         return rows[:top], scores[:top]
 
 
+def database_search(store: Store, backbone: str, vector: np.ndarray, method: str, top: int, sha256: str,
+                    query_dhash: str) -> list[Match] | None:
+    """l2/cosine matches ranked by the store's database (pgvector), without the query and its near twins;
+    None when the store leaves ranking to the engine."""
+    rows = store.images()
+    near = hamming_to(query_dhash, packed_hashes([r.dhash for r in rows])) <= NEAR_DUPLICATE_DISTANCE
+    exclude = [r.id for r, twin in zip(rows, near) if twin or r.sha256 == sha256]
+    found = store.nearest(backbone, vector, method, top, exclude)
+    if found is None:
+        return None
+    if not found and not store.feature_counts().get(backbone):
+        raise StoreError(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
+    meta = {r.id: r for r in rows}
+    return [Match(k + 1, i, meta[i].name, meta[i].label, score) for k, (i, score) in enumerate(found)]
+
+
 @dataclass
 class RankResult:
     """A query's ranking and how it was made."""
@@ -191,15 +207,22 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
         model = model or latest_model(store)
         if model is not None and model.backbone != featurizer.backbone:
             model = None  # features of another backbone: rank by l2 or cosine alone
-        # One query: an HNSW graph would cost far more to build than one exact scan saves.
-        catalogue = Catalogue.from_store(store, featurizer.backbone, model, index="exact")
-    model = catalogue.model
+    else:
+        model = catalogue.model
     if model is not None and model.backbone != featurizer.backbone:
         raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
     method = method or default_method(store, model)
+    if method not in METHODS:
+        raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
     vector = featurizer.features([image])[0]
     sha = hashlib.sha256(data).hexdigest()
-    matches = catalogue.search(vector, method, top, catalogue.duplicates_of(sha, dhash(image)))
+    matches = None
+    if catalogue is None and method in ("l2", "cosine"):
+        matches = database_search(store, featurizer.backbone, vector, method, top, sha, dhash(image))
+    if matches is None:
+        # One query: an HNSW graph would cost far more to build than one exact scan saves.
+        catalogue = catalogue or Catalogue.from_store(store, featurizer.backbone, model, index="exact")
+        matches = catalogue.search(vector, method, top, catalogue.duplicates_of(sha, dhash(image)))
     result = RankResult(name, method, featurizer.backbone, model.version if model else None, matches)
     if save:
         result.query_id = store.put_ranking(

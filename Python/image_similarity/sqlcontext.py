@@ -1,7 +1,9 @@
-"""The `sql` compute context: run a step as its SQL Server stored procedure (SQLR/), so the work happens
-inside the server. Procedure and parameter names are fixed here; every value is bound, never spliced."""
+"""The `sql` compute context: run a step as its stored procedure, so the work happens inside the database
+server: SQL Server's procedures (SQLR/) or PostgreSQL's PL/Python routines (SQLR/postgres/). Routine and
+parameter names are fixed here; every value is bound, never spliced."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .store import Store, StoreError
@@ -16,6 +18,16 @@ PROCEDURES: dict[str, tuple[str, ...]] = {
 }
 """Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares)."""
 
+POSTGRES_ROUTINES: dict[str, str] = {
+    "FeaturizeImages": "CALL image_similarity.featurize_images({})",
+    "PrepareData": "SELECT * FROM image_similarity.prepare_data({})",
+    "TrainModel": "SELECT * FROM image_similarity.train_model({})",
+    "EvaluateModel": "SELECT image_similarity.evaluate_model({}) AS summary",
+    "RankCandidates": "SELECT * FROM image_similarity.rank_candidates({})",
+    "Initial_Run_Once": "CALL image_similarity.initial_run_once({})",
+}
+"""The PostgreSQL routine (SQLR/postgres/02_Routines.sql) of each procedure; same parameter names."""
+
 
 def exec_statement(procedure: str, names: list[str]) -> str:
     """`EXEC dbo.P @a = ?, ...` for a known procedure and its known parameters."""
@@ -25,15 +37,25 @@ def exec_statement(procedure: str, names: list[str]) -> str:
     return f"EXEC dbo.{procedure} " + ", ".join(f"@{n} = ?" for n in names)
 
 
+def postgres_statement(procedure: str, names: list[str]) -> str:
+    """`SELECT * FROM image_similarity.f(a => %s, ...)` (or CALL) for a known routine and known parameters."""
+    allowed = PROCEDURES.get(procedure)
+    if allowed is None or not set(names) <= set(allowed):
+        raise ValueError(f"unknown procedure or parameter: {procedure} {names}")
+    return POSTGRES_ROUTINES[procedure].format(", ".join(f"{n} => %s" for n in names))
+
+
 def call(store: Store, procedure: str, **values: Any) -> tuple[list[str], list[tuple]]:
-    """Run a procedure on the store's SQL Server; (column names, rows) of its last result set.
+    """Run a procedure on the store's server; (column names, rows) of its last result set.
 
     Values that are None are left out, so the procedure's default applies.
     """
+    given = {k: v for k, v in values.items() if v is not None}
+    if store.url.startswith("postgresql://"):
+        return _call_postgres(store, procedure, given)
     conn = getattr(store, "conn", None)
     if not store.url.startswith("mssql://") or conn is None:
-        raise StoreError("--context sql runs the stored procedures: it needs --db mssql://host/database")
-    given = {k: v for k, v in values.items() if v is not None}
+        raise StoreError("--context sql runs the stored procedures: it needs --db postgresql://... or mssql://...")
     cur = conn.cursor()
     try:
         cur.execute(exec_statement(procedure, list(given)), *given.values())
@@ -48,3 +70,19 @@ def call(store: Store, procedure: str, **values: Any) -> tuple[list[str], list[t
         conn.rollback()
         raise
     return columns, rows
+
+
+def _call_postgres(store: Store, procedure: str, given: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+    import psycopg
+
+    if isinstance(given.get("c_grid"), str):  # the SQL Server procedure takes JSON, PostgreSQL an array
+        given["c_grid"] = [float(c) for c in json.loads(given["c_grid"])]
+    conn = store.db.conn
+    try:
+        with conn.cursor() as cur:
+            cur.execute(postgres_statement(procedure, list(given)), list(given.values()))
+            columns = [d.name for d in cur.description] if cur.description else []
+            return columns, [tuple(r) for r in cur.fetchall()] if columns else []
+    except psycopg.Error as err:
+        message = err.diag.message_primary or str(err).strip().splitlines()[0]
+        raise StoreError(message.removeprefix("plpy.Error: ")) from None

@@ -22,15 +22,21 @@ __all__ = [
 
 
 def connect(db: str | Path = DEFAULT_DB) -> Store:
-    """Open the store named by a file path or a URL (`sqlite:///path`, `mssql://[user@]host[:port]/database`)."""
+    """Open the store named by a file path or a URL (`sqlite:///path`, `postgresql://[user@]host[:port]/database`,
+    `mssql://[user@]host[:port]/database`)."""
     text = str(db)
     if text.startswith("sqlite:///"):
         return SQLiteStore(text.removeprefix("sqlite:///"))
+    if text.startswith(("postgresql://", "postgres://")):  # issue 5: PostgreSQL + pgvector
+        from .postgres import PostgresStore
+
+        return PostgresStore(text)
     if text.startswith("mssql://"):  # issue 4: SQL Server
         from .mssql import MSSQLStore
 
         return MSSQLStore(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
-        raise StoreError(f"unsupported database URL scheme {scheme!r}: use a file path, sqlite:///path or mssql://")
+        raise StoreError(f"unsupported database URL scheme {scheme!r}: "
+                         "use a file path, sqlite:///path, postgresql:// or mssql://")
     return SQLiteStore(text)

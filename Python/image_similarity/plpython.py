@@ -1,0 +1,136 @@
+"""Entry points for PostgreSQL's PL/Python functions and procedures (SQLR/postgres/).
+
+Each SQL routine's body is one line that calls a function here with `plpy` and its bound arguments. The
+engine runs inside the server process, on a PostgresStore that talks to the server through `plpy` (SPI).
+Errors the user can act on (empty catalogue, no model, a query that is not an image) become one-line SQL
+errors; the featurizer is loaded once per server session and reused.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .backbones import DEFAULT_BACKBONE, WeightsNotFoundError
+from .featurize import Featurizer, featurize
+from .images import BadImageError
+from .store.base import StoreError
+from .store.postgres import PostgresStore
+
+FEATURIZERS: dict[str, Featurizer] = {}
+"""Loaded networks, kept for the life of the server session (a backend process)."""
+
+
+def _featurizer(backbone: str | None) -> Featurizer:
+    name = backbone or DEFAULT_BACKBONE
+    if name not in FEATURIZERS:
+        FEATURIZERS[name] = Featurizer(name, workers=1)
+    return FEATURIZERS[name]
+
+
+def _clear_errors(function: Callable) -> Callable:
+    """Turn the engine's expected errors into a plain SQL error with a one-line message."""
+
+    @functools.wraps(function)
+    def wrapper(plpy: Any, *args: Any) -> Any:
+        try:
+            return function(plpy, *args)
+        except (StoreError, BadImageError, WeightsNotFoundError, ValueError) as err:
+            plpy.error(f"image_similarity: {err}")
+
+    return wrapper
+
+
+def environment(plpy: Any) -> list[tuple[str, str]]:
+    """(key, value) rows describing the Python that runs inside this server process."""
+    import numpy
+    import sklearn
+    import torch
+
+    from . import __version__
+
+    return [("pid", str(os.getpid())), ("executable", os.path.realpath("/proc/self/exe")),
+            ("python", sys.version.split()[0]), ("image_similarity", __version__), ("torch", torch.__version__),
+            ("numpy", numpy.__version__), ("scikit-learn", sklearn.__version__),
+            ("device", "cuda" if torch.cuda.is_available() else "cpu")]
+
+
+@_clear_errors
+def featurize_images(plpy: Any, backbone: str | None, batch_size: int) -> tuple[int, int, str, int]:
+    """Procedure: featurize every image without features, committing each batch. (added, skipped, device, pid)."""
+    store = PostgresStore.in_server(plpy, commits=True)
+    report = featurize(store, _featurizer(backbone), batch_size=batch_size, progress=False)
+    return report.added, len(report.skipped), report.device, os.getpid()
+
+
+@_clear_errors
+def prepare_data(plpy: Any, test_fraction: float, seed: int) -> list[tuple[str, int]]:
+    """(subset, images) rows of a new train/test split."""
+    from .split import split
+
+    return sorted(split(PostgresStore.in_server(plpy), test_fraction, seed).items())
+
+
+@_clear_errors
+def train_model(plpy: Any, backbone: str | None, c_grid: list[float] | None, seed: int) -> list[tuple]:
+    """One row (version, backbone, C, cv_accuracy, n_train) for the new model version."""
+    from .train import C_GRID, train
+
+    model = train(PostgresStore.in_server(plpy), backbone, c_grid or C_GRID, seed=seed)
+    return [(model.version, model.backbone, model.params["C"], model.params["cv_accuracy"], model.params["n_train"])]
+
+
+@_clear_errors
+def evaluate_model(plpy: Any, model_version: int | None, seed: int) -> str:
+    """The stored evaluation summary of a model version (latest by default) as JSON."""
+    from .evaluate import evaluate
+    from .train import load_model
+
+    store = PostgresStore.in_server(plpy)
+    return json.dumps(evaluate(store, load_model(store, model_version), seed=seed))
+
+
+@_clear_errors
+def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: str | None,
+                    model_version: int | None) -> list[tuple]:
+    """(rank, image_id, name, label, score, method) rows of the catalogue images most similar to a query."""
+    from .rank import latest_model, rank
+    from .train import load_model
+
+    store = PostgresStore.in_server(plpy)
+    model = load_model(store, model_version) if model_version else latest_model(store)
+    featurizer = _featurizer(model.backbone if model else None)
+    result = rank(store, bytes(query), featurizer, top=top, method=method, model=model, name=query_name)
+    return [(m.rank, m.image_id, m.name, m.label, m.score, result.method) for m in result.matches]
+
+
+@_clear_errors
+def initial_run_once(plpy: Any, backbone: str | None, test_fraction: float, seed: int) -> tuple:
+    """Procedure: featurize (committing each batch), split, train and evaluate the stored images.
+    (model_version, test_accuracy, best_method, pid)."""
+    from .evaluate import evaluate
+    from .split import split
+    from .train import train
+
+    store = PostgresStore.in_server(plpy, commits=True)
+    featurizer = _featurizer(backbone)
+    featurize(store, featurizer, progress=False)
+    split(store, test_fraction, seed)
+    model = train(store, featurizer.backbone, seed=seed)
+    summary = evaluate(store, model, seed=seed)
+    return model.version, summary["test_accuracy"], summary["best_method"], os.getpid()
+
+
+@_clear_errors
+def add_image(plpy: Any, name: str, label: str, data: bytes) -> tuple[int | None, str | None]:
+    """Validate and store one image: (new id or NULL, reason it was skipped or NULL)."""
+    from .ingest import ingest_bytes
+
+    store = PostgresStore.in_server(plpy)
+    image_id, reason = ingest_bytes(store, name, label, bytes(data))
+    if reason:
+        store.record_rejected(name, label, reason, stage="ingest")
+    return image_id, reason

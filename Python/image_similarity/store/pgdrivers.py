@@ -1,0 +1,108 @@
+"""The two ways PostgresStore reaches PostgreSQL: psycopg 3 from a client, PL/Python's `plpy` inside the server.
+
+Both take SQL written with `%s` placeholders and bound values, and return rows as tuples. SQL text is always
+a constant of the store; values never become SQL text.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+PLACEHOLDER = re.compile(r"%s")
+
+
+class Psycopg:
+    """A client connection (psycopg 3, autocommit; `transaction()` groups writes)."""
+
+    in_server = False
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall() if cur.description else []
+
+    def query_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql, rows)
+
+    def script(self, sql: str) -> None:
+        """Run constant SQL of several statements, no values."""
+        self.conn.execute(sql)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        with self.conn.transaction():
+            yield
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _plpy_type(value: Any) -> str:
+    """The PostgreSQL type a Python value is bound as (NULLs are typed by casts in the SQL)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "bigint"
+    if isinstance(value, float):
+        return "float8"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "bytea"
+    if isinstance(value, (list, tuple)):
+        return "bigint[]" if value and all(isinstance(v, int) for v in value) else "float8[]"
+    return "text"
+
+
+class Plpy:
+    """The server's own connection, inside a PL/Python function or procedure.
+
+    In a procedure (`commits=True`) each `transaction()` ends with a COMMIT, so finished batches survive an
+    interruption; in a function the whole call is one transaction, as PostgreSQL requires.
+    """
+
+    in_server = True
+
+    def __init__(self, plpy: Any, commits: bool = False) -> None:
+        self.plpy, self.commits = plpy, commits
+        self.plans: dict[tuple[str, tuple[str, ...]], Any] = {}
+
+    def _plan(self, sql: str, params: Sequence[Any]) -> Any:
+        types = tuple(_plpy_type(p) for p in params)
+        key = (sql, types)
+        if key not in self.plans:
+            numbered = iter(range(1, len(types) + 1))
+            self.plans[key] = self.plpy.prepare(PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql), list(types))
+        return self.plans[key]
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        params = [bytes(p) if isinstance(p, (bytearray, memoryview)) else p for p in params]
+        result = self.plpy.execute(self._plan(sql, params), params)
+        try:
+            columns = result.colnames()
+        except self.plpy.Error:  # a statement that returns no rows
+            return []
+        return [tuple(row[c] for c in columns) for row in result] if columns else []
+
+    def query_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        for row in rows:
+            self.query(sql, row)
+
+    def script(self, sql: str) -> None:
+        """Run constant SQL of several statements, no values."""
+        self.plpy.execute(sql)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        yield
+        if self.commits:
+            self.plpy.commit()
+
+    def close(self) -> None:
+        """The server's connection is not ours to close."""

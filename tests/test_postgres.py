@@ -1,0 +1,280 @@
+"""PostgreSQL + PL/Python + pgvector, live: a throwaway server runs the job's steps inside its own processes.
+
+Needs PostgreSQL 15 with PL/Python and pgvector (`.ci/run` installs them). Without them the tests are skipped
+with the reason, except in CI, where they fail.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pgserver
+import psycopg
+import pytest
+
+from image_similarity import cli, plpython
+from image_similarity.featurize import featurize
+from image_similarity.ingest import ingest
+from image_similarity.rank import Catalogue, rank
+from image_similarity.sqlcontext import POSTGRES_ROUTINES, PROCEDURES
+from image_similarity.store import SQLiteStore, StoreError, connect
+from image_similarity.store.postgres import PostgresStore, nearest_statement
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The admin URL of a server with PL/Python and pgvector."""
+    if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
+        yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
+        return
+    reason = pgserver.missing()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"the PostgreSQL tests must run in CI: {reason}")
+        pytest.skip(f"no PostgreSQL here: {reason}")
+    cluster = pgserver.Cluster()
+    yield cluster.url()
+    cluster.stop()
+
+
+@pytest.fixture
+def database(server, request) -> str:
+    """A new database with the extensions and routines of SQLR/postgres/, named after the test."""
+    return pgserver.create_database(server, re.sub(r"\W", "_", request.node.name)[:60].lower())
+
+
+@pytest.fixture(scope="module")
+def contexts(server, small_dir, tmp_path_factory) -> dict[str, str]:
+    """`image-similarity run` on 36 real photos three ways: local on SQLite, local on PostgreSQL, and with
+    --context sql on PostgreSQL (featurize, split, train and evaluate inside the server)."""
+    urls = {"sqlite": str(tmp_path_factory.mktemp("ctx") / "local.sqlite"),
+            "local": pgserver.create_database(server, "ctx_local"), "sql": pgserver.create_database(server, "ctx_sql")}
+    for name, url in urls.items():
+        context = "sql" if name == "sql" else "local"
+        assert cli.main(["run", str(small_dir), "--db", url, "--context", context, "-q",
+                         "--out", str(tmp_path_factory.mktemp("plots"))]) == 0
+    return urls
+
+
+def test_both_contexts_give_the_engines_results(contexts, small_dir, featurizer):
+    stores = {name: connect(url) for name, url in contexts.items()}
+    try:
+        ids, features = stores["sqlite"].features("efficientnet_lite0")
+        for name in ("local", "sql"):
+            store = stores[name]
+            assert [im.name for im in store.images()] == [im.name for im in stores["sqlite"].images()]
+            found, X = store.features("efficientnet_lite0")
+            assert np.array_equal(found, ids)
+            np.testing.assert_allclose(X, features, atol=1e-4)  # the server's torch threads may sum differently
+            assert store.split() == stores["sqlite"].split()
+            model, reference = store.model(), stores["sqlite"].model()
+            assert model.params["C"] == reference.params["C"]
+            summary, expected = store.evaluation().summary, stores["sqlite"].evaluation().summary
+            assert summary["test_accuracy"] == expected["test_accuracy"] > 0.6
+            assert summary["best_method"] == expected["best_method"]
+        query = sorted((small_dir / "leopard").iterdir())[0].read_bytes()
+        answers = {}
+        for name, store in stores.items():
+            answers[name] = [m.image_id for m in rank(store, query, featurizer, method="scores", save=False).matches]
+        assert answers["local"] == answers["sql"] == answers["sqlite"]
+    finally:
+        for store in stores.values():
+            store.close()
+
+
+def test_steps_run_inside_the_server_process(contexts):
+    with psycopg.connect(contexts["sql"], autocommit=True) as conn:
+        env = dict(conn.execute("SELECT * FROM image_similarity.environment()").fetchall())
+        assert int(env["pid"]) == conn.info.backend_pid != os.getpid()
+        assert Path(env["executable"]).name == "postgres"
+        (added, skipped, _, pid), = conn.execute("CALL image_similarity.featurize_images()").fetchall()
+        assert (added, skipped, pid) == (0, 0, conn.info.backend_pid)  # already featurized: nothing to do
+
+
+def test_sql_context_cli_rank_is_the_servers(contexts, small_dir, featurizer, capsys):
+    query = sorted((small_dir / "striped").iterdir())[3]
+    assert cli.main(["rank", str(query), "--db", contexts["sql"], "--context", "sql", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("RankCandidates ran inside PostgreSQL")
+    listed = [int(line.split()[1]) for line in out.splitlines()[2:]]
+    with connect(contexts["sql"]) as store:
+        expected = rank(store, query.read_bytes(), featurizer, top=5, save=False)
+        assert listed == [m.image_id for m in expected.matches] and len(listed) == 5
+        stored = store.db.query("SELECT r.image_id FROM rankings r JOIN queries q ON q.id = r.query_id"
+                                " WHERE q.query_name = %s ORDER BY r.rank", (query.name,))
+        assert [i for (i,) in stored] == listed  # the server wrote the ranking it returned
+
+
+@pytest.fixture(scope="module")
+def full_pg(server, full_db) -> str:
+    """The 557 photos and their features copied from the full SQLite run into PostgreSQL."""
+    url = pgserver.create_database(server, "full_copy")
+    with SQLiteStore(full_db[0]) as src, PostgresStore(url) as dst:
+        for row in src.conn.execute("SELECT id, name, label, format, width, height, mode, size_bytes, sha256,"
+                                    " dhash, data FROM images ORDER BY id"):
+            dst.db.query("INSERT INTO images (id, name, label, format, width, height, mode, size_bytes, sha256,"
+                         " dhash, data) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)", row)
+        ids, X = src.features("efficientnet_lite0")
+        dst.put_features("efficientnet_lite0", ids, X)
+    return url
+
+
+def test_sql_ranking_equals_the_engines_exact_ranking(full_pg):
+    with PostgresStore(full_pg) as store:
+        ids, X = store.features("efficientnet_lite0")
+        rows = store.images()
+        catalogue = Catalogue(ids, [r.name for r in rows], [r.label for r in rows], [r.sha256 for r in rows],
+                              [r.dhash for r in rows], X, index="exact")
+        for q in range(0, len(ids), 37):
+            exclude = np.zeros(len(ids), dtype=bool)
+            exclude[q] = True
+            for method in ("l2", "cosine"):
+                engine = catalogue.search(X[q], method, 10, exclude)
+                found = store.nearest("efficientnet_lite0", X[q], method, 10, [int(ids[q])])
+                assert [i for i, _ in found] == [m.image_id for m in engine]
+                np.testing.assert_allclose([s for _, s in found], [m.score for m in engine], rtol=1e-4, atol=1e-5)
+
+
+def recall_at_10(store: PostgresStore, backbone: str, X: np.ndarray, method: str, queries: range) -> float:
+    hits = 0
+    for q in queries:
+        exact = {i for i, _ in store.nearest(backbone, X[q], method, 10, approximate=False)}
+        hits += len(exact & {i for i, _ in store.nearest(backbone, X[q], method, 10, approximate=True)})
+    return hits / (10 * len(queries))
+
+
+def test_hnsw_index_recall_on_real_features(full_pg):
+    with PostgresStore(full_pg) as store:
+        ids, X = store.features("efficientnet_lite0")
+        for method in ("l2", "cosine"):
+            assert not store.has_index("efficientnet_lite0", method)
+            name = store.create_index("efficientnet_lite0", method)
+            assert store.has_index("efficientnet_lite0", method)
+            with store.db.transaction():
+                store.db.query("SET LOCAL enable_seqscan = off")
+                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", method, True),
+                                      (X[0].tolist(), "efficientnet_lite0", [int(ids[0])], 10))
+            assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
+            assert recall_at_10(store, "efficientnet_lite0", X, method, range(0, 557, 11)) >= 0.95
+
+
+def test_hnsw_on_halfvec_above_2000_dimensions(full_pg):
+    """ResNet-50's 2048 dimensions exceed HNSW's `vector` limit: the index is on halfvec. Clustered features."""
+    rng = np.random.default_rng(0)
+    with PostgresStore(full_pg) as store:
+        ids = np.array([im.id for im in store.images()])
+        centres = rng.normal(size=(20, 2048)).astype(np.float32)
+        X = centres[rng.integers(0, 20, len(ids))] + 0.3 * rng.normal(size=(len(ids), 2048)).astype(np.float32)
+        store.put_features("resnet50", ids, X)
+        store.create_index("resnet50", "l2")
+        definition = store.db.query("SELECT indexdef FROM pg_indexes WHERE indexname = 'features_resnet50_l2_hnsw'")
+        assert "halfvec(2048)" in definition[0][0]
+        assert recall_at_10(store, "resnet50", X, "l2", range(0, len(ids), 13)) >= 0.9
+
+
+def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    good = sorted((small_dir / "dotted").iterdir())[0]
+    assert cli.main(["rank", str(good), "--db", database, "--context", "sql"]) == 1
+    assert "empty catalogue" in capsys.readouterr().err
+    assert cli.main(["ingest", str(small_dir), "--db", database, "-q"]) == 0
+    capsys.readouterr()
+    for argv, message in [(["evaluate"], "no trained model"), (["train"], "no train/test split"),
+                          (["rank", str(text)], "not an image")]:
+        assert cli.main([*argv, "--db", database, "--context", "sql"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("image-similarity: error: image_similarity: ") and err.count("\n") == 1, err
+        assert message in err
+    with connect(database) as store:
+        assert len(store.images()) == 36 and store.feature_counts() == {} and store.db.query(
+            "SELECT count(*) FROM models") == [(0,)]
+
+
+def _featurize_in_server(url: str, batch_size: int, result: dict, key: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        result[key + "_pid"] = conn.info.backend_pid
+        try:
+            result[key] = conn.execute("CALL image_similarity.featurize_images(batch_size => %s)",
+                                       (batch_size,)).fetchone()
+        except psycopg.Error as err:
+            result[key] = err
+
+
+def _features_rows(url: str) -> tuple[int, int]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT count(*), count(DISTINCT image_id) FROM features").fetchone()
+
+
+def test_dropped_connection_mid_featurize_loses_nothing_and_resumes(database, small_dir, featurizer):
+    with PostgresStore(database) as store:
+        ingest(store, small_dir, progress=False)
+    result: dict = {}
+    worker = threading.Thread(target=_featurize_in_server, args=(database, 4, result, "first"))
+    worker.start()
+    assert pgserver.wait_until(lambda: _features_rows(database)[0] >= 8)
+    with psycopg.connect(database, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (result["first_pid"],))
+    worker.join()
+    assert isinstance(result["first"], psycopg.Error)  # the call died with its connection
+    done, _ = _features_rows(database)
+    assert 8 <= done < 36 and done % 4 == 0  # whole batches were committed, nothing half-written
+    _featurize_in_server(database, 4, result, "again")
+    assert result["again"][0] == 36 - done
+    with PostgresStore(database) as store:
+        ids, X = store.features("efficientnet_lite0")
+        assert len(ids) == len(set(ids)) == 36
+        expected = featurizer.forward(np.stack([featurizer.prepare(store.image_bytes(int(ids[5])))]))
+        np.testing.assert_allclose(X[5], expected[0], atol=1e-4)
+
+
+def test_two_clients_featurizing_at_once(database, small_dir):
+    with PostgresStore(database) as store:
+        ingest(store, small_dir, progress=False)
+    result: dict = {}
+    workers = [threading.Thread(target=_featurize_in_server, args=(database, 4, result, key)) for key in "ab"]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not isinstance(result["a"], Exception) and not isinstance(result["b"], Exception)
+    assert _features_rows(database) == (36, 36)
+
+
+def test_client_featurize_then_server_agrees(database, small_dir, featurizer):
+    """The client's store writes vectors the server reads back bit for bit (pgvector keeps float32)."""
+    with PostgresStore(database) as store:
+        ingest(store, small_dir, progress=False)
+        featurize(store, featurizer, batch_size=16, progress=False)
+        ids, X = store.features(featurizer.backbone)
+        assert ingest(store, small_dir, progress=False).added == 0  # re-running is safe
+    with psycopg.connect(database) as conn:
+        text = conn.execute("SELECT embedding::text FROM features WHERE image_id = %s", (int(ids[0]),)).fetchone()[0]
+    assert np.array_equal(np.array(text.strip("[]").split(","), dtype=np.float32), X[0])
+
+
+def test_password_in_url_is_refused_and_a_dead_server_is_one_line():
+    with pytest.raises(StoreError, match="PGPASSWORD"):
+        PostgresStore("postgresql://me:secret@127.0.0.1:1/db")
+    with pytest.raises(StoreError, match="cannot connect to PostgreSQL at 127.0.0.1:1"):
+        PostgresStore("postgresql://me@127.0.0.1:1/db")
+
+
+def test_routines_are_one_call_into_the_package():
+    sql = (pgserver.REPO / "SQLR" / "postgres" / "02_Routines.sql").read_text()
+    routines = re.findall(r"CREATE OR REPLACE (?:FUNCTION|PROCEDURE) image_similarity\.(\w+)\((.*?)\)\n.*?"
+                          r"AS \$\$\n(.*?)\$\$;", sql, re.DOTALL)
+    assert len(routines) == 8
+    inputs = {}
+    for name, params, body in routines:
+        declared = [p.split() for p in params.split(",") if p.strip()]
+        inputs[name] = [p[0] for p in declared if p[0] not in ("OUT", "INOUT")]
+        assert body == (f"from image_similarity import plpython\n"
+                        f"return plpython.{name}({', '.join(['plpy', *inputs[name]])})\n"), name
+        assert callable(getattr(plpython, name))
+    for procedure, statement in POSTGRES_ROUTINES.items():
+        routine = re.search(r"image_similarity\.(\w+)", statement).group(1)
+        assert set(PROCEDURES[procedure]) <= set(inputs[routine]), procedure
