@@ -42,7 +42,7 @@ def test_missing_driver_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_drivers)
     monkeypatch.setenv(PASSWORD_ENV, SECRET)
-    with pytest.raises(StoreError, match="pip install mssql-python") as err:
+    with pytest.raises(StoreError, match=r"pip install .image-similarity\[mssql\]") as err:
         connect("mssql://app@sql01/Images")
     assert SECRET not in str(err.value)
 

@@ -1,8 +1,9 @@
 """A SQL Server store: the tables SQLR/02_Tables.sql creates, reached with mssql-python or pyodbc.
 
-URL: `mssql://[user@]host[:port]/database[?encrypt=yes&trust_server_certificate=no]`. With a user, the
-password comes from the environment variable IMAGE_SIMILARITY_DB_PASSWORD (never from the URL, never
-printed); without one, Windows authentication (Trusted_Connection).
+URL: `mssql://[user@]host[:port]/database[?encrypt=yes&trust_server_certificate=no&login_timeout=15]`. With a
+user, the password comes from the environment variable IMAGE_SIMILARITY_DB_PASSWORD (never from the URL, never
+printed); without one, Windows authentication (Trusted_Connection). `login_timeout` bounds, in seconds, how long
+the driver may spend reaching the server and logging in.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, Stor
 PASSWORD_ENV = "IMAGE_SIMILARITY_DB_PASSWORD"
 ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
 OPTIONS = {"encrypt": "Encrypt", "trust_server_certificate": "TrustServerCertificate"}
+LOGIN_TIMEOUT = 15  # seconds, ODBC's own default
 
 
 def _odbc_value(value: str) -> str:
@@ -44,9 +46,11 @@ def connection_string(url: str, env: Mapping[str, str] = os.environ, driver: str
     else:
         fields["Trusted_Connection"] = "yes"
     for key, values in parse_qs(parts.query).items():
+        if key == "login_timeout":
+            continue  # a connect() argument, not a connection-string keyword: see login_timeout()
         if key not in OPTIONS or values[-1] not in ("yes", "no"):
             raise StoreError(f"unknown SQL Server URL option {key}={values[-1]}: use "
-                             + ", ".join(f"{k}=yes|no" for k in OPTIONS))
+                             + ", ".join(f"{k}=yes|no" for k in OPTIONS) + ", login_timeout=SECONDS")
         fields[OPTIONS[key]] = values[-1]
     fields.setdefault("Encrypt", "yes")
     if driver:
@@ -54,19 +58,39 @@ def connection_string(url: str, env: Mapping[str, str] = os.environ, driver: str
     return ";".join(f"{k}={_odbc_value(v)}" for k, v in fields.items())
 
 
+def login_timeout(url: str) -> int:
+    """Seconds the driver may spend reaching the server and logging in: the URL's login_timeout, default 15."""
+    values = parse_qs(urlsplit(url).query).get("login_timeout")
+    if not values:
+        return LOGIN_TIMEOUT
+    if not values[-1].isdigit() or not 1 <= int(values[-1]) <= 3600:
+        raise StoreError(f"login_timeout={values[-1]}: give a whole number of seconds from 1 to 3600")
+    return int(values[-1])
+
+
 def open_connection(url: str) -> Any:
     """A DB-API connection: mssql-python when installed, else pyodbc with ODBC Driver 18."""
     try:
         import mssql_python
 
-        return mssql_python.connect(connection_string(url))
+        return mssql_python.connect(connection_string(url), timeout=login_timeout(url))
     except ImportError:
         pass
     try:
         import pyodbc
     except ImportError:
-        raise StoreError("no SQL Server driver: pip install mssql-python (or pyodbc with ODBC Driver 18)") from None
-    return pyodbc.connect(connection_string(url, driver=ODBC_DRIVER))
+        raise StoreError("no SQL Server driver: pip install 'image-similarity[mssql]' (mssql-python),"
+                         " or pyodbc with ODBC Driver 18") from None
+    return pyodbc.connect(connection_string(url, driver=ODBC_DRIVER), timeout=login_timeout(url))
+
+
+def _failure(err: Exception, secret: str | None) -> str:
+    """The driver's reason on one line, with the password (raw or as the connection string spells it) blanked."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if secret:
+        for form in (_odbc_value(secret), secret):  # the braced spelling first, as it holds the raw one
+            text = text.replace(form, "***")
+    return text
 
 
 class MSSQLStore(Store):
@@ -75,12 +99,16 @@ class MSSQLStore(Store):
     def __init__(self, url: str, connection: Any = None) -> None:
         parts = urlsplit(url)
         self.url = f"mssql://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"  # no user
+        failure = None
         try:
             self.conn = connection if connection is not None else open_connection(url)
         except StoreError:
             raise
         except Exception as err:  # noqa: BLE001 - driver errors: report the server, never the connection string
-            raise StoreError(f"cannot connect to {self.url}: {type(err).__name__}") from None
+            failure = _failure(err, os.environ.get(PASSWORD_ENV))
+        if failure is not None:  # raised here, outside `except`, so no driver exception rides along as __context__
+            raise StoreError(f"cannot connect to SQL Server at {parts.hostname}:{parts.port or 1433}"
+                             f" (database {unquote(parts.path.lstrip('/'))!r}): {failure}")
         self.conn.autocommit = False
 
     def _all(self, sql: str, *args: Any) -> list[tuple]:
