@@ -278,3 +278,17 @@ def test_routines_are_one_call_into_the_package():
     for procedure, statement in POSTGRES_ROUTINES.items():
         routine = re.search(r"image_similarity\.(\w+)", statement).group(1)
         assert set(PROCEDURES[procedure]) <= set(inputs[routine]), procedure
+
+
+def test_add_image_in_sql_validates_and_records(database, small_dir):
+    photo = min((small_dir / "striped").iterdir())
+    with psycopg.connect(database, autocommit=True) as conn:
+        add = "SELECT * FROM image_similarity.add_image(%s, %s, %s)"
+        image_id, reason = conn.execute(add, ("striped/a.jpg", "striped", photo.read_bytes())).fetchone()
+        assert image_id == 1 and reason is None
+        assert conn.execute(add, ("striped/a.jpg", "striped", photo.read_bytes())).fetchone() == (None, None)
+        image_id, reason = conn.execute(add, ("x'); DROP TABLE images; --", "dotted", b"GIF89a nope")).fetchone()
+        assert image_id is None and "not an image" in reason
+        assert conn.execute("SELECT name, stage FROM rejected_files").fetchall() == [
+            ("x'); DROP TABLE images; --", "ingest")]
+        assert conn.execute("SELECT count(*) FROM images").fetchone() == (1,)
