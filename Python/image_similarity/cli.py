@@ -282,6 +282,8 @@ def cmd_sql(store, args) -> None:
         print("  " + "  ".join(columns))
         for row in rows:
             print("  " + "  ".join(str(v) for v in row))
+    if args.command == "run":
+        print_evaluation(store.evaluation().summary)
 
 
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
