@@ -172,12 +172,17 @@ class Catalogue:
         top = min(top, int(np.isfinite(bounds).sum()))
         if not top:
             return np.array([], dtype=int), np.array([], dtype=np.float32)
-        wanted = min(top + max(10 * top, CANDIDATES), len(bounds) - 1)
-        order = np.argpartition(-bounds, wanted)  # order[wanted]: the best bound left out
-        rows = order[:wanted][np.isfinite(bounds[order[:wanted]])]
+        wanted = top + max(10 * top, CANDIDATES)
+        if wanted < len(bounds):
+            order = np.argpartition(-bounds, wanted)
+            rows, left_out = order[:wanted], bounds[order[wanted]]  # left_out: the best bound left out
+        else:
+            rows, left_out = np.arange(len(bounds)), -np.inf
+        rows = rows[np.isfinite(bounds[rows])]
         scores = self.similarity(query, method, rows)[0]
-        if bounds[order[wanted]] >= scores[_best(scores, top)[-1]]:
-            rows = np.flatnonzero(bounds >= scores[_best(scores, top)[-1]])  # rare: others could still win
+        worst = scores[_best(scores, top)[-1]]
+        if left_out >= worst:  # rare: rows left out could still beat the worst of the best `top`
+            rows = np.flatnonzero(bounds >= worst)
             scores = self.similarity(query, method, rows)[0]
         best = _best(scores, top)
         return rows[best], scores[best]
@@ -240,11 +245,12 @@ def default_method(store: Store, model: SimilarityModel | None) -> str:
 
 def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,
          model: SimilarityModel | None = None, catalogue: Catalogue | None = None, name: str = "query",
-         save: bool = True) -> RankResult:
+         save: bool = True, index: str = "exact") -> RankResult:
     """Rank the catalogue against a query image given as bytes; never returns the query or its near twins.
 
     Uses the latest model unless `model` is given, if it was trained on the featurizer's backbone. Pass a prebuilt
-    `catalogue` to answer many queries quickly (large ones then use the HNSW index: see INDEXES).
+    `catalogue` to answer many queries quickly (large ones then use the HNSW index: see INDEXES); without one,
+    `index` chooses how the loaded catalogue is searched.
     """
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -253,8 +259,8 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
         model = model or latest_model(store)
         if model is not None and model.backbone != featurizer.backbone:
             model = None  # features of another backbone: rank by l2 or cosine alone
-        # One query: an HNSW graph would cost far more to build than one exact scan saves.
-        catalogue = Catalogue.from_store(store, featurizer.backbone, model, index="exact")
+        # exact by default: for one query an HNSW graph costs far more to build than one exact scan saves
+        catalogue = Catalogue.from_store(store, featurizer.backbone, model, index=index)
     model = catalogue.model
     if model is not None and model.backbone != featurizer.backbone:
         raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
