@@ -9,7 +9,7 @@ import torch
 
 RELATIVE_ERROR = 2.0 ** -8
 """Bound on |approximate - exact| of v . x relative to |v| |x|: float16 rounding of v, of x and of the result
-(3 x 2^-11) plus float32 accumulation in torch's float16 mat-vec, with room to spare."""
+(3 x 2^-11) plus float32 accumulation in torch's float16 mat-vec, about 2.5 times over."""
 BLOCK = 8_192  # rows converted at a time: no full-size float32 temporary
 
 
@@ -26,7 +26,8 @@ class HalfMatrix:
             block = torch.from_numpy(matrix[start:start + BLOCK]) * (1 / self.scale)
             self.half[start:start + BLOCK] = block.to(torch.float16)
         # per row, times |v|: the relative bound, plus float16 subnormals' absolute error (2^-25 per term)
-        self.slack = (RELATIVE_ERROR * norms + self.scale * (np.sqrt(matrix.shape[1]) + 1) * 2.0 ** -24).astype(np.float32)
+        subnormal = self.scale * (np.sqrt(matrix.shape[1]) + 1) * 2.0 ** -24
+        self.slack = (RELATIVE_ERROR * norms + subnormal).astype(np.float32)
 
     def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate inner products of `vector` with every row, and a bound on each one's error."""
