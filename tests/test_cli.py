@@ -81,3 +81,17 @@ def test_rank_with_another_backbone_than_the_model(full_copy, sample_dir, capsys
     assert main(["rank", query, "--db", str(full_copy), "--backbone", "mobilenet_v2", "--json", "--top", "4"]) == 0
     result = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert result["backbone"] == "mobilenet_v2" and result["method"] == "cosine" and len(result["matches"]) == 4
+
+
+def test_rank_index_choice(full_copy, sample_dir, capsys, monkeypatch):
+    from image_similarity import ann
+
+    query = str(sorted((sample_dir / "striped").iterdir())[3])
+    found = {}
+    for index in ("exact", "hnsw", "auto"):
+        assert main(["rank", query, "--db", str(full_copy), "--method", "cosine", "--index", index, "--json"]) == 0
+        found[index] = [m["image_id"] for m in json.loads(capsys.readouterr().out)["matches"]]
+    assert len(found["exact"]) == 10 and found["hnsw"] == found["exact"] == found["auto"]
+    monkeypatch.setattr(ann, "available", lambda: False)
+    assert main(["rank", query, "--db", str(full_copy), "--index", "hnsw"]) == 1
+    assert "approximate search needs faiss" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from typing import Any
 
 from . import __version__
 from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .rank import METHODS
+from .rank import ANN_THRESHOLD, INDEXES, METHODS
 
 DEFAULT_OUT = "image-similarity-output"
 
@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="how many images (default: 10)")
     p.add_argument("--method", choices=METHODS, help="similarity (default: the best in the latest evaluation)")
     p.add_argument("--model-version", type=int, help="model version (default: latest)")
+    p.add_argument("--index", choices=INDEXES, default="exact",
+                   help="exact: score every image (default); hnsw: approximate l2/cosine search on a graph built "
+                        f"first (needs faiss; pays only for many queries); auto: hnsw from {ANN_THRESHOLD:,} images "
+                        "when faiss is installed")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the query beside its matches into this PNG")
 
@@ -189,7 +193,7 @@ def cmd_rank(store, args) -> None:
         model = None
     data = args.query.read_bytes()
     result = rank(store, data, _featurizer(args, model.backbone if model else None),
-                  top=args.top, method=args.method, model=model, name=args.query.name)
+                  top=args.top, method=args.method, model=model, name=args.query.name, index=args.index)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadImageError as err:
         print(f"image-similarity: error: {getattr(args, 'query', '')}: {err}", file=sys.stderr)
         return 1
-    except (StoreError, WeightsNotFoundError, ValueError, OSError) as err:
+    except (StoreError, WeightsNotFoundError, ValueError, OSError, ImportError) as err:
         print(f"image-similarity: error: {err}", file=sys.stderr)
         return 1
     return 0

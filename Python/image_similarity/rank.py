@@ -8,6 +8,7 @@ import numpy as np
 
 from . import ann
 from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
+from .halfscan import HalfMatrix
 from .images import decode_image
 from .store import Store, StoreError
 from .train import SimilarityModel, l2_normalize, load_model
@@ -19,6 +20,10 @@ INDEXES = ("auto", "exact", "hnsw")
 """exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss);
 auto: hnsw for catalogues of at least ANN_THRESHOLD images when faiss is installed, else exact."""
 ANN_THRESHOLD = 200_000
+HALF_SCAN_THRESHOLD = 20_000
+"""Exact l2, cosine and learned search over at least this many images first scans a float16 copy of the matrix
+(half the bytes), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the float16 scan
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class Catalogue:
         self.packed_dhashes = packed_hashes(self.dhashes)
         self.index = index
         self.graphs: dict[str, ann.HNSWIndex] = {}
+        self.halves: dict[str, HalfMatrix] = {}
         self.features = np.ascontiguousarray(features, dtype=np.float32)
         self.sq_norms = np.einsum("ij,ij->i", self.features, self.features)
         self.unit = l2_normalize(self.features)
@@ -74,24 +80,53 @@ class Catalogue:
         return cls(found, [m.name for m in meta], [m.label for m in meta], [m.sha256 for m in meta],
                    [m.dhash for m in meta], X, model, index)
 
-    def similarity(self, queries: np.ndarray, method: str) -> np.ndarray:
-        """(n_queries, n_catalogue) similarities; higher is more similar."""
+    def similarity(self, queries: np.ndarray, method: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n_queries, n_catalogue) similarities, or (n_queries, len(rows)) for those rows; higher is more similar."""
         queries = np.atleast_2d(queries).astype(np.float32)
+        vectors, matrix = self._query_vectors(queries, method)
+        pick = slice(None) if rows is None else rows
+        return self._from_dots(queries, method, vectors @ getattr(self, matrix)[pick].T, pick)
+
+    def _query_vectors(self, queries: np.ndarray, method: str) -> tuple[np.ndarray, str]:
+        """The vectors whose inner products with the rows of the named matrix give the method's similarities."""
         if method == "l2":
-            sq = np.einsum("ij,ij->i", queries, queries)[:, None] + self.sq_norms - 2 * queries @ self.features.T
-            return -np.sqrt(np.maximum(sq, 0))
+            return queries, "features"
         if method == "cosine":
-            return l2_normalize(queries) @ self.unit.T
+            return l2_normalize(queries), "unit"
         if method not in METHODS:
             raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
         if self.model is None:
             raise StoreError(f"method {method!r} needs a trained model: run 'image-similarity train' first")
         if method == "scores":
-            return l2_normalize(self.model.decision_function(queries)) @ self.unit_scores.T
-        q = l2_normalize(queries)
-        w = self.model.metric_weights
-        # w . (q - x)^2 = w . q^2 - 2 (w * q) . x + w . x^2
-        return ((q ** 2) @ w)[:, None] - 2 * (q * w) @ self.unit.T + self.weighted_sq + self.model.metric_bias
+            return l2_normalize(self.model.decision_function(queries)), "unit_scores"
+        return l2_normalize(queries) * self.model.metric_weights, "unit"
+
+    def _from_dots(self, queries: np.ndarray, method: str, dots: np.ndarray, pick) -> np.ndarray:
+        """Similarities of the rows `pick` from their inner products with the query vectors (monotone in them)."""
+        if method == "l2":
+            sq = np.einsum("ij,ij->i", queries, queries)[:, None] + self.sq_norms[pick] - 2 * dots
+            return -np.sqrt(np.maximum(sq, 0))
+        if method == "learned":
+            # w . (q - x)^2 = w . q^2 - 2 (w * q) . x + w . x^2
+            q_sq = (l2_normalize(queries) ** 2) @ self.model.metric_weights
+            return q_sq[:, None] - 2 * dots + self.weighted_sq[pick] + self.model.metric_bias
+        return dots
+
+    def half(self, matrix: str) -> HalfMatrix:
+        """The float16 copy of `features` or `unit`, made on first use."""
+        if matrix not in self.halves:
+            self.halves[matrix] = HalfMatrix(getattr(self, matrix))
+        return self.halves[matrix]
+
+    def score_bounds(self, query: np.ndarray, method: str) -> np.ndarray:
+        """An upper bound on every row's similarity to one query, from the float16 copy (l2, cosine, learned)."""
+        queries = np.atleast_2d(query).astype(np.float32)
+        vectors, matrix = self._query_vectors(queries, method)
+        dots, error = self.half(matrix).dot(vectors[0])
+        # similarities are monotone in the inner product: the larger end of the interval bounds them
+        every = slice(None)
+        return np.maximum(self._from_dots(queries, method, (dots + error)[None], every),
+                          self._from_dots(queries, method, (dots - error)[None], every))[0]
 
     def duplicates_of(self, sha256: str, query_dhash: str, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
         """Mask of catalogue images that are the query itself or a near duplicate of it."""
@@ -118,14 +153,39 @@ class Catalogue:
 
     def _exact(self, query: np.ndarray, method: str, top: int,
                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and scores of the best `top`, by scoring every row."""
+        """Rows and scores of the best `top`, by scoring every row (large catalogues: see HALF_SCAN_THRESHOLD)."""
+        if method != "scores" and len(self) >= HALF_SCAN_THRESHOLD:
+            return self._screened(query, method, top, exclude)
         scores = self.similarity(query, method)[0]
         if exclude is not None:
             scores[exclude] = -np.inf
-        top = min(top, int(np.isfinite(scores).sum()))
-        best = np.argpartition(-scores, top - 1)[:top] if top else np.array([], dtype=int)
-        best = best[np.argsort(-scores[best], kind="stable")]
+        best = _best(scores, top)
         return best, scores[best]
+
+    def _screened(self, query: np.ndarray, method: str, top: int,
+                  exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The exact best `top`: bound every row's score from the float16 copy, score exactly the rows with the
+        highest bounds, then any other row whose bound reaches the worst of the exact best `top`."""
+        bounds = self.score_bounds(query, method)
+        if exclude is not None:
+            bounds[exclude] = -np.inf
+        top = min(top, int(np.isfinite(bounds).sum()))
+        if not top:
+            return np.array([], dtype=int), np.array([], dtype=np.float32)
+        wanted = top + max(10 * top, CANDIDATES)
+        if wanted < len(bounds):
+            order = np.argpartition(-bounds, wanted)
+            rows, left_out = order[:wanted], bounds[order[wanted]]  # left_out: the best bound left out
+        else:
+            rows, left_out = np.arange(len(bounds)), -np.inf
+        rows = rows[np.isfinite(bounds[rows])]
+        scores = self.similarity(query, method, rows)[0]
+        worst = scores[_best(scores, top)[-1]]
+        if left_out >= worst:  # rare: rows left out could still beat the worst of the best `top`
+            rows = np.flatnonzero(bounds >= worst)
+            scores = self.similarity(query, method, rows)[0]
+        best = _best(scores, top)
+        return rows[best], scores[best]
 
     def _nearest(self, query: np.ndarray, method: str, top: int,
                  exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -142,14 +202,23 @@ class Catalogue:
         return rows[:top], scores[:top]
 
 
+def _best(scores: np.ndarray, top: int) -> np.ndarray:
+    """Positions of the `top` highest finite scores (fewer if there are fewer), best first."""
+    top = min(top, int(np.isfinite(scores).sum()))
+    best = np.argpartition(-scores, top - 1)[:top] if top else np.array([], dtype=int)
+    return best[np.argsort(-scores[best], kind="stable")]
+
+
 def database_search(store: Store, backbone: str, vector: np.ndarray, method: str, top: int, sha256: str,
-                    query_dhash: str) -> list[Match] | None:
+                    query_dhash: str, index: str = "exact") -> list[Match] | None:
     """l2/cosine matches ranked by the store's database (pgvector), without the query and its near twins;
-    None when the store leaves ranking to the engine."""
+    None when the store leaves ranking to the engine. `index` as in INDEXES (auto: the database's index if any)."""
+    if index not in INDEXES:
+        raise ValueError(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
     rows = store.images()
     near = hamming_to(query_dhash, packed_hashes([r.dhash for r in rows])) <= NEAR_DUPLICATE_DISTANCE
     exclude = [r.id for r, twin in zip(rows, near) if twin or r.sha256 == sha256]
-    found = store.nearest(backbone, vector, method, top, exclude)
+    found = store.nearest(backbone, vector, method, top, exclude, {"exact": False, "hnsw": True}.get(index))
     if found is None:
         return None
     if not found and not store.feature_counts().get(backbone):
@@ -194,11 +263,12 @@ def default_method(store: Store, model: SimilarityModel | None) -> str:
 
 def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,
          model: SimilarityModel | None = None, catalogue: Catalogue | None = None, name: str = "query",
-         save: bool = True) -> RankResult:
+         save: bool = True, index: str = "exact") -> RankResult:
     """Rank the catalogue against a query image given as bytes; never returns the query or its near twins.
 
     Uses the latest model unless `model` is given, if it was trained on the featurizer's backbone. Pass a prebuilt
-    `catalogue` to answer many queries quickly (large ones then use the HNSW index: see INDEXES).
+    `catalogue` to answer many queries quickly (large ones then use the HNSW index: see INDEXES); without one,
+    `index` chooses how the loaded catalogue is searched.
     """
     if top < 1:
         raise ValueError(f"--top must be at least 1, got {top}")
@@ -218,10 +288,10 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
     sha = hashlib.sha256(data).hexdigest()
     matches = None
     if catalogue is None and method in ("l2", "cosine"):
-        matches = database_search(store, featurizer.backbone, vector, method, top, sha, dhash(image))
+        matches = database_search(store, featurizer.backbone, vector, method, top, sha, dhash(image), index)
     if matches is None:
-        # One query: an HNSW graph would cost far more to build than one exact scan saves.
-        catalogue = catalogue or Catalogue.from_store(store, featurizer.backbone, model, index="exact")
+        # exact by default: for one query an HNSW graph costs far more to build than one exact scan saves
+        catalogue = catalogue or Catalogue.from_store(store, featurizer.backbone, model, index=index)
         matches = catalogue.search(vector, method, top, catalogue.duplicates_of(sha, dhash(image)))
     result = RankResult(name, method, featurizer.backbone, model.version if model else None, matches)
     if save:

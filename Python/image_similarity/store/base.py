@@ -160,10 +160,11 @@ class Store(abc.ABC):
     def put_ranking(self, query: dict[str, Any], rows: Sequence[tuple[int, int, float]]) -> int:
         """Store one query's results as (rank, image id, score) rows; return the query's id."""
 
-    def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int,
-                exclude: Sequence[int] = ()) -> list[tuple[int, float]] | None:
+    def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
+                approximate: bool | None = None) -> list[tuple[int, float]] | None:
         """(image id, score) of the `top` best l2 or cosine matches, ranked by the database itself, or None when
-        this store leaves ranking to the engine (the default). Scores as in rank.Match."""
+        this store leaves ranking to the engine (the default). Scores as in rank.Match. `approximate`: through
+        the database's vector index (True), by an exact scan (False), or through the index if there is one."""
         return None
 
     @abc.abstractmethod
