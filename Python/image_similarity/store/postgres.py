@@ -150,8 +150,9 @@ class PostgresStore(Store):
     """Store in a PostgreSQL database with pgvector; creates its tables when missing. Writes are transactions."""
 
     def __init__(self, url: str | None = None, driver: Psycopg | Plpy | None = None) -> None:
+        parts = urlsplit(url or "")
+        address = (parts.hostname or "localhost") + (f":{parts.port}" if parts.port else "")
         if driver is None:
-            parts = urlsplit(url or "")
             if parts.password is not None:
                 raise StoreError("do not put a password in the URL: set PGPASSWORD or use ~/.pgpass")
             try:
@@ -160,18 +161,16 @@ class PostgresStore(Store):
                 raise StoreError("no PostgreSQL driver: pip install 'psycopg[binary]'") from None
             except Exception as err:  # psycopg.OperationalError: server down, bad database, auth failure
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise StoreError(f"cannot connect to PostgreSQL at {parts.hostname or 'localhost'}"
-                                 f"{f':{parts.port}' if parts.port else ''}: {first}") from None
+                raise StoreError(f"cannot connect to PostgreSQL at {address}: {first}") from None
         self.db = driver
-        parts = urlsplit(url or "postgresql://server/")
-        self.url = url and f"postgresql://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}" \
-            or "postgresql://(this server)"
+        self.url = f"postgresql://{address}{parts.path}" if url else "postgresql://(this server)"
         try:
             with self.db.transaction():
                 self.db.script(SCHEMA)
         except Exception as err:
             if self.db.in_server:
                 raise
+            self.db.close()
             raise StoreError(f"cannot create the tables (is pgvector installed on the server?): {err}") from None
 
     @classmethod
