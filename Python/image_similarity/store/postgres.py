@@ -131,18 +131,22 @@ def _index_sql(backbone: str) -> tuple[str, str, str]:
     return f"(embedding::{kind}({dim}))", kind, f"features_{backbone}"
 
 
-def _index_name(backbone: str, method: str) -> str:
+def _operator(method: str) -> tuple[str, str]:
+    """pgvector's (distance operator, operator class suffix) of a ranking method."""
     if method not in OPERATORS:
         raise ValueError(f"the database ranks by l2 or cosine, not {method!r}")
+    return OPERATORS[method]
+
+
+def _index_name(backbone: str, method: str) -> str:
+    _operator(method)
     return f"{_index_sql(backbone)[2]}_{method}_hnsw"
 
 
 def nearest_statement(backbone: str, method: str, approximate: bool) -> str:
     """The query `nearest` runs: an exact scan of `embedding`, or an ORDER BY on the indexed expression."""
-    if method not in OPERATORS:
-        raise ValueError(f"the database ranks by l2 or cosine, not {method!r}")
     column, kind = _index_sql(backbone)[:2] if approximate else ("embedding", "vector")
-    return (f"SELECT image_id, {column} {OPERATORS[method][0]} %s::float8[]::{kind} AS distance FROM features"
+    return (f"SELECT image_id, {column} {_operator(method)[0]} %s::float8[]::{kind} AS distance FROM features"
             " WHERE backbone = %s AND NOT (image_id = ANY(%s::bigint[])) ORDER BY distance LIMIT %s")
 
 
@@ -239,11 +243,10 @@ class PostgresStore(Store):
                 [(int(i), backbone, vectors.shape[1], v.tolist()) for i, v in zip(ids, vectors)])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        wanted = None if ids is None else [int(i) for i in ids]
         rows = self.db.query("SELECT image_id, vector_send(embedding) FROM features WHERE backbone = %s"
-                             " ORDER BY image_id", (backbone,))
-        if ids is not None:
-            wanted = {int(i) for i in ids}
-            rows = [r for r in rows if r[0] in wanted]
+                             " AND (%s::bigint[] IS NULL OR image_id = ANY(%s::bigint[])) ORDER BY image_id",
+                             (backbone, wanted, wanted))
         if not rows:
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.array([r[0] for r in rows], dtype=np.int64), np.stack([_vector(r[1]) for r in rows])
@@ -271,7 +274,7 @@ class PostgresStore(Store):
         column, kind, _ = _index_sql(backbone)
         name = _index_name(backbone, method)
         self.db.script(f"CREATE INDEX IF NOT EXISTS {name} ON features USING hnsw ({column} {kind}_"
-                       f"{OPERATORS[method][1]}) WHERE backbone = '{backbone}'")
+                       f"{_operator(method)[1]}) WHERE backbone = '{backbone}'")
         return name
 
     def has_index(self, backbone: str, method: str) -> bool:
