@@ -7,17 +7,28 @@ reads, the writes and the transaction.
 
 Frames that carry a model (evaluate, rank) hold two kinds of rows: image rows (`array_name` NULL) and the
 model's `model_arrays` rows (`image_id` NULL, the bytes in `data`); model metadata comes as values.
+
+Binary data crosses `sp_execute_external_script` only as hexadecimal text in varchar(max) (as sqlmlutils moves
+it): the procedures send `CONVERT(varchar(max), data, 2)` and store `CONVERT(varbinary(max), text, 2)`. Each
+script runs inside `with inproc.reported() as report:` and hands `report.error` (one line, or NULL) back through
+an OUTPUT parameter, which the procedure THROWs before it writes anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .evaluate import evaluate_data
+from .backbones import BACKBONES, WeightsNotFoundError
 from .featurize import Featurizer, collect_batch
-from .images import BadImageError, inspect_image
+from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
+from .images import BadImageError, decode_image, inspect_image
 from .rank import Catalogue, rank
 from .split import split_images
 from .store.base import ImageRow, ModelRecord, decode_array, encode_array
@@ -27,11 +38,73 @@ INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reas
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
 METRIC_COLUMNS = ["table_name", "scope", "metric", "class", "value"]
 RANK_COLUMNS = ["rank", "image_id", "name", "label", "score"]
+VECTOR_DIMENSIONS = 1998
+"""SQL Server 2025's VECTOR(n) holds float32 values up to n = 1998: shorter features are zero-padded to it
+(l2 and cosine distances are unchanged), longer ones (ResNet-50/101: 2048) stay varbinary and rank in Python."""
+WEIGHTS_DIR = Path(sys.prefix) / "share" / "image-similarity" / "weights"
+"""Where SQL Server's Python finds backbone weights that no installed package ships: the Launchpad sandbox has
+no network and a working folder and profile of its own, so the torch hub cache of any user is out of reach."""
+
+
+class Report:
+    """Context manager that turns an exception in an external script into one line in `error`."""
+
+    error: str | None = None
+
+    def __enter__(self) -> "Report":
+        return self
+
+    def __exit__(self, kind, err, traceback) -> bool:
+        if not isinstance(err, Exception):
+            return False
+        self.error = " ".join(f"{type(err).__name__}: {err}".split())[:4000]
+        return True
+
+
+def reported() -> Report:
+    return Report()
+
+
+def unhex(text: str) -> bytes:
+    """Bytes from CONVERT(varchar(max), data, 2) text."""
+    return bytes.fromhex(text)
 
 
 def _vectors(column: pd.Series) -> np.ndarray:
-    """float32 matrix from a column of little-endian float32 blobs (features.vector)."""
-    return np.stack([np.frombuffer(bytes(b), dtype="<f4") for b in column]).astype(np.float32)
+    """float32 matrix from a column of hex-encoded little-endian float32 blobs (features.vector)."""
+    return np.stack([np.frombuffer(unhex(b), dtype="<f4") for b in column]).astype(np.float32)
+
+
+def featurizer(backbone: str) -> Featurizer:
+    """The backbone with weights the sandbox can read: an installed package's, else WEIGHTS_DIR's file."""
+    spec = BACKBONES[backbone]
+    local = WEIGHTS_DIR / spec.weights_file
+    if local.is_file():
+        return Featurizer(backbone, weights=local)
+    if spec.package is None:
+        raise WeightsNotFoundError(f"{backbone} weights '{spec.weights_file}' not found in {WEIGHTS_DIR}: copy the "
+                                   f"file there (Setup-ImageSimilarity.ps1 -WeightsFile does; source: {spec.source})")
+    return Featurizer(backbone)
+
+
+def finite(value: float) -> float | None:
+    """A figure SQL Server can hold: NaN (undefined, e.g. a class with no test image) becomes NULL."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return finite(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def strict_json(value) -> str:
+    """JSON that SQL Server's JSON functions accept: NaN and infinities become null."""
+    return json.dumps(_json_safe(value), allow_nan=False)
 
 
 def _require(frame: pd.DataFrame, what: str) -> None:
@@ -39,28 +112,41 @@ def _require(frame: pd.DataFrame, what: str) -> None:
         raise ValueError(f"no rows: {what}")
 
 
-def inspect(data: bytes) -> pd.DataFrame:
+def inspect(data_hex: str) -> pd.DataFrame:
     """One row (format, width, height, mode, sha256, dhash, reason): the engine's checks on uploaded bytes."""
     try:
-        info, _ = inspect_image(bytes(data))
+        info, _ = inspect_image(unhex(data_hex))
     except BadImageError as err:
         return pd.DataFrame([(None,) * 6 + (str(err),)], columns=INSPECT_COLUMNS)
     return pd.DataFrame([(info.format, info.width, info.height, info.mode, info.sha256, info.dhash, None)],
                         columns=INSPECT_COLUMNS)
 
 
-def featurize_images(images: pd.DataFrame, backbone: str, batch_size: int = 32) -> pd.DataFrame:
-    """Rows (id, data) -> (image_id, dim, vector, reason): a float32 blob per good image, a reason per bad one."""
-    featurizer = Featurizer(backbone)
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images.iloc[start:start + batch_size]
-        ids, arrays, bad = collect_batch(featurizer.submit(list(zip(chunk["id"].astype(int), chunk["data"]))))
-        if ids:
-            vectors = np.ascontiguousarray(featurizer.forward(np.stack(arrays)), dtype="<f4")
-            out += [(i, vectors.shape[1], v.tobytes(), None) for i, v in zip(ids, vectors)]
-        out += [(i, None, None, reason) for i, reason in bad]
-    return pd.DataFrame(out, columns=["image_id", "dim", "vector", "reason"])
+def featurize_images(images: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason): a float32 blob per good image,
+    a reason per bad one. The procedure loops over batches, so one call holds one batch of images."""
+    model = featurizer(backbone)
+    ids, arrays, bad = collect_batch(model.submit([(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]))
+    out = [(i, None, None, reason) for i, reason in bad]
+    if ids:
+        vectors = np.ascontiguousarray(model.forward(np.stack(arrays)), dtype="<f4")
+        out += [(i, vectors.shape[1], v.tobytes().hex(), None) for i, v in zip(ids, vectors)]
+    return pd.DataFrame(sorted(out, key=lambda r: r[0]), columns=["image_id", "dim", "vector", "reason"])
+
+
+def vector_json(vectors: pd.DataFrame) -> pd.DataFrame:
+    """Rows (image_id, vector hex) -> (image_id, embedding): JSON arrays for VECTOR(1998) columns, zero-padded;
+    NULL for features longer than VECTOR_DIMENSIONS."""
+    return pd.DataFrame([(int(i), _padded(np.frombuffer(unhex(v), dtype="<f4")))
+                         for i, v in zip(vectors["image_id"], vectors["vector"])], columns=["image_id", "embedding"])
+
+
+def _padded(vector: np.ndarray) -> str | None:
+    if len(vector) > VECTOR_DIMENSIONS:
+        return None
+    padded = np.zeros(VECTOR_DIMENSIONS, dtype=np.float32)
+    padded[:len(vector)] = vector
+    return json.dumps([float(x) for x in padded])
 
 
 def prepare_data(images: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> pd.DataFrame:
@@ -81,8 +167,9 @@ def train_model(features: pd.DataFrame, backbone: str, c_grid: str = "", seed: i
     model = fit_model(backbone, _vectors(features["vector"]), features["label"].to_numpy(dtype=str),
                       features["dhash"].tolist(), grid, seed)
     record = model.to_record()
-    arrays = pd.DataFrame([(name, *encode_array(a)) for name, a in record.arrays.items()], columns=ARRAY_COLUMNS)
-    return arrays, json.dumps(record.classes), json.dumps(record.params)
+    arrays = pd.DataFrame([(name, dtype, shape, data.hex()) for name, (dtype, shape, data) in
+                           ((n, encode_array(a)) for n, a in record.arrays.items())], columns=ARRAY_COLUMNS)
+    return arrays, json.dumps(record.classes), strict_json(record.params)
 
 
 def _model(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int) -> SimilarityModel:
@@ -90,7 +177,7 @@ def _model(frame: pd.DataFrame, backbone: str, classes: str, params: str, versio
     if arrays.empty:
         raise ValueError(f"no arrays for model version {version}")
     record = ModelRecord(backbone=backbone, classes=json.loads(classes), params=json.loads(params), version=version,
-                         arrays={r.array_name: decode_array(r.dtype, r.shape, bytes(r.data))
+                         arrays={r.array_name: decode_array(r.dtype, r.shape, unhex(r.data))
                                  for r in arrays.itertuples(index=False)})
     return SimilarityModel.from_record(record)
 
@@ -103,8 +190,9 @@ def evaluate_model(frame: pd.DataFrame, backbone: str, classes: str, params: str
                    seed: int = 0) -> tuple[pd.DataFrame, str]:
     """Image rows (image_id, label, dhash, subset, data) and the model's arrays -> (figure rows, summary JSON).
 
-    Figure rows are (table_name, scope, metric, class, value): `evaluation_metrics` rows as they are, and
-    `evaluation_confusion` rows as (subset, true label, predicted label, count).
+    Figure rows are (table_name, scope, metric, class, value): `evaluation_metrics` rows as they are (a figure
+    that is undefined, NaN, is left out), and `evaluation_confusion` rows as (subset, true label, predicted
+    label, count). The summary is strict JSON (an undefined figure is null).
     """
     model = _model(frame, backbone, classes, params, version)
     images = _images(frame)
@@ -114,25 +202,39 @@ def evaluate_model(frame: pd.DataFrame, backbone: str, classes: str, params: str
         _require(rows, f"no featurized {subset} images for {backbone!r}")
         data[subset] = (rows["image_id"].to_numpy(), _vectors(rows["data"]), rows["label"].to_numpy(dtype=str))
     record, _, _ = evaluate_data(model, data, dict(zip(images["image_id"], images["dhash"])), seed)
-    figures = [("evaluation_metrics", *row) for row in record.metrics]
+    figures = [("evaluation_metrics", *row) for row in record.metrics if finite(row[-1]) is not None]
     figures += [("evaluation_confusion", *row) for row in record.confusion]
-    return pd.DataFrame(figures, columns=METRIC_COLUMNS), json.dumps(record.summary)
+    return pd.DataFrame(figures, columns=METRIC_COLUMNS), strict_json(record.summary)
 
 
-def rank_candidates(frame: pd.DataFrame, query: bytes, backbone: str, classes: str, params: str, version: int,
-                    top: int = 10, method: str = "", best_method: str = "") -> tuple[pd.DataFrame, str]:
-    """Catalogue rows (image_id, name, label, sha256, dhash, data) and the model's arrays plus a query image ->
-    (the top rows (rank, image_id, name, label, score), the method used).
-
-    `method` '' means the latest evaluation's `best_method`, else `learned`.
-    """
-    model = _model(frame, backbone, classes, params, version)
+def _catalogue(frame: pd.DataFrame, backbone: str, model: SimilarityModel | None) -> Catalogue:
     images = _images(frame)
     _require(images, f"empty catalogue: no images featurized with {backbone!r}")
-    catalogue = Catalogue(images["image_id"].to_numpy(), images["name"].tolist(), images["label"].tolist(),
-                          images["sha256"].tolist(), images["dhash"].tolist(), _vectors(images["data"]), model)
+    return Catalogue(images["image_id"].to_numpy(), images["name"].tolist(), images["label"].tolist(),
+                     images["sha256"].tolist(), images["dhash"].tolist(), _vectors(images["data"]), model)
+
+
+def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes: str, params: str, version: int,
+                    top: int = 10, method: str = "learned") -> tuple[str, str]:
+    """Catalogue rows (image_id, name, label, sha256, dhash, data hex) and the model's arrays plus a query image ->
+    (the top rows as a JSON list of {rank, image_id, score}, the method used). The procedure resolves `method`."""
+    catalogue = _catalogue(frame, backbone, _model(frame, backbone, classes, params, version))
     # With a catalogue and a method given and save=False, rank() reads nothing from a store.
-    result = rank(None, bytes(query), Featurizer(backbone), top=top, method=method or best_method or "learned",
-                  catalogue=catalogue, save=False)
-    rows = [(m.rank, m.image_id, m.name, m.label, m.score) for m in result.matches]
-    return pd.DataFrame(rows, columns=RANK_COLUMNS), result.method
+    result = rank(None, unhex(query_hex), featurizer(backbone), top=top, method=method, catalogue=catalogue,
+                  save=False)
+    return json.dumps([{"rank": m.rank, "image_id": int(m.image_id), "score": finite(m.score)}
+                       for m in result.matches], allow_nan=False), result.method
+
+
+def vector_query(images: pd.DataFrame, query_hex: str, backbone: str) -> tuple[str, str]:
+    """Catalogue rows (image_id, sha256, dhash) and a query image -> (its feature vector as VECTOR(1998) JSON,
+    a JSON list of the ids never to return: the query itself and its near twins)."""
+    data = unhex(query_hex)
+    image, sha = decode_image(data), hashlib.sha256(data).hexdigest()
+    vector = featurizer(backbone).features([image])[0]
+    near = hamming_to(dhash(image), packed_hashes(images["dhash"].tolist())) <= NEAR_DUPLICATE_DISTANCE
+    excluded = [int(i) for i, s, twin in zip(images["image_id"], images["sha256"], near) if twin or s == sha]
+    padded = _padded(np.asarray(vector, dtype=np.float32))
+    if padded is None:
+        raise ValueError(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
+    return padded, json.dumps(excluded)

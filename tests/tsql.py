@@ -1,0 +1,808 @@
+"""A strict emulation of the SQL Server that SQLR/ targets, on SQLite: it runs the scripts and procedures
+themselves (T-SQL control flow, transactions, TRY/CATCH) and enforces the documented rules our code depends on:
+
+- sp_execute_external_script for Python: parameters and InputDataSet columns only of the types the Python
+  data-type mapping lists (binary data is refused; it crosses hex-encoded in varchar(max), as sqlmlutils does);
+  OutputDataSet columns that cannot be mapped (bytes) come back NULL, NaN comes back NULL; a Python error is
+  Msg 39004.
+- errors: with XACT_ABORT OFF a runtime error ends only its statement and the batch goes on; with it ON the
+  batch stops and the transaction is rolled back; inside TRY control goes to CATCH (a doomed transaction
+  cannot commit); THROW ends the batch.
+- no nested INSERT ... EXEC, no ROLLBACK inside one; no NaN in float columns or parameters; no implicit
+  conversion between character and binary data; JSON_VALUE and OPENJSON raise on invalid JSON (NaN is not JSON);
+  VECTOR(n) holds exactly n float32 values (n <= 1998) and VECTOR_DISTANCE computes cosine/euclidean/dot.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlglot
+from sqlglot import exp
+
+PYTHON_TYPES = {"bit", "tinyint", "smallint", "int", "bigint", "float", "real", "char", "varchar", "nchar",
+                "nvarchar", "date", "datetime", "smalldatetime", "uniqueidentifier"}
+"""SQL types sp_execute_external_script maps for Python (binary left out: see the module docstring)."""
+MAX_VECTOR_DIMENSIONS = 1998
+STATEMENT_KEYWORDS = {"BEGIN", "THROW", "SET", "RETURN", "INSERT", "DELETE", "UPDATE", "EXEC", "EXECUTE", "SELECT",
+                      "MERGE", "DECLARE", "CREATE", "BREAK", "CONTINUE", "IF", "WHILE", "PRINT", "ALTER", "DROP",
+                      "COMMIT", "ROLLBACK"}
+TOKEN = re.compile(r"\s+|--[^\n]*|/\*.*?\*/|N?'(?:[^']|'')*'|\[[^\]]*\]|@@?\w+|#\w+|[\w.$]+|<=|>=|<>|!=|.", re.DOTALL)
+
+
+class SqlError(Exception):
+    """A SQL Server error: number, message, and whether it ends the whole batch whatever XACT_ABORT says."""
+
+    def __init__(self, number: int, message: str, batch_abort: bool = False) -> None:
+        super().__init__(f"Msg {number}: {message}")
+        self.number, self.message, self.batch_abort = number, message, batch_abort
+
+
+@dataclass
+class Procedure:
+    name: str
+    params: list[tuple[str, str, str | None, bool]]  # (name, type, default SQL, OUTPUT)
+    body: list
+
+
+@dataclass
+class Frame:
+    """One procedure call or batch: its variables and their declared types."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+
+
+class Break(Exception):
+    pass
+
+
+class Continue(Exception):
+    pass
+
+
+class Return(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- parsing
+def tokens(text: str) -> list[str]:
+    return [t for t in TOKEN.findall(text) if t.strip() and not t.startswith(("--", "/*"))]
+
+
+def _word(tok: list[str], i: int) -> str:
+    return tok[i].upper() if i < len(tok) else ""
+
+
+def parse_block(tok: list[str], i: int, until: tuple[str, ...]) -> tuple[list, int]:
+    """Statements from tok[i] up to (not including) the words `until` (e.g. END TRY)."""
+    body = []
+    while i < len(tok) and tuple(_word(tok, i + k) for k in range(len(until))) != until:
+        if tok[i] == ";":
+            i += 1
+            continue
+        stmt, i = parse_statement(tok, i)
+        body.append(stmt)
+    if i >= len(tok):
+        raise SqlError(102, f"Incorrect syntax: missing {' '.join(until)}", True)
+    return body, i + len(until)
+
+
+def _condition(tok: list[str], i: int) -> tuple[str, int]:
+    depth, start = 0, i
+    while i < len(tok) and not (depth == 0 and i > start and _word(tok, i) in STATEMENT_KEYWORDS):
+        depth += tok[i] == "("
+        depth -= tok[i] == ")"
+        i += 1
+    return " ".join(tok[start:i]), i
+
+
+def parse_statement(tok: list[str], i: int) -> tuple[tuple, int]:
+    word = _word(tok, i)
+    if word == "BEGIN" and _word(tok, i + 1) == "TRY":
+        body, i = parse_block(tok, i + 2, ("END", "TRY"))
+        if (_word(tok, i), _word(tok, i + 1)) != ("BEGIN", "CATCH"):
+            raise SqlError(102, "Incorrect syntax: END TRY must be followed by BEGIN CATCH", True)
+        catch, i = parse_block(tok, i + 2, ("END", "CATCH"))
+        return ("try", body, catch), i
+    if word == "BEGIN" and _word(tok, i + 1) not in ("TRAN", "TRANSACTION"):
+        body, i = parse_block(tok, i + 1, ("END",))
+        return ("block", body), i
+    if word in ("IF", "WHILE"):
+        cond, i = _condition(tok, i + 1)
+        then, i = parse_statement(tok, i)
+        otherwise = None
+        while i < len(tok) and tok[i] == ";":
+            i += 1
+        if word == "IF" and _word(tok, i) == "ELSE":
+            otherwise, i = parse_statement(tok, i + 1)
+        return (word.lower(), cond, then, otherwise), i
+    if word in ("BREAK", "CONTINUE", "RETURN"):
+        return (word.lower(),), i + 1 + (i + 1 < len(tok) and tok[i + 1] == ";")
+    depth, start = 0, i
+    while i < len(tok) and not (depth == 0 and tok[i] == ";"):
+        depth += tok[i] == "("
+        depth -= tok[i] == ")"
+        i += 1
+    if i >= len(tok):
+        raise SqlError(102, f"statement not ended with ';': {' '.join(tok[start:start + 8])}", True)
+    return ("sql", " ".join(tok[start:i])), i + 1
+
+
+def split_arguments(text: str) -> list[str]:
+    """Top-level comma-separated parts of `text`."""
+    parts, depth, current = [], 0, []
+    for t in tokens(text):
+        if t == "," and depth == 0:
+            parts.append(" ".join(current))
+            current = []
+            continue
+        depth += t == "("
+        depth -= t == ")"
+        current.append(t)
+    return parts + ([" ".join(current)] if current else [])
+
+
+def unquote(literal: str) -> str:
+    return literal[literal.index("'") + 1:-1].replace("''", "'")
+
+
+def declarations(text: str) -> list[tuple[str, str, str | None, bool]]:
+    """(name, type, default, OUTPUT) of `@a int = 1, @b nvarchar(max) OUTPUT` (a procedure or @params header)."""
+    out = []
+    for part in split_arguments(text):
+        found = re.fullmatch(r"@(\w+)\s+(?:AS\s+)?(\w+(?:\s*\(\s*[\w\s,]+\))?)(?:\s*=\s*(.+?))?(\s+OUTPUT)?",
+                             part.strip(), re.IGNORECASE | re.DOTALL)
+        if not found:
+            raise SqlError(102, f"Incorrect syntax near {part!r}", True)
+        out.append((found.group(1).lower(), re.sub(r"\s+", "", found.group(2)).lower(), found.group(3),
+                    bool(found.group(4))))
+    return out
+
+
+def base_type(sql_type: str) -> str:
+    return sql_type.split("(")[0].lower()
+
+
+def vector_dimensions(sql_type: str) -> int:
+    return int(re.search(r"\((\d+)", sql_type).group(1))
+
+
+# ---------------------------------------------------------------- value rules
+def to_vector(value: Any, dims: int) -> str | None:
+    """A VECTOR(dims) value (canonical JSON of float32 values), from JSON text or another vector."""
+    if value is None:
+        return None
+    if dims > MAX_VECTOR_DIMENSIONS:
+        raise SqlError(42204, f"vector dimensions {dims} exceed the maximum of {MAX_VECTOR_DIMENSIONS}", True)
+    try:
+        values = json.loads(value, parse_constant=_no_constant) if isinstance(value, str) else None
+    except ValueError:
+        values = None
+    if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+        raise SqlError(42201, "the value is not a JSON array of numbers and cannot become a vector")
+    if len(values) != dims:
+        raise SqlError(42204, f"the vector has {len(values)} dimensions; the type needs {dims}")
+    return json.dumps([float(v) for v in np.asarray(values, dtype=np.float32)])
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json(text: Any) -> Any:
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, TypeError):
+        raise SqlError(13609, "JSON text is not properly formatted.") from None
+
+
+def json_value(text: Any, path: str) -> Any:
+    if text is None:
+        return None
+    value = _json(text)
+    for key in re.findall(r"\.(\w+)|\[(\d+)\]", path.lstrip("$")):
+        try:
+            value = value[key[0]] if key[0] else value[int(key[1])]
+        except (KeyError, IndexError, TypeError):
+            return None  # lax mode: a path that is not there is NULL
+    return None if isinstance(value, (dict, list)) else str(value) if not isinstance(value, bool) else str(value).lower()
+
+
+def is_json(text: Any) -> int | None:
+    if text is None:
+        return None
+    try:
+        _json(text)
+    except SqlError:
+        return 0
+    return 1
+
+
+def convert(sql_type: str, value: Any, style: int | None = None) -> Any:
+    """CONVERT(sql_type, value, style) for the conversions SQLR/ uses (binary <-> hex text with style 2)."""
+    kind = base_type(sql_type)
+    if value is None:
+        return None
+    if kind in ("varbinary", "binary"):
+        if isinstance(value, bytes):
+            return value
+        text = str(value)
+        if style == 2:
+            try:
+                return bytes.fromhex(text)
+            except ValueError:
+                raise SqlError(8114, "Error converting data type varchar to varbinary.") from None
+        return text.encode("latin-1", "replace")
+    if kind in ("varchar", "nvarchar", "char", "nchar"):
+        text = ("0x" if style == 1 else "") + value.hex().upper() if isinstance(value, bytes) and style in (1, 2) \
+            else value.decode("latin-1") if isinstance(value, bytes) else str(value)
+        size = re.search(r"\((\d+)\)", sql_type)
+        return text[:int(size.group(1))] if size else text
+    if kind in ("int", "bigint", "smallint", "tinyint"):
+        return int(value)
+    if kind in ("float", "real"):
+        return float(value)
+    if kind == "vector":
+        return to_vector(value, vector_dimensions(sql_type))
+    return value
+
+
+def check_value(sql_type: str, value: Any, where: str) -> Any:
+    """A value as a column, variable or parameter of `sql_type` takes it (implicit conversion rules)."""
+    kind = base_type(sql_type)
+    if value is None:
+        return None
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if kind in ("float", "real"):
+        if isinstance(value, bytes):
+            raise SqlError(257, f"Implicit conversion from varbinary to {kind} is not allowed ({where}).")
+        value = float(value)
+        if not math.isfinite(value):
+            raise SqlError(8023, f"The supplied value is not a valid instance of data type float ({where}).")
+        return value
+    if kind in ("varbinary", "binary") and not isinstance(value, bytes):
+        raise SqlError(257, f"Implicit conversion from data type varchar to {kind} is not allowed. "
+                            f"Use the CONVERT function ({where}).")
+    if kind in ("varchar", "nvarchar", "char", "nchar") and isinstance(value, bytes):
+        raise SqlError(257, f"Implicit conversion from data type varbinary to {kind} is not allowed ({where}).")
+    if kind in ("int", "bigint", "smallint", "tinyint", "bit"):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise SqlError(245, f"Conversion failed when converting {value!r} to data type int ({where}).",
+                           True) from None
+    if kind == "vector":
+        return to_vector(value, vector_dimensions(sql_type))
+    return value
+
+
+def vector_distance(metric: str, a: Any, b: Any) -> float | None:
+    if a is None or b is None:
+        return None
+    u, v = (np.asarray(_json(x), dtype=np.float32).astype(np.float64) for x in (a, b))
+    if u.shape != v.shape:
+        raise SqlError(42204, "VECTOR_DISTANCE: the vectors have different dimensions")
+    if metric == "euclidean":
+        return float(np.sqrt(np.sum((u - v) ** 2)))
+    if metric == "cosine":
+        return float(1.0 - u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+    if metric == "dot":
+        return float(-(u @ v))
+    raise SqlError(42206, f"VECTOR_DISTANCE: unknown metric {metric!r}")
+
+
+# ---------------------------------------------------------------- T-SQL -> SQLite
+def _function(name: str, *args: exp.Expression) -> exp.Anonymous:
+    return exp.Anonymous(this=name, expressions=list(args))
+
+
+def _type_text(node: exp.DataType) -> str:
+    return node.sql(dialect="tsql").lower()
+
+
+def _openjson(node: exp.OpenJSON) -> exp.Expression:
+    columns = ", ".join(f"{_column_from_json(col)} AS {col.this.sql()}" for col in node.expressions)
+    source = node.this.sql(dialect="sqlite")
+    return sqlglot.parse_one(f"(SELECT {columns} FROM json_each(tsql_json_array({source})))", read="sqlite")
+
+
+def _column_from_json(col: exp.OpenJSONColumnDef) -> str:
+    path = col.args.get("path").sql(dialect="sqlite") if col.args.get("path") else f"'$.{col.this.name}'"
+    return f"tsql_convert('{_type_text(col.args['kind'])}', json_extract(value, {path}), NULL)"
+
+
+def _rewrite(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.National):
+        return exp.Literal.string(node.this)
+    if isinstance(node, exp.Table):
+        node.set("db", None)
+        if node.this and node.this.args.get("temporary"):
+            node.set("this", exp.to_identifier("tmp_" + node.name))
+        if isinstance(node.this, exp.OpenJSON):
+            return exp.Subquery(this=_openjson(node.this).this, alias=node.args.get("alias"))
+    if isinstance(node, exp.Column) and node.table and node.args.get("db"):
+        node.set("db", None)
+    if isinstance(node, exp.Convert):
+        style = node.args.get("style") or exp.Null()
+        return _function("tsql_convert", exp.Literal.string(_type_text(node.this)), node.expression, style)
+    if isinstance(node, exp.Cast) and node.to.this == exp.DataType.Type.VECTOR:
+        return _function("tsql_convert", exp.Literal.string(_type_text(node.to)), node.this, exp.Null())
+    if isinstance(node, exp.Cast) and node.to.this in (exp.DataType.Type.VARBINARY, exp.DataType.Type.BINARY):
+        return _function("tsql_convert", exp.Literal.string(_type_text(node.to)), node.this, exp.Null())
+    if isinstance(node, exp.JSONExtractScalar):
+        return _function("tsql_json_value", node.this, node.expression)
+    if isinstance(node, exp.DataType) and node.expressions and node.expressions[0].name.upper() == "MAX":
+        node.set("expressions", [])
+    return node
+
+
+def _add_type_checks(tree: exp.Create) -> None:
+    """CHECK constraints that hold SQLite to SQL Server's column types (binary, float without NaN, vectors)."""
+    for col in tree.find_all(exp.ColumnDef):
+        kind, name = col.args.get("kind"), col.this.sql(dialect="sqlite")
+        if kind is None:
+            continue
+        text = _type_text(kind)
+        check = {"varbinary": f"typeof({name}) IN ('blob', 'null')", "binary": f"typeof({name}) IN ('blob', 'null')",
+                 "float": f"typeof({name}) IN ('real', 'integer', 'null')",
+                 "vector": f"tsql_convert('{text}', {name}, NULL) IS {name}"}.get(base_type(text))
+        if check:
+            constraint = exp.ColumnConstraint(kind=exp.CheckColumnConstraint(
+                this=sqlglot.parse_one(check, read="sqlite")))
+            col.set("constraints", [*col.args.get("constraints", []), constraint])
+
+
+def to_sqlite(tsql: str) -> str:
+    text = re.sub(r"@@TRANCOUNT", "@tsql_trancount", tsql, flags=re.IGNORECASE)
+    tree = sqlglot.parse_one(text, read="tsql")
+    if isinstance(tree, exp.Create):
+        _add_type_checks(tree)
+    tree = tree.transform(_rewrite)
+    sql = tree.sql(dialect="sqlite")
+    return sql.replace("DEFAULT SYSUTCDATETIME()", "DEFAULT CURRENT_TIMESTAMP")
+
+
+def column_types(create_sql: str) -> tuple[str, dict[str, str]]:
+    """(table name as SQLite sees it, {column: T-SQL type}) of a CREATE TABLE statement."""
+    tree = sqlglot.parse_one(create_sql, read="tsql")
+    table = tree.find(exp.Table)
+    name = ("tmp_" if table.this.args.get("temporary") else "") + table.name
+    return name.lower(), {c.name.lower(): _type_text(c.args["kind"]) for c in tree.find_all(exp.ColumnDef)}
+
+
+# ---------------------------------------------------------------- the server
+class Server:
+    """SQL Server as far as SQLR/ needs it, over one SQLite connection (one session)."""
+
+    def __init__(self, path: str = ":memory:", *, vector_type: bool = False) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.vector_type = vector_type
+        self.procedures: dict[str, Procedure] = {}
+        self.tables: dict[str, dict[str, str]] = {}
+        self.trancount, self.doomed, self.xact_abort = 0, False, False
+        self.try_depth, self.insert_exec_depth = 0, 0
+        self.errors: list[SqlError] = []
+        self.caught: list[SqlError] = []
+        self.external_calls = 0
+        self.preview_features = False
+        self.vector_indexes: list[str] = []
+        for name, arity, fn in [
+            ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
+            ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
+            ("VECTOR_DISTANCE", 3, vector_distance), ("SCOPE_IDENTITY", 0, self._identity),
+            ("HASHBYTES", 2, lambda algorithm, v: None if v is None else hashlib.sha256(
+                v if isinstance(v, bytes) else str(v).encode("utf-16-le")).digest()),
+            ("ERROR_MESSAGE", 0, lambda: self.caught[-1].message if self.caught else None),
+            ("ERROR_NUMBER", 0, lambda: self.caught[-1].number if self.caught else None),
+            ("XACT_STATE", 0, lambda: -1 if self.doomed else int(self.trancount > 0)),
+            ("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts)),
+            ("DB_ID", 1, lambda name: 1), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
+            ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
+            ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
+        ]:
+            self.conn.create_function(name, arity, self._guarded(fn))
+        self._last_id = None
+
+    # helpers reachable from SQL
+    def _guarded(self, fn):
+        def call(*args):
+            try:
+                return fn(*args)
+            except SqlError as err:
+                self._pending = err
+                raise
+        return call
+
+    def _json_array(self, text: Any) -> str:
+        value = _json(text)
+        if not isinstance(value, list):
+            raise SqlError(13609, "OPENJSON: not a JSON array")
+        return json.dumps(value)
+
+    def _identity(self) -> int | None:
+        return self._last_id
+
+    def _object_id(self, name: str, kind: str | None) -> int | None:
+        bare = name.split(".")[-1].strip("[]").lower()
+        if bare.startswith("#"):
+            bare = "tmp_" + bare[1:]
+        if kind in (None, "U") and bare in self.tables:
+            return 1
+        if kind in (None, "P") and bare in self.procedures:
+            return 2
+        return None
+
+    # scripts
+    def run_script(self, text: str, variables: dict[str, str] | None = None) -> None:
+        for name, value in (variables or {}).items():
+            text = text.replace(f"$({name})", value)
+        for batch in re.split(r"(?im)^\s*GO\s*$", text):
+            if batch.strip():
+                self.run_batch(batch)
+
+    def run_batch(self, batch: str) -> list[pd.DataFrame]:
+        found = re.match(r"\s*(?:--[^\n]*\n\s*)*CREATE\s+OR\s+ALTER\s+PROCEDURE\s+(?:dbo\.)?(\w+)(.*?)\bAS\s+BEGIN\b(.*)",
+                         batch, re.IGNORECASE | re.DOTALL)
+        if found:
+            name, header, rest = found.groups()
+            body, _ = parse_block(tokens(rest), 0, ("END",))
+            self.procedures[name.lower()] = Procedure(name, declarations(header) if header.strip() else [], body)
+            return []
+        return self._top(lambda frame, results: self.block(parse_block(tokens(batch) + ["END"], 0, ("END",))[0],
+                                                           frame, results))
+
+    def call(self, name: str, **params: Any) -> tuple[list[pd.DataFrame], dict[str, Any]]:
+        """EXEC dbo.name with these parameters, as a client sends them: (result sets, OUTPUT parameters).
+        Raises the first error the batch met, after the batch went as far as SQL Server would let it."""
+        outputs: dict[str, Any] = {}
+
+        def run(frame: Frame, results: list) -> None:
+            procedure = self.procedures[name.lower()]
+            for key, value in params.items():
+                (sql_type,) = [t for n, t, _, _ in procedure.params if n == key.lower()]
+                frame.values[key.lower()], frame.types[key.lower()] = check_value(sql_type, value, f"@{key}"), sql_type
+            outputs.update(self.execute(procedure, {k.lower(): f"@{k.lower()}" for k in params}, frame, results))
+        results = self._top(run)
+        return results, outputs
+
+    def _top(self, run) -> list[pd.DataFrame]:
+        results: list[pd.DataFrame] = []
+        self.errors, self.xact_abort = [], False
+        try:
+            run(Frame(), results)
+        except SqlError as err:
+            self.errors.append(err)
+            if self.trancount and (self.xact_abort or self.doomed):
+                self._rollback()
+        except Return:
+            pass
+        if self.trancount:  # a batch may leave a transaction open; the client's tests never do
+            self._rollback()
+            self.errors.append(SqlError(266, "Transaction count after EXECUTE indicates a mismatching number of "
+                                             "BEGIN and COMMIT statements."))
+        if self.errors:
+            raise self.errors[0]
+        return results
+
+    # execution
+    def execute(self, procedure: Procedure, arguments: dict[str, str], caller: Frame,
+                results: list) -> dict[str, Any]:
+        """Run a procedure with `arguments` ({param: SQL expression in the caller}); its OUTPUT values by param."""
+        frame = Frame()
+        for name, sql_type, default, _ in procedure.params:
+            frame.types[name] = sql_type
+            source = arguments.pop(name, None)
+            if source is None:
+                source = default if default is not None else "NULL"
+            source = re.sub(r"\s+OUTPUT$", "", source, flags=re.IGNORECASE)
+            frame.values[name] = check_value(sql_type, self.scalar(source, caller), f"@{name}")
+        if arguments:
+            raise SqlError(8145, f"{', '.join(arguments)} is not a parameter for procedure {procedure.name}.", True)
+        saved = self.xact_abort
+        try:
+            self.block(procedure.body, frame, results)
+        except Return:
+            pass
+        finally:
+            self.xact_abort = saved
+        return {name: frame.values[name] for name, _, _, output in procedure.params if output}
+
+    def block(self, body: list, frame: Frame, results: list) -> None:
+        for stmt in body:
+            try:
+                self.statement(stmt, frame, results)
+            except SqlError as err:
+                if self.try_depth or self.xact_abort or err.batch_abort:
+                    raise
+                self.errors.append(err)  # XACT_ABORT OFF: the statement ends, the batch goes on
+
+    def statement(self, stmt: tuple, frame: Frame, results: list) -> None:
+        kind = stmt[0]
+        if kind == "block":
+            self.block(stmt[1], frame, results)
+        elif kind == "try":
+            self.try_depth += 1
+            try:
+                self.block(stmt[1], frame, results)
+            except SqlError as err:
+                if self.xact_abort and self.trancount:
+                    self.doomed = True
+                self.try_depth -= 1
+                self.caught.append(err)
+                try:
+                    self.block(stmt[2], frame, results)
+                finally:
+                    self.caught.pop()
+            else:
+                self.try_depth -= 1
+        elif kind == "if":
+            if self.truth(stmt[1], frame):
+                self.statement(stmt[2], frame, results)
+            elif stmt[3] is not None:
+                self.statement(stmt[3], frame, results)
+        elif kind == "while":
+            while self.truth(stmt[1], frame):
+                try:
+                    self.statement(stmt[2], frame, results)
+                except Break:
+                    break
+                except Continue:
+                    continue
+        elif kind == "break":
+            raise Break
+        elif kind == "continue":
+            raise Continue
+        elif kind == "return":
+            raise Return
+        else:
+            self.simple(stmt[1], frame, results)
+
+    def truth(self, condition: str, frame: Frame) -> bool:
+        return bool(self.scalar(f"CASE WHEN {condition} THEN 1 ELSE 0 END", frame))
+
+    def scalar(self, expression: str, frame: Frame) -> Any:
+        return self.query(f"SELECT {expression}", frame)[1][0][0]
+
+    def query(self, tsql: str, frame: Frame) -> tuple[list[str], list[tuple]]:
+        """Run one T-SQL statement on SQLite with the frame's variables bound: (column names, rows)."""
+        names = {n.lower() for n in re.findall(r"(?<!@)@(\w+)", re.sub(r"N?'(?:[^']|'')*'", "", tsql))}
+        unknown = names - set(frame.values) - {"tsql_trancount"}
+        if unknown:
+            raise SqlError(137, f"Must declare the scalar variable \"@{sorted(unknown)[0]}\".", True)
+        try:
+            sql = to_sqlite(re.sub(r"(?<!@)@(\w+)", lambda m: "@" + m.group(1).lower(), tsql))
+        except sqlglot.errors.ParseError as err:
+            raise SqlError(102, f"Incorrect syntax: {str(err).splitlines()[0]} [{tsql[:200]}]", True) from None
+        bound = {**frame.values, "tsql_trancount": self.trancount}
+        self._pending = None
+        try:
+            cursor = self.conn.execute(sql, {k: bound[k] for k in set(re.findall(r"@(\w+)", sql))})
+            rows = cursor.fetchall()
+        except sqlite3.Error as err:
+            if self._pending is not None:
+                raise self._pending from None
+            raise SqlError(547 if "constraint" in str(err).lower() else 8180, f"{err} [{sql[:200]}]") from None
+        if cursor.lastrowid and re.match(r"\s*INSERT", sql, re.IGNORECASE):
+            self._last_id = cursor.lastrowid
+        return [d[0] for d in cursor.description or []], rows
+
+    def simple(self, text: str, frame: Frame, results: list) -> None:
+        words = text.split()
+        head = " ".join(w.upper() for w in words[:2])
+        if head.startswith(("SET NOCOUNT", "PRINT", "CREATE DATABASE")):
+            return
+        if head == "SET XACT_ABORT":
+            self.xact_abort = words[2].upper() == "ON"
+        elif words[0].upper() == "SET":
+            found = re.match(r"SET\s+@(\w+)\s*=\s*(.*)", text, re.IGNORECASE | re.DOTALL)
+            self.assign(frame, found.group(1).lower(), self.scalar(found.group(2), frame))
+        elif words[0].upper() == "DECLARE":
+            for name, sql_type, default, _ in declarations(text[len(words[0]):]):
+                frame.types[name], frame.values[name] = sql_type, None
+                if default is not None:
+                    self.assign(frame, name, self.scalar(default, frame))
+        elif words[0].upper() == "THROW":
+            self.throw(text, frame)
+        elif head in ("BEGIN TRAN", "BEGIN TRANSACTION"):
+            if self.trancount == 0:
+                self.conn.execute("BEGIN")
+            self.trancount += 1
+        elif words[0].upper() == "COMMIT":
+            if self.doomed:
+                raise SqlError(3930, "The current transaction cannot be committed. Roll back the transaction.", True)
+            if self.trancount == 0:
+                raise SqlError(3902, "The COMMIT TRANSACTION request has no corresponding BEGIN TRANSACTION.")
+            self.trancount -= 1
+            if self.trancount == 0:
+                self.conn.execute("COMMIT")
+        elif words[0].upper() == "ROLLBACK":
+            if self.insert_exec_depth:
+                raise SqlError(3915, "Cannot use the ROLLBACK statement within an INSERT-EXEC statement.", True)
+            if self.trancount == 0:
+                raise SqlError(3903, "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION.")
+            self._rollback()
+        elif words[0].upper() in ("EXEC", "EXECUTE"):
+            results.extend(self.exec_call(" ".join(words[1:]), frame))
+        elif re.match(r"INSERT\s+INTO\s+\S+\s*\([^)]*\)\s*EXEC", text, re.IGNORECASE):
+            self.insert_exec(text, frame)
+        elif head == "CREATE TABLE":
+            name, types = column_types(text)
+            self.query(text, frame)
+            self.tables[name] = types
+        elif re.match(r"CREATE\s+VECTOR\s+INDEX", text, re.IGNORECASE):
+            self.vector_index(text)
+        elif re.match(r"ALTER\s+TABLE\s+\S+\s+ADD\s", text, re.IGNORECASE):
+            self.add_column(text, frame)
+        elif re.match(r"SELECT\s+(TOP\s*\([^)]*\)\s*)?@\w+\s*=", text, re.IGNORECASE):
+            self.select_assign(text, frame)
+        else:
+            columns, rows = self.query(text, frame)
+            if words[0].upper() == "SELECT" and columns:
+                results.append(pd.DataFrame(rows, columns=columns))
+
+    def assign(self, frame: Frame, name: str, value: Any) -> None:
+        if name not in frame.values:
+            raise SqlError(137, f"Must declare the scalar variable \"@{name}\".", True)
+        frame.values[name] = check_value(frame.types[name], value, f"@{name}")
+
+    def select_assign(self, text: str, frame: Frame) -> None:
+        found = re.match(r"SELECT\s+(TOP\s*\([^)]*\)\s*)?(.*?)(\s+FROM\s.*)?$", text, re.IGNORECASE | re.DOTALL)
+        targets, expressions = [], []
+        for part in split_arguments(found.group(2)):
+            name, expression = re.match(r"@(\w+)\s*=\s*(.*)", part.strip(), re.DOTALL).groups()
+            targets.append(name.lower())
+            expressions.append(expression)
+        _, rows = self.query(f"SELECT {found.group(1) or ''}{', '.join(expressions)}{found.group(3) or ''}", frame)
+        if rows:  # T-SQL: the last row's values; no row leaves the variables as they were
+            for name, value in zip(targets, rows[-1]):
+                self.assign(frame, name, value)
+
+    def throw(self, text: str, frame: Frame) -> None:
+        arguments = split_arguments(text[len("THROW"):])
+        if not arguments:
+            if not self.caught:
+                raise SqlError(10704, "To rethrow an error, a THROW statement must be used inside a CATCH block.", True)
+            raise SqlError(self.caught[-1].number, self.caught[-1].message, True)
+        number, message, _ = (self.scalar(a, frame) for a in arguments)
+        raise SqlError(int(number), str(message), True)
+
+    def _rollback(self) -> None:
+        self.conn.execute("ROLLBACK")
+        self.trancount, self.doomed = 0, False
+
+    def exec_call(self, text: str, frame: Frame) -> list[pd.DataFrame]:
+        name, _, rest = text.partition(" ")
+        name = name.split(".")[-1].lower()
+        arguments = {}
+        for part in split_arguments(rest):
+            found = re.match(r"@(\w+)\s*=\s*(.*)", part.strip(), re.DOTALL)
+            if not found:
+                raise SqlError(102, f"pass parameters by name: {part!r}", True)
+            arguments[found.group(1).lower()] = found.group(2).strip()
+        if name == "sp_execute_external_script":
+            return self.external_script(arguments, frame)
+        if name not in self.procedures:
+            raise SqlError(2812, f"Could not find stored procedure '{name}'.", True)
+        results: list[pd.DataFrame] = []
+        outputs = self.execute(self.procedures[name], dict(arguments), frame, results)
+        for param, value in outputs.items():
+            source = arguments.get(param, "")
+            if re.search(r"\bOUTPUT$", source, re.IGNORECASE):
+                self.assign(frame, source.split()[0].lstrip("@").lower(), value)
+        return results
+
+    def insert_exec(self, text: str, frame: Frame) -> None:
+        found = re.match(r"INSERT\s+INTO\s+(\S+)\s*\(([^)]*)\)\s*EXEC(?:UTE)?\s+(.*)", text, re.IGNORECASE | re.DOTALL)
+        table = found.group(1).split(".")[-1].replace("#", "tmp_").lower()
+        columns = [c.strip().lower() for c in found.group(2).split(",")]
+        if self.insert_exec_depth:
+            raise SqlError(8164, "An INSERT EXEC statement cannot be nested.")
+        self.insert_exec_depth += 1
+        try:
+            results = self.exec_call(found.group(3), frame)
+        finally:
+            self.insert_exec_depth -= 1
+        types = self.tables[table]
+        rows = []
+        for result in results:
+            if len(result.columns) != len(columns):
+                raise SqlError(213, "Column name or number of supplied values does not match table definition.")
+            rows += [tuple(check_value(types[c], v, f"{table}.{c}") for c, v in zip(columns, row))
+                     for row in result.itertuples(index=False)]
+        placeholders = ", ".join("?" * len(columns))
+        try:
+            self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", rows)
+        except sqlite3.Error as err:
+            raise SqlError(515 if "NOT NULL" in str(err) else 547, str(err)) from None
+
+    def external_script(self, arguments: dict[str, str], frame: Frame) -> list[pd.DataFrame]:
+        """sp_execute_external_script for Python, with the documented data-type rules."""
+        literal = {k: unquote(arguments.pop(k)) for k in ("language", "script", "input_data_1", "params")
+                   if k in arguments}
+        if literal.get("language") != "Python":
+            raise SqlError(39004, "only @language = N'Python' is emulated", True)
+        declared = declarations(literal.get("params", "")) if literal.get("params", "").strip() else []
+        scope: dict[str, Any] = {}
+        targets: dict[str, str] = {}
+        for name, sql_type, _, output in declared:
+            if base_type(sql_type) not in PYTHON_TYPES:
+                raise SqlError(39004, f"Unsupported type {sql_type} for parameter @{name} in the 'Python' runtime.")
+            source = arguments.pop(name, None)
+            if source is None:
+                raise SqlError(201, f"The external script expects parameter '@{name}', which was not supplied.", True)
+            if output:
+                found = re.fullmatch(r"@(\w+)\s+OUTPUT", source, re.IGNORECASE)
+                if not found:
+                    raise SqlError(39004, f"@{name} is declared OUTPUT but not passed as OUTPUT")
+                targets[name] = found.group(1).lower()
+            scope[name] = None if output else self.scalar(source, frame)
+        if arguments:
+            raise SqlError(8145, f"{', '.join(arguments)} is not declared in @params.", True)
+        frame_in = pd.DataFrame()
+        if literal.get("input_data_1"):
+            query = literal["input_data_1"]
+            if re.search(r"(?<!@)@\w+", re.sub(r"N?'(?:[^']|'')*'", "", query)):
+                raise SqlError(137, "@input_data_1 runs in its own scope: it cannot use the procedure's variables.")
+            columns, rows = self.query(query, Frame())
+            for k, column in enumerate(columns):
+                if any(isinstance(r[k], bytes) for r in rows):
+                    raise SqlError(39004, f"Unsupported input data type in column '{column}': varbinary is not "
+                                          "supported by the runtime for 'Python' script.")
+            frame_in = pd.DataFrame(rows, columns=columns)
+        scope.update(InputDataSet=frame_in, OutputDataSet=pd.DataFrame())
+        self.external_calls += 1
+        try:
+            exec(compile(literal["script"], "@script", "exec"), scope)  # noqa: S102 - the external script runtime
+        except Exception as err:  # noqa: BLE001 - every Python error is Msg 39004 to the caller
+            raise SqlError(39004, "A 'Python' script error occurred during execution of 'sp_execute_external_script'"
+                                  f" with HRESULT 0x80004004. ({type(err).__name__}: {err})") from None
+        for name, sql_type, _, output in declared:
+            if output:
+                value = scope[name]
+                if value is not None and base_type(sql_type) in ("varchar", "nvarchar", "char", "nchar") \
+                        and not isinstance(value, str):
+                    raise SqlError(39004, f"OUTPUT parameter @{name}: a {type(value).__name__} for {sql_type}")
+                self.assign(frame, targets[name], check_value(sql_type, value, f"@{name}"))
+        data = self._output_data_set(scope["OutputDataSet"])
+        return [data] if len(data) or len(data.columns) else []
+
+    @staticmethod
+    def _output_data_set(data: Any) -> pd.DataFrame:
+        if not isinstance(data, pd.DataFrame):
+            raise SqlError(39004, "OutputDataSet must be a pandas DataFrame")
+        if len(data.columns) == 0:
+            return data
+        out = data.astype(object).where(pd.notna(data), None)
+        for column in out.columns:  # what the Python mapping cannot carry comes back NULL
+            if any(isinstance(v, (bytes, bytearray, memoryview)) for v in out[column]):
+                out[column] = None
+        return out
+
+    def vector_index(self, text: str) -> None:
+        if not self.vector_type:
+            raise SqlError(102, "Incorrect syntax near 'VECTOR'.", True)
+        if not self.preview_features:
+            raise SqlError(42222, "CREATE VECTOR INDEX needs PREVIEW_FEATURES = ON for the database.")
+        self.vector_indexes.append(text)
+
+    def add_column(self, text: str, frame: Frame) -> None:
+        found = re.match(r"ALTER\s+TABLE\s+(\S+)\s+ADD\s+(\w+)\s+(.*)", text, re.IGNORECASE | re.DOTALL)
+        table = found.group(1).split(".")[-1].lower()
+        if base_type(found.group(3)) == "vector" and not self.vector_type:
+            raise SqlError(2715, "Column, parameter, or variable: cannot find data type vector.", True)
+        definition = re.sub(r"\s+", " ", found.group(3)).strip()
+        self.tables[table][found.group(2).lower()] = definition.split()[0].lower()
+        check = f" CHECK (tsql_convert('{definition.split()[0].lower()}', {found.group(2)}, NULL) IS {found.group(2)})" \
+            if base_type(definition) == "vector" else ""
+        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {found.group(2)} "
+                          f"{'TEXT' if check else definition.split()[0]}{check}")
