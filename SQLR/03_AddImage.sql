@@ -1,5 +1,6 @@
 -- AddImage: validate one image's bytes with the engine and store them (the same checks as `ingest`).
--- A bad file is recorded in rejected_files; identical bytes already stored add nothing.
+-- A bad file is recorded in rejected_files; identical bytes already stored add nothing. Conventions: see
+-- SQLR/04_FeaturizeImages.sql.
 CREATE OR ALTER PROCEDURE dbo.AddImage
     @name nvarchar(400),
     @label nvarchar(200),
@@ -8,44 +9,54 @@ CREATE OR ALTER PROCEDURE dbo.AddImage
 AS
 BEGIN
     SET NOCOUNT ON;
+    SET XACT_ABORT ON;
     IF @name IS NULL OR LEN(@name) = 0 OR @label IS NULL OR LEN(@label) = 0
         THROW 50001, N'AddImage: name and label are required.', 1;
     IF @data IS NULL OR DATALENGTH(@data) = 0
         THROW 50002, N'AddImage: the image is empty.', 1;
 
+    DECLARE @error nvarchar(4000), @data_hex varchar(max) = CONVERT(varchar(max), @data, 2);
     CREATE TABLE #info (
         format nvarchar(16) NULL, width int NULL, height int NULL, mode nvarchar(16) NULL,
         sha256 char(64) NULL, dhash char(64) NULL, reason nvarchar(400) NULL
     );
-    INSERT INTO #info (format, width, height, mode, sha256, dhash, reason)
-    EXEC sp_execute_external_script
-        @language = N'Python',
-        @script = N'
-from image_similarity import inproc
-OutputDataSet = inproc.inspect(data)
-',
-        @params = N'@data varbinary(max)',
-        @data = @data;
-
     BEGIN TRY
-        BEGIN TRANSACTION;
-        IF EXISTS (SELECT 1 FROM #info WHERE reason IS NOT NULL)
-            MERGE dbo.rejected_files AS r
-            USING (SELECT @name AS name, @label AS label, N'ingest' AS stage, reason FROM #info) AS s
-                ON r.name = s.name AND r.stage = s.stage AND r.reason = s.reason
-            WHEN MATCHED THEN UPDATE SET seen_at = SYSUTCDATETIME()
-            WHEN NOT MATCHED THEN INSERT (name, label, stage, reason) VALUES (s.name, s.label, s.stage, s.reason);
-        ELSE
-            INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)
-            SELECT @name, @label, i.format, i.width, i.height, i.mode, DATALENGTH(@data), i.sha256, i.dhash, @data
-            FROM #info AS i
-            WHERE NOT EXISTS (SELECT 1 FROM dbo.images AS x WHERE x.sha256 = i.sha256);
-        SET @image_id = (SELECT x.id FROM dbo.images AS x JOIN #info AS i ON x.sha256 = i.sha256);
-        COMMIT TRANSACTION;
+        INSERT INTO #info (format, width, height, mode, sha256, dhash, reason)
+        EXEC sp_execute_external_script
+            @language = N'Python',
+            @script = N'
+from image_similarity import inproc
+with inproc.reported() as report:
+    OutputDataSet = inproc.inspect(data_hex)
+error = report.error
+',
+            @params = N'@data_hex varchar(max), @error nvarchar(4000) OUTPUT',
+            @data_hex = @data_hex,
+            @error = @error OUTPUT;
     END TRY
     BEGIN CATCH
-        IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION;
-        THROW;
+        SET @error = ERROR_MESSAGE();
     END CATCH;
+    IF @error IS NULL AND (SELECT COUNT(*) FROM #info WHERE sha256 IS NOT NULL OR reason IS NOT NULL) <> 1
+        SET @error = N'the engine did not return one result for the image';
+    IF @error IS NOT NULL
+    BEGIN
+        SET @error = CONCAT(N'AddImage: ', @error);
+        THROW 50003, @error, 1;
+    END;
+
+    BEGIN TRANSACTION;
+    UPDATE dbo.rejected_files SET seen_at = SYSUTCDATETIME()
+    WHERE name = @name AND stage = N'ingest' AND reason IN (SELECT reason FROM #info);
+    INSERT INTO dbo.rejected_files (name, label, stage, reason)
+    SELECT @name, @label, N'ingest', i.reason FROM #info AS i
+    WHERE i.reason IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM dbo.rejected_files AS r WHERE r.name = @name AND r.stage = N'ingest' AND r.reason = i.reason);
+    INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)
+    SELECT @name, @label, i.format, i.width, i.height, i.mode, DATALENGTH(@data), i.sha256, i.dhash, @data
+    FROM #info AS i
+    WHERE i.reason IS NULL AND NOT EXISTS (SELECT 1 FROM dbo.images AS x WITH (UPDLOCK, HOLDLOCK) WHERE x.sha256 = i.sha256);
+    SET @image_id = (SELECT x.id FROM dbo.images AS x JOIN #info AS i ON x.sha256 = i.sha256);
+    COMMIT TRANSACTION;
 END;
 GO

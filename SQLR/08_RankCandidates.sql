@@ -1,5 +1,8 @@
 -- RankCandidates: the catalogue images most similar to a query image (never the query or its near twins).
--- Stores the query and its results in queries/rankings and returns them as a result set.
+-- Stores the query and its results in queries/rankings and returns them as one result set. It uses no
+-- INSERT ... EXEC itself (results come back through an OUTPUT parameter), so a caller may
+-- INSERT ... EXEC dbo.RankCandidates. On SQL Server 2025 (SQLR/12_Vectors.sql) l2 and cosine rank in T-SQL
+-- with VECTOR_DISTANCE. Conventions: see SQLR/04_FeaturizeImages.sql.
 CREATE OR ALTER PROCEDURE dbo.RankCandidates
     @query varbinary(max),
     @query_name nvarchar(400) = N'query',
@@ -9,6 +12,7 @@ CREATE OR ALTER PROCEDURE dbo.RankCandidates
 AS
 BEGIN
     SET NOCOUNT ON;
+    SET XACT_ABORT ON;
     IF @query IS NULL OR DATALENGTH(@query) = 0
         THROW 50051, N'RankCandidates: the query image is empty.', 1;
     IF @top IS NULL OR @top < 1 OR @top > 1000
@@ -19,64 +23,88 @@ BEGIN
     IF @model_version IS NULL OR NOT EXISTS (SELECT 1 FROM dbo.models WHERE version = @model_version)
         THROW 50054, N'RankCandidates: no such trained model; run TrainModel first.', 1;
 
-    DECLARE @backbone nvarchar(64), @classes nvarchar(max), @model_params nvarchar(max), @used_method nvarchar(16);
-    DECLARE @best_method nvarchar(16) = COALESCE((
-        SELECT TOP (1) JSON_VALUE(summary, N'$.best_method') FROM dbo.evaluations
-        WHERE model_version = @model_version ORDER BY id DESC), N'');
+    DECLARE @error nvarchar(4000), @backbone nvarchar(64), @classes nvarchar(max), @model_params nvarchar(max),
+            @used_method nvarchar(16), @ranked nvarchar(max), @query_hex varchar(max) = CONVERT(varchar(max), @query, 2);
+    DECLARE @summary nvarchar(max) = (
+        SELECT TOP (1) summary FROM dbo.evaluations WHERE model_version = @model_version ORDER BY id DESC);
+    DECLARE @best_method nvarchar(16) = CASE WHEN ISJSON(@summary) = 1 THEN JSON_VALUE(@summary, N'$.best_method') END;
+    SET @used_method = CASE WHEN @method <> N'' THEN @method
+                            WHEN @best_method IN (N'l2', N'cosine', N'scores', N'learned') THEN @best_method
+                            ELSE N'learned' END;
     SELECT @backbone = backbone, @classes = classes, @model_params = params
     FROM dbo.models WHERE version = @model_version;
     IF NOT EXISTS (SELECT 1 FROM dbo.features WHERE backbone = @backbone)
         THROW 50055, N'RankCandidates: empty catalogue; run FeaturizeImages first.', 1;
-    CREATE TABLE #step (backbone nvarchar(64) NOT NULL, model_version int NOT NULL);
-    INSERT INTO #step (backbone, model_version) VALUES (@backbone, @model_version);
-    CREATE TABLE #ranked (rank int NOT NULL, image_id int NOT NULL, name nvarchar(400) NOT NULL,
-                          label nvarchar(200) NOT NULL, score float NOT NULL);
-    INSERT INTO #ranked (rank, image_id, name, label, score)
-    EXEC sp_execute_external_script
-        @language = N'Python',
-        @script = N'
+    CREATE TABLE #ranked (rank int NOT NULL, image_id int NOT NULL, score float NOT NULL);
+
+    IF @used_method IN (N'l2', N'cosine') AND OBJECT_ID(N'dbo.RankByVector', N'P') IS NOT NULL
+        EXEC dbo.RankByVector @query_hex = @query_hex, @backbone = @backbone, @method = @used_method, @top = @top;
+    IF NOT EXISTS (SELECT 1 FROM #ranked)
+    BEGIN
+        CREATE TABLE #step (backbone nvarchar(64) NOT NULL, model_version int NOT NULL);
+        INSERT INTO #step (backbone, model_version) VALUES (@backbone, @model_version);
+        BEGIN TRY
+            EXEC sp_execute_external_script
+                @language = N'Python',
+                @script = N'
 from image_similarity import inproc
-OutputDataSet, used_method = inproc.rank_candidates(InputDataSet, query, backbone, classes, model_params,
-                                                     model_version, top, method, best_method)
+with inproc.reported() as report:
+    ranked, used_method = inproc.rank_candidates(InputDataSet, query_hex, backbone, classes, model_params,
+                                                 model_version, top, method)
+error = report.error
 ',
-        @input_data_1 = N'
-SELECT i.id AS image_id, i.name, i.label, i.sha256, i.dhash, f.vector AS data,
+                @input_data_1 = N'
+SELECT i.id AS image_id, i.name, i.label, i.sha256, i.dhash, CONVERT(varchar(max), f.vector, 2) AS data,
        NULL AS array_name, NULL AS dtype, NULL AS shape
 FROM dbo.images AS i
 JOIN dbo.features AS f ON f.image_id = i.id
 JOIN #step AS s ON f.backbone = s.backbone
 UNION ALL
-SELECT NULL, NULL, NULL, NULL, NULL, a.data, a.name, a.dtype, a.shape
+SELECT NULL, NULL, NULL, NULL, NULL, CONVERT(varchar(max), a.data, 2), a.name, a.dtype, a.shape
 FROM dbo.model_arrays AS a
 JOIN #step AS s ON a.version = s.model_version',
-        @params = N'@query varbinary(max), @backbone nvarchar(64), @classes nvarchar(max), @model_params nvarchar(max),
-                    @model_version int, @top int, @method nvarchar(16), @best_method nvarchar(16),
-                    @used_method nvarchar(16) OUTPUT',
-        @query = @query,
-        @backbone = @backbone,
-        @classes = @classes,
-        @model_params = @model_params,
-        @model_version = @model_version,
-        @top = @top,
-        @method = @method,
-        @best_method = @best_method,
-        @used_method = @used_method OUTPUT;
+                @params = N'@query_hex varchar(max), @backbone nvarchar(64), @classes nvarchar(max),
+                            @model_params nvarchar(max), @model_version int, @top int, @method nvarchar(16),
+                            @used_method nvarchar(16) OUTPUT, @ranked nvarchar(max) OUTPUT,
+                            @error nvarchar(4000) OUTPUT',
+                @query_hex = @query_hex,
+                @backbone = @backbone,
+                @classes = @classes,
+                @model_params = @model_params,
+                @model_version = @model_version,
+                @top = @top,
+                @method = @used_method,
+                @used_method = @used_method OUTPUT,
+                @ranked = @ranked OUTPUT,
+                @error = @error OUTPUT;
+        END TRY
+        BEGIN CATCH
+            SET @error = ERROR_MESSAGE();
+        END CATCH;
+        IF @error IS NULL AND (ISJSON(@ranked) IS NULL OR ISJSON(@ranked) = 0)
+            SET @error = N'the engine returned no ranking';
+        IF @error IS NOT NULL
+        BEGIN
+            SET @error = CONCAT(N'RankCandidates: ', @error);
+            THROW 50056, @error, 1;
+        END;
+        INSERT INTO #ranked (rank, image_id, score)
+        SELECT j.rank, j.image_id, j.score FROM OPENJSON(@ranked) WITH (rank int '$.rank', image_id int '$.image_id',
+                                                                       score float '$.score') AS j;
+    END;
+    IF (SELECT COUNT(*) FROM #ranked) > @top
+        THROW 50057, N'RankCandidates: the engine returned more rows than asked for; nothing was stored.', 1;
 
-    BEGIN TRY
-        BEGIN TRANSACTION;
-        DECLARE @query_id int;
-        INSERT INTO dbo.queries (query_name, query_sha256, method, backbone, model_version)
-        VALUES (@query_name, LOWER(CONVERT(char(64), HASHBYTES('SHA2_256', @query), 2)), @used_method, @backbone,
-                @model_version);
-        SET @query_id = CAST(SCOPE_IDENTITY() AS int);
-        INSERT INTO dbo.rankings (query_id, rank, image_id, score)
-        SELECT @query_id, r.rank, r.image_id, r.score FROM #ranked AS r;
-        COMMIT TRANSACTION;
-    END TRY
-    BEGIN CATCH
-        IF @@TRANCOUNT > 0 ROLLBACK TRANSACTION;
-        THROW;
-    END CATCH;
-    SELECT r.rank, r.image_id, r.name, r.label, r.score FROM #ranked AS r ORDER BY r.rank;
+    DECLARE @query_id int;
+    BEGIN TRANSACTION;
+    INSERT INTO dbo.queries (query_name, query_sha256, method, backbone, model_version)
+    VALUES (@query_name, LOWER(CONVERT(char(64), HASHBYTES('SHA2_256', @query), 2)), @used_method, @backbone,
+            @model_version);
+    SET @query_id = CAST(SCOPE_IDENTITY() AS int);
+    INSERT INTO dbo.rankings (query_id, rank, image_id, score)
+    SELECT @query_id, r.rank, r.image_id, r.score FROM #ranked AS r;
+    COMMIT TRANSACTION;
+    SELECT r.rank, r.image_id, i.name, i.label, r.score
+    FROM #ranked AS r JOIN dbo.images AS i ON i.id = r.image_id ORDER BY r.rank;
 END;
 GO

@@ -1,4 +1,6 @@
--- Initial_Run_Once: every step after the images are loaded: featurize, split, train, evaluate.
+-- Initial_Run_Once: every step after the images are loaded: featurize, split, train, evaluate. With
+-- XACT_ABORT ON the first step that fails stops the run (each step THROWs one line and keeps stored data as it
+-- was; featurized batches stay, so a re-run goes on where it stopped).
 CREATE OR ALTER PROCEDURE dbo.Initial_Run_Once
     @backbone nvarchar(64) = N'efficientnet_lite0',
     @test_fraction float = 0.25,
@@ -6,6 +8,7 @@ CREATE OR ALTER PROCEDURE dbo.Initial_Run_Once
 AS
 BEGIN
     SET NOCOUNT ON;
+    SET XACT_ABORT ON;
     DECLARE @model_version int, @evaluation_id int;
     EXEC dbo.FeaturizeImages @backbone = @backbone;
     EXEC dbo.PrepareData @test_fraction = @test_fraction, @seed = @seed;

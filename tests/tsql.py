@@ -58,6 +58,7 @@ class Frame:
 
     values: dict[str, Any] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)
+    temp_tables: list[str] = field(default_factory=list)
 
 
 class Break(Exception):
@@ -339,7 +340,8 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
     if isinstance(node, exp.Cast) and node.to.this in (exp.DataType.Type.VARBINARY, exp.DataType.Type.BINARY):
         return _function("tsql_convert", exp.Literal.string(_type_text(node.to)), node.this, exp.Null())
     if isinstance(node, exp.JSONExtractScalar):
-        return _function("tsql_json_value", node.this, node.expression)
+        path = node.expression.sql(dialect="tsql")
+        return _function("tsql_json_value", node.this, exp.Literal.string(unquote(path) if "'" in path else path))
     if isinstance(node, exp.DataType) and node.expressions and node.expressions[0].name.upper() == "MAX":
         node.set("expressions", [])
     return node
@@ -394,13 +396,14 @@ class Server:
         self.errors: list[SqlError] = []
         self.caught: list[SqlError] = []
         self.external_calls = 0
-        self.preview_features = False
-        self.vector_indexes: list[str] = []
+        self.conn.execute("CREATE TABLE database_scoped_configurations (name TEXT, value INTEGER)")
+        self.conn.execute("INSERT INTO database_scoped_configurations VALUES ('PREVIEW_FEATURES', 0)")
+        self.conn.execute("CREATE TABLE indexes (name TEXT)")
         for name, arity, fn in [
             ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
             ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
             ("VECTOR_DISTANCE", 3, vector_distance), ("SCOPE_IDENTITY", 0, self._identity),
-            ("HASHBYTES", 2, lambda algorithm, v: None if v is None else hashlib.sha256(
+            ("SHA2", 2, lambda v, bits: None if v is None else hashlib.sha256(  # HASHBYTES('SHA2_256', v)
                 v if isinstance(v, bytes) else str(v).encode("utf-16-le")).digest()),
             ("ERROR_MESSAGE", 0, lambda: self.caught[-1].message if self.caught else None),
             ("ERROR_NUMBER", 0, lambda: self.caught[-1].number if self.caught else None),
@@ -475,11 +478,18 @@ class Server:
         results = self._top(run)
         return results, outputs
 
+    def drop_temporary(self, frame: Frame) -> None:
+        """Temporary tables end with the procedure (or batch) that created them."""
+        for name in frame.temp_tables:
+            self.conn.execute(f"DROP TABLE IF EXISTS temp.{name}")
+            self.tables.pop(name, None)
+
     def _top(self, run) -> list[pd.DataFrame]:
         results: list[pd.DataFrame] = []
         self.errors, self.xact_abort = [], False
+        top = Frame()
         try:
-            run(Frame(), results)
+            run(top, results)
         except SqlError as err:
             self.errors.append(err)
             if self.trancount and (self.xact_abort or self.doomed):
@@ -490,6 +500,9 @@ class Server:
             self._rollback()
             self.errors.append(SqlError(266, "Transaction count after EXECUTE indicates a mismatching number of "
                                              "BEGIN and COMMIT statements."))
+        for (name,) in self.conn.execute("SELECT name FROM sqlite_temp_master WHERE type = 'table'").fetchall():
+            self.conn.execute(f"DROP TABLE temp.{name}")  # whatever a rollback brought back
+            self.tables.pop(name, None)
         if self.errors:
             raise self.errors[0]
         return results
@@ -515,6 +528,7 @@ class Server:
             pass
         finally:
             self.xact_abort = saved
+            self.drop_temporary(frame)
         return {name: frame.values[name] for name, _, _, output in procedure.params if output}
 
     def block(self, body: list, frame: Frame, results: list) -> None:
@@ -632,13 +646,18 @@ class Server:
                 raise SqlError(3903, "The ROLLBACK TRANSACTION request has no corresponding BEGIN TRANSACTION.")
             self._rollback()
         elif words[0].upper() in ("EXEC", "EXECUTE"):
-            results.extend(self.exec_call(" ".join(words[1:]), frame))
+            results.extend(self.exec_call(text.split(None, 1)[1], frame))
         elif re.match(r"INSERT\s+INTO\s+\S+\s*\([^)]*\)\s*EXEC", text, re.IGNORECASE):
             self.insert_exec(text, frame)
         elif head == "CREATE TABLE":
             name, types = column_types(text)
+            if name in self.tables and name.startswith("tmp_"):
+                raise SqlError(2714, f"There is already an object named '#{name[4:]}' in the database (a nested "
+                                     "procedure must not reuse its caller's temporary table names).", True)
             self.query(text, frame)
             self.tables[name] = types
+            if name.startswith("tmp_"):
+                frame.temp_tables.append(name)
         elif re.match(r"CREATE\s+VECTOR\s+INDEX", text, re.IGNORECASE):
             self.vector_index(text)
         elif re.match(r"ALTER\s+TABLE\s+\S+\s+ADD\s", text, re.IGNORECASE):
@@ -791,9 +810,18 @@ class Server:
     def vector_index(self, text: str) -> None:
         if not self.vector_type:
             raise SqlError(102, "Incorrect syntax near 'VECTOR'.", True)
-        if not self.preview_features:
-            raise SqlError(42222, "CREATE VECTOR INDEX needs PREVIEW_FEATURES = ON for the database.")
-        self.vector_indexes.append(text)
+        (preview,) = self.conn.execute(
+            "SELECT value FROM database_scoped_configurations WHERE name = 'PREVIEW_FEATURES'").fetchone()
+        if not preview:
+            raise SqlError(42222, "CREATE VECTOR INDEX is a preview feature: PREVIEW_FEATURES is OFF.")
+        found = re.match(r"CREATE\s+VECTOR\s+INDEX\s+(\w+)\s+ON\s+(\S+)\s*\(\s*(\w+)\s*\)\s*WITH\s*\((.*)\)$",
+                         text, re.IGNORECASE | re.DOTALL)
+        options = dict(re.findall(r"(\w+)\s*=\s*'(\w+)'", found.group(4)))
+        table = found.group(2).split(".")[-1].lower()
+        if base_type(self.tables[table].get(found.group(3).lower(), "")) != "vector" \
+                or options.get("METRIC") not in ("cosine", "euclidean", "dot") or options.get("TYPE", "DiskANN").lower() != "diskann":
+            raise SqlError(42223, f"CREATE VECTOR INDEX: not a vector column or unknown options: {text}")
+        self.conn.execute("INSERT INTO indexes (name) VALUES (?)", (found.group(1),))
 
     def add_column(self, text: str, frame: Frame) -> None:
         found = re.match(r"ALTER\s+TABLE\s+(\S+)\s+ADD\s+(\w+)\s+(.*)", text, re.IGNORECASE | re.DOTALL)
@@ -806,3 +834,13 @@ class Server:
             if base_type(definition) == "vector" else ""
         self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {found.group(2)} "
                           f"{'TEXT' if check else definition.split()[0]}{check}")
+
+
+def install(server: Server, scripts: list, database: str = "ImageSimilarity") -> None:
+    """Run SQLR/'s numbered scripts in order, as Setup-ImageSimilarity.ps1 does: those marked
+    `-- requires: vector` only on a server with the VECTOR type."""
+    for path in scripts:
+        text = path.read_text()
+        if text.startswith("-- requires: vector") and not server.vector_type:
+            continue
+        server.run_script(text, {"DatabaseName": database})
