@@ -368,7 +368,8 @@ def to_sqlite(tsql: str) -> str:
     tree = sqlglot.parse_one(text, read="tsql")
     if isinstance(tree, exp.Create):
         _add_type_checks(tree)
-    tree = tree.transform(_rewrite)
+    tree = tree.transform(_rewrite).transform(
+        lambda node: exp.Literal.string(node.this) if isinstance(node, exp.National) else node)
     sql = tree.sql(dialect="sqlite")
     return sql.replace("DEFAULT SYSUTCDATETIME()", "DEFAULT CURRENT_TIMESTAMP")
 
@@ -464,7 +465,7 @@ class Server:
         return self._top(lambda frame, results: self.block(parse_block(tokens(batch) + ["END"], 0, ("END",))[0],
                                                            frame, results))
 
-    def call(self, name: str, **params: Any) -> tuple[list[pd.DataFrame], dict[str, Any]]:
+    def call(self, name: str, /, **params: Any) -> tuple[list[pd.DataFrame], dict[str, Any]]:
         """EXEC dbo.name with these parameters, as a client sends them: (result sets, OUTPUT parameters).
         Raises the first error the batch met, after the batch went as far as SQL Server would let it."""
         outputs: dict[str, Any] = {}
