@@ -3,6 +3,7 @@ statement it sends is valid T-SQL with one bound value per placeholder."""
 from __future__ import annotations
 
 import builtins
+import json
 import re
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def test_every_statement_is_tsql_with_bound_values():
         read()
     with pytest.raises(StoreError, match="no trained model"):
         store.model()
-    assert len(conn.sent) > 20
+    assert len(conn.sent) >= 20
     for sql, params in conn.sent:
         sqlglot.parse_one(sql, read="tsql")  # raises on invalid T-SQL
         assert sql.count("?") == len(params), sql
@@ -139,3 +140,42 @@ def test_sql_context_binds_every_value(monkeypatch, sample_dir, tmp_path, capsys
     assert "featurized  backbone\n  3  efficientnet_lite0" in capsys.readouterr().out
     with stores.SQLiteStore(tmp_path / "x.sqlite") as local, pytest.raises(StoreError, match="needs --db postgresql"):
         call(local, "PrepareData", seed=0)
+
+
+def test_add_image_is_one_atomic_check_and_insert():
+    """Defect 8: add_image looked the hash up, then inserted: two sessions ingesting the same bytes collided."""
+    image = NewImage("a/1.jpg", "a", b"\xff\xd8", "JPEG", 2, 1, "RGB", "ab" * 32, "0" * 64)
+    conn = Recorder([])
+    assert MSSQLStore("mssql://sql01/Images", connection=conn).add_image(image) == 7
+    ((sql, params),) = conn.sent
+    assert re.search(r"OUTPUT INSERTED\.id SELECT .* WHERE NOT EXISTS \(SELECT 1 FROM dbo\.images "
+                     r"WITH \(UPDLOCK, HOLDLOCK\) WHERE sha256 = \?\)", sql)
+    assert sql.count("?") == len(params) and params[-1] == image.sha256
+    conn.fetchone = lambda: None  # the bytes were there already
+    assert MSSQLStore("mssql://sql01/Images", connection=conn).add_image(image) is None
+
+
+def test_many_rows_go_in_few_statements_within_the_parameter_limit():
+    """Defect 8: executemany sent one statement per row."""
+    conn = Recorder([])
+    store = MSSQLStore("mssql://sql01/Images", connection=conn)
+    store.put_features("efficientnet_lite0", list(range(1, 1201)), np.ones((1200, 3), np.float32))
+    store.put_split({i: "train" for i in range(1, 2501)}, 0, 0.25)
+    sizes = [len(params) for _, params in conn.sent]
+    assert len(conn.sent) == 3 + 1 + 5 and max(sizes) <= 2100  # 500 rows of 4 values a statement; 1 DELETE
+    assert sum(sizes) == 1200 * 4 + 2500 * 4
+    for sql, params in conn.sent:
+        sqlglot.parse_one(sql, read="tsql")
+        assert sql.count("?") == len(params)
+
+
+def test_undefined_figures_are_never_sent():
+    """Defect 7: NaN (a class with no test image) as a float parameter, or as bare NaN in the summary JSON."""
+    conn = Recorder([])
+    store = MSSQLStore("mssql://sql01/Images", connection=conn)
+    store.put_evaluation(EvaluationRecord(3, {"per_class": {"a": float("nan"), "b": 0.5}},
+                                          [("test", "accuracy", "a", float("nan")), ("test", "accuracy", "b", 0.5)], []))
+    values = [v for _, params in conn.sent for v in params]
+    assert not any(isinstance(v, float) and v != v for v in values)
+    assert json.loads(conn.sent[0][1][1]) == {"per_class": {"a": None, "b": 0.5}}
+    assert [p for sql, p in conn.sent if "evaluation_metrics" in sql] == [(7, "test", "accuracy", "b", 0.5)]

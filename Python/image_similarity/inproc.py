@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
 from .images import BadImageError, decode_image, inspect_image
 from .rank import Catalogue, rank
 from .split import split_images
-from .store.base import ImageRow, ModelRecord, decode_array, encode_array
+from .store.base import ImageRow, ModelRecord, decode_array, encode_array, finite, strict_json
 from .train import C_GRID, SimilarityModel, fit_model
 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
@@ -85,31 +84,6 @@ def featurizer(backbone: str) -> Featurizer:
         raise WeightsNotFoundError(f"{backbone} weights '{spec.weights_file}' not found in {WEIGHTS_DIR}: copy the "
                                    f"file there (Setup-ImageSimilarity.ps1 -WeightsFile does; source: {spec.source})")
     return Featurizer(backbone)
-
-
-def finite(value: float) -> float | None:
-    """A figure SQL Server can hold: NaN (undefined, e.g. a class with no test image) becomes NULL."""
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _json_safe(value):
-    if isinstance(value, float):
-        return finite(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def strict_json(value) -> str:
-    """JSON that SQL Server's JSON functions accept: NaN and infinities become null."""
-    return json.dumps(_json_safe(value), allow_nan=False)
-
-
-def _require(frame: pd.DataFrame, what: str) -> None:
-    if frame.empty:
-        raise ValueError(f"no rows: {what}")
 
 
 def inspect(data_hex: str) -> pd.DataFrame:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,27 @@ class EvaluationRecord:
     """(subset, true label, predicted label, count) rows."""
     id: int | None = None
     created_at: str | None = None
+
+
+def finite(value: float | None) -> float | None:
+    """A figure every database can hold: NaN or an infinity (undefined, e.g. the accuracy of a class with no
+    test image) becomes None."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return finite(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def strict_json(value: Any) -> str:
+    """JSON that SQL Server's JSON functions accept (no bare NaN or Infinity): they become null."""
+    return json.dumps(_json_safe(value), allow_nan=False)
 
 
 def encode_array(array: np.ndarray) -> tuple[str, str, bytes]:

@@ -15,12 +15,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
-from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array
+from .base import (EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array,
+                   finite, strict_json)
 
 PASSWORD_ENV = "IMAGE_SIMILARITY_DB_PASSWORD"
 ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
 OPTIONS = {"encrypt": "Encrypt", "trust_server_certificate": "TrustServerCertificate"}
 LOGIN_TIMEOUT = 15  # seconds, ODBC's own default
+MAX_PARAMETERS = 2000  # per statement; SQL Server allows 2100
+MAX_ROWS = 1000  # per VALUES list, SQL Server's limit
 
 
 def _odbc_value(value: str) -> str:
@@ -120,7 +123,8 @@ class MSSQLStore(Store):
 
     def _write(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]], returning: str | None = None) -> Any:
         """Run (sql, rows) pairs in one transaction. With `returning`, the first statement inserts one row and
-        outputs that identity column, whose value replaces `_ID` in the later rows; it is returned."""
+        outputs that identity column, whose value replaces `_ID` in the later rows; it is returned. Many rows
+        go as few multi-row statements (see `_multirow`), not one round trip per row."""
         cur = self.conn.cursor()
         try:
             value = None
@@ -129,10 +133,13 @@ class MSSQLStore(Store):
                 if n == 0 and returning:
                     cur.execute(sql.replace(" VALUES ", f" OUTPUT INSERTED.{returning} VALUES ", 1), *rows[0])
                     value = cur.fetchone()[0]
-                elif len(rows) == 1:
-                    cur.execute(sql, *rows[0])
+                elif rows and rows[0]:
+                    per_statement = max(1, min(MAX_ROWS, MAX_PARAMETERS // len(rows[0])))
+                    for start in range(0, len(rows), per_statement):
+                        chunk = rows[start:start + per_statement]
+                        cur.execute(_multirow(sql, len(chunk[0]), len(chunk)), *[a for row in chunk for a in row])
                 elif rows:
-                    cur.executemany(sql, rows)
+                    cur.execute(sql)
             self.conn.commit()
             return value
         except Exception:
@@ -144,13 +151,22 @@ class MSSQLStore(Store):
 
     # images
     def add_image(self, image: NewImage) -> int | None:
-        if self.find_sha256(image.sha256) is not None:
-            return None
-        return self._write([(
-            ("INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)"
-             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-            [(image.name, image.label, image.format, image.width, image.height, image.mode, len(image.data),
-              image.sha256, image.dhash, image.data)])], returning="id")
+        """One statement: the key-range lock (UPDLOCK, HOLDLOCK) makes check-and-insert atomic, so concurrent
+        ingest of the same bytes adds one row and never fails on the unique key."""
+        cur = self.conn.cursor()
+        try:
+            cur.execute(
+                "INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)"
+                " OUTPUT INSERTED.id SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM dbo.images WITH (UPDLOCK, HOLDLOCK) WHERE sha256 = ?)",
+                image.name, image.label, image.format, image.width, image.height, image.mode, len(image.data),
+                image.sha256, image.dhash, image.data, image.sha256)
+            row = cur.fetchone()
+            self.conn.commit()
+        except Exception:
+            self.conn.rollback()
+            raise
+        return int(row[0]) if row else None
 
     def find_sha256(self, sha256: str) -> ImageRow | None:
         rows = self._all("SELECT id, name, label, sha256, dhash FROM dbo.images WHERE sha256 = ?", sha256)
@@ -192,9 +208,11 @@ class MSSQLStore(Store):
     def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         self._write([(
-            ("INSERT INTO dbo.features (image_id, backbone, dim, vector) SELECT ?, ?, ?, ?"
-             " WHERE NOT EXISTS (SELECT 1 FROM dbo.features WHERE image_id = ? AND backbone = ?)"),
-            [(int(i), backbone, vectors.shape[1], v.tobytes(), int(i), backbone) for i, v in zip(ids, vectors)])])
+            ("INSERT INTO dbo.features (image_id, backbone, dim, vector)"
+             " SELECT v.image_id, v.backbone, v.dim, v.vector FROM (VALUES {rows}) AS v (image_id, backbone, dim, vector)"
+             " WHERE NOT EXISTS (SELECT 1 FROM dbo.features AS f WHERE f.image_id = v.image_id"
+             " AND f.backbone = v.backbone)"),
+            [(int(i), backbone, vectors.shape[1], v.tobytes()) for i, v in zip(ids, vectors)])])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = self._all("SELECT image_id, dim, vector FROM dbo.features WHERE backbone = ? ORDER BY image_id",
@@ -246,9 +264,9 @@ class MSSQLStore(Store):
     def put_evaluation(self, evaluation: EvaluationRecord) -> int:
         return int(self._write([
             ("INSERT INTO dbo.evaluations (model_version, summary) VALUES (?, ?)",
-             [(evaluation.model_version, json.dumps(evaluation.summary))]),
+             [(evaluation.model_version, strict_json(evaluation.summary))]),
             ("INSERT INTO dbo.evaluation_metrics (evaluation_id, scope, metric, class, value) VALUES (?, ?, ?, ?, ?)",
-             [(_ID, *row) for row in evaluation.metrics]),
+             [(_ID, *row) for row in evaluation.metrics if finite(row[-1]) is not None]),
             (("INSERT INTO dbo.evaluation_confusion (evaluation_id, subset, true_label, predicted_label, count)"
               " VALUES (?, ?, ?, ?, ?)"),
              [(_ID, *row) for row in evaluation.confusion]),
@@ -276,6 +294,14 @@ class MSSQLStore(Store):
             ("INSERT INTO dbo.rankings (query_id, rank, image_id, score) VALUES (?, ?, ?, ?)",
              [(_ID, r, i, float(s)) for r, i, s in rows]),
         ], returning="id"))
+
+
+def _multirow(sql: str, columns: int, rows: int) -> str:
+    """`sql` for `rows` rows: its `{rows}` (or the row after VALUES) repeated as one VALUES list."""
+    if "{rows}" in sql:
+        return sql.replace("{rows}", ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows))
+    head, _, row = sql.partition(" VALUES ")
+    return f"{head} VALUES {', '.join([row] * rows)}"
 
 
 _ID = object()
