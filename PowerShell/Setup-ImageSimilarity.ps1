@@ -1,16 +1,29 @@
 <#
 .SYNOPSIS
-    Deploys image-similarity into SQL Server (2019+ with Machine Learning Services, Python) in one go.
+    Deploys image-similarity into SQL Server 2022 or 2025 with Machine Learning Services (Python), in one go.
 
 .DESCRIPTION
-    Checks it runs elevated; enables 'external scripts enabled'; pip-installs the image_similarity package
-    (with torch) into SQL Server's Python; runs the SQLR\ scripts in their numbered order (creating the
-    database and its objects); loads every image under -ImageFolder (one sub-folder per class) with
-    dbo.AddImage; runs dbo.Initial_Run_Once and prints its summary. Safe to re-run: every step skips what
-    is already there. Stops at the first error with a message naming the step. Supports -WhatIf.
+    Run it elevated, on the machine that hosts the instance -Server names. In order, each step checked:
+      1. Finds the instance (-Server host\INSTANCE, default MSSQLSERVER) in the registry and asks the server its
+         version. SQL Server 2017 and 2019 stop here: their Machine Learning Services runtime is Python 3.5/3.7,
+         which cannot host image-similarity (it needs Python 3.10+).
+      2. SQL Server 2022/2025 ship no Python: checks the Python 3.10 runtime that Microsoft's 2022 guide has you
+         install (-PythonHome, default C:\Program Files\Python310; -PythonInstaller installs it), installs
+         revoscalepy from -RevoscalepyWheel when it is missing, grants the Launchpad service and
+         ALL APPLICATION PACKAGES read access, and registers the runtime with the instance's RegisterRext.exe.
+      3. Installs the image_similarity package (with torch) into that runtime with pip, as the guide installs
+         packages into it; -WeightsFile copies backbone weights no package ships to where the sandbox reads them.
+      4. Enables 'external scripts enabled', restarts the engine and Launchpad, and checks value_in_use.
+      5. Checks from T-SQL that Python runs and imports the package (sp_execute_external_script).
+      6. Runs SQLR\NN_*.sql in order (those marked '-- requires: vector' only where the VECTOR type exists),
+         checking that each script's tables and procedures exist afterwards.
+      7. Loads every image under -ImageFolder (one sub-folder per class) with dbo.AddImage.
+      8. Runs dbo.Initial_Run_Once and prints its summary.
+    Safe to re-run: every step checks first and skips what is already there. Stops at the first error with a
+    message naming the step. -WhatIf shows the changing steps without making them (the checks still run).
 
 .EXAMPLE
-    .\Setup-ImageSimilarity.ps1 -Server localhost -ImageFolder ..\Resources\fashion-texture
+    .\Setup-ImageSimilarity.ps1 -Server localhost -ImageFolder ..\Resources\fashion-texture -RevoscalepyWheel .\revoscalepy-10.0.1-py3-none-any.whl
 
 .EXAMPLE
     .\Setup-ImageSimilarity.ps1 -Server sql01\ML -Database Images -Authentication Sql -Credential (Get-Credential) -WhatIf
@@ -22,7 +35,10 @@ param(
     [ValidateSet('Windows', 'Sql')][string]$Authentication = 'Windows',
     [System.Management.Automation.PSCredential]$Credential,
     [Parameter(Mandatory = $true)][ValidateScript({ Test-Path $_ -PathType Container })][string]$ImageFolder,
-    [string]$PythonPath,
+    [string]$PythonHome = 'C:\Program Files\Python310',
+    [string]$PythonInstaller,
+    [string]$RevoscalepyWheel,
+    [string]$WeightsFile,
     [ValidateSet('efficientnet_lite0', 'mobilenet_v2', 'resnet18', 'resnet50', 'resnet101')]
     [string]$Backbone = 'efficientnet_lite0'
 )
@@ -31,6 +47,7 @@ Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
 $RepoRoot = Split-Path -Parent $PSScriptRoot
 $SqlDir = Join-Path $RepoRoot 'SQLR'
+$SqlServerKey = 'HKLM:\SOFTWARE\Microsoft\Microsoft SQL Server'
 
 function Get-ConnectionString([string]$Catalog) {
     $builder = New-Object System.Data.SqlClient.SqlConnectionStringBuilder
@@ -67,33 +84,57 @@ function Invoke-Batch([string]$Catalog, [string]$Sql, [hashtable]$Parameters = @
     }
 }
 
+function Get-Scalar([string]$Catalog, [string]$Sql) {
+    $table = Invoke-Batch $Catalog $Sql
+    if ($table.Rows.Count -eq 0) { return $null }
+    return $table.Rows[0][0]
+}
+
 function Invoke-Step([string]$Name, [scriptblock]$Action) {
     if (-not $PSCmdlet.ShouldProcess("$Server/$Database", $Name)) { return }
     Write-Host "==> $Name"
     try { & $Action } catch { throw "Setup stopped at '$Name': $($_.Exception.Message)" }
 }
 
-function Invoke-SqlScript([System.IO.FileInfo]$File) {
-    # The database script runs in master with the sqlcmd variable DatabaseName; the others in the database.
-    $text = (Get-Content -Raw -LiteralPath $File.FullName).Replace('$(DatabaseName)', $Database)
-    $catalog = if ($File.Name -like '01_*') { 'master' } else { $Database }
-    foreach ($batch in [regex]::Split($text, '(?im)^\s*GO\s*$')) {
-        if ($batch.Trim()) { [void](Invoke-Batch $catalog $batch) }
-    }
+function Invoke-Check([string]$Name, [scriptblock]$Action) {
+    # Read-only steps: they run under -WhatIf too, so a dry run still finds what would stop a real one.
+    Write-Host "--> check: $Name"
+    try { & $Action } catch { throw "Setup stopped at check '$Name': $($_.Exception.Message)" }
 }
 
-function Find-SqlPython {
-    if ($PythonPath) { return $PythonPath }
-    $root = 'HKLM:\SOFTWARE\Microsoft\Microsoft SQL Server'
-    foreach ($key in Get-ChildItem $root -ErrorAction SilentlyContinue) {
-        $setup = Join-Path $key.PSPath 'Setup'
-        $sqlPath = (Get-ItemProperty $setup -ErrorAction SilentlyContinue).SQLPath
-        if ($sqlPath) {
-            $python = Join-Path $sqlPath 'PYTHON_SERVICES\python.exe'
-            if (Test-Path $python) { return $python }
-        }
+function Get-InstanceName {
+    # 'host\INSTANCE' names an instance; 'host' or 'host,port' the default one.
+    $parts = ($Server -split ',')[0] -split '\\'
+    if ($parts.Count -gt 1) { return $parts[1].ToUpperInvariant() }
+    return 'MSSQLSERVER'
+}
+
+function Get-InstanceFolder([string]$Instance) {
+    # Instance Names\SQL maps the instance to its id (MSSQL16.MSSQLSERVER); <id>\Setup\SQLPath is its
+    # ...\MSSQL16.MSSQLSERVER\MSSQL folder.
+    $ids = Get-ItemProperty -LiteralPath (Join-Path $SqlServerKey 'Instance Names\SQL') -ErrorAction SilentlyContinue
+    if (-not $ids -or -not ($ids.PSObject.Properties.Name -contains $Instance)) {
+        throw "no SQL Server instance '$Instance' on this machine; run the script on the server -Server names."
     }
-    throw 'SQL Server''s Python (PYTHON_SERVICES\python.exe) was not found; pass -PythonPath.'
+    $id = $ids.$Instance
+    $sqlPath = (Get-ItemProperty -LiteralPath (Join-Path $SqlServerKey "$id\Setup")).SQLPath
+    return [pscustomobject]@{ Id = $id; SqlPath = $sqlPath; InstanceRoot = (Split-Path -Parent $sqlPath) }
+}
+
+function Get-ServiceNames([string]$Instance) {
+    if ($Instance -eq 'MSSQLSERVER') { return @('MSSQLSERVER', 'MSSQLLaunchpad') }
+    return @("MSSQL`$$Instance", "MSSQLLaunchpad`$$Instance")
+}
+
+function Get-PythonVersion([string]$Python) {
+    $version = & $Python -c "import sys; print('%d.%d' % sys.version_info[:2])"
+    if ($LASTEXITCODE -ne 0) { throw "$Python does not run." }
+    return [version]$version
+}
+
+function Test-PythonImport([string]$Python, [string]$Module) {
+    & $Python -c "import $Module" 2>$null
+    return $LASTEXITCODE -eq 0
 }
 
 $identity = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()
@@ -101,18 +142,118 @@ if (-not $identity.IsInRole([Security.Principal.WindowsBuiltInRole]::Administrat
     throw 'Run this script from an elevated PowerShell (Run as administrator).'
 }
 
-Invoke-Step 'enable external scripts' {
+$Instance = Get-InstanceName
+$Services = Get-ServiceNames $Instance
+$Python = Join-Path $PythonHome 'python.exe'
+
+Invoke-Check "SQL Server version of instance $Instance" {
+    $script:Folder = Get-InstanceFolder $Instance
+    $script:MajorVersion = [int](Get-Scalar 'master' "SELECT CAST(SERVERPROPERTY('ProductMajorVersion') AS int);")
+    if ($script:MajorVersion -in 14, 15) {
+        $bundled = Join-Path $script:Folder.InstanceRoot 'PYTHON_SERVICES\python.exe'
+        $found = if (Test-Path -LiteralPath $bundled) { " ($bundled is Python $(Get-PythonVersion $bundled))" } else { '' }
+        throw ("SQL Server 2017/2019 is not supported: its Machine Learning Services runtime is Python 3.5/3.7$found, " +
+            'which cannot host image-similarity (it needs Python 3.10 or later). Use SQL Server 2022 or 2025.')
+    }
+    if ($script:MajorVersion -lt 14) { throw 'SQL Server 2016 and older have no Python runtime; use SQL Server 2022 or 2025.' }
+    Write-Host "    SQL Server major version $($script:MajorVersion) ($($script:Folder.Id))"
+}
+
+Invoke-Step "install Python 3.10 into $PythonHome" {
+    if (Test-Path -LiteralPath $Python) { Write-Host '    already installed'; return }
+    if (-not $PythonInstaller) {
+        throw "no Python in $PythonHome: install Python 3.10 (64-bit, for all users) there, or pass -PythonInstaller."
+    }
+    $process = Start-Process -FilePath $PythonInstaller -Wait -PassThru -ArgumentList @(
+        '/quiet', 'InstallAllUsers=1', 'PrependPath=0', 'Include_test=0', "TargetDir=`"$PythonHome`"")
+    if ($process.ExitCode -ne 0) { throw "the Python installer failed (exit code $($process.ExitCode))." }
+}
+
+Invoke-Check 'the runtime is Python 3.10' {
+    if (-not (Test-Path -LiteralPath $Python)) { throw "no $Python (run without -WhatIf to install it)." }
+    $version = Get-PythonVersion $Python
+    if ($version.Major -ne 3 -or $version.Minor -ne 10) {
+        throw "$Python is Python $version; SQL Server 2022/2025 Machine Learning Services runs Python 3.10."
+    }
+}
+
+Invoke-Step 'install revoscalepy into the runtime' {
+    if (Test-PythonImport $Python 'revoscalepy') { Write-Host '    already installed'; return }
+    if (-not $RevoscalepyWheel) {
+        throw 'revoscalepy is missing: download the revoscalepy 10.0.1 wheel for Python 3.10 named in Microsoft''s SQL Server 2022 installation guide and pass -RevoscalepyWheel.'
+    }
+    & $Python -m pip install --no-input dill 'numpy==1.22.0' pandas patsy python-dateutil
+    if ($LASTEXITCODE -ne 0) { throw "pip could not install revoscalepy's dependencies (exit code $LASTEXITCODE)." }
+    & $Python -m pip install --no-input $RevoscalepyWheel
+    if ($LASTEXITCODE -ne 0) { throw "pip could not install $RevoscalepyWheel (exit code $LASTEXITCODE)." }
+}
+
+Invoke-Step 'install image_similarity into the runtime' {
+    & $Python -m pip install --no-input $RepoRoot
+    if ($LASTEXITCODE -ne 0) { throw "pip install into $Python failed (exit code $LASTEXITCODE)." }
+    if (-not (Test-PythonImport $Python 'image_similarity.inproc')) { throw 'image_similarity does not import.' }
+    if ($WeightsFile) {
+        $weights = Join-Path $PythonHome 'share\image-similarity\weights'
+        New-Item -ItemType Directory -Force -Path $weights | Out-Null
+        Copy-Item -LiteralPath $WeightsFile -Destination $weights -Force
+    }
+}
+
+Invoke-Step 'grant the Launchpad sandbox read access and register the runtime' {
+    foreach ($account in @("NT Service\$($Services[1])", '*S-1-15-2-1')) {
+        & icacls $PythonHome /grant "${account}:(OI)(CI)RX" /T /Q | Out-Null
+        if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account read access to $PythonHome." }
+    }
+    $registerRext = Join-Path $script:Folder.SqlPath 'Binn\RegisterRext.exe'
+    if (-not (Test-Path -LiteralPath $registerRext)) {
+        throw "no $registerRext: add the Machine Learning Services and Language Extensions feature with SQL Server Setup."
+    }
+    & $registerRext /configure /pythonhome:"$PythonHome" /instance:"$Instance"
+    if ($LASTEXITCODE -ne 0) { throw "RegisterRext.exe failed (exit code $LASTEXITCODE)." }
+}
+
+Invoke-Step 'enable external scripts and restart the engine and Launchpad' {
+    $inUse = [int](Get-Scalar 'master' "SELECT CAST(value_in_use AS int) FROM sys.configurations WHERE name = 'external scripts enabled';")
+    if ($inUse -eq 1) { Write-Host '    already enabled'; return }
     [void](Invoke-Batch 'master' "EXEC sp_configure 'external scripts enabled', 1; RECONFIGURE WITH OVERRIDE;")
+    Restart-Service -Name $Services[0] -Force
+    Restart-Service -Name $Services[1] -Force
+    $inUse = [int](Get-Scalar 'master' "SELECT CAST(value_in_use AS int) FROM sys.configurations WHERE name = 'external scripts enabled';")
+    if ($inUse -ne 1) { throw "'external scripts enabled' is still not in use after the restart." }
 }
 
-Invoke-Step 'install image_similarity into SQL Server''s Python' {
-    $python = Find-SqlPython
-    & $python -m pip install --upgrade $RepoRoot
-    if ($LASTEXITCODE -ne 0) { throw "pip install into $python failed (exit code $LASTEXITCODE)." }
+Invoke-Check 'SQL Server runs Python 3.10 with image_similarity' {
+    $check = Invoke-Batch 'master' @'
+EXEC sp_execute_external_script @language = N'Python', @script = N'
+import sys, pandas as pd, image_similarity.inproc
+OutputDataSet = pd.DataFrame([("%d.%d" % sys.version_info[:2], sys.executable)])'
+WITH RESULT SETS ((python nvarchar(16), executable nvarchar(400)));
+'@
+    if ($check.Rows.Count -ne 1 -or $check.Rows[0]['python'] -ne '3.10') {
+        throw 'sp_execute_external_script does not run Python 3.10 with image_similarity; see the README''s SQL Server section.'
+    }
+    Write-Host "    Python $($check.Rows[0]['python']) at $($check.Rows[0]['executable'])"
 }
 
-foreach ($file in Get-ChildItem -LiteralPath $SqlDir -Filter '[0-9][0-9]_*.sql' | Sort-Object Name) {
-    Invoke-Step "run SQLR\$($file.Name)" { Invoke-SqlScript $file }
+# -Filter goes to the file-system API, which knows only * and ?: the numbered-name test is a regex after it.
+$scripts = Get-ChildItem -LiteralPath $SqlDir -Filter '*.sql' -File | Where-Object Name -match '^\d\d_' | Sort-Object Name
+foreach ($file in $scripts) {
+    $text = Get-Content -Raw -LiteralPath $file.FullName
+    if ($text.StartsWith('-- requires: vector') -and $null -eq (Get-Scalar 'master' "SELECT TYPE_ID(N'vector');")) {
+        Write-Host "    skipping SQLR\$($file.Name): this server has no VECTOR type"
+        continue
+    }
+    Invoke-Step "run SQLR\$($file.Name)" {
+        # The database script runs in master with the sqlcmd variable DatabaseName; the others in the database.
+        $catalog = if ($file.Name -like '01_*') { 'master' } else { $Database }
+        foreach ($batch in [regex]::Split($text.Replace('$(DatabaseName)', $Database), '(?im)^\s*GO\s*$')) {
+            if ($batch.Trim()) { [void](Invoke-Batch $catalog $batch) }
+        }
+        $objects = [regex]::Matches($text, '(?i)CREATE (?:OR ALTER PROCEDURE|TABLE) dbo\.(\w+)') | ForEach-Object { $_.Groups[1].Value }
+        foreach ($object in $objects) {
+            if ($null -eq (Get-Scalar $Database "SELECT OBJECT_ID(N'dbo.$object');")) { throw "dbo.$object was not created." }
+        }
+    }
 }
 
 Invoke-Step "load images from $ImageFolder" {

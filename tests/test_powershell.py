@@ -1,7 +1,7 @@
-"""PowerShell/Setup-ImageSimilarity.ps1: valid PowerShell (tree-sitter grammar), runs SQLR/ in numbered order."""
+"""PowerShell/Setup-ImageSimilarity.ps1 without PowerShell: a real grammar (tree-sitter), and static checks of
+what would break on a real server, with the documented semantics of the cmdlets it relies on emulated."""
 from __future__ import annotations
 
-import fnmatch
 import re
 from pathlib import Path
 
@@ -24,33 +24,94 @@ def nodes(node: tree_sitter.Node, kind: str) -> list[tree_sitter.Node]:
     return found
 
 
+def commands(name: str) -> list[str]:
+    """The text of every call of the cmdlet `name` in the script."""
+    return [n.text.decode() for n in nodes(parse(SCRIPT.read_bytes()), "command")
+            if n.children and n.children[0].text.decode().lower() == name.lower()]
+
+
+def file_system_filter(pattern: str, name: str) -> bool:
+    """Get-ChildItem -Filter: passed to the file-system API, whose only wildcards are * and ? (brackets are
+    literal characters there, unlike PowerShell's -Include/-Like patterns); case-insensitive."""
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, re.IGNORECASE | re.DOTALL) is not None
+
+
+def sql_listing(names: list[str]) -> list[str]:
+    """The SQLR\\ files the script's listing picks, with the documented semantics of each pipeline stage."""
+    (listing,) = [c for c in commands("Get-ChildItem") if "$SqlDir" in c]
+    line = next(line for line in SCRIPT.read_text().splitlines() if listing in line)
+    pattern = re.search(r"-Filter '([^']*)'", listing).group(1)
+    chosen = [n for n in names if file_system_filter(pattern, n)]
+    for match in re.findall(r"Where-Object Name -match '([^']*)'", line):  # -match: case-insensitive regex
+        chosen = [n for n in chosen if re.search(match, n, re.IGNORECASE)]
+    assert re.search(r"\|\s*Sort-Object Name\s*$", line)
+    return sorted(chosen, key=str.lower)
+
+
 def test_setup_script_parses_without_errors():
     source = SCRIPT.read_bytes()
     assert not parse(source).has_error
     assert parse(source.replace(b"if ($batch.Trim()) {", b"if ($batch.Trim() {")).has_error  # the grammar bites
 
 
-def test_setup_script_runs_the_sql_scripts_in_numbered_order():
-    (loop,) = [n for n in nodes(parse(SCRIPT.read_bytes()), "foreach_statement")
-               if b"Invoke-SqlScript" in n.text]
-    source = loop.text.decode()
-    header = source[: source.index("{")]
-    assert "$SqlDir" in header and re.search(r"\|\s*Sort-Object Name\s*\)", header)
-    pattern = re.search(r"-Filter '([^']+)'", header).group(1)
-    chosen = sorted(p.name for p in (ROOT / "SQLR").iterdir() if fnmatch.fnmatch(p.name, pattern))
-    assert chosen == [f"{n:02d}_{name}.sql" for n, name in enumerate(
-        ["CreateDatabase", "Tables", "AddImage", "FeaturizeImages", "PrepareData", "TrainModel", "EvaluateModel",
-         "RankCandidates", "Initial_Run_Once"], start=1)]
-    assert "FileTable_Optional.sql" not in chosen
+def test_no_wildcard_the_file_system_cannot_read_goes_to_filter():
+    """Defect 1: -Filter '[0-9][0-9]_*.sql' matched nothing, so no SQL script ran."""
+    filters = re.findall(r"-Filter\s+'([^']*)'", SCRIPT.read_text())
+    assert filters and not any(set(f) & set("[]") for f in filters)
+
+
+def test_the_listing_finds_every_numbered_script_in_order():
+    names = [p.name for p in (ROOT / "SQLR").iterdir() if p.is_file()]
+    numbered = sorted(n for n in names if re.fullmatch(r"\d\d_.*\.sql", n))
+    assert sql_listing(names) == numbered and len(numbered) >= 10  # other helpers' 10_, 11_ files too
+    assert "FileTable_Optional.sql" not in sql_listing(names)
+    assert sql_listing(["01_a.sql", "1_b.sql", "02_c.SQL", "03_d.sql.bak", "x_04_e.sql"]) == ["01_a.sql", "02_c.SQL"]
+
+
+def test_python_runtime_is_found_for_the_named_instance_per_version():
+    """Defect 2: PYTHON_SERVICES sits beside ...\\MSSQL, not in it; the instance is the one -Server names;
+    SQL Server 2022+ use the Python 3.10 runtime registered with RegisterRext.exe."""
+    text = SCRIPT.read_text()
+    assert "'Instance Names\\SQL'" in text and "$ids.$Instance" in text
+    assert re.search(r"InstanceRoot = \(Split-Path -Parent \$sqlPath\)", text)
+    (bundled,) = [c for c in commands("Join-Path") if "PYTHON_SERVICES" in c]
+    assert bundled.startswith("Join-Path $script:Folder.InstanceRoot")
+    (register,) = [c for c in commands("Join-Path") if "RegisterRext" in c]
+    assert register.startswith("Join-Path $script:Folder.SqlPath 'Binn\\RegisterRext.exe'")
+    assert re.search(r'& \$registerRext /configure /pythonhome:"\$PythonHome" /instance:"\$Instance"', text)
+    # the instance comes from -Server: host\INSTANCE, or the default instance
+    assert "($Server -split ',')[0] -split '\\\\'" in text and "return 'MSSQLSERVER'" in text
+
+
+def test_old_versions_fail_early_and_the_package_installs_the_supported_way():
+    """Defect 3: SQL Server 2019's Python 3.7 cannot host the package; pip --upgrade under revoscalepy."""
+    text = SCRIPT.read_text()
+    gate = text.index("$script:MajorVersion -in 14, 15")
+    first_change = min(text.index(f"Invoke-Step \"{s}") for s in ("install Python", "run SQLR"))
+    assert gate < first_change and "Python 3.5/3.7" in text[gate:first_change] and "2022 or 2025" in text[gate:]
+    assert "--upgrade" not in text and "$Python -m pip install --no-input $RepoRoot" in text
+    assert "$version.Minor -ne 10" in text and "Test-PythonImport $Python 'revoscalepy'" in text
+
+
+def test_enabling_external_scripts_restarts_and_checks_value_in_use():
+    """Defect 4: the setting takes effect only after the engine and Launchpad restart."""
+    text = SCRIPT.read_text()
+    enable = text.index("'external scripts enabled', 1")
+    restarts = [m.start() for m in re.finditer(r"Restart-Service -Name \$Services\[(\d)\]", text)]
+    check = text.index("value_in_use", enable)
+    assert len(restarts) == 2 and enable < restarts[0] < restarts[1] < check
+    assert "return @('MSSQLSERVER', 'MSSQLLaunchpad')" in text and 'MSSQLLaunchpad`$$Instance' in text
 
 
 def test_setup_script_supports_whatif_and_guards_every_step():
     text = SCRIPT.read_text()
     assert "SupportsShouldProcess = $true" in text and "$PSCmdlet.ShouldProcess(" in text
     assert "$ErrorActionPreference = 'Stop'" in text and "IsInRole" in text
-    steps = re.findall(r"^\s*Invoke-Step ['\"]([^'\"]+)", text, re.MULTILINE)
-    assert [s.split()[0] for s in steps] == ["enable", "install", "run", "load", "run"]
-    assert "'external scripts enabled', 1" in text and "dbo.Initial_Run_Once" in text
+    steps = re.findall(r"^\s*Invoke-(Step|Check) ['\"]([^'\"]+)", text, re.MULTILINE)
+    assert [s.split()[0] for _, s in steps] == ["SQL", "install", "the", "install", "install", "grant", "enable",
+                                                "SQL", "run", "load", "run"]
+    assert "dbo.Initial_Run_Once" in text and "sp_execute_external_script" in text  # the Python check
     # what it prints or throws never contains the credential or the connection string
     printed = [re.split(r"Write-\w+|throw ", line, maxsplit=1)[-1] for line in text.splitlines()
                if re.search(r"Write-(Host|Output|Verbose)|throw ", line)]

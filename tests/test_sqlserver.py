@@ -287,3 +287,17 @@ def small_copy(tmp_path, small_dir) -> Path:
     with SQLiteStore(path) as store:
         ingest(store, small_dir, progress=False)
     return path
+
+
+def test_the_sandbox_reads_weights_from_the_runtime_folder(monkeypatch, tmp_path):
+    """Defect 8: in the Launchpad sandbox (no network, its own profile and working folder) only weights that
+    ship in a package or sit in the runtime's own folder can load."""
+    from image_similarity.backbones import WeightsNotFoundError
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inproc, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(WeightsNotFoundError, match=re.escape(str(tmp_path / "weights"))):
+        inproc.featurizer("resnet18")
+    assert inproc.featurizer("efficientnet_lite0").spec.dim == 1280
