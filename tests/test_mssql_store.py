@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import math
 import re
 from pathlib import Path
 
@@ -176,6 +177,6 @@ def test_undefined_figures_are_never_sent():
     store.put_evaluation(EvaluationRecord(3, {"per_class": {"a": float("nan"), "b": 0.5}},
                                           [("test", "accuracy", "a", float("nan")), ("test", "accuracy", "b", 0.5)], []))
     values = [v for _, params in conn.sent for v in params]
-    assert not any(isinstance(v, float) and v != v for v in values)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in values)
     assert json.loads(conn.sent[0][1][1]) == {"per_class": {"a": None, "b": 0.5}}
     assert [p for sql, p in conn.sent if "evaluation_metrics" in sql] == [(7, "test", "accuracy", "b", 0.5)]

@@ -593,7 +593,7 @@ class Server:
         names = {n.lower() for n in re.findall(r"(?<!@)@(\w+)", re.sub(r"N?'(?:[^']|'')*'", "", tsql))}
         unknown = names - set(frame.values) - {"tsql_trancount"}
         if unknown:
-            raise SqlError(137, f"Must declare the scalar variable \"@{sorted(unknown)[0]}\".", True)
+            raise SqlError(137, f"Must declare the scalar variable \"@{min(unknown)}\".", True)
         try:
             sql = to_sqlite(re.sub(r"(?<!@)@(\w+)", lambda m: "@" + m.group(1).lower(), tsql))
         except sqlglot.errors.ParseError as err:

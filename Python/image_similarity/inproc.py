@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .evaluate import evaluate_data
 from .backbones import BACKBONES, WeightsNotFoundError
-from .featurize import Featurizer, collect_batch
 from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
+from .evaluate import evaluate_data
+from .featurize import Featurizer, collect_batch
 from .images import BadImageError, decode_image, inspect_image
 from .rank import Catalogue, rank
 from .split import split_images
@@ -50,7 +50,7 @@ class Report:
 
     error: str | None = None
 
-    def __enter__(self) -> "Report":
+    def __enter__(self) -> Report:  # noqa: PYI034 - typing.Self is 3.11+; SQL Server's runtime is Python 3.10
         return self
 
     def __exit__(self, kind, err, traceback) -> bool:
@@ -84,6 +84,11 @@ def featurizer(backbone: str) -> Featurizer:
         raise WeightsNotFoundError(f"{backbone} weights '{spec.weights_file}' not found in {WEIGHTS_DIR}: copy the "
                                    f"file there (Setup-ImageSimilarity.ps1 -WeightsFile does; source: {spec.source})")
     return Featurizer(backbone)
+
+
+def _require(frame: pd.DataFrame, what: str) -> None:
+    if frame.empty:
+        raise ValueError(f"no rows: {what}")
 
 
 def inspect(data_hex: str) -> pd.DataFrame:

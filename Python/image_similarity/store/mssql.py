@@ -15,8 +15,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
-from .base import (EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array,
-                   finite, strict_json)
+from .base import (
+    EvaluationRecord,
+    ImageRow,
+    ModelRecord,
+    NewImage,
+    Store,
+    StoreError,
+    decode_array,
+    encode_array,
+    finite,
+    strict_json,
+)
 
 PASSWORD_ENV = "IMAGE_SIMILARITY_DB_PASSWORD"
 ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
