@@ -299,3 +299,14 @@ def test_the_sandbox_reads_weights_from_the_runtime_folder(monkeypatch, tmp_path
     with pytest.raises(WeightsNotFoundError, match=re.escape(str(tmp_path / "weights"))):
         inproc.featurizer("resnet18")
     assert inproc.featurizer("efficientnet_lite0").spec.dim == 1280
+
+
+@pytest.mark.parametrize("setting,kept", [("OFF", 1), ("ON", 0)])
+def test_xact_abort_decides_whether_the_batch_goes_on_after_an_error(small_copy, setting, kept):
+    """The rule behind defect 6: with XACT_ABORT OFF a failed statement ends alone and the next one runs."""
+    sql = server(small_copy)
+    insert = "INSERT INTO dbo.rejected_files (name, label, stage, reason) VALUES ({}, N'', N'x', N'y');"
+    with pytest.raises(SqlError, match="NOT NULL"):
+        sql.run_batch(f"SET XACT_ABORT {setting}; BEGIN TRANSACTION; {insert.format('NULL')} "
+                      f"{insert.format(chr(39) + 'a' + chr(39))} COMMIT TRANSACTION;")
+    assert sql.conn.execute("SELECT COUNT(*) FROM rejected_files").fetchone() == (kept,)
