@@ -661,8 +661,6 @@ class Server:
                 frame.temp_tables.append(name)
         elif re.match(r"CREATE\s+VECTOR\s+INDEX", text, re.IGNORECASE):
             self.vector_index(text)
-        elif re.match(r"ALTER\s+TABLE\s+\S+\s+ADD\s", text, re.IGNORECASE):
-            self.add_column(text, frame)
         elif re.match(r"SELECT\s+(TOP\s*\([^)]*\)\s*)?@\w+\s*=", text, re.IGNORECASE):
             self.select_assign(text, frame)
         else:
@@ -823,18 +821,6 @@ class Server:
                 or options.get("METRIC") not in ("cosine", "euclidean", "dot") or options.get("TYPE", "DiskANN").lower() != "diskann":
             raise SqlError(42223, f"CREATE VECTOR INDEX: not a vector column or unknown options: {text}")
         self.conn.execute("INSERT INTO indexes (name) VALUES (?)", (found.group(1),))
-
-    def add_column(self, text: str, frame: Frame) -> None:
-        found = re.match(r"ALTER\s+TABLE\s+(\S+)\s+ADD\s+(\w+)\s+(.*)", text, re.IGNORECASE | re.DOTALL)
-        table = found.group(1).split(".")[-1].lower()
-        if base_type(found.group(3)) == "vector" and not self.vector_type:
-            raise SqlError(2715, "Column, parameter, or variable: cannot find data type vector.", True)
-        definition = re.sub(r"\s+", " ", found.group(3)).strip()
-        self.tables[table][found.group(2).lower()] = definition.split()[0].lower()
-        check = f" CHECK (tsql_convert('{definition.split()[0].lower()}', {found.group(2)}, NULL) IS {found.group(2)})" \
-            if base_type(definition) == "vector" else ""
-        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {found.group(2)} "
-                          f"{'TEXT' if check else definition.split()[0]}{check}")
 
 
 def install(server: Server, scripts: list, database: str = "ImageSimilarity") -> None:
