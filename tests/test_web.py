@@ -2,7 +2,6 @@
 `serve` command under a bounded load, and the page in headless Chromium."""
 from __future__ import annotations
 
-import importlib.util
 import socket
 import sqlite3
 import subprocess
@@ -14,26 +13,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from liveserver import load_benchmark, serving
 
 from image_similarity.cli import main
 from image_similarity.rank import rank
 from image_similarity.store import SQLiteStore
 from image_similarity.web import MAX_UPLOAD_BYTES, create_app
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--no-first-run", "--window-size=1200,1100"]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("load_web", ROOT / "benchmarks" / "load_web.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +55,8 @@ def client(app):
 @pytest.fixture(scope="module")
 def server(app):
     """The app served by uvicorn from a thread on a free loopback port; yields its URL."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the web server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

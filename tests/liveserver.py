@@ -1,0 +1,43 @@
+"""Helpers for the web tests: an app served by uvicorn from a thread on a free loopback port, and the load
+benchmark as a module."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve `app` (with its lifespan) until the block ends; yields its URL."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the web server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def load_benchmark():
+    """benchmarks/load_web.py as a module."""
+    spec = importlib.util.spec_from_file_location("load_web", ROOT / "benchmarks" / "load_web.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
