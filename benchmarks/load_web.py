@@ -173,7 +173,7 @@ class Writers:
 
     def _run(self, commands: list[list[str]]) -> None:
         for command in commands:
-            done = subprocess.run(command, capture_output=True, text=True)
+            done = subprocess.run(command, check=False, capture_output=True, text=True)
             self.outputs.append(done.stdout + done.stderr)
             if done.returncode:
                 self.failures.append(f"{' '.join(command[3:5])} exited {done.returncode}: {done.stderr[-2000:]}")

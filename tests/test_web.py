@@ -2,19 +2,15 @@
 `serve` command under a bounded load, and the page in headless Chromium."""
 from __future__ import annotations
 
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from liveserver import load_benchmark, serving
+from liveserver import load_benchmark, serve_command, serving
 
 from image_similarity.cli import main
 from image_similarity.rank import rank
@@ -190,30 +186,12 @@ def test_concurrent_requests_are_answered_correctly(server, photos, expected):
 
 def test_serve_command_under_load(web_db, capsys):
     """`image-similarity serve` as a user starts it, then 50 rank requests from 4 threads (a report, not a timing)."""
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.cli", "serve", "--db", str(web_db),
-                             "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "serve did not answer in time"
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serve_command("--db", str(web_db)) as (url, _):
         bench = load_benchmark()
         report = bench.run_load(url, bench.sample_photos(2), requests=50, threads=4)
         with capsys.disabled():
             print(f"\n  load: {report}")
         assert report.errors == [] and len(report.latencies) == 50
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_serve_errors_are_one_line(tmp_path, capsys):

@@ -17,7 +17,7 @@ import httpx
 import pgserver
 import pytest
 from fastapi.testclient import TestClient
-from liveserver import load_benchmark, serving
+from liveserver import load_benchmark, serve_command, serving
 
 from image_similarity import cli
 from image_similarity.evaluate import evaluate
@@ -27,7 +27,7 @@ from image_similarity.rank import rank
 from image_similarity.split import split
 from image_similarity.store import SQLiteStore, connect
 from image_similarity.train import train
-from image_similarity.web import create_app
+from image_similarity.web import API_KEY_ENV, create_app
 
 KEY = "k3y-for-tests-only-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -110,7 +110,7 @@ def test_openapi_documents_the_writes(db, featurizer):
     with SQLiteStore(db) as store, TestClient(create_app(store, featurizer, api_key=KEY)) as client:
         schema = client.get("/openapi.json").json()
     paths = schema["paths"]
-    assert {"post", "get"} <= set(paths["/api/images"]) | {"get"} and "delete" in paths["/api/images/{image_id}"]
+    assert "post" in paths["/api/images"] and "delete" in paths["/api/images/{image_id}"]
     assert "/api/catalogue" in paths
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     for method, path in (("post", "/api/images"), ("delete", "/api/images/{image_id}")):
@@ -159,7 +159,7 @@ def test_add_featurize_rank_and_remove(db, featurizer, new_photos, sample_dir):
 
 
 def test_new_model_and_features_are_picked_up_without_a_restart(db, featurizer, new_photos, small_dir):
-    query = sorted((small_dir / "striped").iterdir())[0]
+    query = min((small_dir / "striped").iterdir())
     with SQLiteStore(db) as store, TestClient(create_app(store, featurizer, reload_interval=0.1,
                                                          featurize_added=False)) as client:
         first = client.get("/api/model").json()
@@ -178,6 +178,28 @@ def test_new_model_and_features_are_picked_up_without_a_restart(db, featurizer, 
             want = rank(writer, query.read_bytes(), featurizer, method="learned", save=False)
             assert want.model_version == version
             assert [m["id"] for m in body["matches"]] == [m.image_id for m in want.matches]
+
+
+def test_serve_command_takes_the_key_from_a_file_and_never_prints_it(db, new_photos, tmp_path, capsys):
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    with serve_command("--db", str(db), "--api-key-file", str(key_file), "--reload-interval", "0.2",
+                       env=env) as (url, proc), httpx.Client(base_url=url, timeout=60) as client:
+        assert add(client, new_photos[0], "dotted", {"Authorization": "Bearer nope"}).status_code == 401
+        added = add(client, new_photos[0], "dotted").json()
+        wait_for(lambda: client.get("/api/catalogue").json()["served"] == 37)  # featurized in the background
+        assert client.delete(f"/api/images/{added['id']}", headers=AUTH).status_code == 200
+        assert client.get("/api/health").json()["images"] == 36
+    assert "POST /api/images HTTP/1.1\" 201" in proc.output and KEY not in proc.output  # the access log is on
+    for args, reason in [(["--api-key-file", str(tmp_path / "missing")], "cannot read the API key file"),
+                         (["--api-key-file", str(tmp_path / "empty")], "is empty"),
+                         (["--protect-reads"], "--protect-reads needs an API key")]:
+        (tmp_path / "empty").write_text("\n")
+        capsys.readouterr()
+        assert cli.main(["serve", "--db", str(db), *args]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("image-similarity: error: ") and reason in err and "\n" not in err
 
 
 def load_while_writing(app, db: str) -> None:

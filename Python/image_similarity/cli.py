@@ -260,11 +260,12 @@ def cmd_serve(store, args) -> None:
     import uvicorn
 
     from .rank import latest_model
-    from .web import create_app
-
     from .store import DEFAULT_DB
+    from .web import API_KEY_ENV, create_app
 
-    key = _api_key(args)
+    key = _api_key(args.api_key_file, API_KEY_ENV)
+    if args.protect_reads and not key:
+        raise ValueError(f"--protect-reads needs an API key: set {API_KEY_ENV} or --api-key-file")
     model = latest_model(store)
     app = create_app(store, _featurizer(args, model.backbone if model else None), api_key=key,
                      protect_reads=args.protect_reads, reload_interval=args.reload_interval,
@@ -272,18 +273,16 @@ def cmd_serve(store, args) -> None:
     uvicorn.run(app, host=args.host, port=args.port)
 
 
-def _api_key(args: argparse.Namespace) -> str | None:
-    """The operator's API key, from --api-key-file or the environment; never printed."""
-    from .web import API_KEY_ENV
-
-    if args.api_key_file is None:
-        return os.environ.get(API_KEY_ENV) or None
+def _api_key(path: Path | None, env: str) -> str | None:
+    """The operator's API key, from the file `path` or else the environment variable `env`; never printed."""
+    if path is None:
+        return os.environ.get(env) or None
     try:
-        key = args.api_key_file.read_text(encoding="utf-8").strip()
+        key = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read the API key file {args.api_key_file}: {getattr(err, 'strerror', None) or err}")
+        raise ValueError(f"cannot read the API key file {path}: {getattr(err, 'strerror', None) or err}") from None
     if not key:
-        raise ValueError(f"the API key file {args.api_key_file} is empty")
+        raise ValueError(f"the API key file {path} is empty")
     return key
 
 

@@ -31,6 +31,7 @@ FORM_OVERHEAD = 64 * 1024
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
 MAX_ID = 2 ** 63 - 1
 API_KEY_ENV = "IMAGE_SIMILARITY_API_KEY"
+BEARER = HTTPBearer(auto_error=False, description="the operator's API key")
 MAX_LABEL, MAX_NAME = 100, 300
 LABEL_PATTERN = r"^[^/\\\x00-\x1f\x7f]+$"
 """A class name: no slashes or control characters (labels are folder names to ingest)."""
@@ -175,20 +176,19 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
     shared = SerialFeaturizer(featurizer)
     service = Service(store, shared, reload_interval, featurize_added, db)
     page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
-    bearer = HTTPBearer(auto_error=False, description="the operator's API key")
 
     def check_key(credentials: HTTPAuthorizationCredentials | None) -> None:
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
             raise HTTPException(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    def can_write(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+    def can_write(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
         if not api_key:
             raise HTTPException(403, f"catalogue writes are off: the operator set no API key ({API_KEY_ENV} or "
                                      "--api-key-file)")
         check_key(credentials)
 
-    def can_read(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+    def can_read(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
         if protect_reads:
             check_key(credentials)
 
