@@ -7,9 +7,10 @@
 Each photo is first ranked alone (not timed) with every method for its reference answers, keyed by model
 version and method; a timed request is an error unless it answers 200 with the images, in the same order, that
 the model version and method it names gave that photo alone. With --writers DB (the database the service
-serves: a copy you can change), an idle run comes first, then the same load while `featurize --backbone
-mobilenet_v2` and `train` (a new model version, then `evaluate`) write that database; the load goes on until
-both finished and the service answers with the new model; then the new version's references are taken.
+serves: a copy you can change), an idle run comes first, then the same load while `ingest` (12 new images),
+`featurize --backbone mobilenet_v2` and `train` (a new model version, then `evaluate`) write that database; the
+load goes on until all finished and the service answers with the new model; then the new version's
+references are taken.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image, ImageOps
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "fashion-texture"
 WRITER_BACKBONE = "mobilenet_v2"
+NEW_PER_CLASS = 4  # new images that ingest adds (bundled photos, mirrored)
 NEW_MODEL_C = "0.0123"  # not in train's grid: the new model version differs from the one cross-validation picks
 
 Reference = dict[tuple[int | None, str, str], list[int]]
@@ -155,13 +158,24 @@ def run_load(url: str, photos: list[Path], requests: int = 50, threads: int = 4,
     return report
 
 
+def mirrored_photos(folder: Path, per_class: int = NEW_PER_CLASS) -> Path:
+    """A folder to ingest: bundled photos flipped left to right (new images), one sub-folder per class."""
+    for photo in sample_photos(per_class):
+        target = folder / photo.parent.name / f"mirrored-{photo.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(photo) as image:
+            ImageOps.mirror(ImageOps.exif_transpose(image).convert("RGB")).save(target, "JPEG", quality=90)
+    return folder
+
+
 class Writers:
-    """`featurize` with another backbone, and `train` (a new model version) then `evaluate`, on `db`, each
-    sequence in its own thread, as subprocesses; `done()` when both finished."""
+    """As subprocesses, each sequence in its own thread, on `db`: `ingest` of new images, `featurize` with
+    another backbone, and `train` (a new model version) then `evaluate`; `done()` when all finished."""
 
     def __init__(self, db: str, out: Path) -> None:
         cli = [sys.executable, "-m", "image_similarity.cli"]
-        self.steps = [[[*cli, "featurize", "--db", db, "--backbone", WRITER_BACKBONE, "--batch-size", "8",
+        self.steps = [[[*cli, "ingest", str(mirrored_photos(out / "new")), "--db", db, "-q"]],
+                      [[*cli, "featurize", "--db", db, "--backbone", WRITER_BACKBONE, "--batch-size", "8",
                         "--device", "cpu", "-q"]],
                       [[*cli, "train", "--db", db, "--backbone", "efficientnet_lite0", "--C", NEW_MODEL_C, "-q"],
                        [*cli, "evaluate", "--db", db, "--out", str(out), "-q"]]]
@@ -222,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=4, help="client threads (default: 4)")
     parser.add_argument("--per-class", type=int, default=4, help="bundled photos per class to send (default: 4)")
     parser.add_argument("--writers", metavar="DB",
-                        help="the database the service serves (a copy: it gets a new model version and "
-                             f"{WRITER_BACKBONE} features): run the load idle, then while featurize and train write it")
+                        help="the database the service serves (a copy: it gets new images, a new model version and "
+                             f"{WRITER_BACKBONE} features): run the load idle, then while ingest, featurize and "
+                             "train write it")
     args = parser.parse_args(argv)
     photos = sample_photos(args.per_class)
     if not args.writers:

@@ -275,9 +275,14 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
 
     @app.delete("/api/images/{image_id}", response_model=RemovedOut, dependencies=[Depends(can_write)],
                 summary="Remove an image from the catalogue (needs the API key); it never appears in a ranking again",
-                responses={404: {"description": "no such image"}, **denied})
+                responses={404: {"description": "no such image"}, 501: {"description": "this store cannot remove"},
+                           **denied})
     def remove_image(image_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> RemovedOut:
-        if not service.remove(image_id):
+        try:
+            removed = service.remove(image_id)
+        except StoreError as err:  # a store that cannot remove images
+            raise HTTPException(501, str(err)) from None
+        if not removed:
             raise HTTPException(404, f"no image with id {image_id}")
         return RemovedOut(id=image_id, catalogue_size=len(service.current.catalogue))
 
