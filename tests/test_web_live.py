@@ -18,6 +18,7 @@ import pgserver
 import pytest
 from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
+from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL server (skipped or failed without one)
 
 from image_similarity import cli
 from image_similarity.evaluate import evaluate
@@ -222,21 +223,8 @@ def test_load_while_featurize_and_train_write_sqlite(db, featurizer):
         load_while_writing(create_app(store, featurizer, reload_interval=0.2), str(db))
 
 
-@pytest.fixture(scope="module")
-def pg_admin():
-    """The admin URL of a throwaway PostgreSQL server (skipped with the reason when there is none; fails in CI)."""
-    reason = pgserver.missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the PostgreSQL tests must run in CI: {reason}")
-        pytest.skip(f"no PostgreSQL here: {reason}")
-    cluster = pgserver.Cluster()
-    yield cluster.url()
-    cluster.stop()
-
-
-def test_load_while_featurize_and_train_write_postgres(pg_admin, small_dir, featurizer, tmp_path):
-    url = pgserver.create_database(pg_admin, "web_live")
+def test_load_while_featurize_and_train_write_postgres(server, small_dir, featurizer, tmp_path):  # noqa: F811
+    url = pgserver.create_database(server, "web_live")
     assert cli.main(["run", str(small_dir), "--db", url, "-q", "--out", str(tmp_path / "plots")]) == 0
     with connect(url) as store:
         load_while_writing(create_app(store, featurizer, reload_interval=0.2, db=url), url)
