@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -179,6 +180,23 @@ def test_new_model_and_features_are_picked_up_without_a_restart(db, featurizer, 
             want = rank(writer, query.read_bytes(), featurizer, method="learned", save=False)
             assert want.model_version == version
             assert [m["id"] for m in body["matches"]] == [m.image_id for m in want.matches]
+
+
+def test_a_model_on_another_backbone_is_not_served(db, featurizer, small_dir):
+    """The last good snapshot keeps serving, and the status says why the new model is not used."""
+    query = min((small_dir / "dotted").iterdir())
+    with SQLiteStore(db) as store, TestClient(create_app(store, featurizer, reload_interval=0.1,
+                                                         featurize_added=False)) as client:
+        before = client.post("/api/rank", files={"file": (query.name, query.read_bytes(), "image/jpeg")}).json()
+        with SQLiteStore(db) as writer:
+            latest = writer.model()
+            other = writer.put_model(replace(latest, backbone="mobilenet_v2", version=None))
+        wait_for(lambda: client.get("/api/catalogue").json()["reload_error"])
+        status = client.get("/api/catalogue").json()
+        assert f"latest model (version {other}) uses mobilenet_v2 features" in status["reload_error"]
+        assert status["model_version"] == latest.version == client.get("/api/model").json()["version"]
+        after = client.post("/api/rank", files={"file": (query.name, query.read_bytes(), "image/jpeg")}).json()
+        assert after == before
 
 
 def test_serve_command_takes_the_key_from_a_file_and_never_prints_it(db, new_photos, tmp_path, capsys):

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import __version__
 from .images import BadImageError
 from .ingest import ingest_one
-from .rank import METHODS, latest_model, rank
+from .rank import METHODS, rank
 from .service import SerialFeaturizer, Service, Snapshot
 from .store import Store, StoreError
 
@@ -168,9 +168,6 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
     (sent as `Authorization: Bearer KEY`); without one they answer 403. `protect_reads`: reads need it too.
     Images added here are featurized in the background when `featurize_added`, on a connection to `db`.
     """
-    model = latest_model(store)
-    if model and model.backbone != featurizer.backbone:
-        raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
     if protect_reads and not api_key:
         raise ValueError("protecting reads needs an API key")
     shared = SerialFeaturizer(featurizer)
