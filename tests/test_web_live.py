@@ -82,6 +82,27 @@ def wait_for(condition, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def test_store_reads_one_snapshot_and_removes_whole_images(db):
+    """What the service relies on: `reading()` sees one snapshot while another connection commits, the stamp
+    moves with every change a ranking sees, and remove_image takes the features, split row and rankings along."""
+    with SQLiteStore(db) as store, SQLiteStore(db) as writer:
+        backbone = "efficientnet_lite0"
+        stamp = store.catalogue_stamp(backbone)
+        model = writer.model()
+        with store.reading():
+            assert store.catalogue_stamp(backbone) == stamp
+            writer.put_model(replace(model, version=None))
+            assert store.catalogue_stamp(backbone) == stamp and store.model().version == model.version
+        moved = store.catalogue_stamp(backbone)
+        assert moved[0] == stamp[0] + 1 and moved[1:] == stamp[1:]
+        victim = store.images()[-1].id
+        writer.put_ranking({"name": "q", "sha256": "0" * 64, "method": "l2", "backbone": backbone}, [(1, victim, 0.5)])
+        assert writer.remove_image(victim) and not writer.remove_image(victim)
+        assert store.catalogue_stamp(backbone)[2] == stamp[2] - 1
+        assert victim not in store.features(backbone)[0] and victim not in store.split()
+        assert store.conn.execute("SELECT count(*) FROM rankings WHERE image_id = ?", (victim,)).fetchone() == (0,)
+
+
 def test_writes_need_the_operators_key(db, featurizer, new_photos, caplog):
     with SQLiteStore(db) as store:
         before = len(store.images())
