@@ -35,8 +35,10 @@ WRITER_BACKBONE = "mobilenet_v2"
 NEW_PER_CLASS = 4  # new images that ingest adds (bundled photos, mirrored)
 NEW_MODEL_C = "0.0123"  # not in train's grid: the new model version differs from the one cross-validation picks
 
-Reference = dict[tuple[int | None, str, str], list[int]]
-"""(model version, method, photo name) -> ids of the answer for that photo alone."""
+Key = tuple[int | None, str, int, str]
+"""(model version, method, catalogue size, photo name): what an answer was made from."""
+Reference = dict[Key, list[int]]
+"""The ids of the answer for that photo alone, by what it was made from."""
 
 
 @dataclass
@@ -86,7 +88,7 @@ class Ranker:
             for method in model["methods"]:
                 for i, (name, _) in enumerate(self.payloads):
                     body = self.post(client, i, method).raise_for_status().json()
-                    into[(body["model_version"], method, name)] = [m["id"] for m in body["matches"]]
+                    into[key(body, name)] = [m["id"] for m in body["matches"]]
         return model["version"]
 
     def load(self, requests: int, threads: int, more: Callable[[Counter], bool] = lambda _: False) -> LoadReport:
@@ -130,6 +132,11 @@ class Ranker:
         return LoadReport(len(results), threads, seconds, [t for t, _, _ in results], [], versions,
                           [(i, r) for _, i, r in results])
 
+    def answered(self, report: LoadReport) -> set[Key]:
+        """What each successful answer of a run was made from."""
+        return {key(r.json(), self.payloads[i % len(self.payloads)][0]) for i, r in report.responses
+                if not isinstance(r, str) and r.status_code == 200}
+
     def check(self, report: LoadReport, reference: Reference) -> None:
         """Put every failed request and every answer that differs from its reference in `report.errors`."""
         for i, response in report.responses:
@@ -140,13 +147,17 @@ class Ranker:
                 report.errors.append(f"request {i}: HTTP {response.status_code} {response.text[:200]}")
             else:
                 body = response.json()
-                want = reference.get((body["model_version"], body["method"], name))
+                want = reference.get(key(body, name))
                 if want is None:
-                    report.errors.append(f"request {i}: no reference for model version {body['model_version']} "
-                                         f"and method {body['method']}")
+                    report.errors.append(f"request {i}: no reference for model version {body['model_version']}, "
+                                         f"method {body['method']} and {body['catalogue_size']} images")
                 elif [m["id"] for m in body["matches"]] != want:
                     report.errors.append(f"request {i}: {name} answered differently than model version "
                                          f"{body['model_version']} ({body['method']}) answers it alone")
+
+
+def key(body: dict, name: str) -> Key:
+    return body["model_version"], body["method"], body["catalogue_size"], name
 
 
 def run_load(url: str, photos: list[Path], requests: int = 50, threads: int = 4, top: int = 10) -> LoadReport:
@@ -172,10 +183,10 @@ class Writers:
     """As subprocesses, each sequence in its own thread, on `db`: `ingest` of new images, `featurize` with
     another backbone, and `train` (a new model version) then `evaluate`; `done()` when all finished."""
 
-    def __init__(self, db: str, out: Path) -> None:
+    def __init__(self, db: str, out: Path, backbone: str = WRITER_BACKBONE, batch_size: int = 8) -> None:
         cli = [sys.executable, "-m", "image_similarity.cli"]
         self.steps = [[[*cli, "ingest", str(mirrored_photos(out / "new")), "--db", db, "-q"]],
-                      [[*cli, "featurize", "--db", db, "--backbone", WRITER_BACKBONE, "--batch-size", "8",
+                      [[*cli, "featurize", "--db", db, "--backbone", backbone, "--batch-size", str(batch_size),
                         "--device", "cpu", "-q"]],
                       [[*cli, "train", "--db", db, "--backbone", "efficientnet_lite0", "--C", NEW_MODEL_C, "-q"],
                        [*cli, "evaluate", "--db", db, "--out", str(out), "-q"]]]
@@ -197,15 +208,20 @@ class Writers:
         return not any(t.is_alive() for t in self.threads)
 
 
-def run_with_writers(url: str, db: str, photos: list[Path], requests: int = 500,
-                     threads: int = 8, top: int = 10) -> tuple[LoadReport, LoadReport, str]:
-    """(idle load report, load-while-writing report, the writers' output) on the database `db` that `url` serves."""
+def run_with_writers(url: str, db: str, photos: list[Path], requests: int = 500, threads: int = 8, top: int = 10,
+                     start_writers: Callable[[Path], Writers] | None = None,
+                     complete: Callable[[Reference, set[Key]], None] | None = None,
+                     ) -> tuple[LoadReport, LoadReport, str]:
+    """(idle load report, load-while-writing report, the writers' output) on the database `db` that `url` serves.
+
+    `start_writers(folder)` starts other writers than the default ones; `complete(reference, keys)` adds the references
+    for answers made from what the service could not show afterwards (a catalogue that grew while it answered)."""
     ranker, reference = Ranker(url, photos, top), {}
     first = ranker.references(reference)
     idle = ranker.load(requests, threads)
     ranker.check(idle, reference)
     with tempfile.TemporaryDirectory(prefix="load-web-") as tmp:
-        writers = Writers(db, Path(tmp))
+        writers = (start_writers or (lambda folder: Writers(db, folder)))(Path(tmp))
         final: list[int] = []
 
         def more(versions: Counter) -> bool:
@@ -225,6 +241,8 @@ def run_with_writers(url: str, db: str, photos: list[Path], requests: int = 500,
     if writers.failures:
         raise RuntimeError("a writer failed: " + "; ".join(writers.failures))
     ranker.references(reference)  # the new model version's answers, each photo alone
+    if complete:
+        complete(reference, ranker.answered(busy) - set(reference))
     ranker.check(busy, reference)
     return idle, busy, "".join(writers.outputs)
 

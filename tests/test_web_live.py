@@ -25,10 +25,10 @@ from image_similarity import cli
 from image_similarity.evaluate import evaluate
 from image_similarity.featurize import featurize
 from image_similarity.ingest import ingest, ingest_one
-from image_similarity.rank import rank
+from image_similarity.rank import Catalogue, rank
 from image_similarity.split import split
 from image_similarity.store import SQLiteStore, connect
-from image_similarity.train import train
+from image_similarity.train import load_model, train
 from image_similarity.web import API_KEY_ENV, create_app
 
 KEY = "k3y-for-tests-only-0123456789"
@@ -257,9 +257,30 @@ def load_while_writing(app, db: str) -> None:
         assert store.feature_counts()[bench.WRITER_BACKBONE] >= 36 and store.evaluation().model_version == max(versions)
 
 
-def test_load_while_featurize_and_train_write_sqlite(db, featurizer):
+def test_load_while_featurize_grows_the_served_catalogue(db, featurizer, tmp_path):
+    """Featurize adds images of the served backbone in batches while the load runs and train writes: every answer
+    equals the engine's answer on the catalogue it names (the model version, and the first N featurized images)."""
+    bench, backbone = load_benchmark(), featurizer.backbone
+    photos = {p.name: p.read_bytes() for p in bench.sample_photos(2)}
+
+    def complete(reference: dict, keys: set) -> None:
+        with SQLiteStore(db) as own:
+            ids = sorted(own.features(backbone)[0].tolist())  # featurize adds in id order: a catalogue is a prefix
+            for version, method, size, name in keys:
+                catalogue = Catalogue.from_store(own, backbone, load_model(own, version), ids=ids[:size])
+                result = rank(own, photos[name], featurizer, method=method, catalogue=catalogue, save=False)
+                reference[(version, method, size, name)] = [m.image_id for m in result.matches]
+
     with SQLiteStore(db) as store:
-        load_while_writing(create_app(store, featurizer, reload_interval=0.2), str(db))
+        ingest(store, bench.mirrored_photos(tmp_path / "new"), progress=False)  # 12 images to featurize
+        with serving(create_app(store, featurizer, reload_interval=0.1, featurize_added=False)) as url:
+            idle, busy, _ = bench.run_with_writers(
+                url, str(db), bench.sample_photos(2), requests=48, threads=8, complete=complete,
+                start_writers=lambda folder: bench.Writers(str(db), folder, backbone, batch_size=4))
+    print(f"\n  while the catalogue grows: {busy}")
+    assert idle.errors == [] and busy.errors == [], (idle.errors + busy.errors)[:5]
+    sizes = {r.json()["catalogue_size"] for _, r in busy.responses}
+    assert min(sizes) == 36 and max(sizes) == 48 and len({v for v, _ in busy.versions}) == 2, (sizes, busy.versions)
 
 
 def test_load_while_featurize_and_train_write_postgres(server, small_dir, featurizer, tmp_path):  # noqa: F811

@@ -52,6 +52,8 @@ class RankOut(BaseModel):
     method: str
     backbone: str
     model_version: int | None
+    catalogue_size: int
+    """How many catalogue images the answer was ranked among."""
     matches: list[MatchOut]
 
 
@@ -233,7 +235,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         except (BadImageError, StoreError) as err:
             raise HTTPException(400, str(err)) from None
         return RankOut(query=name, method=result.method, backbone=result.backbone,
-                       model_version=result.model_version,
+                       model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
                        matches=[MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,
                                          url=f"/api/images/{m.image_id}") for m in result.matches])
 
