@@ -1,25 +1,44 @@
 """Load test of a running web service on loopback: rank requests from several threads; requests/s, latency, errors.
 
-    image-similarity serve --port 8000 &
+    image-similarity serve --db DB --port 8000 &
     python benchmarks/load_web.py --url http://127.0.0.1:8000 --requests 50 --threads 4
+    python benchmarks/load_web.py --url http://127.0.0.1:8000 --requests 500 --threads 8 --writers DB
 
-Each photo is ranked once first (not timed) for its reference answer; a timed request is an error unless it
-answers 200 with the same images in the same order.
+Each photo is first ranked alone (not timed) with every method for its reference answers, keyed by model
+version and method; a timed request is an error unless it answers 200 with the images, in the same order, that
+the model version and method it names gave that photo alone. With --writers DB (the database the service
+serves: a copy you can change), an idle run comes first, then the same load while `ingest` (12 new images),
+`featurize --backbone mobilenet_v2` and `train` (a new model version, then `evaluate`) write that database; the
+load goes on until all finished and the service answers with the new model; then the new version's
+references are taken.
 """
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image, ImageOps
 
 SAMPLE = Path(__file__).resolve().parents[1] / "Resources" / "fashion-texture"
+WRITER_BACKBONE = "mobilenet_v2"
+NEW_PER_CLASS = 4  # new images that ingest adds (bundled photos, mirrored)
+NEW_MODEL_C = "0.0123"  # not in train's grid: the new model version differs from the one cross-validation picks
+
+Key = tuple[int | None, str, int, str]
+"""(model version, method, catalogue size, photo name): what an answer was made from."""
+Reference = dict[Key, list[int]]
+"""The ids of the answer for that photo alone, by what it was made from."""
 
 
 @dataclass
@@ -29,15 +48,20 @@ class LoadReport:
     seconds: float
     latencies: list[float]
     errors: list[str]
+    versions: Counter = field(default_factory=Counter)
+    """How many answers each (model version, method) gave."""
+    responses: list[tuple[int, httpx.Response | str]] = field(default_factory=list, repr=False)
+    """(request number, its response or the transport error) of each timed request, to check."""
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
 
     def __str__(self) -> str:
+        made_by = ", ".join(f"v{v} {m}: {n}" for (v, m), n in sorted(self.versions.items(), key=str))
         return (f"{self.requests} requests from {self.threads} threads in {self.seconds:.2f} s: "
                 f"{self.requests / self.seconds:.1f} requests/s, latency p50 {1000 * self.percentile(50):.0f} ms, "
                 f"p95 {1000 * self.percentile(95):.0f} ms, max {1000 * max(self.latencies, default=0):.0f} ms; "
-                f"{len(self.errors)} errors")
+                f"{len(self.errors)} errors" + (f" (answers by model version and method: {made_by})" if made_by else ""))
 
 
 def sample_photos(per_class: int = 4) -> list[Path]:
@@ -45,47 +69,182 @@ def sample_photos(per_class: int = 4) -> list[Path]:
     return [p for d in sorted(SAMPLE.iterdir()) if d.is_dir() for p in sorted(d.iterdir())[:per_class]]
 
 
-def _ids(response: httpx.Response) -> list[int]:
-    return [m["id"] for m in response.json()["matches"]]
+class Ranker:
+    """Rank requests for a set of photos against one service."""
+
+    def __init__(self, url: str, photos: list[Path], top: int = 10) -> None:
+        self.url, self.top = url.rstrip("/"), top
+        self.payloads = [(p.name, p.read_bytes()) for p in photos]
+
+    def post(self, client: httpx.Client, i: int, method: str | None = None) -> httpx.Response:
+        name, data = self.payloads[i % len(self.payloads)]
+        params = {"top": self.top, **({"method": method} if method else {})}
+        return client.post(f"{self.url}/api/rank", params=params, files={"file": (name, data, "image/jpeg")})
+
+    def references(self, into: Reference) -> int | None:
+        """Each photo alone with every method the served model offers; return that model version."""
+        with httpx.Client(timeout=120) as client:
+            model = client.get(f"{self.url}/api/model").raise_for_status().json()
+            for method in model["methods"]:
+                for i, (name, _) in enumerate(self.payloads):
+                    body = self.post(client, i, method).raise_for_status().json()
+                    into[key(body, name)] = [m["id"] for m in body["matches"]]
+        return model["version"]
+
+    def load(self, requests: int, threads: int, more: Callable[[Counter], bool] = lambda _: False) -> LoadReport:
+        """At least `requests` timed requests from `threads` threads, each with its own connection, and more while
+        `more(answers so far by version and method)`; `check` them afterwards."""
+        local, lock = threading.local(), threading.Lock()
+        clients: list[httpx.Client] = []
+        results: list[tuple[float, int, httpx.Response | str]] = []
+        versions: Counter = Counter()
+        sent = 0
+
+        def worker() -> None:
+            nonlocal sent
+            local.client = httpx.Client(timeout=120)
+            with lock:
+                clients.append(local.client)
+            while True:
+                with lock:
+                    if sent >= requests and not more(versions):
+                        return
+                    i, sent = sent, sent + 1
+                start = time.perf_counter()
+                try:
+                    response: httpx.Response | str = self.post(local.client, i)
+                except httpx.HTTPError as err:
+                    response = f"request {i}: {err!r}"
+                elapsed = time.perf_counter() - start
+                with lock:
+                    results.append((elapsed, i, response))
+                    if isinstance(response, httpx.Response) and response.status_code == 200:
+                        body = response.json()
+                        versions[(body["model_version"], body["method"])] += 1
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(worker) for _ in range(threads)]:
+                future.result()
+        seconds = time.perf_counter() - start
+        for client in clients:
+            client.close()
+        return LoadReport(len(results), threads, seconds, [t for t, _, _ in results], [], versions,
+                          [(i, r) for _, i, r in results])
+
+    def answered(self, report: LoadReport) -> set[Key]:
+        """What each successful answer of a run was made from."""
+        return {key(r.json(), self.payloads[i % len(self.payloads)][0]) for i, r in report.responses
+                if not isinstance(r, str) and r.status_code == 200}
+
+    def check(self, report: LoadReport, reference: Reference) -> None:
+        """Put every failed request and every answer that differs from its reference in `report.errors`."""
+        for i, response in report.responses:
+            name = self.payloads[i % len(self.payloads)][0]
+            if isinstance(response, str):
+                report.errors.append(response)
+            elif response.status_code != 200:
+                report.errors.append(f"request {i}: HTTP {response.status_code} {response.text[:200]}")
+            else:
+                body = response.json()
+                want = reference.get(key(body, name))
+                if want is None:
+                    report.errors.append(f"request {i}: no reference for model version {body['model_version']}, "
+                                         f"method {body['method']} and {body['catalogue_size']} images")
+                elif [m["id"] for m in body["matches"]] != want:
+                    report.errors.append(f"request {i}: {name} answered differently than model version "
+                                         f"{body['model_version']} ({body['method']}) answers it alone")
+
+
+def key(body: dict, name: str) -> Key:
+    return body["model_version"], body["method"], body["catalogue_size"], name
 
 
 def run_load(url: str, photos: list[Path], requests: int = 50, threads: int = 4, top: int = 10) -> LoadReport:
-    """Send `requests` rank requests for `photos` in turn from `threads` threads, each with its own connection."""
-    payloads = [(p.name, p.read_bytes()) for p in photos]
-    endpoint = f"{url.rstrip('/')}/api/rank"
+    """The load alone on an unchanging catalogue: references, then the timed requests, checked."""
+    ranker, reference = Ranker(url, photos, top), {}
+    ranker.references(reference)
+    report = ranker.load(requests, threads)
+    ranker.check(report, reference)
+    return report
 
-    def post(client: httpx.Client, i: int) -> httpx.Response:
-        name, data = payloads[i % len(payloads)]
-        return client.post(endpoint, params={"top": top}, files={"file": (name, data, "image/jpeg")})
 
-    with httpx.Client(timeout=60) as client:
-        reference = [_ids(post(client, i).raise_for_status()) for i in range(len(payloads))]
-    local = threading.local()
-    clients: list[httpx.Client] = []
+def mirrored_photos(folder: Path, per_class: int = NEW_PER_CLASS) -> Path:
+    """A folder to ingest: bundled photos flipped left to right (new images), one sub-folder per class."""
+    for photo in sample_photos(per_class):
+        target = folder / photo.parent.name / f"mirrored-{photo.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(photo) as image:
+            ImageOps.mirror(ImageOps.exif_transpose(image).convert("RGB")).save(target, "JPEG", quality=90)
+    return folder
 
-    def timed(i: int) -> tuple[float, str | None]:
-        if not hasattr(local, "client"):
-            local.client = httpx.Client(timeout=60)
-            clients.append(local.client)
-        start = time.perf_counter()
-        try:
-            response = post(local.client, i)
-        except httpx.HTTPError as err:
-            return time.perf_counter() - start, f"request {i}: {err!r}"
-        elapsed = time.perf_counter() - start
-        if response.status_code != 200:
-            return elapsed, f"request {i}: HTTP {response.status_code} {response.text[:200]}"
-        if _ids(response) != reference[i % len(payloads)]:
-            return elapsed, f"request {i}: a different answer than the reference for {payloads[i % len(payloads)][0]}"
-        return elapsed, None
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(timed, range(requests)))
-    seconds = time.perf_counter() - start
-    for client in clients:
-        client.close()
-    return LoadReport(requests, threads, seconds, [t for t, _ in results], [e for _, e in results if e])
+class Writers:
+    """As subprocesses, each sequence in its own thread, on `db`: `ingest` of new images, `featurize` with
+    another backbone, and `train` (a new model version) then `evaluate`; `done()` when all finished."""
+
+    def __init__(self, db: str, out: Path, backbone: str = WRITER_BACKBONE, batch_size: int = 8) -> None:
+        cli = [sys.executable, "-m", "image_similarity.cli"]
+        self.steps = [[[*cli, "ingest", str(mirrored_photos(out / "new")), "--db", db, "-q"]],
+                      [[*cli, "featurize", "--db", db, "--backbone", backbone, "--batch-size", str(batch_size),
+                        "--device", "cpu", "-q"]],
+                      [[*cli, "train", "--db", db, "--backbone", "efficientnet_lite0", "--C", NEW_MODEL_C, "-q"],
+                       [*cli, "evaluate", "--db", db, "--out", str(out), "-q"]]]
+        self.outputs: list[str] = []
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(s,)) for s in self.steps]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self, commands: list[list[str]]) -> None:
+        for command in commands:
+            done = subprocess.run(command, check=False, capture_output=True, text=True)
+            self.outputs.append(done.stdout + done.stderr)
+            if done.returncode:
+                self.failures.append(f"{' '.join(command[3:5])} exited {done.returncode}: {done.stderr[-2000:]}")
+                return
+
+    def done(self) -> bool:
+        return not any(t.is_alive() for t in self.threads)
+
+
+def run_with_writers(url: str, db: str, photos: list[Path], requests: int = 500, threads: int = 8, top: int = 10,
+                     start_writers: Callable[[Path], Writers] | None = None,
+                     complete: Callable[[Reference, set[Key]], None] | None = None,
+                     ) -> tuple[LoadReport, LoadReport, str]:
+    """(idle load report, load-while-writing report, the writers' output) on the database `db` that `url` serves.
+
+    `start_writers(folder)` starts other writers than the default ones; `complete(reference, keys)` adds the references
+    for answers made from what the service could not show afterwards (a catalogue that grew while it answered)."""
+    ranker, reference = Ranker(url, photos, top), {}
+    first = ranker.references(reference)
+    idle = ranker.load(requests, threads)
+    ranker.check(idle, reference)
+    with tempfile.TemporaryDirectory(prefix="load-web-") as tmp:
+        writers = (start_writers or (lambda folder: Writers(db, folder)))(Path(tmp))
+        final: list[int] = []
+
+        def more(versions: Counter) -> bool:
+            """Until the writers finished and the service answered with the model they made (after evaluate)."""
+            if not final:
+                if not writers.done():
+                    return True
+                if writers.failures:
+                    return False
+                model = httpx.get(f"{url.rstrip('/')}/api/model", timeout=60).json()
+                if model["version"] == first or model["evaluation"] is None:
+                    return True
+                final.append(model["version"])
+            return not any(v == final[0] for v, _ in versions)
+
+        busy = ranker.load(requests, threads, more)
+    if writers.failures:
+        raise RuntimeError("a writer failed: " + "; ".join(writers.failures))
+    ranker.references(reference)  # the new model version's answers, each photo alone
+    if complete:
+        complete(reference, ranker.answered(busy) - set(reference))
+    ranker.check(busy, reference)
+    return idle, busy, "".join(writers.outputs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,12 +253,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=50, help="timed requests (default: 50)")
     parser.add_argument("--threads", type=int, default=4, help="client threads (default: 4)")
     parser.add_argument("--per-class", type=int, default=4, help="bundled photos per class to send (default: 4)")
+    parser.add_argument("--writers", metavar="DB",
+                        help="the database the service serves (a copy: it gets new images, a new model version and "
+                             f"{WRITER_BACKBONE} features): run the load idle, then while ingest, featurize and "
+                             "train write it")
     args = parser.parse_args(argv)
-    report = run_load(args.url, sample_photos(args.per_class), args.requests, args.threads)
-    print(report)
-    for error in report.errors[:10]:
+    photos = sample_photos(args.per_class)
+    if not args.writers:
+        report = run_load(args.url, photos, args.requests, args.threads)
+        print(report)
+        errors = report.errors
+    else:
+        idle, busy, _ = run_with_writers(args.url, args.writers, photos, args.requests, args.threads)
+        print(f"idle:            {idle}\nwhile writing:   {busy}")
+        print(f"p95 while writing {1000 * busy.percentile(95):.0f} ms vs idle {1000 * idle.percentile(95):.0f} ms "
+              f"({busy.percentile(95) / idle.percentile(95):.2f}x); wrong answers or errors: "
+              f"{len(idle.errors) + len(busy.errors)}")
+        errors = idle.errors + busy.errors
+    for error in errors[:10]:
         print("  " + error)
-    return 1 if report.errors else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

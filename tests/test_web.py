@@ -2,38 +2,24 @@
 `serve` command under a bounded load, and the page in headless Chromium."""
 from __future__ import annotations
 
-import importlib.util
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
+from liveserver import load_benchmark, serve_command, serving
 
 from image_similarity.cli import main
 from image_similarity.rank import rank
 from image_similarity.store import SQLiteStore
 from image_similarity.web import MAX_UPLOAD_BYTES, create_app
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--no-first-run", "--window-size=1200,1100"]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("load_web", ROOT / "benchmarks" / "load_web.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +51,8 @@ def client(app):
 @pytest.fixture(scope="module")
 def server(app):
     """The app served by uvicorn from a thread on a free loopback port; yields its URL."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "the web server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -209,30 +186,12 @@ def test_concurrent_requests_are_answered_correctly(server, photos, expected):
 
 def test_serve_command_under_load(web_db, capsys):
     """`image-similarity serve` as a user starts it, then 50 rank requests from 4 threads (a report, not a timing)."""
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.cli", "serve", "--db", str(web_db),
-                             "--port", str(port), "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "serve did not answer in time"
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    with serve_command("--db", str(web_db)) as (url, _):
         bench = load_benchmark()
         report = bench.run_load(url, bench.sample_photos(2), requests=50, threads=4)
         with capsys.disabled():
             print(f"\n  load: {report}")
         assert report.errors == [] and len(report.latencies) == 50
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def test_serve_errors_are_one_line(tmp_path, capsys):

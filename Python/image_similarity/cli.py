@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for split, training and evaluation (default: 0)")
 
     p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
-                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/health, /api/model; "
+                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/health, /api/model, /api/catalogue; "
                                    "OpenAPI schema at /openapi.json) and a page at / to try it, on the latest model. "
-                                   "The model and catalogue are loaded once at start; uploads are limited to 10 MB.")
+                                   "A new model or newly featurized images are picked up without a restart; uploads are "
+                                   "limited to 10 MB. Catalogue writes (POST and DELETE /api/images) need an API key.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--api-key-file", type=Path, metavar="FILE",
+                   help="file holding the API key that catalogue writes (POST/DELETE /api/images) need as "
+                        "'Authorization: Bearer KEY' (default: the IMAGE_SIMILARITY_API_KEY environment variable; "
+                        "with neither, writes answer 403)")
+    p.add_argument("--protect-reads", action="store_true", help="reads need the API key too (not /api/health)")
+    p.add_argument("--reload-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="how often to check the database for a new model or features and reload (default: 2; "
+                        "0: never)")
+    p.add_argument("--no-background-featurize", dest="featurize_added", action="store_false",
+                   help="leave images added through the service for 'image-similarity featurize'")
     return parser
 
 
@@ -248,11 +260,30 @@ def cmd_serve(store, args) -> None:
     import uvicorn
 
     from .rank import latest_model
-    from .web import create_app
+    from .store import DEFAULT_DB
+    from .web import API_KEY_ENV, create_app
 
+    key = _api_key(args.api_key_file, API_KEY_ENV)
+    if args.protect_reads and not key:
+        raise ValueError(f"--protect-reads needs an API key: set {API_KEY_ENV} or --api-key-file")
     model = latest_model(store)
-    app = create_app(store, _featurizer(args, model.backbone if model else None))
+    app = create_app(store, _featurizer(args, model.backbone if model else None), api_key=key,
+                     protect_reads=args.protect_reads, reload_interval=args.reload_interval,
+                     featurize_added=args.featurize_added, db=args.db or DEFAULT_DB)
     uvicorn.run(app, host=args.host, port=args.port)
+
+
+def _api_key(path: Path | None, env: str) -> str | None:
+    """The operator's API key, from the file `path` or else the environment variable `env`; never printed."""
+    if path is None:
+        return os.environ.get(env) or None
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read the API key file {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not key:
+        raise ValueError(f"the API key file {path} is empty")
+    return key
 
 
 SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),

@@ -52,6 +52,28 @@ def class_files(folder: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
+def ingest_one(store: Store, name: str, label: str, source: Path | bytes,
+               stage: str = "ingest") -> tuple[int | None, str | None]:
+    """Check, validate and store one labelled image (a file or its bytes); return (new id or None, reason it was
+    skipped or None). A skipped image is recorded in rejected_files under `stage`."""
+    image_id, reason = None, None
+    if not label:
+        reason = "no label: file is not inside a class folder"
+    else:
+        try:
+            size = source.stat().st_size if isinstance(source, Path) else len(source)
+            if size > MAX_FILE_BYTES:
+                reason = f"file too large: {size} bytes (limit {MAX_FILE_BYTES})"
+            else:
+                data = source.read_bytes() if isinstance(source, Path) else source
+                image_id, reason = ingest_bytes(store, name, label, data)
+        except OSError as err:
+            reason = f"cannot read file: {err.strerror or err}"
+    if reason:
+        store.record_rejected(name, label, reason, stage=stage)
+    return image_id, reason
+
+
 def ingest(store: Store, folder: str | Path, progress: bool = True) -> IngestReport:
     """Ingest every image under `folder`; bad files are skipped and recorded, never fatal. Safe to re-run."""
     folder = Path(folder)
@@ -59,23 +81,11 @@ def ingest(store: Store, folder: str | Path, progress: bool = True) -> IngestRep
         raise FileNotFoundError(f"not a folder: {folder}")
     report = IngestReport()
     for name, label, path in tqdm(class_files(folder), desc="ingest", unit="file", disable=not progress):
-        reason = None
-        if not label:
-            reason = "no label: file is not inside a class folder"
-        else:
-            try:
-                size = path.stat().st_size
-                if size > MAX_FILE_BYTES:
-                    reason = f"file too large: {size} bytes (limit {MAX_FILE_BYTES})"
-                else:
-                    image_id, reason = ingest_bytes(store, name, label, path.read_bytes())
-                    if image_id is not None:
-                        report.added += 1
-                    elif reason is None:
-                        report.already_stored += 1
-            except OSError as err:
-                reason = f"cannot read file: {err.strerror or err}"
-        if reason:
+        image_id, reason = ingest_one(store, name, label, path)
+        if image_id is not None:
+            report.added += 1
+        elif reason:
             report.skipped.append((name, reason))
-            store.record_rejected(name, label, reason, stage="ingest")
+        else:
+            report.already_stored += 1
     return report

@@ -1,22 +1,28 @@
-"""The web service: a REST API over the engine (rank an uploaded image, serve catalogue images, model facts)
-and a plain page to try it, all loaded once and shared by every request."""
+"""The web service: a REST API over the engine (rank an uploaded image, serve catalogue images, model facts,
+add and remove catalogue images with the operator's key) and a plain page to try it. Answers come from an
+immutable snapshot of the model and catalogue that is reloaded whole when the database changes (service.py)."""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import io
-import threading
-from collections.abc import Sequence
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, HTTPException, Path, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Security, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .images import BadImageError
-from .rank import METHODS, Catalogue, default_method, latest_model, rank
+from .ingest import ingest_one
+from .rank import METHODS, rank
+from .service import SerialFeaturizer, Service, Snapshot
 from .store import Store, StoreError
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -24,6 +30,11 @@ FORM_OVERHEAD = 64 * 1024
 """Room for multipart framing on top of the image itself."""
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
 MAX_ID = 2 ** 63 - 1
+API_KEY_ENV = "IMAGE_SIMILARITY_API_KEY"
+BEARER = HTTPBearer(auto_error=False, description="the operator's API key")
+MAX_LABEL, MAX_NAME = 100, 300
+LABEL_PATTERN = r"^[^/\\\x00-\x1f\x7f]+$"
+"""A class name: no slashes or control characters (labels are folder names to ingest)."""
 PAGE_CSP = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
@@ -41,6 +52,8 @@ class RankOut(BaseModel):
     method: str
     backbone: str
     model_version: int | None
+    catalogue_size: int
+    """How many catalogue images the answer was ranked among."""
     matches: list[MatchOut]
 
 
@@ -49,6 +62,31 @@ class HealthOut(BaseModel):
     version: str
     images: int
     max_upload_bytes: int
+
+
+class AddedOut(BaseModel):
+    id: int
+    name: str
+    label: str
+    url: str
+    featurized_in_background: bool
+
+
+class RemovedOut(BaseModel):
+    id: int
+    catalogue_size: int
+
+
+class CatalogueOut(BaseModel):
+    backbone: str
+    images: int
+    featurized: int
+    waiting: int
+    featurizing: bool
+    served: int
+    model_version: int | None
+    reload_error: str | None
+    featurize_error: str | None
 
 
 class ModelOut(BaseModel):
@@ -60,23 +98,6 @@ class ModelOut(BaseModel):
     catalogue_size: int
     params: dict[str, Any]
     evaluation: dict[str, Any] | None
-
-
-class SerialFeaturizer:
-    """A featurizer shared by request threads: one forward pass at a time, so concurrent requests do not
-    oversubscribe the CPU or interleave on one device."""
-
-    def __init__(self, featurizer) -> None:
-        self.inner = featurizer
-        self.lock = threading.Lock()
-
-    @property
-    def backbone(self) -> str:
-        return self.inner.backbone
-
-    def features(self, images: Sequence[Image.Image]):
-        with self.lock:
-            return self.inner.features(images)
 
 
 class UploadLimit:
@@ -123,80 +144,165 @@ def content_type(data: bytes) -> str:
     return Image.MIME.get(fmt or "", "application/octet-stream")
 
 
-def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    """The service on an open store: the latest model, its catalogue and default method are loaded now, once.
+def upload_name(label: str, filename: str | None) -> str:
+    """The stored name of an uploaded image, as ingest names a file: label/file name (no client folders)."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip() or "upload"
+    return f"{label}/{base}"[:MAX_NAME]
+
+
+def model_out(snapshot: Snapshot, backbone: str) -> ModelOut:
+    model, catalogue = snapshot.catalogue.model, snapshot.catalogue
+    return ModelOut(
+        version=snapshot.model_version, backbone=backbone,
+        classes=model.classes if model else sorted(set(catalogue.labels.tolist())), method=snapshot.method,
+        methods=[m for m in METHODS if model or m in ("l2", "cosine")], catalogue_size=len(catalogue),
+        params=model.params if model else {}, evaluation=snapshot.evaluation)
+
+
+def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTES, *, api_key: str | None = None,
+               protect_reads: bool = False, reload_interval: float = 2.0, featurize_added: bool = True,
+               db: str | None = None) -> FastAPI:
+    """The service on an open store: the latest model, its catalogue and default method are loaded now, and
+    reloaded whole when the database's stamp changes (polled every `reload_interval` seconds; 0: never).
 
     `featurizer` must use the model's backbone (or any backbone with features in the store when there is no
-    model). The store is only read, under a lock, so one connection serves every request thread.
+    model). One store connection serves every request thread, under a lock. Catalogue writes need `api_key`
+    (sent as `Authorization: Bearer KEY`); without one they answer 403. `protect_reads`: reads need it too.
+    Images added here are featurized in the background when `featurize_added`, on a connection to `db`.
     """
-    model = latest_model(store)
-    if model and model.backbone != featurizer.backbone:
-        raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
-    catalogue = Catalogue.from_store(store, featurizer.backbone, model)
-    evaluation = store.evaluation(model.version) if model else None
-    info = ModelOut(
-        version=model.version if model else None, backbone=featurizer.backbone,
-        classes=model.classes if model else sorted(set(catalogue.labels.tolist())),
-        method=default_method(store, model),
-        methods=[m for m in METHODS if model or m in ("l2", "cosine")], catalogue_size=len(catalogue),
-        params=model.params if model else {},
-        evaluation={k: v for k, v in evaluation.summary.items() if k != "plots"} if evaluation else None,
-    )
+    if protect_reads and not api_key:
+        raise ValueError("protecting reads needs an API key")
     shared = SerialFeaturizer(featurizer)
-    store_lock = threading.Lock()
+    service = Service(store, shared, reload_interval, featurize_added, db)
     page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
-    app = FastAPI(title="image-similarity", version=__version__,
-                  description="Upload an image; get the most similar catalogue images back.")
+    def check_key(credentials: HTTPAuthorizationCredentials | None) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
+            raise HTTPException(401, "a valid API key is needed: send it as 'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def can_write(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+        if not api_key:
+            raise HTTPException(403, f"catalogue writes are off: the operator set no API key ({API_KEY_ENV} or "
+                                     "--api-key-file)")
+        check_key(credentials)
+
+    def can_read(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+        if protect_reads:
+            check_key(credentials)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        yield
+        service.stop()
+
+    app = FastAPI(title="image-similarity", version=__version__, lifespan=lifespan,
+                  description="Upload an image; get the most similar catalogue images back. Catalogue writes "
+                              "need the operator's API key as a Bearer token.")
     app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_OVERHEAD)
+    app.state.service = service
+    reads = [Depends(can_read)]
+    denied = {401: {"description": "no valid API key"}, 403: {"description": "writes are off: no API key is set"}}
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
-
-    @app.post("/api/rank", response_model=RankOut, summary="The catalogue images most similar to an uploaded image",
-              responses={400: {"description": "not an image"}, 413: {"description": "upload too large"}})
-    def rank_upload(file: Annotated[UploadFile, File(description="the query image (JPEG, PNG, ...)")],
-                    top: Annotated[int, Query(ge=1, le=100, description="how many images")] = 10,
-                    method: Annotated[Literal[METHODS] | None,
-                                      Query(description="similarity (default: the best evaluated)")] = None,
-                    ) -> RankOut:
+    def read_upload(file: UploadFile) -> bytes:
         declared = (file.content_type or "application/octet-stream").lower()
         if not declared.startswith(ACCEPTED_TYPES):
             raise HTTPException(400, f"not an image: uploaded as {declared}")
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, too_large_reason(max_upload_bytes))
+        return data
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
+
+    @app.post("/api/rank", response_model=RankOut, summary="The catalogue images most similar to an uploaded image",
+              dependencies=reads,
+              responses={400: {"description": "not an image"}, 413: {"description": "upload too large"}})
+    def rank_upload(file: Annotated[UploadFile, File(description="the query image (JPEG, PNG, ...)")],
+                    top: Annotated[int, Query(ge=1, le=100, description="how many images")] = 10,
+                    method: Annotated[Literal[METHODS] | None,
+                                      Query(description="similarity (default: the best evaluated)")] = None,
+                    ) -> RankOut:
+        data = read_upload(file)
         name = file.filename or "upload"
+        snapshot = service.current  # this answer uses this snapshot only, whatever is swapped in meanwhile
         try:
-            result = rank(store, data, shared, top=top, method=method or info.method, catalogue=catalogue,
-                          name=name, save=False)
+            result = rank(store, data, shared, top=top, method=method or snapshot.method,
+                          catalogue=snapshot.catalogue, name=name, save=False)
         except (BadImageError, StoreError) as err:
             raise HTTPException(400, str(err)) from None
         return RankOut(query=name, method=result.method, backbone=result.backbone,
-                       model_version=result.model_version,
+                       model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
                        matches=[MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,
                                          url=f"/api/images/{m.image_id}") for m in result.matches])
 
-    @app.get("/api/images/{image_id}", summary="A catalogue image, as stored",
+    @app.get("/api/images/{image_id}", summary="A catalogue image, as stored", dependencies=reads,
              response_class=Response,
              responses={200: {"content": {"image/*": {}}}, 404: {"description": "no such image"}})
     def image(image_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> Response:
         try:
-            with store_lock:
+            with service.store_lock:
                 data = store.image_bytes(image_id)
         except StoreError:
             raise HTTPException(404, f"no image with id {image_id}") from None
         return Response(data, media_type=content_type(data),
-                        headers={"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"})
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    @app.post("/api/images", status_code=201, response_model=AddedOut, dependencies=[Depends(can_write)],
+              summary="Add an image to the catalogue (needs the API key)",
+              responses={200: {"description": "these bytes are already stored under this name and label"},
+                         400: {"description": "not an image, or identical to a stored image"},
+                         413: {"description": "upload too large"}, **denied})
+    def add_image(file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
+                  label: Annotated[str, Form(min_length=1, max_length=MAX_LABEL, pattern=LABEL_PATTERN,
+                                             description="its class")],
+                  response: Response) -> AddedOut:
+        data = read_upload(file)
+        name = upload_name(label, file.filename)
+        with service.store_lock:
+            image_id, reason = ingest_one(store, name, label, data, stage="upload")
+            if image_id is None and reason is None:  # the same bytes, name and label are stored already
+                image_id, response.status_code = store.find_sha256(hashlib.sha256(data).hexdigest()).id, 200
+        if reason:
+            raise HTTPException(400, reason)
+        service.added()
+        return AddedOut(id=image_id, name=name, label=label, url=f"/api/images/{image_id}",
+                        featurized_in_background=service.featurize_added)
+
+    @app.delete("/api/images/{image_id}", response_model=RemovedOut, dependencies=[Depends(can_write)],
+                summary="Remove an image from the catalogue (needs the API key); it never appears in a ranking again",
+                responses={404: {"description": "no such image"}, 501: {"description": "this store cannot remove"},
+                           **denied})
+    def remove_image(image_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> RemovedOut:
+        try:
+            removed = service.remove(image_id)
+        except StoreError as err:  # a store that cannot remove images
+            raise HTTPException(501, str(err)) from None
+        if not removed:
+            raise HTTPException(404, f"no image with id {image_id}")
+        return RemovedOut(id=image_id, catalogue_size=len(service.current.catalogue))
+
+    @app.get("/api/catalogue", response_model=CatalogueOut, dependencies=reads,
+             summary="The catalogue: stored images, how many wait to be featurized, the snapshot in use")
+    def catalogue_status() -> CatalogueOut:
+        stored, featurized = service.waiting()
+        snapshot = service.current
+        return CatalogueOut(backbone=featurizer.backbone, images=stored, featurized=featurized,
+                            waiting=stored - featurized, featurizing=service.featurizing.is_set(),
+                            served=len(snapshot.catalogue), model_version=snapshot.model_version,
+                            reload_error=service.reload_error, featurize_error=service.featurize_error)
 
     @app.get("/api/health", response_model=HealthOut, summary="Whether the service is up")
     def health() -> HealthOut:
-        return HealthOut(status="ok", version=__version__, images=len(catalogue), max_upload_bytes=max_upload_bytes)
+        return HealthOut(status="ok", version=__version__, images=len(service.current.catalogue),
+                         max_upload_bytes=max_upload_bytes)
 
-    @app.get("/api/model", response_model=ModelOut, summary="The model in use and its evaluation figures")
+    @app.get("/api/model", response_model=ModelOut, dependencies=reads,
+             summary="The model in use and its evaluation figures")
     def model_info() -> ModelOut:
-        return info
+        return model_out(service.current, featurizer.backbone)
 
     return app
-

@@ -9,6 +9,7 @@ import abc
 import json
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def put_ranking(self, query: dict[str, Any], rows: Sequence[tuple[int, int, float]]) -> int:
         """Store one query's results as (rank, image id, score) rows; return the query's id."""
+
+    # issue 18: a service that stays right while the catalogue changes
+    def remove_image(self, image_id: int) -> bool:
+        """Remove an image with its features, split row and the stored rankings that name it, in one transaction;
+        False when there is no such image."""
+        raise StoreError(f"removing images is not supported by {type(self).__name__}")
+
+    def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:
+        """(latest model version, latest evaluation id, number and largest image id of the backbone's features),
+        0 for none: cheap to read, and it changes whenever train, evaluate, featurize or a removal changes what
+        a ranking on the latest model sees (images are only added by ingest and removed by remove_image)."""
+        raise StoreError(f"version stamps are not supported by {type(self).__name__}")
+
+    def reading(self) -> AbstractContextManager[None]:
+        """A context in which every read sees one snapshot of the database (a read transaction); keep it short.
+        Stores without snapshots read statement by statement."""
+        return nullcontext()
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
                 approximate: bool | None = None) -> list[tuple[int, float]] | None:

@@ -202,6 +202,11 @@ class MSSQLStore(Store):
             raise StoreError(f"no image with id {image_id}")
         return bytes(rows[0][0])
 
+    def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:  # issue 18
+        row = self._all("SELECT (SELECT MAX(version) FROM dbo.models), (SELECT MAX(id) FROM dbo.evaluations),"
+                        " COUNT(*), MAX(image_id) FROM dbo.features WHERE backbone = ?", backbone)[0]
+        return tuple(int(v or 0) for v in row)
+
     # features
     def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
         last = 0

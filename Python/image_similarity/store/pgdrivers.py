@@ -41,6 +41,13 @@ class Psycopg:
         with self.conn.transaction():
             yield
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A read-only transaction that sees one snapshot (REPEATABLE READ)."""
+        with self.conn.transaction():
+            self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield
+
     def close(self) -> None:
         self.conn.close()
 
@@ -103,6 +110,11 @@ class Plpy:
         yield
         if self.commits:
             self.plpy.commit()
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A function call is one transaction already."""
+        yield
 
     def close(self) -> None:
         """The server's connection is not ours to close."""

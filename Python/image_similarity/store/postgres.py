@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -220,6 +221,19 @@ class PostgresStore(Store):
         if row is None:
             raise StoreError(f"no image with id {image_id}")
         return bytes(row[0])
+
+    def remove_image(self, image_id: int) -> bool:
+        with self.db.transaction():  # features and splits go by ON DELETE CASCADE
+            self.db.query("DELETE FROM rankings WHERE image_id = %s", (int(image_id),))
+            return bool(self.db.query("DELETE FROM images WHERE id = %s RETURNING id", (int(image_id),)))
+
+    def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:
+        row = self._one("SELECT (SELECT max(version) FROM models), (SELECT max(id) FROM evaluations), count(*),"
+                        " max(image_id) FROM features WHERE backbone = %s", backbone)
+        return tuple(int(v or 0) for v in row)
+
+    def reading(self) -> AbstractContextManager[None]:
+        return self.db.snapshot()
 
     # features
     def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,26 @@ class SQLiteStore(Store):
         if row is None:
             raise StoreError(f"no image with id {image_id}")
         return row[0]
+
+    def remove_image(self, image_id: int) -> bool:
+        with self.conn:  # features and splits go by ON DELETE CASCADE
+            self.conn.execute("DELETE FROM rankings WHERE image_id = ?", (image_id,))
+            return self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount == 1
+
+    def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:
+        row = self.conn.execute(
+            "SELECT (SELECT max(version) FROM models), (SELECT max(id) FROM evaluations), count(*), max(image_id)"
+            " FROM features WHERE backbone = ?", (backbone,)).fetchone()
+        return tuple(int(v or 0) for v in row)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read transaction: in WAL mode it sees one snapshot and never blocks writers."""
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.rollback()
 
     # features
     def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:

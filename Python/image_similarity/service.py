@@ -1,0 +1,188 @@
+"""What the web service answers from: an immutable snapshot (model, catalogue features, default method) loaded
+in one read transaction and swapped whole, a poller that reloads it when the database's version stamp
+changes, and a background featurizer for images added through the service."""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .featurize import featurize
+from .rank import Catalogue, default_method, latest_model
+from .store import Store, StoreError, connect
+
+log = logging.getLogger("image_similarity.service")
+
+
+class SerialFeaturizer:
+    """A featurizer shared by request threads and the background featurizer: one forward pass at a time, so
+    concurrent work does not oversubscribe the CPU or interleave on one device."""
+
+    def __init__(self, featurizer) -> None:
+        self.inner = featurizer
+        self.lock = threading.Lock()
+
+    @property
+    def backbone(self) -> str:
+        return self.inner.backbone
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        with self.lock:
+            return self.inner.features(images)
+
+    def submit(self, items):
+        return self.inner.submit(items)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.inner.forward(batch)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything one answer is made from, never changed once made: requests take the current one and use
+    only it, so no answer mixes two model versions or two catalogues."""
+
+    stamp: tuple[int, ...] | None
+    """The store's catalogue_stamp when it was read (None: changed here since, reload on the next poll)."""
+    catalogue: Catalogue
+    method: str
+    evaluation: dict[str, Any] | None
+
+    @property
+    def model_version(self) -> int | None:
+        return self.catalogue.model.version if self.catalogue.model else None
+
+
+def load_snapshot(store: Store, backbone: str) -> Snapshot:
+    """The latest model, its evaluation and default method, and the catalogue, from one read transaction."""
+    with store.reading():
+        stamp = store.catalogue_stamp(backbone)
+        model = latest_model(store)
+        if model is not None and model.backbone != backbone:
+            raise StoreError(f"the latest model (version {model.version}) uses {model.backbone} features but this "
+                             f"service featurizes with {backbone}: restart serve to use it")
+        catalogue = Catalogue.from_store(store, backbone, model)
+        evaluation = store.evaluation(model.version) if model else None
+        method = default_method(store, model)
+    summary = {k: v for k, v in evaluation.summary.items() if k != "plots"} if evaluation else None
+    return Snapshot(stamp, catalogue, method, summary)
+
+
+def without(snapshot: Snapshot, image_id: int) -> Snapshot:
+    """The snapshot less one catalogue image (stamp None, so the next poll reloads it from the database)."""
+    c = snapshot.catalogue
+    keep = np.flatnonzero(c.ids != image_id)
+    catalogue = Catalogue(c.ids[keep], [c.names[i] for i in keep], c.labels[keep].tolist(), c.sha256[keep].tolist(),
+                          [c.dhashes[i] for i in keep], c.features[keep], c.model, c.index)
+    return Snapshot(None, catalogue, snapshot.method, snapshot.evaluation)
+
+
+class Service:
+    """The current snapshot of one store and backbone, kept up to date.
+
+    `store` is one connection shared by every request thread: use it under `store_lock`. `current` is swapped
+    whole (a reference assignment) under `swap_lock`, which also orders reloads against removals, so an image
+    removed here never comes back. `watch()` polls the stamp every `interval` seconds in a thread (0: never).
+    """
+
+    def __init__(self, store: Store, featurizer, interval: float = 2.0, featurize_added: bool = True,
+                 db: str | None = None) -> None:
+        self.store, self.featurizer, self.interval = store, featurizer, interval
+        self.db = db or store.url
+        """What the background featurizer connects to (a URL with the user name, which store.url leaves out)."""
+        self.store_lock, self.swap_lock = threading.Lock(), threading.Lock()
+        self.current = load_snapshot(store, featurizer.backbone)
+        self.reload_error: str | None = None
+        self.featurize_added = featurize_added
+        self.featurizing = threading.Event()
+        self.featurize_error: str | None = None
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def reload_if_changed(self) -> bool:
+        """Reload when the store's stamp differs from the current snapshot's; True when it swapped."""
+        with self.swap_lock:
+            with self.store_lock:
+                stamp = self.store.catalogue_stamp(self.featurizer.backbone)
+                if stamp == self.current.stamp:
+                    return False
+                snapshot = load_snapshot(self.store, self.featurizer.backbone)
+            self.current = snapshot
+        log.info("serving model version %s on %d images", snapshot.model_version, len(snapshot.catalogue))
+        return True
+
+    def remove(self, image_id: int) -> bool:
+        """Remove an image from the store and from the served catalogue at once; False when there is none."""
+        with self.swap_lock:
+            with self.store_lock:
+                removed = self.store.remove_image(image_id)
+            if removed:
+                self.current = without(self.current, image_id)
+        return removed
+
+    def waiting(self) -> tuple[int, int]:
+        """(stored images, of them featurized with the service's backbone)."""
+        with self.store_lock, self.store.reading():
+            return len(self.store.images()), self.store.feature_counts().get(self.featurizer.backbone, 0)
+
+    def added(self) -> None:
+        """An image was added: featurize it in the background (when enabled)."""
+        if self.featurize_added:
+            self._wake.set()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.reload_if_changed()
+                self.reload_error = None
+            except Exception as err:  # noqa: BLE001 - keep serving the last good snapshot, say why
+                self.reload_error = first_line(err)
+                log.warning("reload failed, still serving model version %s: %s", self.current.model_version,
+                            self.reload_error)
+
+    def _featurize(self) -> None:
+        own = None
+        while not self._stop.is_set():
+            if not self._wake.wait(0.5):
+                continue
+            self._wake.clear()
+            self.featurizing.set()
+            try:
+                own = own or connect(self.db)  # its own connection: the shared one stays free
+                featurize(own, self.featurizer, progress=False)
+                self.featurize_error = None
+                self.reload_if_changed()
+            except Exception as err:  # noqa: BLE001 - reported by the status endpoint, retried on the next add
+                self.featurize_error = first_line(err)
+                log.warning("background featurize failed: %s", self.featurize_error)
+            finally:
+                self.featurizing.clear()
+        if own is not None:
+            own.close()
+
+    def start(self) -> None:
+        """Start the stamp poller (when interval > 0) and the background featurizer (when enabled)."""
+        targets = ([self._poll] if self.interval > 0 else []) + ([self._featurize] if self.featurize_added else [])
+        self._threads = [threading.Thread(target=t, name=t.__name__, daemon=True) for t in targets]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,71 @@
+"""Helpers for the web tests: an app served by uvicorn from a thread on a free loopback port, and the load
+benchmark as a module."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve `app` (with its lifespan) until the block ends; yields its URL."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the web server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def load_benchmark():
+    """benchmarks/load_web.py as a module."""
+    spec = importlib.util.spec_from_file_location("load_web", ROOT / "benchmarks" / "load_web.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def serve_command(*args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`image-similarity serve ARGS` as a user starts it, on a free port; yields (URL, process) once it answers,
+    and stops it after the block (its output, stdout and stderr together, is then on `process.output`)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.cli", "serve", *args, "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "serve did not answer in time"
+            try:
+                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.output = proc.communicate(timeout=30)[0]
