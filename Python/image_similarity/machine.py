@@ -93,15 +93,24 @@ def _write(path: Path, data: dict) -> None:
         pass
 
 
-def best_time(run: Callable[[], object], repeats: int = 5) -> float:
-    """Seconds of the fastest of `repeats` calls after one warm-up (the minimum is the least disturbed by load)."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, float]:
+    """Seconds of the fastest of `repeats` calls of each run after one warm-up, on one torch thread. The runs take
+    turns, so they share the machine's noise; one thread and the minimum are what other load disturbs least (a
+    multi-threaded kernel waits for its slowest thread, and on a busy machine that is a preempted one)."""
+    best = {name: float("inf") for name in runs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run in runs.values():
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best
 
 
 def forget() -> None:

@@ -3,9 +3,10 @@ it fast (AMX, AVX-512 BF16), float16 mixed precision on CUDA, float32 elsewhere.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import torch
 
-from .machine import best_time, measured_choice
+from .machine import best_times, measured_choice
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,14 +54,14 @@ def bf16_speedup() -> float:
     net, x = probe_network()
     cpu = torch.device("cpu")
 
-    def forward(precision: str) -> float:
+    def forward(precision: str) -> Callable[[], None]:
         def run() -> None:
             with torch.inference_mode(), autocast(precision, cpu):
                 net(x)
-        return best_time(run)
+        return run
 
-    return forward("fp32") / forward("bf16")
-
+    timings = best_times({"fp32": forward("fp32"), "bf16": forward("bf16")})
+    return timings["fp32"] / timings["bf16"]
 
 def choose_cpu_precision() -> str:
     """bf16 when it measures at least MIN_SPEEDUP times faster than fp32 here, else fp32."""

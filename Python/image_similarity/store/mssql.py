@@ -189,12 +189,15 @@ class MSSQLStore(Store):
             last = batch[-1][0]
             yield [(int(i), bytes(d)) for i, d in batch]
 
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         self._write([(
             ("INSERT INTO dbo.features (image_id, backbone, dim, vector) SELECT ?, ?, ?, ?"
              " WHERE NOT EXISTS (SELECT 1 FROM dbo.features WHERE image_id = ? AND backbone = ?)"),
-            [(int(i), backbone, vectors.shape[1], v.tobytes(), int(i), backbone) for i, v in zip(ids, vectors)])])
+            [(int(i), backbone, vectors.shape[1], v.tobytes(), int(i), backbone) for i, v in zip(ids, vectors)]), (
+            ("INSERT INTO dbo.feature_precisions (image_id, backbone, precision_used) SELECT ?, ?, ?"
+             " WHERE NOT EXISTS (SELECT 1 FROM dbo.feature_precisions WHERE image_id = ? AND backbone = ?)"),
+            [(int(i), backbone, precision, int(i), backbone) for i in ids])])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = self._all("SELECT image_id, dim, vector FROM dbo.features WHERE backbone = ? ORDER BY image_id",
@@ -209,6 +212,10 @@ class MSSQLStore(Store):
 
     def feature_counts(self) -> dict[str, int]:
         return dict(self._all("SELECT backbone, COUNT(*) FROM dbo.features GROUP BY backbone"))
+
+    def feature_precisions(self, backbone: str) -> dict[str, int]:
+        return dict(self._all("SELECT precision_used, COUNT(*) FROM dbo.feature_precisions WHERE backbone = ?"
+                              " GROUP BY precision_used", backbone))
 
     # split
     def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:
