@@ -16,6 +16,7 @@ BLOCK = 8_192  # rows converted at a time: no full-size float32 temporary
 MAX_SCAN_RATIO = 0.85
 """A 16-bit kernel is chosen only if its scan measures at most this fraction of the float32 mat-vec's time, so the
 bound check and re-scoring cannot make exact search slower than the plain float32 scan."""
+FLOAT32_TINY = np.finfo(np.float32).tiny
 PROBE_SHAPE = (32_768, 1_024)  # 128 MiB in float32: larger than caches, like a real catalogue
 
 
@@ -61,13 +62,15 @@ class HalfMatrix:
 
     def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Approximate inner products of `vector` with every row, and a bound on each one's error."""
+        vector = np.asarray(vector, dtype=np.float64)  # float32 squares of tiny entries would underflow to 0
         size = float(np.linalg.norm(vector))
         if size == 0:
             return np.zeros(len(self.row_slack), dtype=np.float32), np.zeros_like(self.row_slack)
-        unit = torch.from_numpy(np.asarray(vector / size, dtype=np.float32)).to(self.kernel.dtype)
+        unit = torch.from_numpy((vector / size).astype(np.float32)).to(self.kernel.dtype)
         approx = torch.mv(self.half, unit).float().numpy()
         factor = np.float32(size * self.scale)
-        return approx * factor, (self.row_slack + self.result_slack * np.abs(approx)) * factor
+        # plus float32's smallest normal: the scaled results and bounds are float32, which may underflow
+        return approx * factor, (self.row_slack + self.result_slack * np.abs(approx)) * factor + FLOAT32_TINY
 
 
 def scan_kernel() -> str:
