@@ -22,16 +22,17 @@ PROBE_SHAPE = (32_768, 1_024)  # 128 MiB in float32: larger than caches, like a 
 
 @dataclass(frozen=True)
 class Kernel:
-    """A 16-bit storage type: `unit` its unit roundoff, `tiny` the largest absolute rounding error of a number below
+    """A 16-bit storage type, by name ("fp16", "bf16"): `unit` its unit roundoff, `tiny` the largest absolute rounding error of a number below
     its normal range (half the subnormal spacing, or the smallest normal where hardware flushes to zero)."""
 
+    name: str
     dtype: torch.dtype
     unit: float
     tiny: float
 
 
-KERNELS = {"fp16": Kernel(torch.float16, 2.0 ** -11, 2.0 ** -24),
-           "bf16": Kernel(torch.bfloat16, 2.0 ** -8, 2.0 ** -126)}
+KERNELS = {k.name: k for k in (Kernel("fp16", torch.float16, 2.0 ** -11, 2.0 ** -24),
+                               Kernel("bf16", torch.bfloat16, 2.0 ** -8, 2.0 ** -126))}
 """Both mat-vecs accumulate in float32 on CPU (the measured choice checks the bound on a probe before using one)."""
 
 
