@@ -124,15 +124,6 @@ def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, mon
     assert scored[0] == 110 and scored[1] >= 300 and scored[2] == len(catalogue)
 
 
-@pytest.fixture
-def fresh_choices(tmp_path, monkeypatch):
-    """Choices measured anew, cached in a file of this test's own."""
-    monkeypatch.setenv(machine.CACHE_ENV, str(tmp_path))
-    machine.forget()
-    yield tmp_path / "choices.json"
-    machine.forget()
-
-
 @pytest.mark.parametrize("timings, chosen", [
     ({"fp32": 10.0, "fp16": 20.0, "bf16": 6.0}, "bf16"),  # this CPU: bfloat16 fast, float16 slow
     ({"fp32": 10.0, "fp16": 5.0, "bf16": 6.0}, "fp16"),

@@ -20,15 +20,6 @@ from image_similarity.store import SQLiteStore
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-@pytest.fixture
-def fresh_choices(tmp_path, monkeypatch):
-    """Choices measured anew, cached in a file of this test's own."""
-    monkeypatch.setenv(machine.CACHE_ENV, str(tmp_path))
-    machine.forget()
-    yield tmp_path / "choices.json"
-    machine.forget()
-
-
 @pytest.fixture(scope="module")
 def photos() -> list[bytes]:
     """Eight real photos per class."""

@@ -230,7 +230,8 @@ def cmd_run(store, args) -> None:
         print(f"  skipped {name}: {reason}")
     featurizer = _featurizer(args)
     fz = featurize(store, featurizer, progress=not quiet)
-    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
+    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}, {fz.precision}), "
+          f"{len(fz.skipped)} skipped")
     counts = split(store, seed=args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
     model = train(store, featurizer.backbone, seed=args.seed)

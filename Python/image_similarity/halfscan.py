@@ -22,8 +22,9 @@ PROBE_SHAPE = (32_768, 1_024)  # 128 MiB in float32: larger than caches, like a 
 
 @dataclass(frozen=True)
 class Kernel:
-    """A 16-bit storage type, by name ("fp16", "bf16"): `unit` its unit roundoff, `tiny` the largest absolute rounding error of a number below
-    its normal range (half the subnormal spacing, or the smallest normal where hardware flushes to zero)."""
+    """A 16-bit storage type, by name ("fp16", "bf16"): `unit` its unit roundoff, `tiny` the largest absolute
+    rounding error of a number below its normal range (float16: its subnormal spacing; bfloat16: its smallest
+    normal, as AMX flushes bfloat16 subnormals to zero)."""
 
     name: str
     dtype: torch.dtype
