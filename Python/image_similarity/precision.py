@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+
 import torch
 
 from .machine import best_times, measured_choice
@@ -38,7 +39,10 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 def cpu_bf16_supported() -> bool:
     """Whether oneDNN has bfloat16 kernels for this CPU (AVX-512 BF16 / AMX, or emulated on AVX-512)."""
-    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the check: assume none
+        return False
 
 
 def probe_network() -> tuple[torch.nn.Module, torch.Tensor]:
