@@ -108,3 +108,13 @@ IF OBJECT_ID(N'dbo.rankings', N'U') IS NULL
         PRIMARY KEY (query_id, rank)
     );
 GO
+-- issue 16: the numeric precision the network computed each feature vector at
+IF OBJECT_ID(N'dbo.feature_precisions', N'U') IS NULL
+    CREATE TABLE dbo.feature_precisions (
+        image_id int NOT NULL,
+        backbone nvarchar(64) NOT NULL,
+        precision_used nvarchar(8) NOT NULL CHECK (precision_used IN (N'fp32', N'bf16', N'fp16')),
+        PRIMARY KEY (image_id, backbone),
+        FOREIGN KEY (image_id, backbone) REFERENCES dbo.features (image_id, backbone) ON DELETE CASCADE
+    );
+GO

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from image_similarity import machine
 from image_similarity.evaluate import evaluate
 from image_similarity.featurize import Featurizer, featurize
 from image_similarity.ingest import ingest
@@ -57,3 +58,12 @@ def full_copy(full_db, tmp_path) -> Path:
         src.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     shutil.copy(full_db[0], copy)
     return copy
+
+
+@pytest.fixture
+def fresh_choices(tmp_path, monkeypatch):
+    """Machine choices (precision, scan kernel) measured anew, cached in a file of this test's own."""
+    monkeypatch.setenv(machine.CACHE_ENV, str(tmp_path))
+    machine.forget()
+    yield tmp_path / "choices.json"
+    machine.forget()

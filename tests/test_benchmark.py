@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("featurize_pipeline_vs_forward", "rank_100k_vs_loop", "rank_100k_vs_matvec", "query_ms_100k",
-        "ann_recall_at_10_1m", "ann_speedup_1m")
+KERNELS = ("fp32", "fp16", "bf16")
+KEYS = ("featurize_forward_speedup", "featurize_pipeline_vs_forward", "rank_100k_vs_loop", "rank_100k_vs_matvec",
+        "query_ms_100k", "ann_recall_at_10_1m", "ann_speedup_1m")
 
 
 def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
@@ -19,6 +20,9 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=True)
     result = json.loads(done.stdout)
     assert result["mode"] == "smoke"
+    assert set(result["machine"]) >= {"cpu", "cpu_flags", "torch", "threads", "precision", "scan_kernel"}
+    assert result["machine"]["precision"] in ("fp32", "bf16") and result["machine"]["scan_kernel"] in KERNELS
+    assert {r["kernel"] for r in result["ranking"]} == {"fp32"}  # below the 16-bit scan's threshold
     assert all(isinstance(result[k], float) and math.isfinite(result[k]) and result[k] > 0 for k in KEYS)
     assert 0.9 <= result["ann_recall_at_10_1m"] <= 1
     assert result["rank_100k_vs_loop"] > 1  # even at smoke size the vectorised search beats the loop

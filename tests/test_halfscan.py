@@ -1,16 +1,25 @@
-"""Exact search through a float16 scan: the error bound holds, and the results equal the plain float32 scan."""
+"""Exact search through a 16-bit scan (float16 or bfloat16): the error bounds hold, the results equal the plain
+float32 scan, and the kernel is chosen by measurement, falling back to float32 when neither 16-bit one is faster."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from image_similarity import rank
-from image_similarity.halfscan import HalfMatrix
+from image_similarity import halfscan, machine, rank
+from image_similarity.halfscan import KERNELS, HalfMatrix
 from image_similarity.rank import Catalogue
 from image_similarity.store import SQLiteStore
 from image_similarity.train import load_model
 
-SCANNED = ("l2", "cosine", "learned")  # the methods whose big matrix the float16 copy replaces
+SCANNED = ("l2", "cosine", "learned")  # the methods whose big matrix the 16-bit copy replaces
+TIGHTNESS = {"fp16": 0.004, "bf16": 0.015}  # most a bound may be, relative to |v| |row|, to screen with
+
+
+@pytest.fixture(params=sorted(KERNELS))
+def kernel(request, monkeypatch) -> str:
+    """Each 16-bit kernel in turn, used by every Catalogue whatever this machine measured."""
+    monkeypatch.setattr(rank, "scan_kernel", lambda: request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +30,7 @@ def real(full_db) -> Catalogue:
 
 
 def clustered_catalogue(n: int, dim: int, clusters: int, spread: float, seed: int = 0) -> Catalogue:
-    """n non-negative vectors around `clusters` random centres (like pooled CNN features)."""
+    """n non-negative vectors around `clusters` random centres (like pooled CNN features), no cached 16-bit copy."""
     rng = np.random.default_rng(seed)
     centres = rng.gamma(1.0, 1.0, (clusters, dim)).astype(np.float32)
     noise = rng.standard_normal((n, dim), dtype=np.float32) * spread
@@ -32,7 +41,7 @@ def clustered_catalogue(n: int, dim: int, clusters: int, spread: float, seed: in
 
 def both_ways(monkeypatch, catalogue: Catalogue, query: np.ndarray, method: str, top: int,
               exclude: np.ndarray | None = None) -> tuple[list, list]:
-    """The search through the float16 scan, and the plain float32 scan of every row."""
+    """The search through the 16-bit scan, and the plain float32 scan of every row."""
     monkeypatch.setattr(rank, "HALF_SCAN_THRESHOLD", 0)
     fast = catalogue.search(query, method, top, exclude)
     monkeypatch.setattr(rank, "HALF_SCAN_THRESHOLD", len(catalogue) + 1)
@@ -44,35 +53,53 @@ def assert_same(fast: list, plain: list) -> None:
     np.testing.assert_allclose([m.score for m in fast], [m.score for m in plain], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("matrix", ["features", "unit"])
-def test_float16_inner_products_stay_within_their_bound(real, matrix):
-    rows = getattr(real, matrix)
-    half = HalfMatrix(rows)
-    rng = np.random.default_rng(0)
-    vectors = [rows[7], rows[200] * 0.3 + rows[9], rng.gamma(1.0, 1.0, rows.shape[1]), -rows[3] * 1e-3,
-               rng.standard_normal(rows.shape[1]) * 1e4]
+def assert_bound_holds(rows: np.ndarray, kernel: str, vectors: list[np.ndarray]) -> None:
+    half = HalfMatrix(rows, kernel)
+    norms = np.linalg.norm(rows, axis=1)
+    usual = norms > 1e-6 * norms.max()  # rows not so tiny that the absolute (subnormal) term dominates
     for v in vectors:
         approx, bound = half.dot(v.astype(np.float32))
         exact = rows.astype(np.float64) @ v.astype(np.float64)
         error = np.abs(approx - exact)
         assert (error <= bound).all()
         assert error.max() > 0  # really approximate, yet the bound is tight enough to screen with:
-        assert (bound <= 0.005 * np.linalg.norm(v) * np.linalg.norm(rows, axis=1) + 1e-9).all()
+        assert (bound[usual] <= TIGHTNESS[kernel] * np.linalg.norm(v) * norms[usual] + 1e-9).all()
+
+
+@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+@pytest.mark.parametrize("matrix", ["features", "unit"])
+def test_inner_products_stay_within_their_bound_on_real_features(real, matrix, kernel_name):
+    rows = getattr(real, matrix)
+    rng = np.random.default_rng(0)
+    assert_bound_holds(rows, kernel_name, [rows[7], rows[200] * 0.3 + rows[9], rng.gamma(1.0, 1.0, rows.shape[1]),
+                                           -rows[3] * 1e-3, rng.standard_normal(rows.shape[1]) * 1e4])
+
+
+@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+def test_inner_products_stay_within_their_bound_on_clustered_vectors(kernel_name):
+    """Close vectors (the worst case for screening) at 1280 dimensions, and tiny values near bfloat16's and
+    float16's normal range."""
+    rows = clustered_catalogue(20_000, 1280, clusters=50, spread=0.35).features
+    rng = np.random.default_rng(3)
+    rows[:100] *= np.float32(1e-30)  # bfloat16 keeps these; their inner products sit far below the others
+    assert_bound_holds(rows, kernel_name, [rows[150] + 0.01, rows[17_000], rows[5], rng.gamma(1.0, 1.0, 1280) * 1e-6])
 
 
 @pytest.mark.parametrize("method", SCANNED)
-def test_real_features_rank_the_same_through_the_float16_scan(real, monkeypatch, method):
+def test_real_features_rank_the_same_through_the_16bit_scan(real, kernel, monkeypatch, method):
     for i in range(0, len(real), 7):
         exclude = real.duplicates_of(real.sha256[i], real.dhashes[i])
         assert_same(*both_ways(monkeypatch, real, real.features[i], method, 10, exclude))
     mixed = real.features[3] * 0.5 + real.features[400] * 0.5
     for top in (1, 50, len(real)):
         assert_same(*both_ways(monkeypatch, real, mixed, method, top))
-    assert ("features" if method == "l2" else "unit") in real.halves
+    matrix = "features" if method == "l2" else "unit"
+    assert real.half(matrix).kernel == KERNELS[kernel]
+    real.halves.clear()  # the next kernel makes its own copy
 
 
 @pytest.mark.parametrize("method", ["l2", "cosine"])
-def test_clustered_100k_catalogue_ranks_the_same(monkeypatch, method):
+def test_clustered_100k_catalogue_ranks_the_same(kernel, monkeypatch, method):
     catalogue = clustered_catalogue(100_000, 128, clusters=1_000, spread=0.35)
     rng = np.random.default_rng(1)
     for i in rng.integers(0, len(catalogue), 12):
@@ -81,8 +108,8 @@ def test_clustered_100k_catalogue_ranks_the_same(monkeypatch, method):
     assert_same(*both_ways(monkeypatch, catalogue, rng.gamma(1.0, 1.0, 128).astype(np.float32), method, 25))
 
 
-def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(monkeypatch):
-    """300 close copies of one vector: their float16 bounds overlap beyond the 110 candidates (their float32
+def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, monkeypatch):
+    """300 close copies of one vector: their 16-bit bounds overlap beyond the 110 candidates (their float32
     distances are still far apart compared with float32 rounding, so the exact order is well defined)."""
     catalogue = clustered_catalogue(100_000, 128, clusters=1_000, spread=0.35)
     rng = np.random.default_rng(2)
@@ -95,3 +122,32 @@ def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(monkeypatch
     fast, plain = both_ways(monkeypatch, catalogue, catalogue.features[0] + 1e-3, "l2", 10)
     assert_same(fast, plain)
     assert scored[0] == 110 and scored[1] >= 300 and scored[2] == len(catalogue)
+
+
+@pytest.mark.parametrize("timings, chosen", [
+    ({"fp32": 10.0, "fp16": 20.0, "bf16": 6.0}, "bf16"),  # this CPU: bfloat16 fast, float16 slow
+    ({"fp32": 10.0, "fp16": 5.0, "bf16": 6.0}, "fp16"),
+    ({"fp32": 10.0, "fp16": 20.0, "bf16": 9.0}, "fp32"),  # too small a gain to pay for the re-scoring
+    ({"fp32": 10.0, "fp16": 20.0}, "fp32"),  # bfloat16's bound failed on the probe: never used
+])
+def test_the_fastest_kernel_is_chosen_else_the_plain_float32_scan(fresh_choices, monkeypatch, timings, chosen):
+    calls = []
+    monkeypatch.setattr(halfscan, "kernel_timings", lambda: calls.append(1) or timings)
+    assert halfscan.scan_kernel() == chosen
+    assert halfscan.scan_kernel() == chosen and len(calls) == 1  # measured once per process
+    machine.forget()
+    assert halfscan.scan_kernel() == chosen and len(calls) == 1  # and once per machine: the cache file
+    assert chosen in fresh_choices.read_text()
+
+
+def test_a_slow_16bit_kernel_leaves_the_plain_float32_scan(fresh_choices, monkeypatch):
+    monkeypatch.setattr(halfscan, "kernel_timings", lambda: {"fp32": 1.0, "fp16": 2.0, "bf16": 1.5})
+    catalogue = clustered_catalogue(25_000, 64, clusters=100, spread=0.35)
+    found = catalogue.search(catalogue.features[3] + 0.01, "l2")
+    assert not catalogue.halves and found[0].image_id == 3
+
+
+def test_real_measurement_picks_a_kernel_whose_bound_holds_here(fresh_choices):
+    timings = halfscan.kernel_timings()
+    assert {"fp32", "fp16", "bf16"} >= set(timings) >= {"fp32"} and all(t > 0 for t in timings.values())
+    assert halfscan.scan_kernel() in timings

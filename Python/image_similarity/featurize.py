@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from .backbones import DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from .images import BadImageError, decode_image
+from .precision import autocast, resolve
 from .store import Store
 
 
@@ -29,16 +30,23 @@ class FeaturizeReport:
 
     backbone: str
     device: str
+    precision: str
     added: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
 
 class Featurizer:
-    """A pretrained backbone on a device, turning RGB images into float32 feature vectors."""
+    """A pretrained backbone on a device, turning RGB images into float32 feature vectors.
+
+    `precision` (see precision.PRECISIONS) is resolved once: "auto" means bfloat16 autocast on a CPU that measurably
+    runs it fast, float16 mixed precision on CUDA, float32 elsewhere.
+    """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, device: str | None = None,
-                 weights: str | os.PathLike | None = None, workers: int | None = None) -> None:
+                 weights: str | os.PathLike | None = None, workers: int | None = None,
+                 precision: str = "auto") -> None:
         self.device = pick_device(device)
+        self.precision = resolve(precision, self.device)
         self.extractor: FeatureExtractor = load_backbone(backbone, weights)
         self.spec = self.extractor.spec
         self.extractor.to(self.device, memory_format=torch.channels_last)
@@ -49,17 +57,16 @@ class Featurizer:
         return self.spec.name
 
     def prepare(self, data: bytes) -> np.ndarray:
-        """Decode image bytes into the network's uint8 input; BadImageError when they are not an image."""
-        return prepare_image(decode_image(data), self.spec)
+        """Decode image bytes into the network's uint8 input; BadImageError when they are not an image. A large
+        JPEG is decoded at a reduced scale (DCT scaling) that still leaves its shorter side >= the resize size."""
+        return prepare_image(decode_image(data, min_side=self.spec.resize), self.spec)
 
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, dim)."""
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
-                return self.extractor(x).float().cpu().numpy()
-        return self.extractor(x).numpy()
+        with autocast(self.precision, self.device):
+            return self.extractor(x).float().cpu().numpy()
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Feature vectors of decoded RGB images."""
@@ -90,15 +97,15 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
     commits each batch on its own: an interrupted run loses at most one batch and resumes where it stopped.
     """
     featurizer = featurizer or Featurizer(backbone)
-    report = FeaturizeReport(backbone=featurizer.backbone, device=str(featurizer.device))
+    report = FeaturizeReport(featurizer.backbone, str(featurizer.device), featurizer.precision)
     todo = len(store.images()) - store.feature_counts().get(featurizer.backbone, 0)
-    bar = tqdm(total=max(todo, 0), desc=f"featurize ({featurizer.backbone}, {featurizer.device})", unit="img",
-               disable=not progress)
+    bar = tqdm(total=max(todo, 0), desc=f"featurize ({featurizer.backbone}, {featurizer.device}, "
+               f"{featurizer.precision})", unit="img", disable=not progress)
 
     def finish(pending: list[tuple[int, Future]]) -> None:
         ids, arrays, bad = collect_batch(pending)
         if ids:
-            store.put_features(featurizer.backbone, ids, featurizer.forward(np.stack(arrays)))
+            store.put_features(featurizer.backbone, ids, featurizer.forward(np.stack(arrays)), featurizer.precision)
             report.added += len(ids)
         for image_id, reason in bad:
             report.skipped.append((image_id, reason))

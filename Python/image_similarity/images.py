@@ -38,10 +38,12 @@ class ImageInfo:
     dhash: str  # dedup.dhash of the decoded RGB image
 
 
-def decode_image(data: bytes) -> Image.Image:
+def decode_image(data: bytes, min_side: int | None = None) -> Image.Image:
     """Decode image bytes into a fully loaded 8-bit RGB image.
 
-    Applies the EXIF orientation, keeps the first frame of animations, composites transparency onto
+    With `min_side`, a JPEG is decoded in draft mode at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both
+    sides at least `min_side` (or the full size when smaller): far less work for a large photo that will be resized
+    anyway. Applies the EXIF orientation, keeps the first frame of animations, composites transparency onto
     white and converts palette, grayscale, CMYK and 16-bit/float images to RGB (high bit depths are scaled,
     not clipped).
 
@@ -51,7 +53,7 @@ def decode_image(data: bytes) -> Image.Image:
         If the data is empty, larger than ``MAX_FILE_BYTES``, not an image, truncated or corrupt, or
         has more than ``MAX_PIXELS`` pixels (checked from the header, before decoding).
     """
-    return _to_rgb(_load(data))
+    return _to_rgb(_load(data, min_side))
 
 
 def inspect_image(data: bytes) -> tuple[ImageInfo, Image.Image]:
@@ -69,8 +71,9 @@ def inspect_image(data: bytes) -> tuple[ImageInfo, Image.Image]:
     return info, image
 
 
-def _load(data: bytes) -> ImageFile.ImageFile:
-    """Open ``data``, enforce the size limits, decode the first frame and apply the EXIF orientation."""
+def _load(data: bytes, min_side: int | None = None) -> ImageFile.ImageFile:
+    """Open ``data``, enforce the size limits, decode the first frame (a JPEG in draft mode with `min_side`) and
+    apply the EXIF orientation."""
     if not data:
         raise BadImageError("empty file")
     if len(data) > MAX_FILE_BYTES:
@@ -90,6 +93,8 @@ def _load(data: bytes) -> ImageFile.ImageFile:
         if width * height == 0:
             raise BadImageError(f"empty image: {width}x{height} pixels")
         try:
+            if min_side and image.format in ("JPEG", "MPO"):
+                image.draft(image.mode, (min_side, min_side))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
         except Exception as exc:

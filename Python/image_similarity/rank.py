@@ -8,7 +8,7 @@ import numpy as np
 
 from . import ann
 from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
-from .halfscan import HalfMatrix
+from .halfscan import HalfMatrix, scan_kernel
 from .images import decode_image
 from .store import Store, StoreError
 from .train import SimilarityModel, l2_normalize, load_model
@@ -21,9 +21,10 @@ INDEXES = ("auto", "exact", "hnsw")
 auto: hnsw for catalogues of at least ANN_THRESHOLD images when faiss is installed, else exact."""
 ANN_THRESHOLD = 200_000
 HALF_SCAN_THRESHOLD = 20_000
-"""Exact l2, cosine and learned search over at least this many images first scans a float16 copy of the matrix
-(half the bytes), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
-CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the float16 scan
+"""Exact l2, cosine and learned search over at least this many images first scans a 16-bit copy of the matrix
+(half the bytes; float16 or bfloat16, whichever halfscan.scan_kernel measured fastest here, if either beats the
+plain float32 scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the 16-bit scan
 
 
 @dataclass(frozen=True)
@@ -113,13 +114,13 @@ class Catalogue:
         return dots
 
     def half(self, matrix: str) -> HalfMatrix:
-        """The float16 copy of `features` or `unit`, made on first use."""
+        """The 16-bit copy of `features` or `unit` in this machine's scan kernel, made on first use."""
         if matrix not in self.halves:
-            self.halves[matrix] = HalfMatrix(getattr(self, matrix))
+            self.halves[matrix] = HalfMatrix(getattr(self, matrix), scan_kernel())
         return self.halves[matrix]
 
     def score_bounds(self, query: np.ndarray, method: str) -> np.ndarray:
-        """An upper bound on every row's similarity to one query, from the float16 copy (l2, cosine, learned)."""
+        """An upper bound on every row's similarity to one query, from the 16-bit copy (l2, cosine, learned)."""
         queries = np.atleast_2d(query).astype(np.float32)
         vectors, matrix = self._query_vectors(queries, method)
         dots, error = self.half(matrix).dot(vectors[0])
@@ -154,7 +155,7 @@ class Catalogue:
     def _exact(self, query: np.ndarray, method: str, top: int,
                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the best `top`, by scoring every row (large catalogues: see HALF_SCAN_THRESHOLD)."""
-        if method != "scores" and len(self) >= HALF_SCAN_THRESHOLD:
+        if method != "scores" and len(self) >= HALF_SCAN_THRESHOLD and scan_kernel() != "fp32":
             return self._screened(query, method, top, exclude)
         scores = self.similarity(query, method)[0]
         if exclude is not None:
@@ -164,7 +165,7 @@ class Catalogue:
 
     def _screened(self, query: np.ndarray, method: str, top: int,
                   exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """The exact best `top`: bound every row's score from the float16 copy, score exactly the rows with the
+        """The exact best `top`: bound every row's score from the 16-bit copy, score exactly the rows with the
         highest bounds, then any other row whose bound reaches the worst of the exact best `top`."""
         bounds = self.score_bounds(query, method)
         if exclude is not None:

@@ -140,8 +140,9 @@ class Store(abc.ABC):
         """Batches of (id, bytes) of images with no features for this backbone, in id order, streamed."""
 
     @abc.abstractmethod
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
-        """Store float32 vectors, one per id, in one transaction (existing rows are kept)."""
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
+        """Store float32 vectors, one per id, and the precision the network computed them at ("fp32", "bf16",
+        "fp16"), in one transaction (existing rows are kept)."""
 
     @abc.abstractmethod
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +151,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def feature_counts(self) -> dict[str, int]:
         """Number of featurized images per backbone."""
+
+    @abc.abstractmethod
+    def feature_precisions(self, backbone: str) -> dict[str, int]:
+        """Number of the backbone's vectors per recorded precision (vectors stored without one are not counted)."""
 
     # split
     @abc.abstractmethod

@@ -220,14 +220,19 @@ class MSSQLStore(Store):
             last = batch[-1][0]
             yield [(int(i), bytes(d)) for i, d in batch]
 
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         self._write([(
             ("INSERT INTO dbo.features (image_id, backbone, dim, vector)"
              " SELECT v.image_id, v.backbone, v.dim, v.vector FROM (VALUES {rows}) AS v (image_id, backbone, dim, vector)"
              " WHERE NOT EXISTS (SELECT 1 FROM dbo.features AS f WHERE f.image_id = v.image_id"
              " AND f.backbone = v.backbone)"),
-            [(int(i), backbone, vectors.shape[1], v.tobytes()) for i, v in zip(ids, vectors)])])
+            [(int(i), backbone, vectors.shape[1], v.tobytes()) for i, v in zip(ids, vectors)]), (
+            ("INSERT INTO dbo.feature_precisions (image_id, backbone, precision_used)"
+             " SELECT v.image_id, v.backbone, v.precision_used FROM (VALUES {rows}) AS v (image_id, backbone, precision_used)"
+             " WHERE NOT EXISTS (SELECT 1 FROM dbo.feature_precisions AS p WHERE p.image_id = v.image_id"
+             " AND p.backbone = v.backbone)"),
+            [(int(i), backbone, precision) for i in ids])])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = self._all("SELECT image_id, dim, vector FROM dbo.features WHERE backbone = ? ORDER BY image_id",
@@ -242,6 +247,10 @@ class MSSQLStore(Store):
 
     def feature_counts(self) -> dict[str, int]:
         return dict(self._all("SELECT backbone, COUNT(*) FROM dbo.features GROUP BY backbone"))
+
+    def feature_precisions(self, backbone: str) -> dict[str, int]:
+        return dict(self._all("SELECT precision_used, COUNT(*) FROM dbo.feature_precisions WHERE backbone = ?"
+                              " GROUP BY precision_used", backbone))
 
     # split
     def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:

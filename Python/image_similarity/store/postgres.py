@@ -109,6 +109,14 @@ CREATE TABLE IF NOT EXISTS rankings (
     score double precision NOT NULL,
     PRIMARY KEY (query_id, rank)
 );
+-- issue 16: the numeric precision the network computed each feature vector at
+CREATE TABLE IF NOT EXISTS feature_precisions (
+    image_id bigint NOT NULL,
+    backbone text NOT NULL,
+    precision_used text NOT NULL CHECK (precision_used IN ('fp32', 'bf16', 'fp16')),
+    PRIMARY KEY (image_id, backbone),
+    FOREIGN KEY (image_id, backbone) REFERENCES features (image_id, backbone) ON DELETE CASCADE
+);
 """
 
 HNSW_MAX_VECTOR_DIM, HNSW_MAX_HALFVEC_DIM = 2000, 4000
@@ -248,13 +256,16 @@ class PostgresStore(Store):
             last = batch[-1][0]
             yield [(int(i), bytes(d)) for i, d in batch]
 
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         with self.db.transaction():
             self.db.query_many(
                 "INSERT INTO features (image_id, backbone, dim, embedding) VALUES (%s, %s, %s, %s::float8[]::vector)"
                 " ON CONFLICT (image_id, backbone) DO NOTHING",
                 [(int(i), backbone, vectors.shape[1], v.tolist()) for i, v in zip(ids, vectors)])
+            self.db.query_many(
+                "INSERT INTO feature_precisions (image_id, backbone, precision_used) VALUES (%s, %s, %s)"
+                " ON CONFLICT (image_id, backbone) DO NOTHING", [(int(i), backbone, precision) for i in ids])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         wanted = None if ids is None else [int(i) for i in ids]
@@ -267,6 +278,10 @@ class PostgresStore(Store):
 
     def feature_counts(self) -> dict[str, int]:
         return {b: int(n) for b, n in self.db.query("SELECT backbone, count(*) FROM features GROUP BY backbone")}
+
+    def feature_precisions(self, backbone: str) -> dict[str, int]:
+        return {p: int(n) for p, n in self.db.query("SELECT precision_used, count(*) FROM feature_precisions"
+                                                    " WHERE backbone = %s GROUP BY precision_used", (backbone,))}
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int,
                 exclude: Sequence[int] = (), approximate: bool | None = None) -> list[tuple[int, float]]:

@@ -101,6 +101,14 @@ CREATE TABLE IF NOT EXISTS rankings (
     score REAL NOT NULL,
     PRIMARY KEY (query_id, rank)
 );
+-- issue 16: the numeric precision the network computed each feature vector at
+CREATE TABLE IF NOT EXISTS feature_precisions (
+    image_id INTEGER NOT NULL,
+    backbone TEXT NOT NULL,
+    precision_used TEXT NOT NULL CHECK (precision_used IN ('fp32', 'bf16', 'fp16')),
+    PRIMARY KEY (image_id, backbone),
+    FOREIGN KEY (image_id, backbone) REFERENCES features (image_id, backbone) ON DELETE CASCADE
+);
 """
 
 
@@ -201,7 +209,7 @@ class SQLiteStore(Store):
             last = batch[-1][0]
             yield batch
 
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         with self.conn:
             self.conn.executemany(
@@ -209,6 +217,9 @@ class SQLiteStore(Store):
                 " ON CONFLICT (image_id, backbone) DO NOTHING",
                 [(int(i), backbone, vectors.shape[1], v.tobytes()) for i, v in zip(ids, vectors)],
             )
+            self.conn.executemany(
+                "INSERT INTO feature_precisions (image_id, backbone, precision_used) VALUES (?, ?, ?)"
+                " ON CONFLICT (image_id, backbone) DO NOTHING", [(int(i), backbone, precision) for i in ids])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         rows = self.conn.execute(
@@ -225,6 +236,10 @@ class SQLiteStore(Store):
 
     def feature_counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT backbone, COUNT(*) FROM features GROUP BY backbone").fetchall())
+
+    def feature_precisions(self, backbone: str) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT precision_used, COUNT(*) FROM feature_precisions WHERE backbone = ?"
+                                      " GROUP BY precision_used", (backbone,)).fetchall())
 
     # split
     def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:

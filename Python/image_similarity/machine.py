@@ -1,0 +1,118 @@
+"""What this machine is (CPU model and flags, torch version, threads) and choices measured on it once, cached per
+process and in a small JSON file keyed by all of that, so a speed-up is chosen by measurement, never assumed."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+import torch
+
+CACHE_ENV = "IMAGE_SIMILARITY_CACHE"
+"""Folder of the choices file (default ~/.cache/image-similarity); set it empty to keep choices per process."""
+REPORTED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "f16c")
+
+_measured: dict[str, str] = {}
+
+
+@cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU model name and its feature flags (from /proc/cpuinfo where there is one)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return model, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def describe() -> dict:
+    """Where code runs: CPU model, the speed-relevant CPU flags present, torch version, threads."""
+    model, flags = cpu_info()
+    return {"cpu": model, "cpu_flags": [f for f in REPORTED_FLAGS if f in flags], "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def machine_key() -> str:
+    """What a measured choice depends on: CPU model and flags, torch version and thread count."""
+    model, flags = cpu_info()
+    flags_digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
+    return f"{model} (flags {flags_digest}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _cache_file() -> Path | None:
+    folder = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "image-similarity"))
+    return Path(folder) / "choices.json" if folder else None
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def measured_choice(name: str, measure: Callable[[], str]) -> str:
+    """The choice `name` for this machine: `measure()` run once, then remembered in this process and the cache file
+    (a corrupt or unwritable file is re-measured or skipped, never an error)."""
+    key = f"{name} @ {machine_key()}"
+    if key in _measured:
+        return _measured[key]
+    path = _cache_file()
+    stored = _read(path) if path else {}
+    choice = stored.get(key)
+    if not isinstance(choice, str):
+        choice = measure()
+        if path:
+            _write(path, {**stored, key: choice})
+    _measured[key] = choice
+    return choice
+
+
+def _write(path: Path, data: dict) -> None:
+    """Replace the cache file atomically; silently keep the choice per process when that fails."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump(data, tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
+
+
+def best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, float]:
+    """Seconds of the fastest of `repeats` calls of each run after one warm-up, on one torch thread. The runs take
+    turns, so they share the machine's noise; one thread and the minimum are what other load disturbs least (a
+    multi-threaded kernel waits for its slowest thread, and on a busy machine that is a preempted one)."""
+    best = {name: float("inf") for name in runs}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for run in runs.values():
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def forget() -> None:
+    """Drop the choices remembered in this process (the cache file stays)."""
+    _measured.clear()
