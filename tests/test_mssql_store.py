@@ -163,8 +163,10 @@ def test_many_rows_go_in_few_statements_within_the_parameter_limit():
     store.put_features("efficientnet_lite0", list(range(1, 1201)), np.ones((1200, 3), np.float32))
     store.put_split({i: "train" for i in range(1, 2501)}, 0, 0.25)
     sizes = [len(params) for _, params in conn.sent]
-    assert len(conn.sent) == 3 + 1 + 5 and max(sizes) <= 2100  # 500 rows of 4 values a statement; 1 DELETE
-    assert sum(sizes) == 1200 * 4 + 2500 * 4
+    # at most 2000 parameters a statement: features (4 a row: 500 rows), their precisions (3 a row: 666 rows),
+    # 1 DELETE, the split (4 a row)
+    assert len(conn.sent) == 3 + 2 + 1 + 5 and max(sizes) <= 2100
+    assert sum(sizes) == 1200 * 4 + 1200 * 3 + 2500 * 4
     for sql, params in conn.sent:
         sqlglot.parse_one(sql, read="tsql")
         assert sql.count("?") == len(params)
