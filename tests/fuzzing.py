@@ -7,6 +7,7 @@ raise them for a longer local run.
 """
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
 import random
@@ -104,6 +105,8 @@ def run_atheris(tmp_path: Path, target: list[str], rss_limit_mb: int, prefix: by
                "-print_final_stats=1", f"-artifact_prefix={crashes}/", str(corpus),
                str(write_seeds(tmp_path / "seeds", prefix))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=SECONDS + 600, check=False)
-    found = sorted(p.name for p in crashes.iterdir())
-    assert done.returncode == 0 and not found, f"{found}\n{done.stderr[-6000:]}"
+    found = sorted(crashes.iterdir())
+    first = base64.b64encode(found[0].read_bytes()[:65536]).decode() if found else ""
+    assert done.returncode == 0 and not found, \
+        f"{[p.name for p in found]}\n{done.stderr[-6000:]}\nfirst input, base64 (up to 64 KB): {first}"
     return libfuzzer_stats(done.stderr)

@@ -98,7 +98,7 @@ def test_every_image_pillow_writes_decodes(case):
 
 
 def test_coverage_guided(tmp_path, capsys):
-    stats = run_atheris(tmp_path, ["decode"], rss_limit_mb=1024)
+    stats = run_atheris(tmp_path, ["decode"], rss_limit_mb=2048)
     with capsys.disabled():
         print(f"\n  atheris decode: {stats['number_of_executed_units']} inputs, 0 crashes,"
               f" {stats['new_units_added']} new coverage inputs, peak RSS {stats['peak_rss_mb']} MB")

@@ -70,7 +70,7 @@ def test_upload_answers_are_documented(client, data, name, declared, top, method
 
 
 def test_coverage_guided_upload(tmp_path, catalogue, capsys):
-    stats = run_atheris(tmp_path, ["upload", str(catalogue)], rss_limit_mb=3072, prefix=b"\x00\x0a")
+    stats = run_atheris(tmp_path, ["upload", str(catalogue)], rss_limit_mb=4096, prefix=b"\x00\x0a")
     with capsys.disabled():
         print(f"\n  atheris upload: {stats['number_of_executed_units']} inputs, 0 crashes,"
               f" {stats['new_units_added']} new coverage inputs, peak RSS {stats['peak_rss_mb']} MB")
