@@ -6,7 +6,9 @@ names an existing server instead (a libpq URL of a superuser).
 """
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -31,7 +33,33 @@ def missing() -> str | None:
                        (SHARE / "vector.control", "pgvector (see .ci/postgres)")]:
         if not path.exists():
             return f"no {what}"
+    if os.geteuid() == 0 and not os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
+        return unreachable(python_path().split(os.pathsep), "postgres")
     return None
+
+
+def unreachable(paths: list[str], user: str) -> str | None:
+    """Why `user` (who runs the server when the tests run as root) cannot reach `paths`, the folders the server's
+    Python imports from, and the command that fixes it; None when it can."""
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return f"no user {user!r} to run the server"
+    groups = {account.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    closed = []  # (folder, the permission it lacks)
+    for path in map(Path, paths):
+        path = path.resolve()
+        for folder, need in [*((parent, "x") for parent in reversed(path.parents)), (path, "rx")]:
+            st = folder.stat()
+            shift = 6 if st.st_uid == account.pw_uid else 3 if st.st_gid in groups else 0
+            lacks = "".join(p for p, bit in (("r", 4), ("x", 1)) if p in need and not st.st_mode >> shift & bit)
+            if lacks and (str(folder), lacks) not in closed:
+                closed.append((str(folder), lacks))
+    if not closed:
+        return None
+    fix = "; ".join(f"chmod o+{lacks} {folder}" for folder, lacks in closed)
+    return (f"the {user} user cannot reach {', '.join(f for f, _ in closed)}, so the server cannot import this "
+            f"checkout or its virtualenv: run `{fix}` (or `bash .ci/postgres` from the checkout)")
 
 
 def python_path() -> str:

@@ -1,6 +1,7 @@
 """The SQL Server connection code run for real through mssql-python and its bundled ODBC Driver 18, against
 loopback ports where no SQL Server answers: a closed port, a server that hangs up, one that sends garbage and
-one that never answers. Each must fail fast with one clear line that names the server and never the password."""
+one that never answers. Each must fail fast with one clear line that names the server and never the password.
+The driver loads Debian's libltdl7: without it those tests are skipped with the reason (failed under CI)."""
 from __future__ import annotations
 
 import socket
@@ -12,6 +13,7 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import mssql_python  # noqa: F401 - the `mssql` extra: CI installs it, so a missing driver fails, never skips
+import needs
 import pytest
 
 from image_similarity.store import StoreError
@@ -64,6 +66,7 @@ def serve() -> Iterator[Callable[[Callable[[socket.socket], None]], int]]:
 
 def failure(port: int, monkeypatch) -> tuple[StoreError, float]:
     """The StoreError MSSQLStore raises for a SQL-authenticated login at 127.0.0.1:port, and the seconds it took."""
+    needs.libltdl()
     monkeypatch.setenv(PASSWORD_ENV, SECRET)
     start = time.monotonic()
     with pytest.raises(StoreError) as caught:

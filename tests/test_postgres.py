@@ -10,6 +10,7 @@ import re
 import threading
 from pathlib import Path
 
+import needs
 import numpy as np
 import pgserver
 import psycopg
@@ -30,11 +31,7 @@ def server():
     if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
         yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
         return
-    reason = pgserver.missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the PostgreSQL tests must run in CI: {reason}")
-        pytest.skip(f"no PostgreSQL here: {reason}")
+    needs.postgres()
     cluster = pgserver.Cluster()
     yield cluster.url()
     cluster.stop()

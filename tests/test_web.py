@@ -2,12 +2,14 @@
 `serve` command under a bounded load, and the page in headless Chromium."""
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import needs
 import pytest
 from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
@@ -206,11 +208,12 @@ def test_page_in_headless_chromium(server, photos, expected, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    needs.chromium()
     options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
+    options.binary_location = shutil.which("chromium")
     for flag in CHROMIUM_FLAGS:
         options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
     try:
         driver.get(f"{server}/")
         wait = WebDriverWait(driver, 60)

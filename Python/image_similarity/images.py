@@ -112,24 +112,35 @@ def _reason(exc: Exception, default: str) -> str:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert a loaded image of any mode to 8-bit RGB, compositing transparency onto white."""
+    """Convert a loaded image of any mode to 8-bit RGB, compositing transparency onto white.
+
+    No full-size float64 or extra RGBA copies: decoding needs at most 13 bytes per pixel at its peak (a 32-bit
+    float image), about 830 MB at the MAX_PIXELS limit (tests/test_fuzz_images.py measures it)."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _to_8bit(image)
     try:
         if image.mode in _ALPHA_MODES or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
-        return image.convert("RGB")
+            rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+            white = Image.new("RGB", rgba.size, "white")
+            white.paste(rgba, mask=rgba)
+            return white
+        return image if image.mode == "RGB" else image.convert("RGB")
     except ValueError as exc:  # a mode Pillow cannot convert
         raise BadImageError(f"unsupported image mode: {image.mode}") from exc
 
 
+_FROM_16_BIT = np.rint(np.arange(65536) / 257).astype(np.uint8)
+"""16-bit value -> 8-bit value, scaled by 255/65535 and rounded."""
+
+
 def _to_8bit(image: Image.Image) -> Image.Image:
     """Scale a 16-bit ("I;16*") image by 255/65535, or stretch a 32-bit ("I", "F") one to 0-255, as "L"."""
-    pixels = np.asarray(image, dtype=np.float64)
     if image.mode.startswith("I;16"):
-        pixels = pixels / 257
-    else:
-        low, high = pixels.min(), pixels.max()
-        pixels = (pixels - low) * (255 / (high - low)) if high > low else np.zeros_like(pixels)
-    return Image.fromarray(np.rint(pixels).astype(np.uint8))
+        return Image.fromarray(_FROM_16_BIT[np.asarray(image).astype(np.uint16)])
+    pixels = np.array(image, dtype=np.float32)
+    low, high = pixels.min(), pixels.max()
+    if not high > low:  # flat, or NaN somewhere
+        return Image.new("L", image.size, 0)
+    pixels -= low
+    pixels *= 255 / (high - low)
+    return Image.fromarray(np.rint(pixels, out=pixels).astype(np.uint8))

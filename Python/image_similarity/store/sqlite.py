@@ -1,7 +1,10 @@
 """The embedded default store: one SQLite file, no server."""
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import signal
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -112,6 +115,11 @@ CREATE TABLE IF NOT EXISTS feature_precisions (
 """
 
 
+CRASH_AFTER_ENV = "IMAGE_SIMILARITY_CRASH_AFTER"
+"""For the crash-safety tests (tests/test_crash_safety.py): a number N makes the process kill itself with SIGKILL
+inside its Nth write transaction, after the transaction's statements and before its commit."""
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -124,6 +132,8 @@ class SQLiteStore(Store):
         self.url = f"sqlite:///{self.path}"
         if self.path.parent and not self.path.parent.exists():
             raise StoreError(f"folder does not exist: {self.path.parent}")
+        self._crash_after = int(os.environ.get(CRASH_AFTER_ENV) or 0)
+        self._writes = itertools.count(1)
         try:
             self.conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             self.conn.execute("PRAGMA foreign_keys = ON")
@@ -136,9 +146,17 @@ class SQLiteStore(Store):
     def close(self) -> None:
         self.conn.close()
 
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One write transaction: committed whole, or rolled back whole (also by a crash: see CRASH_AFTER_ENV)."""
+        with self.conn:
+            yield
+            if self._crash_after and next(self._writes) == self._crash_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
     # images
     def add_image(self, image: NewImage) -> int | None:
-        with self.conn:
+        with self._writing():
             cur = self.conn.execute(
                 "INSERT INTO images (name, label, format, width, height, mode, size_bytes, sha256, dhash,"
                 " data, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
@@ -154,7 +172,7 @@ class SQLiteStore(Store):
         return ImageRow(*row) if row else None
 
     def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:
-        with self.conn:
+        with self._writing():
             self.conn.execute(
                 "INSERT INTO rejected_files (name, label, stage, reason, seen_at) VALUES (?, ?, ?, ?, ?)"
                 " ON CONFLICT (name, stage, reason) DO UPDATE SET seen_at = excluded.seen_at",
@@ -211,7 +229,7 @@ class SQLiteStore(Store):
 
     def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        with self.conn:
+        with self._writing():
             self.conn.executemany(
                 "INSERT INTO features (image_id, backbone, dim, vector) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (image_id, backbone) DO NOTHING",
@@ -243,7 +261,7 @@ class SQLiteStore(Store):
 
     # split
     def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:
-        with self.conn:
+        with self._writing():
             self.conn.execute("DELETE FROM splits")
             self.conn.executemany(
                 "INSERT INTO splits (image_id, subset, seed, test_fraction) VALUES (?, ?, ?, ?)",
@@ -255,7 +273,7 @@ class SQLiteStore(Store):
 
     # models
     def put_model(self, model: ModelRecord) -> int:
-        with self.conn:
+        with self._writing():
             cur = self.conn.execute(
                 "INSERT INTO models (backbone, classes, params, created_at) VALUES (?, ?, ?, ?)",
                 (model.backbone, json.dumps(model.classes), json.dumps(model.params), _now()),
@@ -289,7 +307,7 @@ class SQLiteStore(Store):
 
     # evaluation
     def put_evaluation(self, evaluation: EvaluationRecord) -> int:
-        with self.conn:
+        with self._writing():
             cur = self.conn.execute(
                 "INSERT INTO evaluations (model_version, summary, created_at) VALUES (?, ?, ?)",
                 (evaluation.model_version, json.dumps(evaluation.summary), _now()),
@@ -326,7 +344,7 @@ class SQLiteStore(Store):
 
     # rankings
     def put_ranking(self, query: dict[str, Any], rows: Sequence[tuple[int, int, float]]) -> int:
-        with self.conn:
+        with self._writing():
             cur = self.conn.execute(
                 "INSERT INTO queries (query_name, query_sha256, method, backbone, model_version, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
