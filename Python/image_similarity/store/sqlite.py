@@ -193,7 +193,7 @@ class SQLiteStore(Store):
         return row[0]
 
     def remove_image(self, image_id: int) -> bool:
-        with self.conn:  # features and splits go by ON DELETE CASCADE
+        with self._writing():  # features and splits go by ON DELETE CASCADE
             self.conn.execute("DELETE FROM rankings WHERE image_id = ?", (image_id,))
             return self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,)).rowcount == 1
 
