@@ -3,7 +3,8 @@ the documented one-line reasons an input may be refused with, and the time each 
 
 IMAGE_SIMILARITY_FUZZ_SECONDS (default 20) bounds each coverage-guided (atheris) run, and
 IMAGE_SIMILARITY_FUZZ_EXAMPLES (default 150) the inputs of each property-based (hypothesis, schemathesis) test:
-raise them for a longer local run.
+raise them for a longer local run. IMAGE_SIMILARITY_FUZZ_SEED (default 1) seeds the coverage-guided runs, so that
+CI replays the same inputs as a local run of the same length; change it locally to explore further.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from image_similarity.images import BadImageError
 
 SECONDS = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_SECONDS", "20"))
 EXAMPLES = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_EXAMPLES", "150"))
+SEED = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_SEED", "1"))
 HANG_SECONDS = 60
 """An input that takes longer than this is a hang (a generous bound: the machine may be busy)."""
 
@@ -101,7 +103,7 @@ def run_atheris(tmp_path: Path, target: list[str], rss_limit_mb: int, prefix: by
     corpus.mkdir()
     crashes.mkdir()
     command = [sys.executable, str(Path(__file__).with_name("fuzz_targets.py")), *target,
-               f"-max_total_time={SECONDS}", f"-timeout={HANG_SECONDS}", f"-rss_limit_mb={rss_limit_mb}",
+               f"-max_total_time={SECONDS}", f"-seed={SEED}", f"-timeout={HANG_SECONDS}", f"-rss_limit_mb={rss_limit_mb}",
                "-print_final_stats=1", f"-artifact_prefix={crashes}/", str(corpus),
                str(write_seeds(tmp_path / "seeds", prefix))]
     done = subprocess.run(command, capture_output=True, text=True, timeout=SECONDS + 600, check=False)
