@@ -27,15 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
                              "(password in PGPASSWORD or ~/.pgpass), or mssql://[user@]host[:port]/database "
                              "(password in IMAGE_SIMILARITY_DB_PASSWORD); default: image_similarity.sqlite here")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--context", choices=("local", "sql"), default="local",
-                        help="where steps compute: local (here, default) or sql (the stored procedures inside "
+    common.add_argument("--context", choices=("local", "sql", "spark"), default="local",
+                        help="where steps compute: local (here, default), sql (the stored procedures inside "
                              "the database server; needs --db postgresql://... or mssql://...; ingest always "
-                             "runs here)")
+                             "runs here) or spark (featurize and neighbors on Apache Spark: see --master)")
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
                      help=f"pretrained network (default: {DEFAULT_BACKBONE}, or the trained model's)")
     net.add_argument("--weights", metavar="FILE", help="checkpoint file to use instead of the default location")
     net.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
+
+    cluster = argparse.ArgumentParser(add_help=False)  # issue 17: --context spark
+    cluster.add_argument("--master", default="local[*]", metavar="URL",
+                         help="Spark master for --context spark: local[*] (default), local[N], spark://host:7077, "
+                              "yarn, k8s://...; SQLite databases only with a local master")
+    cluster.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                         help="a Spark setting for --context spark, repeatable, e.g. --conf spark.task.cpus=4")
 
     parser = argparse.ArgumentParser(
         prog="image-similarity",
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Bad files are skipped and recorded with the reason; re-running adds nothing new.")
     p.add_argument("dir", type=Path, help="folder with one sub-folder per class")
 
-    p = sub.add_parser("featurize", parents=[common, net], help="compute feature vectors for stored images",
+    p = sub.add_parser("featurize", parents=[common, net, cluster], help="compute feature vectors for stored images",
                        description="Run the pretrained network over every stored image without features for "
                                    "the backbone. Resumable: an interrupted run loses at most one batch.")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
@@ -89,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "when faiss is installed")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the query beside its matches into this PNG")
+
+    p = sub.add_parser("neighbors", parents=[common, cluster], help="the top k similar images of every image",
+                       description="Store the top k most similar catalogue images of every catalogue image in the "
+                                   "neighbors table (same methods as rank; never an image itself or its near "
+                                   "duplicates). Exact, in blocks of rows that fit --memory; images already done "
+                                   "are skipped, so an interrupted run resumes and a re-run adds nothing.")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="features (default: the trained model's)")
+    p.add_argument("--method", choices=METHODS, help="similarity (default: the best in the latest evaluation)")
+    p.add_argument("--top", type=int, default=10, help="neighbours per image (default: 10)")
+    p.add_argument("--model-version", type=int, help="model version for scores/learned (default: latest)")
+    p.add_argument("--memory", type=int, default=512, metavar="MB",
+                   help="MB for one block of scores, on top of the catalogue in memory (default: 512)")
+    p.add_argument("--refresh", action="store_true",
+                   help="first remove the stored neighbours of this backbone and method (after images changed)")
 
     p = sub.add_parser("run", parents=[common, net], help="every step, then rank a sample query",
                        description="Ingest DIR (default: the bundled sample), featurize, split, train, evaluate, "
@@ -208,6 +229,55 @@ def cmd_rank(store, args) -> None:
             print(f"  plot: {args.plot}")
 
 
+def neighbor_options(store, args) -> tuple[str, str]:
+    """(backbone, method) of a neighbors command: the options, else the model's and its best evaluated method."""
+    from .rank import default_method, latest_model
+    from .train import load_model
+
+    model = load_model(store, args.model_version) if args.model_version else latest_model(store)
+    backbone = args.backbone or (model.backbone if model else DEFAULT_BACKBONE)
+    return backbone, args.method or default_method(store, model if model and model.backbone == backbone else None)
+
+
+def print_neighbors(report) -> None:
+    print(f"neighbors: top {report.k} by {report.method} ({report.backbone}"
+          + (f", model version {report.model_version}" if report.model_version else "")
+          + f") for {report.added} images, {report.already_stored} already stored, of {report.images}"
+          f"; {report.block_rows} rows per block")
+
+
+def cmd_neighbors(store, args) -> None:
+    from .neighbors import neighbors
+    from .train import load_model
+
+    backbone, method = neighbor_options(store, args)
+    model = load_model(store, args.model_version) if args.model_version else None
+    print_neighbors(neighbors(store, backbone, method, args.top, model, memory=args.memory * 2 ** 20,
+                              refresh=args.refresh, progress=not args.quiet))
+
+
+def cmd_spark(store, args) -> None:
+    """Run featurize or neighbors on Spark (--context spark): tasks open the --db store themselves."""
+    from .store import DEFAULT_DB
+    from . import spark
+
+    db = str(args.db or DEFAULT_DB)
+    spark.check_store(db, args.master)
+    session = spark.session(args.master, spark.parse_conf(args.conf))
+    try:
+        if args.command == "featurize":
+            report = spark.featurize_on_spark(session, db, args.backbone or DEFAULT_BACKBONE, args.device,
+                                              args.weights, args.batch_size, progress=not args.quiet)
+            print(f"featurized {report.added} images with {report.backbone} on Spark ({args.master}, {report.device})"
+                  f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
+        else:
+            backbone, method = neighbor_options(store, args)
+            print_neighbors(spark.neighbors_on_spark(session, db, backbone, method, args.top, args.model_version,
+                                                     args.memory * 2 ** 20, args.refresh, progress=not args.quiet))
+    finally:
+        session.stop()
+
+
 def cmd_run(store, args) -> None:
     from .evaluate import evaluate
     from .featurize import featurize
@@ -260,7 +330,8 @@ SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
              "train": ("TrainModel", ("backbone", "c_grid", "seed")),
              "evaluate": ("EvaluateModel", ("model_version", "seed")),
              "rank": ("RankCandidates", ("query", "query_name", "top", "method", "model_version")),
-             "run": ("Initial_Run_Once", ("backbone", "seed"))}
+             "run": ("Initial_Run_Once", ("backbone", "seed")),
+             "neighbors": ("ComputeNeighbors", ("backbone", "method", "top", "model_version", "refresh"))}
 """--context sql: the stored procedure of each command and the options it passes on."""
 
 
@@ -292,7 +363,9 @@ def cmd_sql(store, args) -> None:
 
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
             "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "neighbors": cmd_neighbors}
+SPARK_STEPS = ("featurize", "neighbors")
+"""--context spark: the commands that run on Spark."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with connect(args.db or DEFAULT_DB) as store:
             sql = args.context == "sql" and args.command in SQL_STEPS
-            (cmd_sql if sql else COMMANDS[args.command])(store, args)
+            if args.context == "spark" and args.command not in SPARK_STEPS:
+                raise ValueError(f"--context spark runs {' and '.join(SPARK_STEPS)}, not {args.command}")
+            (cmd_sql if sql else cmd_spark if args.context == "spark" else COMMANDS[args.command])(store, args)
     except KeyboardInterrupt:
         print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
