@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for split, training and evaluation (default: 0)")
 
     p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
-                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/health, /api/model; "
-                                   "OpenAPI schema at /openapi.json) and a page at / to try it, on the latest model. "
+                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/images/ID/neighbors, "
+                                   "/api/health, /api/model; OpenAPI schema at /openapi.json) and a page at / to "
+                                   "try it, on the latest model. "
                                    "The model and catalogue are loaded once at start; uploads are limited to 10 MB.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")

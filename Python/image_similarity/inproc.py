@@ -136,3 +136,20 @@ def rank_candidates(frame: pd.DataFrame, query: bytes, backbone: str, classes: s
                   catalogue=catalogue, save=False)
     rows = [(m.rank, m.image_id, m.name, m.label, m.score) for m in result.matches]
     return pd.DataFrame(rows, columns=RANK_COLUMNS), result.method
+
+
+def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int, method: str,
+                      top: int = 10) -> pd.DataFrame:
+    """Catalogue rows (image_id, name, label, sha256, dhash, data, done) and, for scores/learned, the model's
+    arrays -> rows (image_id, rank, neighbor_id, score): the top neighbours of each image whose `done` is 0."""
+    from .neighbors import block_neighbors, block_ranges, block_rows
+
+    model = _model(frame, backbone, classes, params, version) if frame["array_name"].notna().any() else None
+    images = _images(frame)
+    _require(images, f"empty catalogue: no images featurized with {backbone!r}")
+    catalogue = Catalogue(images["image_id"].to_numpy(), images["name"].tolist(), images["label"].tolist(),
+                          images["sha256"].tolist(), images["dhash"].tolist(), _vectors(images["data"]), model)
+    done = set(images.loc[images["done"] == 1, "image_id"].astype(int))
+    ranges = block_ranges(len(catalogue), block_rows(len(catalogue)))
+    rows = [row for block in block_neighbors(catalogue, ranges, method, top, done) for row in block]
+    return pd.DataFrame(rows, columns=["image_id", "rank", "neighbor_id", "score"])

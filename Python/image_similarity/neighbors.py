@@ -8,7 +8,7 @@ already stored are skipped, so an interrupted run resumes and a re-run adds noth
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,21 +81,29 @@ def block_ranges(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def store_blocks(store: Store, backbone: str, catalogue: Catalogue, ranges: Sequence[tuple[int, int]],
-                 method: str, k: int, model_version: int, done: set[int], bar: tqdm | None = None) -> int:
-    """Compute and store the neighbours of each block's images not in `done`, one transaction per block;
-    returns the images stored. Rows stored meanwhile by another task are kept (the insert skips them)."""
-    twins, added = Twins(catalogue), 0
+def block_neighbors(catalogue: Catalogue, ranges: Sequence[tuple[int, int]], method: str, k: int,
+                    done: set[int]) -> Iterator[list[tuple[int, int, int, float]]]:
+    """For each block, the (image id, rank, neighbour id, score) rows of its images not in `done` (maybe none)."""
+    twins = Twins(catalogue)
     stored = np.fromiter(done, dtype=np.int64, count=len(done))
     for start, end in ranges:
         positions = np.arange(start, end)
         positions = positions[~np.isin(catalogue.ids[positions], stored)]
-        if len(positions):
-            store.put_neighbors(backbone, method, model_version,
-                                neighbor_rows(catalogue, twins, positions, method, k))
-            added += len(positions)
+        yield neighbor_rows(catalogue, twins, positions, method, k) if len(positions) else []
+
+
+def store_blocks(store: Store, backbone: str, catalogue: Catalogue, ranges: Sequence[tuple[int, int]],
+                 method: str, k: int, model_version: int, done: set[int], bar: tqdm | None = None) -> int:
+    """Compute and store the neighbours of each block's images not in `done`, one transaction per block;
+    returns the images stored. Rows stored meanwhile by another task are kept (the insert skips them)."""
+    added = 0
+    for rows in block_neighbors(catalogue, ranges, method, k, done):
+        if rows:
+            store.put_neighbors(backbone, method, model_version, rows)
+        images = len({r[0] for r in rows})
+        added += images
         if bar is not None:
-            bar.update(len(positions))
+            bar.update(images)
     return added
 
 
