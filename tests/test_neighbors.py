@@ -2,13 +2,11 @@
 back in one query by the store, the web service, and computed by the SQL Server and PostgreSQL routines."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import pgserver
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 from test_sqlserver import emulate, model_values, procedure
 
 from image_similarity import cli
@@ -113,28 +111,18 @@ def test_sql_server_procedure_equals_the_engine(full_copy):
     np.testing.assert_allclose([r[3] for r in sorted(got)], [r[3] for r in expected], rtol=1e-6)
 
 
-def test_postgres_routine_equals_the_engine(small_dir, featurizer, tmp_path):
-    reason = pgserver.missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the PostgreSQL tests must run in CI: {reason}")
-        pytest.skip(f"no PostgreSQL here: {reason}")
-    cluster = pgserver.Cluster()
-    try:
-        url = pgserver.create_database(cluster.url(), "neighbors")
-        with connect(url) as pg, SQLiteStore(tmp_path / "local.sqlite") as local:
-            for store in (pg, local):
-                ingest(store, small_dir, progress=False)
-                featurize(store, featurizer, progress=False)
-            neighbors(local, BACKBONE, "cosine", k=3, progress=False)
-            with psycopg.connect(url, autocommit=True) as conn:
-                call = "CALL image_similarity.compute_neighbors(method => 'cosine', top => 3)"
-                assert conn.execute(call).fetchone()[:2] == (36, "cosine")
-                assert conn.execute(call).fetchone()[:2] == (0, "cosine")
-            for image_id in (1, 20, 36):
-                remote, near = pg.neighbors(image_id, BACKBONE, "cosine", 0), local.neighbors(image_id, BACKBONE,
-                                                                                              "cosine", 0)
-                assert [r[:4] for r in remote] == [r[:4] for r in near]
-                np.testing.assert_allclose([r[4] for r in remote], [r[4] for r in near], atol=1e-5)
-    finally:
-        cluster.stop()
+def test_postgres_routine_equals_the_engine(database, small_dir, featurizer, tmp_path):
+    with connect(database) as pg, SQLiteStore(tmp_path / "local.sqlite") as local:
+        for store in (pg, local):
+            ingest(store, small_dir, progress=False)
+            featurize(store, featurizer, progress=False)
+        neighbors(local, BACKBONE, "cosine", k=3, progress=False)
+        with psycopg.connect(database, autocommit=True) as conn:
+            call = "CALL image_similarity.compute_neighbors(method => 'cosine', top => 3)"
+            assert conn.execute(call).fetchone()[:2] == (36, "cosine")
+            assert conn.execute(call).fetchone()[:2] == (0, "cosine")
+        for image_id in (1, 20, 36):
+            remote, near = pg.neighbors(image_id, BACKBONE, "cosine", 0), local.neighbors(image_id, BACKBONE,
+                                                                                          "cosine", 0)
+            assert [r[:4] for r in remote] == [r[:4] for r in near]
+            np.testing.assert_allclose([r[4] for r in remote], [r[4] for r in near], atol=1e-5)

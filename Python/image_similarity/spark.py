@@ -177,7 +177,10 @@ def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = 
 def _neighbors_task(db: str, job: str, backbone: str, method: str, k: int, version: int,
                     ranges: Iterator[tuple[int, int]]) -> Iterator[int]:
     """Executor: store the neighbours of each block with the local step; the catalogue is loaded once per job."""
-    with connect(db) as store:
+    from pyspark import TaskContext
+    from threadpoolctl import threadpool_limits
+
+    with connect(db) as store, threadpool_limits(max(1, int(TaskContext.get().cpus()))):  # BLAS: the task's cores
         if job not in CATALOGUES:
             CATALOGUES.clear()
             model = load_model(store, version) if version else None
