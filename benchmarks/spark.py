@@ -96,6 +96,20 @@ def neighbors_figures(session, n: int, workdir: Path) -> dict:
             "max_score_diff": score_diff}
 
 
+def on_paper(result: dict, images: int = 10_000_000, cores: int = 16, machines: tuple[int, ...] = (1, 10, 100)) -> dict:
+    """Hours for `images` on N machines of `cores` cores, scaled from this run's per-core Spark rates (the all-pairs
+    work of neighbors grows with the square of the catalogue), and the catalogue each neighbors executor holds."""
+    f, n = result["featurize"], result["neighbors"]
+    here = 2  # cores of the machine measured
+    pair_flops = 2 * (n["dim"] + HASH_SIZE ** 2)  # one score and one hash distance per pair
+    flops_per_core = pair_flops * n["vectors"] ** 2 / n["spark_s"] / here
+    return {"images": images, "cores": cores,
+            "featurize_h": {m: images / (f["spark_ips"] / here * cores * m) / 3600 for m in machines},
+            "neighbors_h": {m: pair_flops * images ** 2 / (flops_per_core * cores * m) / 3600 for m in machines},
+            "catalogue_gib": images * (2 * n["dim"] * 4 + HASH_SIZE ** 2 * 4) / 2 ** 30,
+            "gflops_per_core": flops_per_core / 1e9}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=192, help="photos to featurize (default: 192)")
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                       "neighbors": neighbors_figures(session, args.vectors, Path(tmp))}
     finally:
         session.stop()
+    result["paper"] = on_paper(result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -120,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(bound {n['bound_mib']:.0f} MiB = catalogue + {n['block_rows']} rows/block; peak RSS "
           f"{n['peak_rss_mib']:.0f} MiB), Spark {args.master} {n['spark_s']:.1f} s = {n['ratio']:.2f}x local; "
           f"{n['rows']:,} rows, equal ids {n['equal_ids']}, max score diff {n['max_score_diff']:.1e}")
+    paper = result["paper"]
+    print(f"on paper, {paper['images']:,} images on N machines of {paper['cores']} cores (this run's per-core Spark "
+          f"rates; neighbors at {paper['gflops_per_core']:.1f} GFLOP/s per core, catalogue "
+          f"{paper['catalogue_gib']:.0f} GiB per executor):")
+    for m in paper["featurize_h"]:
+        print(f"  N = {m:>3}: featurize {paper['featurize_h'][m]:8.1f} h, neighbors {paper['neighbors_h'][m]:10.1f} h")
     return 0
 
 

@@ -32,6 +32,8 @@ MISSING = "--context spark needs PySpark and Java 17: pip install 'image-similar
 FAULT_ENV = "IMAGE_SIMILARITY_SPARK_FAULT"
 """For tests of retries: a task's first attempt kills its Python worker after storing this many batches."""
 
+TASK_BATCHES = 4
+
 FEATURIZERS: dict[tuple, Featurizer] = {}
 """Networks loaded in this executor process, kept for the tasks that follow."""
 CATALOGUES: dict[str, tuple[Catalogue, set[int]]] = {}
@@ -162,7 +164,9 @@ def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = 
     with connect(db) as store:
         ids = np.array([im.id for im in store.images()], dtype=np.int64)
         before = store.feature_counts().get(backbone, 0)
-        ranges = id_ranges(ids, min(-(-len(ids) // batch_size), 4 * spark.sparkContext.defaultParallelism))
+        # tasks of at least TASK_BATCHES batches (decoding overlaps the network within a task), 4 per core at most
+        tasks = min(-(-len(ids) // (TASK_BATCHES * batch_size)), 4 * spark.sparkContext.defaultParallelism)
+        ranges = id_ranges(ids, tasks)
         rdd = spark.sparkContext.parallelize(ranges, max(1, len(ranges))).mapPartitions(
             lambda part: _featurize_task(db, backbone, device, weights, batch_size, part))
         results = run_job(rdd, len(ids) - before, lambda: store.feature_counts().get(backbone, 0) - before,
