@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import psycopg
 import pytest
+import sqlglot
 from fastapi.testclient import TestClient
+from test_mssql_store import Recorder
 from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 from test_sqlserver import emulate, model_values, procedure
 
@@ -15,6 +17,7 @@ from image_similarity.ingest import ingest
 from image_similarity.neighbors import neighbors
 from image_similarity.rank import METHODS, Catalogue
 from image_similarity.store import SQLiteStore, StoreError, connect
+from image_similarity.store.mssql import MSSQLStore
 from image_similarity.train import load_model
 from image_similarity.web import create_app
 
@@ -126,3 +129,18 @@ def test_postgres_routine_equals_the_engine(database, small_dir, featurizer, tmp
                                                                                           "cosine", 0)
             assert [r[:4] for r in remote] == [r[:4] for r in near]
             np.testing.assert_allclose([r[4] for r in remote], [r[4] for r in near], atol=1e-5)
+
+
+def test_sql_server_store_statements_are_tsql_with_bound_values():
+    conn = Recorder([])
+    store = MSSQLStore("mssql://sql01/Images", connection=conn)
+    store.put_neighbors(BACKBONE, "learned", 3, [(1, 1, 2, 0.5), (1, 2, 3, 0.25)])
+    assert store.neighbor_ids(BACKBONE, "cosine", 0) == set() and store.neighbors(1, BACKBONE, "cosine", 0) == []
+    store.delete_neighbors(BACKBONE, "cosine", 0)
+    list(store.missing_features(BACKBONE, 8, (5, 9)))
+    assert len(conn.sent) == 6
+    for sql, params in conn.sent:
+        sqlglot.parse_one(sql, read="tsql")
+        assert sql.count("?") == len(params), sql
+    assert conn.sent[0][1][:7] == (1, BACKBONE, "learned", 3, 1, 2, 0.5)
+    assert conn.sent[-1][1] == (8, 4, 9, BACKBONE)

@@ -18,7 +18,8 @@ from image_similarity import cli, spark
 from image_similarity.featurize import featurize
 from image_similarity.ingest import ingest
 from image_similarity.neighbors import neighbors
-from image_similarity.store import SQLiteStore, StoreError
+from image_similarity.store import SQLiteStore, StoreError, connect
+from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 
 BACKBONE = "efficientnet_lite0"
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,16 @@ def test_benchmark_reports_every_figure(session, tmp_path, monkeypatch):
     assert n["peak_rss_mib"] > 0 and n["bound_mib"] > 0 and n["local_s"] > 0 and n["spark_s"] > 0
     paper = bench.on_paper(result)
     assert paper["neighbors_h"][1] == pytest.approx(10 * paper["neighbors_h"][10])
+
+
+
+def test_postgres_store_on_spark_equals_local(session, database, local_db, small_dir):
+    with connect(database) as store:
+        ingest(store, small_dir, progress=False)
+    assert spark.featurize_on_spark(session, database, BACKBONE, batch_size=12, progress=False).added == 36
+    assert spark.neighbors_on_spark(session, database, BACKBONE, "cosine", 4, progress=False).added == 36
+    with connect(database) as store, SQLiteStore(local_db) as local:
+        np.testing.assert_allclose(store.features(BACKBONE)[1], local.features(BACKBONE)[1], rtol=1e-4, atol=1e-4)
+        for image_id in (1, 18, 36):
+            assert [r[1] for r in store.neighbors(image_id, BACKBONE, "cosine", 0)] == \
+                [r[1] for r in local.neighbors(image_id, BACKBONE, "cosine", 0)]
