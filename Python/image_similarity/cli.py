@@ -146,8 +146,11 @@ def cmd_ingest(store, args) -> None:
 def cmd_featurize(store, args) -> None:
     from .featurize import featurize
 
-    report = featurize(store, _featurizer(args), batch_size=args.batch_size, progress=not args.quiet)
-    print(f"featurized {report.added} images with {report.backbone} on {report.device}"
+    print_featurize(featurize(store, _featurizer(args), batch_size=args.batch_size, progress=not args.quiet))
+
+
+def print_featurize(report, where: str = "") -> None:
+    print(f"featurized {report.added} images with {report.backbone} on {where}{report.device}"
           f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
 
 
@@ -269,8 +272,7 @@ def cmd_spark(store, args) -> None:
         if args.command == "featurize":
             report = spark.featurize_on_spark(session, db, args.backbone or DEFAULT_BACKBONE, args.device,
                                               args.weights, args.batch_size, progress=not args.quiet)
-            print(f"featurized {report.added} images with {report.backbone} on Spark ({args.master}, {report.device})"
-                  f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
+            print_featurize(report, f"Spark {args.master}, ")
         else:
             backbone, method = neighbor_options(store, args)
             print_neighbors(spark.neighbors_on_spark(session, db, backbone, method, args.top, args.model_version,

@@ -340,4 +340,5 @@ class SQLiteStore(Store):
         return self.conn.execute(
             "SELECT n.rank, n.neighbor_id, i.name, i.label, n.score FROM neighbors n JOIN images i"
             " ON i.id = n.neighbor_id WHERE n.image_id = ? AND n.backbone = ? AND n.method = ?"
-            " AND n.model_version = ? ORDER BY n.rank", (int(image_id), backbone, method, int(model_version))).fetchall()
+            " AND n.model_version = ? ORDER BY n.rank",
+            (int(image_id), backbone, method, int(model_version))).fetchall()
