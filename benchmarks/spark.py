@@ -4,7 +4,7 @@ synthetic clustered catalogue locally (time, memory bound, peak RSS) and on Spar
 Both contexts run in the same process one after the other, so their ratio shares the machine's noise. Spark's
 start-up is left out (paid once per job); each executor's network load is counted, as the local one is.
 
-    PYTHONPATH=Python python benchmarks/spark.py [--images 192] [--vectors 100000] [--master local[2]] [--json]
+    PYTHONPATH=Python python benchmarks/spark.py [--images 557] [--vectors 100000] [--master local[2]] [--json]
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def on_paper(result: dict, images: int = 10_000_000, cores: int = 16, machines: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=192, help="photos to featurize (default: 192)")
+    parser.add_argument("--images", type=int, default=557, help="photos to featurize (default: 557, all bundled)")
     parser.add_argument("--vectors", type=int, default=100_000, help="catalogue size for neighbors (default: 100000)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default: local[2])")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
