@@ -118,3 +118,17 @@ IF OBJECT_ID(N'dbo.feature_precisions', N'U') IS NULL
         FOREIGN KEY (image_id, backbone) REFERENCES dbo.features (image_id, backbone) ON DELETE CASCADE
     );
 GO
+-- issue 17: the top k most similar catalogue images of every catalogue image (ComputeNeighbors,
+-- image-similarity neighbors); model_version 0 for l2 and cosine, which use no model.
+IF OBJECT_ID(N'dbo.neighbors', N'U') IS NULL
+    CREATE TABLE dbo.neighbors (
+        image_id int NOT NULL REFERENCES dbo.images (id) ON DELETE CASCADE,
+        backbone nvarchar(64) NOT NULL,
+        method nvarchar(16) NOT NULL,
+        model_version int NOT NULL,
+        rank int NOT NULL,
+        neighbor_id int NOT NULL REFERENCES dbo.images (id),
+        score float NOT NULL,
+        PRIMARY KEY (image_id, backbone, method, model_version, rank)
+    );
+GO

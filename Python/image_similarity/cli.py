@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(password in PGPASSWORD or ~/.pgpass), or mssql://[user@]host[:port]/database "
                              "(password in IMAGE_SIMILARITY_DB_PASSWORD); default: image_similarity.sqlite here")
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    common.add_argument("--context", choices=("local", "sql"), default="local",
-                        help="where steps compute: local (here, default) or sql (the stored procedures inside "
+    common.add_argument("--context", choices=("local", "sql", "spark"), default="local",
+                        help="where steps compute: local (here, default), sql (the stored procedures inside "
                              "the database server; needs --db postgresql://... or mssql://...; ingest always "
-                             "runs here)")
+                             "runs here) or spark (featurize and neighbors on Apache Spark: see --master)")
     net = argparse.ArgumentParser(add_help=False)
     net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
                      help=f"pretrained network (default: {DEFAULT_BACKBONE}, or the trained model's)")
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--precision", choices=PRECISIONS, default="auto",
                      help="forward-pass precision (default: auto: bf16 on CPUs measured to run it fast, e.g. with "
                           "AMX or AVX-512 BF16; fp16 mixed precision on CUDA; fp32 elsewhere)")
+
+    cluster = argparse.ArgumentParser(add_help=False)  # issue 17: --context spark
+    cluster.add_argument("--master", default="local[*]", metavar="URL",
+                         help="Spark master for --context spark: local[*] (default), local[N], spark://host:7077, "
+                              "yarn, k8s://...; SQLite databases only with a local master")
+    cluster.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                         help="a Spark setting for --context spark, repeatable, e.g. --conf spark.task.cpus=4")
 
     parser = argparse.ArgumentParser(
         prog="image-similarity",
@@ -55,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Bad files are skipped and recorded with the reason; re-running adds nothing new.")
     p.add_argument("dir", type=Path, help="folder with one sub-folder per class")
 
-    p = sub.add_parser("featurize", parents=[common, net], help="compute feature vectors for stored images",
+    p = sub.add_parser("featurize", parents=[common, net, cluster], help="compute feature vectors for stored images",
                        description="Run the pretrained network over every stored image without features for "
                                    "the backbone. Resumable: an interrupted run loses at most one batch.")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
@@ -95,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the query beside its matches into this PNG")
 
+    p = sub.add_parser("neighbors", parents=[common, cluster], help="the top k similar images of every image",
+                       description="Store the top k most similar catalogue images of every catalogue image in the "
+                                   "neighbors table (same methods as rank; never an image itself or its near "
+                                   "duplicates). Exact, in blocks of rows that fit --memory; images already done "
+                                   "are skipped, so an interrupted run resumes and a re-run adds nothing.")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), help="features (default: the trained model's)")
+    p.add_argument("--method", choices=METHODS, help="similarity (default: the best in the latest evaluation)")
+    p.add_argument("--top", type=int, default=10, help="neighbours per image (default: 10)")
+    p.add_argument("--model-version", type=int, help="model version for scores/learned (default: latest)")
+    p.add_argument("--memory", type=int, default=512, metavar="MB",
+                   help="MB for one block of scores, on top of the catalogue in memory (default: 512)")
+    p.add_argument("--refresh", action="store_true",
+                   help="first remove the stored neighbours of this backbone and method (after images changed)")
+
     p = sub.add_parser("run", parents=[common, net], help="every step, then rank a sample query",
                        description="Ingest DIR (default: the bundled sample), featurize, split, train, evaluate, "
                                    "print a summary, and rank one test image.")
@@ -103,10 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for split, training and evaluation (default: 0)")
 
     p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
-                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/health, /api/model, /api/catalogue; "
-                                   "OpenAPI schema at /openapi.json) and a page at / to try it, on the latest model. "
-                                   "A new model or newly featurized images are picked up without a restart; uploads are "
-                                   "limited to 10 MB. Catalogue writes (POST and DELETE /api/images) need an API key.")
+                       description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/images/ID/neighbors, "
+                                   "/api/health, /api/model, /api/catalogue; OpenAPI schema at /openapi.json) and a "
+                                   "page at / to try it, on the latest model. A new model or newly featurized images "
+                                   "are picked up without a restart; uploads are limited to 10 MB. Catalogue writes "
+                                   "(POST and DELETE /api/images) need an API key.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key-file", type=Path, metavar="FILE",
@@ -141,8 +163,11 @@ def cmd_ingest(store, args) -> None:
 def cmd_featurize(store, args) -> None:
     from .featurize import featurize
 
-    report = featurize(store, _featurizer(args), batch_size=args.batch_size, progress=not args.quiet)
-    print(f"featurized {report.added} images with {report.backbone} on {report.device} ({report.precision})"
+    print_featurize(featurize(store, _featurizer(args), batch_size=args.batch_size, progress=not args.quiet))
+
+
+def print_featurize(report, where: str = "") -> None:
+    print(f"featurized {report.added} images with {report.backbone} on {where}{report.device} ({report.precision})"
           f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
 
 
@@ -225,6 +250,55 @@ def cmd_rank(store, args) -> None:
             print(f"  plot: {args.plot}")
 
 
+def neighbor_options(store, args) -> tuple[str, str]:
+    """(backbone, method) of a neighbors command: the options, else the model's and its best evaluated method."""
+    from .rank import default_method, latest_model
+    from .train import load_model
+
+    model = load_model(store, args.model_version) if args.model_version else latest_model(store)
+    backbone = args.backbone or (model.backbone if model else DEFAULT_BACKBONE)
+    return backbone, args.method or default_method(store, model if model and model.backbone == backbone else None)
+
+
+def print_neighbors(report) -> None:
+    print(f"neighbors: top {report.k} by {report.method} ({report.backbone}"
+          + (f", model version {report.model_version}" if report.model_version else "")
+          + f") for {report.added} images, {report.already_stored} already stored, of {report.images}"
+          f"; {report.block_rows} rows per block")
+
+
+def cmd_neighbors(store, args) -> None:
+    from .neighbors import neighbors
+    from .train import load_model
+
+    backbone, method = neighbor_options(store, args)
+    model = load_model(store, args.model_version) if args.model_version else None
+    print_neighbors(neighbors(store, backbone, method, args.top, model, memory=args.memory * 2 ** 20,
+                              refresh=args.refresh, progress=not args.quiet))
+
+
+def cmd_spark(store, args) -> None:
+    """Run featurize or neighbors on Spark (--context spark): tasks open the --db store themselves."""
+    from .store import DEFAULT_DB
+    from . import spark
+
+    db = str(args.db or DEFAULT_DB)
+    spark.check_store(db, args.master)
+    session = spark.session(args.master, spark.parse_conf(args.conf))
+    try:
+        if args.command == "featurize":
+            report = spark.featurize_on_spark(session, db, args.backbone or DEFAULT_BACKBONE, args.device,
+                                              args.weights, args.batch_size, progress=not args.quiet,
+                                              precision=args.precision)
+            print_featurize(report, f"Spark {args.master}, ")
+        else:
+            backbone, method = neighbor_options(store, args)
+            print_neighbors(spark.neighbors_on_spark(session, db, backbone, method, args.top, args.model_version,
+                                                     args.memory * 2 ** 20, args.refresh, progress=not args.quiet))
+    finally:
+        session.stop()
+
+
 def cmd_run(store, args) -> None:
     from .evaluate import evaluate
     from .featurize import featurize
@@ -297,7 +371,8 @@ SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
              "train": ("TrainModel", ("backbone", "c_grid", "seed")),
              "evaluate": ("EvaluateModel", ("model_version", "seed")),
              "rank": ("RankCandidates", ("query", "query_name", "top", "method", "model_version")),
-             "run": ("Initial_Run_Once", ("backbone", "seed"))}
+             "run": ("Initial_Run_Once", ("backbone", "seed")),
+             "neighbors": ("ComputeNeighbors", ("backbone", "method", "top", "model_version", "refresh"))}
 """--context sql: the stored procedure of each command and the options it passes on."""
 
 
@@ -329,7 +404,9 @@ def cmd_sql(store, args) -> None:
 
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
             "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "neighbors": cmd_neighbors}
+SPARK_STEPS = ("featurize", "neighbors")
+"""--context spark: the commands that run on Spark."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with connect(args.db or DEFAULT_DB) as store:
             sql = args.context == "sql" and args.command in SQL_STEPS
-            (cmd_sql if sql else COMMANDS[args.command])(store, args)
+            if args.context == "spark" and args.command not in SPARK_STEPS:
+                raise ValueError(f"--context spark runs {' and '.join(SPARK_STEPS)}, not {args.command}")
+            (cmd_sql if sql else cmd_spark if args.context == "spark" else COMMANDS[args.command])(store, args)
     except KeyboardInterrupt:
         print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -90,8 +90,10 @@ def collect_batch(pending: list[tuple[int, Future]]) -> tuple[list[int], list[np
 
 
 def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str = DEFAULT_BACKBONE,
-              batch_size: int = 32, progress: bool = True) -> FeaturizeReport:
-    """Featurize every stored image that has no features for the backbone yet.
+              batch_size: int = 32, progress: bool = True,
+              id_range: tuple[int, int] | None = None) -> FeaturizeReport:
+    """Featurize every stored image that has no features for the backbone yet (only ids in `id_range`, both
+    ends included, when given: a Spark task's share).
 
     Streams batches from the store, decodes the next batch while the network runs on the current one, and
     commits each batch on its own: an interrupted run loses at most one batch and resumes where it stopped.
@@ -113,7 +115,7 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
         bar.update(len(pending))
 
     pending: list[tuple[int, Future]] = []
-    for items in store.missing_features(featurizer.backbone, batch_size):
+    for items in store.missing_features(featurizer.backbone, batch_size, id_range):
         started = featurizer.submit(items)
         if pending:
             finish(pending)

@@ -217,3 +217,18 @@ def vector_query(images: pd.DataFrame, query_hex: str, backbone: str) -> tuple[s
     if padded is None:
         raise ValueError(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
     return padded, json.dumps(excluded)
+
+
+def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int, method: str,
+                      top: int = 10) -> pd.DataFrame:
+    """Catalogue rows (image_id, name, label, sha256, dhash, data hex, done) and, for scores/learned, the model's
+    arrays -> rows (image_id, rank, neighbor_id, score): the top neighbours of each image whose `done` is 0."""
+    from .neighbors import block_neighbors, block_ranges, block_rows
+
+    model = _model(frame, backbone, classes, params, version) if frame["array_name"].notna().any() else None
+    catalogue = _catalogue(frame, backbone, model)
+    images = _images(frame)
+    done = set(images.loc[images["done"] == 1, "image_id"].astype(int))
+    ranges = block_ranges(len(catalogue), block_rows(len(catalogue)))
+    rows = [row for block in block_neighbors(catalogue, ranges, method, top, done) for row in block]
+    return pd.DataFrame(rows, columns=["image_id", "rank", "neighbor_id", "score"])

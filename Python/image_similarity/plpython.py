@@ -134,3 +134,20 @@ def add_image(plpy: Any, name: str, label: str, data: bytes) -> tuple[int | None
     if reason:
         store.record_rejected(name, label, reason, stage="ingest")
     return image_id, reason
+
+
+@_clear_errors
+def compute_neighbors(plpy: Any, backbone: str | None, method: str | None, top: int, model_version: int | None,
+                      refresh: bool) -> tuple[int, str, int]:
+    """Procedure (issue 17): store the top neighbours of every image, committing each block.
+    (images added, method used, pid)."""
+    from .neighbors import neighbors
+    from .rank import default_method, latest_model
+    from .train import load_model
+
+    store = PostgresStore.in_server(plpy, commits=True)
+    model = load_model(store, model_version) if model_version else latest_model(store)
+    backbone = backbone or (model.backbone if model else DEFAULT_BACKBONE)
+    method = method or default_method(store, model if model and model.backbone == backbone else None)
+    report = neighbors(store, backbone, method, top, model, refresh=refresh, progress=False)
+    return report.added, method, os.getpid()

@@ -295,6 +295,25 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
                             served=len(snapshot.catalogue), model_version=snapshot.model_version,
                             reload_error=service.reload_error, featurize_error=service.featurize_error)
 
+    @app.get("/api/images/{image_id}/neighbors", response_model=RankOut, dependencies=reads,
+             summary="The stored most similar catalogue images of a catalogue image (image-similarity neighbors)",
+             responses={404: {"description": "no neighbours stored for this image and method"}})
+    def neighbors(image_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+                  method: Annotated[Literal[METHODS] | None,
+                                    Query(description="similarity (default: the service's)")] = None) -> RankOut:
+        snapshot = service.current
+        method = method or snapshot.method
+        version = snapshot.model_version if snapshot.model_version and method in ("scores", "learned") else 0
+        with service.store_lock:
+            rows = store.neighbors(image_id, featurizer.backbone, method, version)
+        if not rows:
+            raise HTTPException(404, f"no {method} neighbours stored for image {image_id}: "
+                                     "run 'image-similarity neighbors'")
+        return RankOut(query=f"image {image_id}", method=method, backbone=featurizer.backbone,
+                       model_version=version or None, catalogue_size=len(snapshot.catalogue),
+                       matches=[MatchOut(rank=r, id=i, name=name, label=label, score=s, url=f"/api/images/{i}")
+                                for r, i, name, label, s in rows])
+
     @app.get("/api/health", response_model=HealthOut, summary="Whether the service is up")
     def health() -> HealthOut:
         return HealthOut(status="ok", version=__version__, images=len(service.current.catalogue),

@@ -85,3 +85,22 @@ LANGUAGE plpython3u AS $$
 from image_similarity import plpython
 return plpython.initial_run_once(plpy, backbone, test_fraction, seed)
 $$;
+
+-- issue 17: the top k most similar catalogue images of every catalogue image, stored in the neighbors table
+-- (same methods and near-duplicate exclusion as rank_candidates), committing each block of rows: an interrupted
+-- call resumes, a repeated call adds nothing. refresh: first remove this backbone's and method's rows.
+-- CALL it outside an explicit transaction. Read one image's list with a single query, e.g.
+-- SELECT n.rank, n.neighbor_id, i.name, n.score FROM neighbors n JOIN images i ON i.id = n.neighbor_id
+-- WHERE n.image_id = 42 AND n.backbone = 'efficientnet_lite0' AND n.method = 'cosine' ORDER BY n.rank;
+CREATE OR REPLACE PROCEDURE image_similarity.compute_neighbors(backbone text DEFAULT NULL,
+                                                               method text DEFAULT NULL,
+                                                               top integer DEFAULT 10,
+                                                               model_version integer DEFAULT NULL,
+                                                               refresh boolean DEFAULT false,
+                                                               INOUT added integer DEFAULT NULL,
+                                                               INOUT used_method text DEFAULT NULL,
+                                                               INOUT pid integer DEFAULT NULL)
+LANGUAGE plpython3u AS $$
+from image_similarity import plpython
+return plpython.compute_neighbors(plpy, backbone, method, top, model_version, refresh)
+$$;

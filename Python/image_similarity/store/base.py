@@ -136,8 +136,10 @@ class Store(abc.ABC):
 
     # features
     @abc.abstractmethod
-    def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
-        """Batches of (id, bytes) of images with no features for this backbone, in id order, streamed."""
+    def missing_features(self, backbone: str, batch_size: int,
+                         id_range: tuple[int, int] | None = None) -> Iterator[list[tuple[int, bytes]]]:
+        """Batches of (id, bytes) of images with no features for this backbone, in id order, streamed; only ids
+        from id_range[0] to id_range[1] (both included) when given."""
 
     @abc.abstractmethod
     def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
@@ -204,6 +206,25 @@ class Store(abc.ABC):
         """A context in which every read sees one snapshot of the database (a read transaction); keep it short.
         Stores without snapshots read statement by statement."""
         return nullcontext()
+
+    # neighbors (issue 17): the top k of every catalogue image; model_version 0 for l2 and cosine
+    @abc.abstractmethod
+    def put_neighbors(self, backbone: str, method: str, model_version: int,
+                      rows: Sequence[tuple[int, int, int, float]]) -> None:
+        """Store (image id, rank, neighbour id, score) rows in one transaction; rows already stored are kept."""
+
+    @abc.abstractmethod
+    def neighbor_ids(self, backbone: str, method: str, model_version: int) -> set[int]:
+        """Ids of the images whose neighbours are stored for this backbone, method and model version."""
+
+    @abc.abstractmethod
+    def delete_neighbors(self, backbone: str, method: str, model_version: int) -> None:
+        """Remove the stored neighbours of this backbone, method and model version."""
+
+    @abc.abstractmethod
+    def neighbors(self, image_id: int, backbone: str, method: str,
+                  model_version: int) -> list[tuple[int, int, str, str, float]]:
+        """(rank, neighbour id, name, label, score) of one image's stored neighbours, by rank, in one query."""
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
                 approximate: bool | None = None) -> list[tuple[int, float]] | None:

@@ -208,13 +208,14 @@ class MSSQLStore(Store):
         return tuple(int(v or 0) for v in row)
 
     # features
-    def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
-        last = 0
+    def missing_features(self, backbone: str, batch_size: int,
+                         id_range: tuple[int, int] | None = None) -> Iterator[list[tuple[int, bytes]]]:
+        last, end = (int(id_range[0]) - 1, int(id_range[1])) if id_range else (0, 2 ** 31 - 1)
         while True:
             batch = self._all(
-                "SELECT TOP (?) i.id, i.data FROM dbo.images AS i WHERE i.id > ? AND NOT EXISTS"
+                "SELECT TOP (?) i.id, i.data FROM dbo.images AS i WHERE i.id > ? AND i.id <= ? AND NOT EXISTS"
                 " (SELECT 1 FROM dbo.features AS f WHERE f.image_id = i.id AND f.backbone = ?) ORDER BY i.id",
-                batch_size, last, backbone)
+                batch_size, last, end, backbone)
             if not batch:
                 return
             last = batch[-1][0]
@@ -318,6 +319,32 @@ class MSSQLStore(Store):
             ("INSERT INTO dbo.rankings (query_id, rank, image_id, score) VALUES (?, ?, ?, ?)",
              [(_ID, r, i, float(s)) for r, i, s in rows]),
         ], returning="id"))
+
+    # neighbors
+    def put_neighbors(self, backbone: str, method: str, model_version: int,
+                      rows: Sequence[tuple[int, int, int, float]]) -> None:
+        self._write([(
+            ("INSERT INTO dbo.neighbors (image_id, backbone, method, model_version, rank, neighbor_id, score)"
+             " SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM dbo.neighbors WHERE image_id = ?"
+             " AND backbone = ? AND method = ? AND model_version = ? AND rank = ?)"),
+            [(int(i), backbone, method, int(model_version), int(r), int(n), float(s),
+              int(i), backbone, method, int(model_version), int(r)) for i, r, n, s in rows])])
+
+    def neighbor_ids(self, backbone: str, method: str, model_version: int) -> set[int]:
+        return {int(r[0]) for r in self._all(
+            "SELECT DISTINCT image_id FROM dbo.neighbors WHERE backbone = ? AND method = ? AND model_version = ?",
+            backbone, method, int(model_version))}
+
+    def delete_neighbors(self, backbone: str, method: str, model_version: int) -> None:
+        self._write([("DELETE FROM dbo.neighbors WHERE backbone = ? AND method = ? AND model_version = ?",
+                      [(backbone, method, int(model_version))])])
+
+    def neighbors(self, image_id: int, backbone: str, method: str,
+                  model_version: int) -> list[tuple[int, int, str, str, float]]:
+        return self._all(
+            "SELECT n.rank, n.neighbor_id, i.name, i.label, n.score FROM dbo.neighbors AS n JOIN dbo.images AS i"
+            " ON i.id = n.neighbor_id WHERE n.image_id = ? AND n.backbone = ? AND n.method = ?"
+            " AND n.model_version = ? ORDER BY n.rank", int(image_id), backbone, method, int(model_version))
 
 
 def _multirow(sql: str, columns: int, rows: int) -> str:

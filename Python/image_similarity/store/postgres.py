@@ -117,6 +117,17 @@ CREATE TABLE IF NOT EXISTS feature_precisions (
     PRIMARY KEY (image_id, backbone),
     FOREIGN KEY (image_id, backbone) REFERENCES features (image_id, backbone) ON DELETE CASCADE
 );
+-- issue 17: the top k most similar catalogue images of every catalogue image (image-similarity neighbors)
+CREATE TABLE IF NOT EXISTS neighbors (
+    image_id bigint NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    backbone text NOT NULL,
+    method text NOT NULL,
+    model_version integer NOT NULL,
+    rank integer NOT NULL,
+    neighbor_id bigint NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    score double precision NOT NULL,
+    PRIMARY KEY (image_id, backbone, method, model_version, rank)
+);
 """
 
 HNSW_MAX_VECTOR_DIM, HNSW_MAX_HALFVEC_DIM = 2000, 4000
@@ -244,13 +255,14 @@ class PostgresStore(Store):
         return self.db.snapshot()
 
     # features
-    def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
-        last = 0
+    def missing_features(self, backbone: str, batch_size: int,
+                         id_range: tuple[int, int] | None = None) -> Iterator[list[tuple[int, bytes]]]:
+        last, end = (int(id_range[0]) - 1, int(id_range[1])) if id_range else (0, 2 ** 63 - 1)
         while True:
             batch = self.db.query(
-                "SELECT i.id, i.data FROM images i WHERE i.id > %s AND NOT EXISTS"
+                "SELECT i.id, i.data FROM images i WHERE i.id > %s AND i.id <= %s AND NOT EXISTS"
                 " (SELECT 1 FROM features f WHERE f.image_id = i.id AND f.backbone = %s) ORDER BY i.id LIMIT %s",
-                (last, backbone, int(batch_size)))
+                (last, end, backbone, int(batch_size)))
             if not batch:
                 return
             last = batch[-1][0]
@@ -378,3 +390,29 @@ class PostgresStore(Store):
             self.db.query_many("INSERT INTO rankings (query_id, rank, image_id, score) VALUES (%s, %s, %s, %s)",
                                [(qid, int(r), int(i), float(s)) for r, i, s in rows])
         return int(qid)
+
+    # neighbors
+    def put_neighbors(self, backbone: str, method: str, model_version: int,
+                      rows: Sequence[tuple[int, int, int, float]]) -> None:
+        with self.db.transaction():
+            self.db.query_many(
+                "INSERT INTO neighbors (image_id, backbone, method, model_version, rank, neighbor_id, score)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [(int(i), backbone, method, int(model_version), int(r), int(n), float(s)) for i, r, n, s in rows])
+
+    def neighbor_ids(self, backbone: str, method: str, model_version: int) -> set[int]:
+        return {int(r[0]) for r in self.db.query(
+            "SELECT DISTINCT image_id FROM neighbors WHERE backbone = %s AND method = %s AND model_version = %s",
+            (backbone, method, int(model_version)))}
+
+    def delete_neighbors(self, backbone: str, method: str, model_version: int) -> None:
+        with self.db.transaction():
+            self.db.query("DELETE FROM neighbors WHERE backbone = %s AND method = %s AND model_version = %s",
+                          (backbone, method, int(model_version)))
+
+    def neighbors(self, image_id: int, backbone: str, method: str,
+                  model_version: int) -> list[tuple[int, int, str, str, float]]:
+        return [(int(r), int(n), name, label, float(s)) for r, n, name, label, s in self.db.query(
+            "SELECT n.rank, n.neighbor_id, i.name, i.label, n.score FROM neighbors n JOIN images i"
+            " ON i.id = n.neighbor_id WHERE n.image_id = %s AND n.backbone = %s AND n.method = %s"
+            " AND n.model_version = %s ORDER BY n.rank", (int(image_id), backbone, method, int(model_version)))]

@@ -112,6 +112,17 @@ CREATE TABLE IF NOT EXISTS feature_precisions (
     PRIMARY KEY (image_id, backbone),
     FOREIGN KEY (image_id, backbone) REFERENCES features (image_id, backbone) ON DELETE CASCADE
 );
+-- issue 17: the top k most similar catalogue images of every catalogue image (image-similarity neighbors)
+CREATE TABLE IF NOT EXISTS neighbors (
+    image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    backbone TEXT NOT NULL,
+    method TEXT NOT NULL,
+    model_version INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    neighbor_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+    score REAL NOT NULL,
+    PRIMARY KEY (image_id, backbone, method, model_version, rank)
+);
 """
 
 
@@ -213,14 +224,15 @@ class SQLiteStore(Store):
             self.conn.rollback()
 
     # features
-    def missing_features(self, backbone: str, batch_size: int) -> Iterator[list[tuple[int, bytes]]]:
-        last = 0
+    def missing_features(self, backbone: str, batch_size: int,
+                         id_range: tuple[int, int] | None = None) -> Iterator[list[tuple[int, bytes]]]:
+        last, end = (id_range[0] - 1, id_range[1]) if id_range else (0, 2 ** 63 - 1)
         while True:
             batch = self.conn.execute(
-                "SELECT i.id, i.data FROM images i WHERE i.id > ? AND NOT EXISTS"
+                "SELECT i.id, i.data FROM images i WHERE i.id > ? AND i.id <= ? AND NOT EXISTS"
                 " (SELECT 1 FROM features f WHERE f.image_id = i.id AND f.backbone = ?)"
                 " ORDER BY i.id LIMIT ?",
-                (last, backbone, batch_size),
+                (last, end, backbone, batch_size),
             ).fetchall()
             if not batch:
                 return
@@ -357,3 +369,30 @@ class SQLiteStore(Store):
                 [(qid, r, i, float(s)) for r, i, s in rows],
             )
         return int(qid)
+
+    # neighbors
+    def put_neighbors(self, backbone: str, method: str, model_version: int,
+                      rows: Sequence[tuple[int, int, int, float]]) -> None:
+        with self.conn:
+            self.conn.executemany(
+                "INSERT INTO neighbors (image_id, backbone, method, model_version, rank, neighbor_id, score)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(int(i), backbone, method, int(model_version), int(r), int(n), float(s)) for i, r, n, s in rows])
+
+    def neighbor_ids(self, backbone: str, method: str, model_version: int) -> set[int]:
+        return {r[0] for r in self.conn.execute(
+            "SELECT DISTINCT image_id FROM neighbors WHERE backbone = ? AND method = ? AND model_version = ?",
+            (backbone, method, int(model_version)))}
+
+    def delete_neighbors(self, backbone: str, method: str, model_version: int) -> None:
+        with self.conn:
+            self.conn.execute("DELETE FROM neighbors WHERE backbone = ? AND method = ? AND model_version = ?",
+                              (backbone, method, int(model_version)))
+
+    def neighbors(self, image_id: int, backbone: str, method: str,
+                  model_version: int) -> list[tuple[int, int, str, str, float]]:
+        return self.conn.execute(
+            "SELECT n.rank, n.neighbor_id, i.name, i.label, n.score FROM neighbors n JOIN images i"
+            " ON i.id = n.neighbor_id WHERE n.image_id = ? AND n.backbone = ? AND n.method = ?"
+            " AND n.model_version = ? ORDER BY n.rank",
+            (int(image_id), backbone, method, int(model_version))).fetchall()
