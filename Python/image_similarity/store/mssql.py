@@ -144,7 +144,7 @@ class MSSQLStore(Store):
                     cur.execute(sql.replace(" VALUES ", f" OUTPUT INSERTED.{returning} VALUES ", 1), *rows[0])
                     value = cur.fetchone()[0]
                 elif rows and rows[0]:
-                    per_statement = max(1, min(MAX_ROWS, MAX_PARAMETERS // len(rows[0])))
+                    per_statement = max(1, min(MAX_ROWS, MAX_PARAMETERS // len(rows[0]))) if _multirows(sql) else 1
                     for start in range(0, len(rows), per_statement):
                         chunk = rows[start:start + per_statement]
                         cur.execute(_multirow(sql, len(chunk[0]), len(chunk)), *[a for row in chunk for a in row])
@@ -325,10 +325,12 @@ class MSSQLStore(Store):
                       rows: Sequence[tuple[int, int, int, float]]) -> None:
         self._write([(
             ("INSERT INTO dbo.neighbors (image_id, backbone, method, model_version, rank, neighbor_id, score)"
-             " SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM dbo.neighbors WHERE image_id = ?"
-             " AND backbone = ? AND method = ? AND model_version = ? AND rank = ?)"),
-            [(int(i), backbone, method, int(model_version), int(r), int(n), float(s),
-              int(i), backbone, method, int(model_version), int(r)) for i, r, n, s in rows])])
+             " SELECT v.image_id, v.backbone, v.method, v.model_version, v.rank, v.neighbor_id, v.score"
+             " FROM (VALUES {rows}) AS v (image_id, backbone, method, model_version, rank, neighbor_id, score)"
+             " WHERE NOT EXISTS (SELECT 1 FROM dbo.neighbors AS o WHERE o.image_id = v.image_id"
+             " AND o.backbone = v.backbone AND o.method = v.method AND o.model_version = v.model_version"
+             " AND o.rank = v.rank)"),
+            [(int(i), backbone, method, int(model_version), int(r), int(n), float(s)) for i, r, n, s in rows])])
 
     def neighbor_ids(self, backbone: str, method: str, model_version: int) -> set[int]:
         return {int(r[0]) for r in self._all(
@@ -347,8 +349,15 @@ class MSSQLStore(Store):
             " AND n.model_version = ? ORDER BY n.rank", int(image_id), backbone, method, int(model_version))
 
 
+def _multirows(sql: str) -> bool:
+    """Whether `sql` takes many rows at once: a `{rows}` list or an INSERT ... VALUES row (else one row a statement)."""
+    return "{rows}" in sql or " VALUES " in sql
+
+
 def _multirow(sql: str, columns: int, rows: int) -> str:
     """`sql` for `rows` rows: its `{rows}` (or the row after VALUES) repeated as one VALUES list."""
+    if not _multirows(sql):
+        return sql
     if "{rows}" in sql:
         return sql.replace("{rows}", ", ".join(["(" + ", ".join("?" * columns) + ")"] * rows))
     head, _, row = sql.partition(" VALUES ")
