@@ -67,9 +67,13 @@ def test_training_adds_versions_that_round_trip_as_plain_arrays(full_copy):
         assert load_model(store, before.version).params["C"] == before.params["C"]
         again = load_model(store)
         np.testing.assert_array_equal(again.coef, model.coef)
-        np.testing.assert_array_equal(again.metric_weights, model.metric_weights)
+        np.testing.assert_array_equal(again.embedding, model.embedding)
+        assert again.temperature == model.temperature > 0 and model.embedding.shape[1] == len(model.classes) - 1
         _, X = store.features(model.backbone)
         assert (again.predict(X) == model.predict(X)).all()
+        probabilities = again.probabilities(X)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+        assert (np.asarray(again.classes)[probabilities.argmax(axis=1)] == model.predict(X)).all()
         dtypes = {r[0] for r in store.conn.execute("SELECT dtype FROM model_arrays")}
         assert dtypes <= {"<f4", "<f8"}
         assert model.coef.shape == (3, X.shape[1]) and model.classes == ["dotted", "leopard", "striped"]

@@ -14,7 +14,12 @@ from .store import Store, StoreError
 from .train import SimilarityModel, l2_normalize, load_model
 
 METHODS = ("l2", "cosine", "scores", "learned")
-"""l2 and cosine on features; scores: cosine on SVM class scores; learned: the trained pair metric."""
+"""l2 and cosine on features (no model needed); scores: the probability that query and image share a class
+(calibrated class probabilities), plus TIE_BREAK x their cosine so that same-class images come in order of
+visual similarity; learned: cosine in the discriminant embedding learned on the training split (no class scores)."""
+TIE_BREAK = 0.01
+"""Weight of the cosine similarity in `scores`: it orders images whose class evidence is about equal (within a few
+hundredths of probability) by how much they look like the query, and leaves the class evidence first."""
 
 INDEXES = ("auto", "exact", "hnsw")
 """exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss);
@@ -62,8 +67,8 @@ class Catalogue:
         self.unit = l2_normalize(self.features)
         self.model = model
         if model is not None:
-            self.unit_scores = l2_normalize(model.decision_function(self.features))
-            self.weighted_sq = (self.unit ** 2) @ model.metric_weights
+            self.evidence = np.hstack([model.probabilities(self.features), self.unit])
+            self.embedded = l2_normalize(model.embed(self.features))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -97,23 +102,19 @@ class Catalogue:
             raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
         if self.model is None:
             raise StoreError(f"method {method!r} needs a trained model: run 'image-similarity train' first")
-        if method == "scores":
-            return l2_normalize(self.model.decision_function(queries)), "unit_scores"
-        return l2_normalize(queries) * self.model.metric_weights, "unit"
+        if method == "scores":  # P(same class) + TIE_BREAK * cosine, as one inner product
+            return np.hstack([self.model.probabilities(queries), TIE_BREAK * l2_normalize(queries)]), "evidence"
+        return l2_normalize(self.model.embed(queries)), "embedded"
 
     def _from_dots(self, queries: np.ndarray, method: str, dots: np.ndarray, pick) -> np.ndarray:
         """Similarities of the rows `pick` from their inner products with the query vectors (monotone in them)."""
         if method == "l2":
             sq = np.einsum("ij,ij->i", queries, queries)[:, None] + self.sq_norms[pick] - 2 * dots
             return -np.sqrt(np.maximum(sq, 0))
-        if method == "learned":
-            # w . (q - x)^2 = w . q^2 - 2 (w * q) . x + w . x^2
-            q_sq = (l2_normalize(queries) ** 2) @ self.model.metric_weights
-            return q_sq[:, None] - 2 * dots + self.weighted_sq[pick] + self.model.metric_bias
         return dots
 
     def half(self, matrix: str) -> HalfMatrix:
-        """The float16 copy of `features` or `unit`, made on first use."""
+        """The float16 copy of `features`, `unit` or `embedded`, made on first use."""
         if matrix not in self.halves:
             self.halves[matrix] = HalfMatrix(getattr(self, matrix))
         return self.halves[matrix]
@@ -252,13 +253,14 @@ def latest_model(store: Store) -> SimilarityModel | None:
 
 
 def default_method(store: Store, model: SimilarityModel | None) -> str:
-    """The method the latest evaluation of the model found best; else learned with a model, cosine without."""
+    """The method the latest evaluation of the model found best (on the original protocol); else scores with a
+    model, cosine without."""
     if model is None:
         return "cosine"
     evaluation = store.evaluation(model.version)
     if evaluation and evaluation.summary.get("best_method") in METHODS:
         return evaluation.summary["best_method"]
-    return "learned"
+    return "scores"
 
 
 def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,
