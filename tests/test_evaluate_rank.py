@@ -35,6 +35,15 @@ def test_methods_that_need_no_class_scores_and_the_order_within_a_class(full_db)
     assert catalogue["scores"]["look_alike@10"] > 0.05
 
 
+def test_class_probabilities_are_calibrated_on_the_test_split(full_db):
+    """As confident as right: the mean top probability on unseen images is close to the accuracy."""
+    with SQLiteStore(full_db[0]) as store:
+        model = load_model(store)
+        _, X = store.features(model.backbone, [i for i, s in store.split().items() if s == "test"])
+    confidence = model.probabilities(X).max(axis=1).mean()
+    assert abs(confidence - full_db[1]["test_accuracy"]) < 0.05 and model.temperature > 0
+
+
 def test_original_protocol_on_a_case_worked_out_by_hand():
     labels = np.array(["a", "a", "a", "b", "c"])
     excluded = np.eye(5, dtype=bool)

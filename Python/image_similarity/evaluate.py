@@ -99,7 +99,9 @@ def retrieval_metrics(similarity: np.ndarray, query_labels: np.ndarray, labels: 
 
 
 def ranking_metrics(ranks: np.ndarray) -> dict[str, float]:
-    """Top-k hit rates and the mean/median rank of the positive."""
+    """Top-k hit rates and the mean/median rank of the positive (NaN without any query)."""
+    if len(ranks) == 0:
+        return dict.fromkeys(("top1", "top5", "top10", "mean_rank", "median_rank"), float("nan"))
     return {"top1": float(np.mean(ranks <= 1)), "top5": float(np.mean(ranks <= 5)),
             "top10": float(np.mean(ranks <= 10)), "mean_rank": float(np.mean(ranks)),
             "median_rank": float(np.median(ranks))}
@@ -176,7 +178,8 @@ def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.n
         metrics += [(f"{block}:{m}", k, "", v) for m, figures in summary[block].items() for k, v in figures.items()]
     summary["n_ranking_queries"] = int(np.sum(drawn[0] >= 0))
     ranking = summary["ranking"]
-    summary["best_method"] = max(METHODS, key=lambda m: (ranking[m]["top1"], ranking[m]["top10"], -ranking[m]["mean_rank"]))
+    summary["best_method"] = max(METHODS, key=lambda m: tuple(np.nan_to_num(
+        (ranking[m]["top1"], ranking[m]["top10"], -ranking[m]["mean_rank"]), nan=-np.inf)))
     record = EvaluationRecord(model_version=model.version, summary=summary, metrics=metrics, confusion=confusion)
     return record, results, curves
 

@@ -66,8 +66,9 @@ class Catalogue:
         self.sq_norms = np.einsum("ij,ij->i", self.features, self.features)
         self.unit = l2_normalize(self.features)
         self.model = model
-        if model is not None:
+        if model is not None and model.temperature is not None:  # older models lack what scores and learned need
             self.evidence = np.hstack([model.probabilities(self.features), self.unit])
+        if model is not None and model.embedding is not None:
             self.embedded = l2_normalize(model.embed(self.features))
 
     def __len__(self) -> int:
