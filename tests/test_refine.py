@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pgserver
 import pytest
+import sqlglot
 from fastapi.testclient import TestClient
-from test_sqlserver import emulate, procedure
+from test_mssql_store import Recorder
+from test_sqlserver import procedure
 
-from image_similarity import cli
+from image_similarity import cli, inproc
 from image_similarity.featurize import Featurizer, featurize
 from image_similarity.ingest import ingest
 from image_similarity.rank import rank
 from image_similarity.refine import Settings, load_refined, refine
 from image_similarity.split import split
 from image_similarity.store import SQLiteStore, StoreError, connect
+from image_similarity.store.mssql import MSSQLStore
 from image_similarity.web import create_app
 
 FAST = Settings(image_size=64, batch_size=8)  # small crops keep the tests quick; the code path is the same
@@ -170,14 +175,21 @@ def test_refined_backbone_ranks_through_the_cli_python_and_web_service(few_dir, 
             [m.image_id for m in result.matches]
 
 
-def test_sql_server_procedure_refines_with_the_engine(split_db, tmp_path):
+def test_sql_server_procedure_calls_the_engine_that_refines_hex_rows(split_db):
     text = procedure("RefineModel")
-    assert "inproc.refine_model(" in text and "BEGIN TRANSACTION" in text and "THROW 5" in text
-    out, outputs = emulate(text, copy_of(split_db, tmp_path), {"backbone": BASE, "epochs": 1, "seed": 0})
-    assert out.shape[1] == 4 and {"head.weight", "head.bias"} <= set(out["key"])
-    metrics, params = json.loads(outputs["metrics"]), json.loads(outputs["network_params"])
-    assert len(metrics["history"]) == 1 and params["base"] == BASE and params["epochs"] == 1
-    assert [reason for _, _, reason in json.loads(outputs["rejected"])]  # the damaged training image
+    assert re.findall(r"inproc\.(\w+)\(", text) == ["reported", "refine_model"]  # issue 15's conventions
+    assert "CONVERT(varchar(max), i.data, 2)" in text and "SET @error = ERROR_MESSAGE();" in text
+    with SQLiteStore(split_db) as store:
+        train_ids = sorted(i for i, s in store.split().items() if s == "train")
+        rows = [(im.id, im.name, im.label, store.image_bytes(im.id).hex()) for im in store.images()
+                if im.id in train_ids]
+    out, params, metrics, rejected = inproc.refine_model(pd.DataFrame(rows, columns=["id", "name", "label", "data"]),
+                                                         BASE, 1, 0)
+    assert list(out.columns) == ["key", "dtype", "shape", "data"] and {"head.weight", "head.bias"} <= set(out["key"])
+    head = out.set_index("key").loc["head.weight"]
+    assert head["shape"] == "[3, 1280]" and len(bytes.fromhex(head["data"])) == 3 * 1280 * 4
+    assert len(json.loads(metrics)["history"]) == 1 and json.loads(params)["base"] == BASE
+    assert [name for name, _, _ in json.loads(rejected)] == [rows[0][1]]  # the damaged training image
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +220,17 @@ def test_refine_and_rank_inside_postgresql(pg_server, few_dir, tmp_path, capsys)
         assert store.network(name).status == "ready" and store.model().backbone == name
         expected = rank(store, query.read_bytes(), Featurizer(name, store=store), top=3, save=False)
         assert listed == [m.image_id for m in expected.matches]
+
+
+def test_sql_server_store_sends_tsql_with_bound_values_for_networks():
+    conn = Recorder([])
+    store = MSSQLStore("mssql://sql01/Images", connection=conn)
+    record = store.create_network(BASE, {"seed": 0})
+    assert record.name == f"{BASE}_refined_7" and record.status == "training"
+    store.put_network(record.name, "training", {"history": []}, {"state": {"a": np.ones(3, np.float32)}},
+                      drop=("optimizer",))
+    assert store.networks() == [] and store.network_arrays(record.name, "weights") == {}
+    assert len(conn.sent) == 8
+    for sql, params in conn.sent:
+        sqlglot.parse_one(sql, read="tsql")  # raises on invalid T-SQL
+        assert sql.count("?") == len(params), sql

@@ -141,8 +141,9 @@ def rank_candidates(frame: pd.DataFrame, query: bytes, backbone: str, classes: s
 
 def refine_model(images: pd.DataFrame, backbone: str, epochs: int | None = None,
                  seed: int = 0) -> tuple[pd.DataFrame, str, str, str]:
-    """Training rows (id, name, label, data) -> (the refined weights as network_arrays rows (key, dtype, shape,
-    data), params JSON, metrics JSON, rejected rows JSON [[name, label, reason], ...]).
+    """Training rows (id, name, label, data as hexadecimal text) -> (the refined weights as network_arrays rows
+    (key, dtype, shape, data as hexadecimal text), params JSON, metrics JSON, rejected rows JSON
+    [[name, label, reason], ...]).
 
     Runs refine.refine on an in-memory store holding these images as its training split; the procedure stores
     the result under the next version's name.
@@ -155,13 +156,14 @@ def refine_model(images: pd.DataFrame, backbone: str, epochs: int | None = None,
     with SQLiteStore(":memory:") as store:
         rejected = []
         for row in images.itertuples(index=False):
-            image_id, reason = ingest_bytes(store, row.name, row.label, bytes(row.data))
+            _, reason = ingest_bytes(store, row.name, row.label, bytes.fromhex(row.data))
             if reason:
                 rejected.append([row.name, row.label, reason])
         store.put_split({im.id: "train" for im in store.images()}, seed, 0.0)
         name = refine(store, backbone, epochs=epochs or None, seed=seed, progress=False)
         record = store.network(name)
         rejected += [[n, label, reason] for n, label, _, reason in store.rejected()]
-        rows = [(key, *row) for key, row in store.network_arrays(name, "weights").items()]
+        rows = [(key, dtype, shape, data.hex()) for key, (dtype, shape, data) in
+                store.network_arrays(name, "weights").items()]
     return pd.DataFrame(rows, columns=NETWORK_COLUMNS), json.dumps(record.params), json.dumps(record.metrics), \
         json.dumps(rejected)

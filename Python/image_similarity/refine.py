@@ -40,15 +40,15 @@ MAX_ASPECT = 2.0  # the cache keeps at most this long side per short side (centr
 class Settings:
     """How refine trains. Every field is stored with the network; a rerun with equal settings resumes."""
 
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 32
-    image_size: int = 224
+    image_size: int = 160  # training crops; featurize still feeds the base network its own size (224)
     head_lr: float = 3e-3
     backbone_lr: float = 3e-4
     weight_decay: float = 0.02
     label_smoothing: float = 0.1
     dropout: float = 0.2
-    freeze: float = 0.25  # share of the backbone's parameter tensors, from the input side, left as they are
+    freeze: float = 0.4  # share of the backbone's parameter tensors, from the input side, left as they are
     val_fraction: float = 0.15
     patience: int = 3  # epochs without a better validation score before stopping
 
