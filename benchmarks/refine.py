@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {kind:<8} {r['backbone']:<30} test accuracy {100 * r['test_accuracy']:.1f}%, "
               f"class-averaged {100 * r['class_avg_accuracy']:.1f}%")
     best = network.metrics["best"]
-    print(f"  refine: {len(network.metrics['history'])} epochs, best {best['epoch']}"
-          f" (validation accuracy {best['val_accuracy']}), on {network.metrics['device']} {network.metrics['precision']},"
-          f" {network.metrics['train_images']} train / {network.metrics['val_images']} validation images")
+    m = network.metrics
+    print(f"  refine: {len(m['history'])} epochs, best {best['epoch']} (validation accuracy {best['val_accuracy']}),"
+          f" on {m['device']} {m['precision']}, {m['train_images']} train / {m['val_images']} validation images")
     print("  epoch seconds: " + ", ".join(f"{e['seconds']:.0f}" for e in network.metrics["history"]))
     print("  step seconds: " + ", ".join(f"{k} {v:g}" for k, v in times.items()))
     return report

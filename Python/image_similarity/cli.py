@@ -130,7 +130,8 @@ def _refine_options(p: argparse.ArgumentParser) -> None:
     defaults = Settings()
     p.add_argument("--epochs", type=int, help=f"most epochs (default: {defaults.epochs}; stops early after "
                                               f"{defaults.patience} without a better validation score)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation part, augmentation and head (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the validation part, augmentation and head (default: 0)")
     p.add_argument("--image-size", type=int, default=defaults.image_size,
                    help=f"training crop side in pixels (default: {defaults.image_size}; smaller is faster)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
