@@ -4,7 +4,6 @@ after an interruption, and usable as a backbone through the CLI, Python, the web
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import sqlglot
 from fastapi.testclient import TestClient
 from test_mssql_store import Recorder
+from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL fixture
 from test_sqlserver import procedure
 
 from image_similarity import cli, inproc
@@ -192,20 +192,8 @@ def test_sql_server_procedure_calls_the_engine_that_refines_hex_rows(split_db):
     assert [name for name, _, _ in json.loads(rejected)] == [rows[0][1]]  # the damaged training image
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    reason = pgserver.missing()
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"the PostgreSQL tests must run in CI: {reason}")
-        pytest.skip(f"no PostgreSQL here: {reason}")
-    cluster = pgserver.Cluster()
-    yield cluster.url()
-    cluster.stop()
-
-
-def test_refine_and_rank_inside_postgresql(pg_server, few_dir, tmp_path, capsys):
-    url = pgserver.create_database(pg_server, "refine_sql")
+def test_refine_and_rank_inside_postgresql(server, few_dir, tmp_path, capsys):
+    url = pgserver.create_database(server, "refine_sql")
     assert cli.main(["ingest", str(few_dir), "--db", url, "-q"]) == 0
     assert cli.main(["split", "--db", url, "--context", "sql"]) == 0
     assert cli.main(["refine", "--db", url, "--context", "sql", "--epochs", "1"]) == 0

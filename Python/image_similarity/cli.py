@@ -268,13 +268,30 @@ def cmd_refine(store, args) -> None:
     _refine(store, args, args.backbone)
 
 
-def cmd_run(store, args) -> None:
-    from .evaluate import evaluate
+def _featurize_step(store, featurizer, quiet: bool) -> None:
     from .featurize import featurize
+
+    fz = featurize(store, featurizer, progress=not quiet)
+    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
+
+
+def _train_and_evaluate(store, backbone: str, args: argparse.Namespace):
+    """Train on `backbone`'s features and evaluate; print both; (model, summary)."""
+    from .evaluate import evaluate
+    from .train import train
+
+    model = train(store, backbone, seed=args.seed)
+    print(f"train: model version {model.version}, C={model.params['C']:g}, "
+          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
+    summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
+    print_evaluation(summary)
+    return model, summary
+
+
+def cmd_run(store, args) -> None:
     from .ingest import ingest
     from .resources import sample_dataset
     from .split import split
-    from .train import train
 
     folder = args.dir or sample_dataset()
     quiet = args.quiet
@@ -283,26 +300,15 @@ def cmd_run(store, args) -> None:
           f"{len(report.skipped)} skipped")
     for name, reason in report.skipped:
         print(f"  skipped {name}: {reason}")
-    featurizer = _featurizer(args)
-    fz = featurize(store, featurizer, progress=not quiet)
-    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
+    featurizer = _featurizer(args, store=store)
+    _featurize_step(store, featurizer, quiet)
     counts = split(store, seed=args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
-    model = train(store, featurizer.backbone, seed=args.seed)
-    print(f"train: model version {model.version}, C={model.params['C']:g}, "
-          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
-    summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
-    print_evaluation(summary)
-    if args.refine:
-        name = _refine(store, args, featurizer.backbone)
-        featurizer = _featurizer(args, name, store)
-        fz = featurize(store, featurizer, progress=not quiet)
-        print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
-        model = train(store, featurizer.backbone, seed=args.seed)
-        print(f"train: model version {model.version} on {name}, C={model.params['C']:g}, "
-              f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
-        summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
-        print_evaluation(summary)
+    model, summary = _train_and_evaluate(store, featurizer.backbone, args)
+    if args.refine:  # the frozen features stay; the refined network's model becomes the latest
+        featurizer = _featurizer(args, _refine(store, args, featurizer.backbone), store)
+        _featurize_step(store, featurizer, quiet)
+        model, summary = _train_and_evaluate(store, featurizer.backbone, args)
     best = summary["ranking"][summary["best_method"]]
     print(f"  vs CNTK reference: test accuracy {_percent(summary['test_accuracy'])} vs {_percent(CNTK_ACCURACY)}, "
           f"top-1 {_percent(best['top1'])} vs {_percent(CNTK_TOP1)}, median rank {best['median_rank']:g}")
