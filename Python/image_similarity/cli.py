@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "the database server; needs --db postgresql://... or mssql://...; ingest always "
                              "runs here)")
     net = argparse.ArgumentParser(add_help=False)
-    net.add_argument("--backbone", choices=sorted(BACKBONES), default=None,
-                     help=f"pretrained network (default: {DEFAULT_BACKBONE}, or the trained model's)")
+    net.add_argument("--backbone", default=None, metavar="NAME",
+                     help=f"network: {', '.join(sorted(BACKBONES))}, or a refined network stored by 'refine' "
+                          f"(default: {DEFAULT_BACKBONE}, or the trained model's)")
     net.add_argument("--weights", metavar="FILE", help="checkpoint file to use instead of the default location")
     net.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train a linear SVM (C by cross-validation)",
                        description="Train a linear SVM on the training split's features, choosing C by "
                                    "cross-validation, and store it as a new model version.")
-    p.add_argument("--backbone", choices=sorted(BACKBONES), help="features to train on (default: the most complete)")
+    p.add_argument("--backbone", metavar="NAME", help="features to train on (default: the most complete)")
     p.add_argument("--C", type=float, nargs="+", default=None, metavar="C", help="candidate C values")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
@@ -80,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"folder for plots (default: {DEFAULT_OUT})")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing each query's positive and negatives (default: 0)")
+
+    p = sub.add_parser("refine", parents=[common], help="fine-tune the pretrained network on the training labels",
+                       description="Fine-tune a pretrained backbone on the training split's labels (validation "
+                                   "carved out of it; the test split is never read) and store it in the database "
+                                   "as a new network, NAME_refined_VERSION, usable as --backbone everywhere. "
+                                   "Interruptible: the state is stored after every epoch and running the same "
+                                   "command again resumes; once finished, it prints the stored network's name.",
+                       epilog="Then: image-similarity featurize --backbone NAME && image-similarity train --backbone "
+                              "NAME && image-similarity evaluate (or: image-similarity run --refine).")
+    p.add_argument("--backbone", choices=sorted(BACKBONES), default=DEFAULT_BACKBONE,
+                   help=f"pretrained network to start from (default: {DEFAULT_BACKBONE})")
+    _refine_options(p)
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
 
     p = sub.add_parser("rank", parents=[common, net], help="the catalogue images most similar to a query image",
                        description="Featurize QUERY and list the most similar catalogue images (never the "
@@ -101,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, nargs="?", help="folder with one sub-folder per class (default: bundled sample)")
     p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"folder for plots (default: {DEFAULT_OUT})")
     p.add_argument("--seed", type=int, default=0, help="random seed for split, training and evaluation (default: 0)")
+    p.add_argument("--refine", action="store_true",
+                   help="also refine the network on the training split, then featurize, train and evaluate with it "
+                        "(both summaries are printed; the refined model is the latest)")
+    p.add_argument("--epochs", type=int, help="with --refine: refine epochs (default: refine's)")
 
     p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
                        description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/health, /api/model; "
@@ -111,10 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _featurizer(args: argparse.Namespace, backbone: str | None = None):
+def _refine_options(p: argparse.ArgumentParser) -> None:
+    from .refine import Settings
+
+    defaults = Settings()
+    p.add_argument("--epochs", type=int, help=f"most epochs (default: {defaults.epochs}; stops early after "
+                                              f"{defaults.patience} without a better validation score)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the validation part, augmentation and head (default: 0)")
+    p.add_argument("--image-size", type=int, default=defaults.image_size,
+                   help=f"training crop side in pixels (default: {defaults.image_size}; smaller is faster)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help=f"images per step (default: {defaults.batch_size})")
+    p.add_argument("--freeze", type=float, default=defaults.freeze,
+                   help=f"share of the network, from the input side, left untrained (default: {defaults.freeze})")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bfloat16 autocast on CPUs that support it, float16 mixed precision on CUDA")
+
+
+def _featurizer(args: argparse.Namespace, backbone: str | None = None, store=None):
     from .featurize import Featurizer
 
-    return Featurizer(backbone or args.backbone or DEFAULT_BACKBONE, device=args.device, weights=args.weights)
+    return Featurizer(backbone or args.backbone or DEFAULT_BACKBONE, device=args.device, weights=args.weights,
+                      store=store)
 
 
 def cmd_ingest(store, args) -> None:
@@ -129,7 +166,7 @@ def cmd_ingest(store, args) -> None:
 def cmd_featurize(store, args) -> None:
     from .featurize import featurize
 
-    report = featurize(store, _featurizer(args), batch_size=args.batch_size, progress=not args.quiet)
+    report = featurize(store, _featurizer(args, store=store), batch_size=args.batch_size, progress=not args.quiet)
     print(f"featurized {report.added} images with {report.backbone} on {report.device}"
           f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
 
@@ -213,7 +250,7 @@ def cmd_rank(store, args) -> None:
             raise ValueError(f"model version {model.version} uses {model.backbone} features, not {args.backbone}")
         model = None
     data = args.query.read_bytes()
-    result = rank(store, data, _featurizer(args, model.backbone if model else None),
+    result = rank(store, data, _featurizer(args, model.backbone if model else None, store),
                   top=args.top, method=args.method, model=model, name=args.query.name, index=args.index)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -229,13 +266,53 @@ def cmd_rank(store, args) -> None:
             print(f"  plot: {args.plot}")
 
 
-def cmd_run(store, args) -> None:
-    from .evaluate import evaluate
+def _refine(store, args, base: str) -> str:
+    """Refine with the command's options; print what was done; the network's name."""
+    from .refine import Settings, refine
+
+    chosen = {k: getattr(args, k, None) for k in ("image_size", "batch_size", "freeze")}
+    settings = Settings(**{k: v for k, v in chosen.items() if v is not None})
+    name = refine(store, base, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
+                  device=args.device, precision=getattr(args, "precision", "auto"), settings=settings)
+    record = store.network(name)
+    best, history = record.metrics["best"], record.metrics["history"]
+    val = "no validation images" if best["val_accuracy"] is None else \
+        f"validation accuracy {_percent(best['val_accuracy'])}"
+    print(f"refine: {name} ({record.base}, {record.metrics['train_images']} train / "
+          f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
+          f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
+          f"on {record.metrics['device']} ({record.metrics['precision']})")
+    return name
+
+
+def cmd_refine(store, args) -> None:
+    _refine(store, args, args.backbone)
+
+
+def _featurize_step(store, featurizer, quiet: bool) -> None:
     from .featurize import featurize
+
+    fz = featurize(store, featurizer, progress=not quiet)
+    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
+
+
+def _train_and_evaluate(store, backbone: str, args: argparse.Namespace):
+    """Train on `backbone`'s features and evaluate; print both; (model, summary)."""
+    from .evaluate import evaluate
+    from .train import train
+
+    model = train(store, backbone, seed=args.seed)
+    print(f"train: model version {model.version}, C={model.params['C']:g}, "
+          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
+    summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
+    print_evaluation(summary)
+    return model, summary
+
+
+def cmd_run(store, args) -> None:
     from .ingest import ingest
     from .resources import sample_dataset
     from .split import split
-    from .train import train
 
     folder = args.dir or sample_dataset()
     quiet = args.quiet
@@ -244,16 +321,15 @@ def cmd_run(store, args) -> None:
           f"{len(report.skipped)} skipped")
     for name, reason in report.skipped:
         print(f"  skipped {name}: {reason}")
-    featurizer = _featurizer(args)
-    fz = featurize(store, featurizer, progress=not quiet)
-    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}), {len(fz.skipped)} skipped")
+    featurizer = _featurizer(args, store=store)
+    _featurize_step(store, featurizer, quiet)
     counts = split(store, seed=args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
-    model = train(store, featurizer.backbone, seed=args.seed)
-    print(f"train: model version {model.version}, C={model.params['C']:g}, "
-          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
-    summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
-    print_evaluation(summary)
+    model, summary = _train_and_evaluate(store, featurizer.backbone, args)
+    if args.refine:  # the frozen features stay; the refined network's model becomes the latest
+        featurizer = _featurizer(args, _refine(store, args, featurizer.backbone), store)
+        _featurize_step(store, featurizer, quiet)
+        model, summary = _train_and_evaluate(store, featurizer.backbone, args)
     best = summary["ranking"][summary["best_method"]]
     print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {_percent(best['top1'])}, "
           f"top-10 {_percent(best['top10'])}, median rank {best['median_rank']:g}"
@@ -274,7 +350,7 @@ def cmd_serve(store, args) -> None:
     from .web import create_app
 
     model = latest_model(store)
-    app = create_app(store, _featurizer(args, model.backbone if model else None))
+    app = create_app(store, _featurizer(args, model.backbone if model else None, store))
     uvicorn.run(app, host=args.host, port=args.port)
 
 
@@ -283,7 +359,8 @@ SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
              "train": ("TrainModel", ("backbone", "c_grid", "seed")),
              "evaluate": ("EvaluateModel", ("model_version", "seed")),
              "rank": ("RankCandidates", ("query", "query_name", "top", "method", "model_version")),
-             "run": ("Initial_Run_Once", ("backbone", "seed"))}
+             "run": ("Initial_Run_Once", ("backbone", "seed")),
+             "refine": ("RefineModel", ("backbone", "epochs", "seed"))}
 """--context sql: the stored procedure of each command and the options it passes on."""
 
 
@@ -311,10 +388,15 @@ def cmd_sql(store, args) -> None:
             print("  " + "  ".join(str(v) for v in row))
     if args.command == "run":
         print_evaluation(store.evaluation().summary)
+        if args.refine:  # refine inside the server too, then the same job on the refined network's features
+            columns, rows = call(store, "RefineModel", backbone=args.backbone, epochs=args.epochs, seed=args.seed)
+            print(f"RefineModel ran inside {server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
+            call(store, procedure, backbone=rows[0][0], seed=args.seed)
+            print_evaluation(store.evaluation().summary)
 
 
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
-            "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run,
+            "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run, "refine": cmd_refine,
             "serve": cmd_serve}
 
 

@@ -27,6 +27,7 @@ INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reas
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
 METRIC_COLUMNS = ["table_name", "scope", "metric", "class", "value"]
 RANK_COLUMNS = ["rank", "image_id", "name", "label", "score"]
+NETWORK_COLUMNS = ["key", "dtype", "shape", "data"]
 
 
 def _vectors(column: pd.Series) -> np.ndarray:
@@ -136,3 +137,33 @@ def rank_candidates(frame: pd.DataFrame, query: bytes, backbone: str, classes: s
                   catalogue=catalogue, save=False)
     rows = [(m.rank, m.image_id, m.name, m.label, m.score) for m in result.matches]
     return pd.DataFrame(rows, columns=RANK_COLUMNS), result.method
+
+
+def refine_model(images: pd.DataFrame, backbone: str, epochs: int | None = None,
+                 seed: int = 0) -> tuple[pd.DataFrame, str, str, str]:
+    """Training rows (id, name, label, data as hexadecimal text) -> (the refined weights as network_arrays rows
+    (key, dtype, shape, data as hexadecimal text), params JSON, metrics JSON, rejected rows JSON
+    [[name, label, reason], ...]).
+
+    Runs refine.refine on an in-memory store holding these images as its training split; the procedure stores
+    the result under the next version's name.
+    """
+    from .ingest import ingest_bytes
+    from .refine import refine
+    from .store import SQLiteStore
+
+    _require(images, "no training images: run PrepareData first")
+    with SQLiteStore(":memory:") as store:
+        rejected = []
+        for row in images.itertuples(index=False):
+            _, reason = ingest_bytes(store, row.name, row.label, bytes.fromhex(row.data))
+            if reason:
+                rejected.append([row.name, row.label, reason])
+        store.put_split({im.id: "train" for im in store.images()}, seed, 0.0)
+        name = refine(store, backbone, epochs=epochs or None, seed=seed, progress=False)
+        record = store.network(name)
+        rejected += [[n, label, reason] for n, label, _, reason in store.rejected()]
+        rows = [(key, dtype, shape, data.hex()) for key, (dtype, shape, data) in
+                store.network_arrays(name, "weights").items()]
+    return pd.DataFrame(rows, columns=NETWORK_COLUMNS), json.dumps(record.params), json.dumps(record.metrics), \
+        json.dumps(rejected)

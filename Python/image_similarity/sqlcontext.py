@@ -15,6 +15,7 @@ PROCEDURES: dict[str, tuple[str, ...]] = {
     "EvaluateModel": ("model_version", "seed"),
     "RankCandidates": ("query", "query_name", "top", "method", "model_version"),
     "Initial_Run_Once": ("backbone", "test_fraction", "seed"),
+    "RefineModel": ("backbone", "epochs", "seed"),
 }
 """Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares)."""
 
@@ -25,6 +26,7 @@ POSTGRES_ROUTINES: dict[str, str] = {
     "EvaluateModel": "SELECT image_similarity.evaluate_model({}) AS summary",
     "RankCandidates": "SELECT * FROM image_similarity.rank_candidates({})",
     "Initial_Run_Once": "CALL image_similarity.initial_run_once({})",
+    "RefineModel": "CALL image_similarity.refine_model({})",
 }
 """The PostgreSQL routine (SQLR/postgres/02_Routines.sql) of each procedure; same parameter names."""
 

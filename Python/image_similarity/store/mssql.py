@@ -15,7 +15,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
-from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array
+from .base import (EvaluationRecord, ImageRow, ModelRecord, NetworkRecord, NewImage, Store, StoreError, decode_array,
+                   encode_array, network_name)
 
 PASSWORD_ENV = "IMAGE_SIMILARITY_DB_PASSWORD"
 ODBC_DRIVER = "ODBC Driver 18 for SQL Server"
@@ -276,6 +277,44 @@ class MSSQLStore(Store):
             ("INSERT INTO dbo.rankings (query_id, rank, image_id, score) VALUES (?, ?, ?, ?)",
              [(_ID, r, i, float(s)) for r, i, s in rows]),
         ], returning="id"))
+
+    # refined networks (issue 14)
+    def create_network(self, base: str, params: dict[str, Any]) -> NetworkRecord:
+        cur = self.conn.cursor()
+        try:
+            cur.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM dbo.networks WITH (UPDLOCK, HOLDLOCK)"
+                        " WHERE base = ?", base)
+            version = int(cur.fetchone()[0])
+            name = network_name(base, version)
+            cur.execute("INSERT INTO dbo.networks (name, base, version, status, params, metrics)"
+                        " OUTPUT CONVERT(nvarchar(33), INSERTED.created_at, 126)"
+                        " VALUES (?, ?, ?, 'training', ?, N'{}')", name, base, version, json.dumps(params))
+            created = cur.fetchone()[0]
+            self.conn.commit()
+        except Exception:
+            self.conn.rollback()
+            raise
+        return NetworkRecord(name, base, version, "training", params, {}, created)
+
+    def networks(self) -> list[NetworkRecord]:
+        rows = self._all("SELECT name, base, version, status, params, metrics, CONVERT(nvarchar(33), created_at, 126)"
+                         " FROM dbo.networks ORDER BY base, version")
+        return [NetworkRecord(n, b, int(v), s, json.loads(p), json.loads(m), c) for n, b, v, s, p, m, c in rows]
+
+    def network_arrays(self, name: str, kind: str) -> dict[str, tuple[str, str, bytes]]:
+        rows = self._all("SELECT [key], dtype, shape, data FROM dbo.network_arrays WHERE network = ? AND kind = ?"
+                         " ORDER BY [key]", name, kind)
+        return {key: (dtype, shape, bytes(data)) for key, dtype, shape, data in rows}
+
+    def put_network(self, name: str, status: str, metrics: dict[str, Any],
+                    arrays: dict[str, dict[str, np.ndarray]], drop: Sequence[str] = ()) -> None:
+        self._write([
+            ("UPDATE dbo.networks SET status = ?, metrics = ? WHERE name = ?", [(status, json.dumps(metrics), name)]),
+            *[("DELETE FROM dbo.network_arrays WHERE network = ? AND kind = ?", [(name, kind)])
+              for kind in [*arrays, *drop]],
+            ("INSERT INTO dbo.network_arrays (network, kind, [key], dtype, shape, data) VALUES (?, ?, ?, ?, ?, ?)",
+             [(name, kind, key, *encode_array(a)) for kind, group in arrays.items() for key, a in group.items()]),
+        ])
 
 
 _ID = object()
