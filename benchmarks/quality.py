@@ -1,7 +1,7 @@
 """Answer quality on any folder-per-class data set: frozen (and refined) backbones side by side.
 
-    PYTHONPATH=Python python benchmarks/quality.py DIR [--backbones efficientnet_lite0 mobilenet_v2] [--refine]
-                                                     [--db FILE] [--seed 0] [--json]
+    PYTHONPATH=Python python benchmarks/quality.py DIR [--backbones efficientnet_lite0 mobilenet_v2]
+                                                     [--refine [--epochs N]] [--db FILE] [--seed 0] [--json]
 
 Ingests DIR (one sub-folder per class) into a temporary SQLite database (or --db, kept and reused: every step
 resumes), splits it (seed 0), and for each backbone, frozen and (with --refine) refined on the training split:
@@ -26,6 +26,7 @@ from image_similarity.evaluate import evaluate
 from image_similarity.featurize import Featurizer, featurize
 from image_similarity.ingest import ingest
 from image_similarity.rank import METHODS
+from image_similarity.refine import refine
 from image_similarity.split import split
 from image_similarity.store import SQLiteStore, Store
 from image_similarity.train import train
@@ -37,7 +38,7 @@ CATALOGUE_FIGURES = ("precision@10", "look_alike@10")
 def measure(store: Store, network: str, seed: int, progress: bool) -> dict[str, Any]:
     """Featurize, train and evaluate one network on the store's split; its figures and wall time."""
     start = time.perf_counter()
-    featurize(store, Featurizer(network, device="cpu"), progress=progress)
+    featurize(store, Featurizer(network, device="cpu", store=store), progress=progress)
     model = train(store, network, seed=seed)
     summary = evaluate(store, model, seed=seed)
     return {"network": network, "test_accuracy": summary["test_accuracy"],
@@ -47,18 +48,10 @@ def measure(store: Store, network: str, seed: int, progress: bool) -> dict[str, 
             "n_train": summary["n_train"], "n_test": summary["n_test"], "seconds": time.perf_counter() - start}
 
 
-def refined_network(store: Store, backbone: str, seed: int, progress: bool) -> str:
-    """The name of `backbone` fine-tuned on the store's training split (image_similarity.refine)."""
-    try:
-        from image_similarity.refine import refine
-    except ImportError as err:
-        raise SystemExit(f"quality.py: --refine needs image_similarity.refine, which this checkout lacks ({err})")
-    return refine(store, base=backbone, seed=seed, progress=progress)
-
-
-def run(folder: Path, backbones: list[str], refined: bool, db: Path, seed: int = 0,
+def run(folder: Path, backbones: list[str], refined: bool, db: Path, seed: int = 0, epochs: int | None = None,
         progress: bool = True) -> dict[str, Any]:
-    """Every row of the benchmark: per backbone, frozen then (if asked) refined."""
+    """Every row of the benchmark: per backbone, frozen then (if asked) refined on the CPU with refine's
+    settings (`epochs`: refine's default unless given)."""
     rows = []
     with SQLiteStore(db) as store:
         report = ingest(store, folder, progress=progress)
@@ -67,7 +60,7 @@ def run(folder: Path, backbones: list[str], refined: bool, db: Path, seed: int =
             rows.append({"backbone": backbone, "variant": "frozen", **measure(store, backbone, seed, progress)})
             if refined:
                 start = time.perf_counter()
-                network = refined_network(store, backbone, seed, progress)
+                network = refine(store, base=backbone, epochs=epochs, seed=seed, progress=progress, device="cpu")
                 refine_seconds = time.perf_counter() - start
                 row = measure(store, network, seed, progress)
                 row["seconds"] += refine_seconds
@@ -76,7 +69,7 @@ def run(folder: Path, backbones: list[str], refined: bool, db: Path, seed: int =
     for row in rows:
         row["time_vs_first"] = row["seconds"] / baseline
     return {"data": str(folder), "images": report.added + report.already_stored, "skipped": len(report.skipped),
-            "split": counts, "seed": seed, "rows": rows}
+            "split": counts, "seed": seed, "refine_epochs": epochs, "rows": rows}
 
 
 def _percent(x: float) -> str:
@@ -112,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbones", nargs="+", default=[DEFAULT_BACKBONE, "mobilenet_v2"],
                         help="pretrained networks to compare (default: efficientnet_lite0 mobilenet_v2)")
     parser.add_argument("--refine", action="store_true", help="also fine-tune each backbone on the training split")
+    parser.add_argument("--epochs", type=int, help="with --refine: most refine epochs (default: refine's)")
     parser.add_argument("--db", type=Path, help="SQLite file to keep and reuse (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, training and draws (default: 0)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -121,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.dir} is not a folder")
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.dir, args.backbones, args.refine, args.db or Path(tmp) / "quality.sqlite", args.seed,
-                     progress=not args.quiet)
+                     args.epochs, progress=not args.quiet)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
