@@ -6,11 +6,11 @@ import pytest
 
 from image_similarity import rank
 from image_similarity.halfscan import HalfMatrix
-from image_similarity.rank import Catalogue
+from image_similarity.rank import HALF_SCANNED, Catalogue
 from image_similarity.store import SQLiteStore
 from image_similarity.train import load_model
 
-SCANNED = ("l2", "cosine", "learned")  # the methods whose big matrix the float16 copy replaces
+SCANNED = HALF_SCANNED  # the methods whose big matrix the float16 copy replaces
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,11 @@ INDEXES = ("auto", "exact", "hnsw")
 auto: hnsw for catalogues of at least ANN_THRESHOLD images when faiss is installed, else exact."""
 ANN_THRESHOLD = 200_000
 HALF_SCAN_THRESHOLD = 20_000
-"""Exact l2, cosine and learned search over at least this many images first scans a float16 copy of the matrix
+"""Exact l2 and cosine search over at least this many images first scans a float16 copy of the matrix
 (half the bytes), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+HALF_SCANNED = ("l2", "cosine")
+"""The methods that scan a feature-sized matrix; scores and learned scan a few columns per image (classes + features
+with a small weight, and classes - 1), always in float32."""
 CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the float16 scan
 
 
@@ -115,13 +118,13 @@ class Catalogue:
         return dots
 
     def half(self, matrix: str) -> HalfMatrix:
-        """The float16 copy of `features`, `unit` or `embedded`, made on first use."""
+        """The float16 copy of `features` or `unit`, made on first use."""
         if matrix not in self.halves:
             self.halves[matrix] = HalfMatrix(getattr(self, matrix))
         return self.halves[matrix]
 
     def score_bounds(self, query: np.ndarray, method: str) -> np.ndarray:
-        """An upper bound on every row's similarity to one query, from the float16 copy (l2, cosine, learned)."""
+        """An upper bound on every row's similarity to one query, from the float16 copy (HALF_SCANNED methods)."""
         queries = np.atleast_2d(query).astype(np.float32)
         vectors, matrix = self._query_vectors(queries, method)
         dots, error = self.half(matrix).dot(vectors[0])
@@ -156,7 +159,7 @@ class Catalogue:
     def _exact(self, query: np.ndarray, method: str, top: int,
                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the best `top`, by scoring every row (large catalogues: see HALF_SCAN_THRESHOLD)."""
-        if method != "scores" and len(self) >= HALF_SCAN_THRESHOLD:
+        if method in HALF_SCANNED and len(self) >= HALF_SCAN_THRESHOLD:
             return self._screened(query, method, top, exclude)
         scores = self.similarity(query, method)[0]
         if exclude is not None:
