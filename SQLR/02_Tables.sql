@@ -132,3 +132,28 @@ IF OBJECT_ID(N'dbo.neighbors', N'U') IS NULL
         PRIMARY KEY (image_id, backbone, method, model_version, rank)
     );
 GO
+-- issue 14: refined networks (refine.py) and their arrays: the weights, and the resumable training state
+-- (kinds 'state' and 'optimizer') while status is 'training'.
+IF OBJECT_ID(N'dbo.networks', N'U') IS NULL
+    CREATE TABLE dbo.networks (
+        name nvarchar(128) NOT NULL PRIMARY KEY,
+        base nvarchar(64) NOT NULL,
+        version int NOT NULL,
+        status varchar(8) NOT NULL CHECK (status IN ('training', 'ready')),
+        params nvarchar(max) NOT NULL,
+        metrics nvarchar(max) NOT NULL,
+        created_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME(),
+        CONSTRAINT uq_network_version UNIQUE (base, version)
+    );
+GO
+IF OBJECT_ID(N'dbo.network_arrays', N'U') IS NULL
+    CREATE TABLE dbo.network_arrays (
+        network nvarchar(128) NOT NULL REFERENCES dbo.networks (name) ON DELETE CASCADE,
+        kind varchar(16) NOT NULL,
+        [key] nvarchar(200) NOT NULL,
+        dtype nvarchar(16) NOT NULL,
+        shape nvarchar(64) NOT NULL,
+        data varbinary(max) NOT NULL,
+        PRIMARY KEY (network, kind, [key])
+    );
+GO

@@ -40,7 +40,7 @@ def whole_job(path: Path, precision: str) -> tuple[np.ndarray, dict]:
 def compare(precision: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {p: whole_job(Path(tmp) / f"{p}.sqlite", p) for p in ("fp32", precision)}
-    (base, base_summary), (fast, fast_summary) = runs["fp32"], runs[precision]
+    (base, _), (fast, _) = runs["fp32"], runs[precision]
     cosine = np.einsum("ij,ij->i", base, fast) / (np.linalg.norm(base, axis=1) * np.linalg.norm(fast, axis=1))
     figures = {}
     for p, (_, summary) in runs.items():

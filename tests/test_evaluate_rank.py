@@ -5,23 +5,69 @@ import numpy as np
 import pytest
 
 from image_similarity.dedup import NEAR_DUPLICATE_DISTANCE, hamming
-from image_similarity.evaluate import positive_ranks, retrieval_metrics
+from image_similarity.evaluate import draw_candidates, positive_ranks, retrieval_metrics
 from image_similarity.images import BadImageError
-from image_similarity.rank import METHODS, Catalogue, rank
+from image_similarity.rank import METHODS, TIE_BREAK, Catalogue, rank
 from image_similarity.store import SQLiteStore, StoreError
 from image_similarity.train import load_model
 
-CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
+CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433  # the CNTK tutorial on the same 3 classes, the same protocol
 
 
 def test_beats_the_reference_solution(full_db):
     summary = full_db[1]
     assert summary["test_accuracy"] > CNTK_ACCURACY
     assert summary["class_avg_accuracy"] > CNTK_ACCURACY
+    assert set(summary["ranking"]) == set(summary["catalogue_ranking"]) == set(METHODS)
+    assert summary["n_ranking_queries"] == summary["n_test"]  # every test image is a query
     best = summary["ranking"][summary["best_method"]]
+    assert summary["best_method"] == max(METHODS, key=lambda m: summary["ranking"][m]["top1"])
     assert best["top1"] > CNTK_TOP1 and best["median_rank"] <= 2
-    assert set(summary["ranking"]) == set(METHODS)
     assert all(0.9 < a <= 1 for a in summary["auc"].values())
+
+
+def test_methods_that_need_no_class_scores_and_the_order_within_a_class(full_db):
+    ranking, catalogue = full_db[1]["ranking"], full_db[1]["catalogue_ranking"]
+    # the learned embedding needs no class scores and finds the positive first far more often than raw features
+    assert ranking["learned"]["top1"] > 2 * max(ranking["cosine"]["top1"], ranking["l2"]["top1"])
+    # scores puts same-class images first, and among them the ones that look most like the query
+    assert catalogue["scores"]["precision@10"] > catalogue["cosine"]["precision@10"]
+    assert catalogue["scores"]["look_alike@10"] > 0.05
+
+
+def test_class_probabilities_are_calibrated_on_the_test_split(full_db):
+    """As confident as right: the mean top probability on unseen images is close to the accuracy."""
+    with SQLiteStore(full_db[0]) as store:
+        model = load_model(store)
+        _, X = store.features(model.backbone, [i for i, s in store.split().items() if s == "test"])
+    confidence = model.probabilities(X).max(axis=1).mean()
+    assert abs(confidence - full_db[1]["test_accuracy"]) < 0.05 and model.temperature > 0
+
+
+def test_original_protocol_on_a_case_worked_out_by_hand():
+    labels = np.array(["a", "a", "a", "b", "c"])
+    excluded = np.eye(5, dtype=bool)
+    excluded[0, 2] = excluded[2, 0] = True  # 0 and 2 are near duplicates: neither is the other's positive
+    positives, negatives = draw_candidates(labels, labels, excluded, seed=3, n_negatives=4)
+    assert positives.tolist() == [1, positives[1], 1, -1, -1]  # b and c have no second image: no query
+    assert positives[1] in (0, 2)
+    assert all(set(labels[negatives[q]]) <= {"b", "c"} for q in range(3))
+    similarity = np.array([[1.0, 0.5, 0.9, 0.7, 0.6],    # 0: both negatives beat its positive 1: rank 5
+                           [0.5, 1.0, 0.8, 0.8, 0.1],    # 1: b negatives tie or beat its positive, c ones lose
+                           [0.9, 0.2, 1.0, 0.1, 0.1],    # 2: its positive 1 beats every negative: rank 1
+                           [0.0] * 5, [0.0] * 5])
+    assert positive_ranks(similarity, positives, negatives).tolist() == [5, 1 + np.sum(negatives[1] == 3), 1]
+    assert draw_candidates(labels, labels, excluded, seed=3, n_negatives=4)[1].tolist() == negatives.tolist()
+
+
+def test_negatives_are_drawn_class_first_as_the_original_did():
+    """Each negative picks one of the other classes uniformly, then one of its images: a class of 1 image
+    gets as many negatives as a class of 60."""
+    labels = np.array(["a"] * 3 + ["b"] + ["c"] * 60)
+    positives, negatives = draw_candidates(labels[:3], labels, np.zeros((3, len(labels)), dtype=bool), n_negatives=2000)
+    share_b = np.mean(labels[negatives] == "b")
+    assert 0.45 < share_b < 0.55 and set(labels[negatives.ravel()]) == {"b", "c"}
+    assert set(labels[positives]) == {"a"}
 
 
 def test_evaluation_is_stored_and_plotted(full_db):
@@ -36,12 +82,13 @@ def test_evaluation_is_stored_and_plotted(full_db):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_positive_rank_counts_negatives_scoring_at_least_as_high():
-    labels = np.array(["a", "b", "b", "b"])
-    similarity = np.array([[0.9, 0.95, 0.1, 0.2]])   # the only positive is beaten by one negative
-    assert positive_ranks(similarity, np.array(["a"]), labels, n_negatives=3).tolist() == [2]
-    figures = retrieval_metrics(similarity, np.array(["a"]), labels)
-    assert figures["recall@1"] == 0 and figures["recall@5"] == 1 and figures["map"] == pytest.approx(0.5)
+def test_retrieval_figures_worked_out_by_hand():
+    labels = np.array(["a", "b", "b", "a"])
+    similarity = np.array([[0.9, 0.95, 0.1, 0.2]])   # order: b, a(0), a(3), b
+    look = np.array([[0.8, 0.0, 0.0, 0.2]])          # image 0 looks like the query, image 3 less so
+    figures = retrieval_metrics(similarity, np.array(["a"]), labels, look, top=2)
+    assert figures["recall@1"] == 0 and figures["recall@5"] == 1 and figures["map"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert figures["precision@2"] == 0.5 and figures["look_alike@2"] == pytest.approx(0.8 - 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +107,9 @@ def test_vectorised_similarity_equals_a_per_row_computation(catalogue, method):
     for i in (0, 17, 300):
         x = catalogue.features[i]
         slow = {"l2": -np.linalg.norm(q - x), "cosine": unit(q) @ unit(x),
-                "scores": unit(model.decision_function(q[None])[0]) @ unit(model.decision_function(x[None])[0]),
-                "learned": model.metric_weights @ (unit(q) - unit(x)) ** 2 + model.metric_bias}[method]
+                "scores": model.probabilities(q[None])[0] @ model.probabilities(x[None])[0] + TIE_BREAK * unit(q) @ unit(x),
+                "learned": unit((unit(q) - model.embedding_mean) @ model.embedding)
+                           @ unit((unit(x) - model.embedding_mean) @ model.embedding)}[method]
         assert fast[i] == pytest.approx(slow, rel=1e-3, abs=1e-4)
 
 

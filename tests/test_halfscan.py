@@ -7,11 +7,11 @@ import pytest
 
 from image_similarity import halfscan, machine, rank
 from image_similarity.halfscan import KERNELS, HalfMatrix
-from image_similarity.rank import Catalogue
+from image_similarity.rank import HALF_SCANNED, Catalogue
 from image_similarity.store import SQLiteStore
 from image_similarity.train import load_model
 
-SCANNED = ("l2", "cosine", "learned")  # the methods whose big matrix the 16-bit copy replaces
+SCANNED = HALF_SCANNED  # the methods whose big matrix the 16-bit copy replaces
 TIGHTNESS = {"fp16": 0.004, "bf16": 0.015}  # most a bound may be, relative to |v| |row|, to screen with
 
 

@@ -1,6 +1,7 @@
 """Split (stratified, seeded, near-duplicates kept together) and train (versioned plain-array models)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 
 from image_similarity.dedup import dhash, near_duplicate_groups
 from image_similarity.images import decode_image
+from image_similarity.rank import Catalogue
 from image_similarity.split import split, split_images
 from image_similarity.store import ImageRow, SQLiteStore, StoreError
-from image_similarity.train import load_model, train
+from image_similarity.train import SimilarityModel, load_model, train
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +69,13 @@ def test_training_adds_versions_that_round_trip_as_plain_arrays(full_copy):
         assert load_model(store, before.version).params["C"] == before.params["C"]
         again = load_model(store)
         np.testing.assert_array_equal(again.coef, model.coef)
-        np.testing.assert_array_equal(again.metric_weights, model.metric_weights)
+        np.testing.assert_array_equal(again.embedding, model.embedding)
+        assert again.temperature == model.temperature > 0 and model.embedding.shape[1] == len(model.classes) - 1
         _, X = store.features(model.backbone)
         assert (again.predict(X) == model.predict(X)).all()
+        probabilities = again.probabilities(X)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+        assert (np.asarray(again.classes)[probabilities.argmax(axis=1)] == model.predict(X)).all()
         dtypes = {r[0] for r in store.conn.execute("SELECT dtype FROM model_arrays")}
         assert dtypes <= {"<f4", "<f8"}
         assert model.coef.shape == (3, X.shape[1]) and model.classes == ["dotted", "leopard", "striped"]
@@ -88,3 +94,18 @@ def test_training_needs_a_split_and_features(tmp_path, small_dir):
             train(store)
         with pytest.raises(StoreError, match="no trained model"):
             load_model(store)
+
+
+def test_a_model_stored_by_an_older_release_still_ranks_by_features(full_db):
+    """Models stored before calibration and the embedding existed load; the methods needing them ask to retrain."""
+    with SQLiteStore(full_db[0]) as store:
+        record = store.model()
+        catalogue_ids, X = store.features(record.backbone)
+    old = dataclasses.replace(record, arrays={k: record.arrays[k] for k in ("coef", "intercept")})
+    model = SimilarityModel.from_record(old)
+    assert model.temperature is None and model.embedding is None
+    catalogue = Catalogue(catalogue_ids, [""] * len(X), ["x"] * len(X), [""] * len(X), ["0" * 64] * len(X), X, model)
+    assert catalogue.similarity(X[0], "cosine")[0].argmax() == 0
+    for method in ("scores", "learned"):
+        with pytest.raises(StoreError, match="run 'image-similarity train' again"):
+            catalogue.similarity(X[0], method)

@@ -333,6 +333,11 @@ def _spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+def build_network(name: str) -> _Backbone:
+    """The architecture of a known backbone, with untrained weights: load a state dict into it strictly."""
+    return _BUILDERS[_spec(name).name]()
+
+
 def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | None = None) -> FeatureExtractor:
     """Build ``name`` with its ImageNet weights loaded strictly, in eval mode on the CPU.
 
@@ -343,7 +348,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | Non
     path = _default_weights(spec) if weights is None else Path(weights)
     if not path.is_file():
         raise WeightsNotFoundError(f"{name} weights file not found: {path}")
-    net = _BUILDERS[name]()
+    net = build_network(name)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a zip/pickle file, or one holding more than tensors

@@ -1,4 +1,10 @@
-"""Evaluate: classification accuracy, confusion, ROC/AUC, and how well each ranking method finds similar images."""
+"""Evaluate: classification accuracy, confusion, ROC/AUC, and how well each ranking method finds similar images.
+
+Ranking is measured twice. `ranking` is the original solution's protocol: every test image is a query, its
+candidates 1 positive and 100 negatives drawn from the test split (`draw_candidates`), so its figures sit beside
+the original's. `catalogue_ranking` ranks the test queries against the training images, as `rank` ranks a
+catalogue: the same draw from the training split, plus recall, mAP, precision and look-alike over all of them.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +13,14 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_curve
 
+from .dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
 from .rank import METHODS, Catalogue
 from .store import EvaluationRecord, Store, StoreError
 from .train import SimilarityModel, load_model
 
 N_NEGATIVES = 100
+RANKING_BLOCKS = {"ranking": "original protocol: 1 positive + 100 negatives from the test split",
+                  "catalogue_ranking": "catalogue: test queries against the training images"}
 
 
 def classification_metrics(y: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -34,37 +43,65 @@ def roc_curves(y: np.ndarray, scores: np.ndarray, classes: list[str]) -> dict[st
     return curves
 
 
-def positive_ranks(similarity: np.ndarray, query_labels: np.ndarray, labels: np.ndarray, seed: int = 0,
-                   n_negatives: int = N_NEGATIVES) -> np.ndarray:
-    """The original solution's test: rank of 1 same-class candidate among it and `n_negatives` others.
+def draw_candidates(query_labels: np.ndarray, labels: np.ndarray, excluded: np.ndarray, seed: int = 0,
+                    n_negatives: int = N_NEGATIVES) -> tuple[np.ndarray, np.ndarray]:
+    """The original solution's candidates for each query: (positives (n,), negatives (n, n_negatives)).
 
-    For each query (a row of `similarity` against the candidates), draws one positive and up to
-    `n_negatives` negatives with a seeded generator, and returns the positive's 1-based rank (ties count
-    against it).
+    As the CNTK image-similarity tutorial and Microsoft's ml-server-image-similarity drew them: one positive,
+    an image of the query's class chosen uniformly, and `n_negatives` negatives, each a class chosen uniformly
+    among the other classes and then an image of it chosen uniformly (with replacement). `excluded[q, i]`
+    marks candidates query q may not get (itself and its near duplicates). A query with no possible positive
+    gets positive -1 and is left out of the figures. Seeded: the same inputs and seed give the same draw.
     """
     rng = np.random.default_rng(seed)
-    ranks = np.empty(len(query_labels), dtype=np.int64)
+    classes = np.unique(labels)
+    members = {c: np.flatnonzero(labels == c) for c in classes}
+    positives = np.full(len(query_labels), -1, dtype=np.int64)
+    negatives = np.zeros((len(query_labels), n_negatives), dtype=np.int64)
     for q, label in enumerate(query_labels):
-        same, other = np.flatnonzero(labels == label), np.flatnonzero(labels != label)
-        positive = rng.choice(same)
-        negatives = rng.choice(other, size=min(n_negatives, len(other)), replace=False)
-        ranks[q] = 1 + np.sum(similarity[q, negatives] >= similarity[q, positive])
-    return ranks
+        same = members.get(label, np.array([], dtype=np.int64))
+        same = same[~excluded[q, same]]
+        others = [members[c] for c in classes if c != label]
+        if len(same) == 0 or not others:
+            continue
+        positives[q] = rng.choice(same)
+        for n, k in enumerate(rng.integers(0, len(others), size=n_negatives)):
+            negatives[q, n] = rng.choice(others[k])
+    return positives, negatives
 
 
-def retrieval_metrics(similarity: np.ndarray, query_labels: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Recall@1/5/10 (a same-class image in the top k) and mean average precision over the whole catalogue."""
+def positive_ranks(similarity: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
+    """The 1-based rank of each query's positive among it and its negatives (ties count against it), for the
+    queries with a positive (`similarity`: queries x candidates, higher is more similar)."""
+    kept = np.flatnonzero(positives >= 0)
+    positive = similarity[kept, positives[kept]]
+    return 1 + np.sum(np.take_along_axis(similarity[kept], negatives[kept], axis=1) >= positive[:, None], axis=1)
+
+
+def retrieval_metrics(similarity: np.ndarray, query_labels: np.ndarray, labels: np.ndarray,
+                      look: np.ndarray | None = None, top: int = 10) -> dict[str, float]:
+    """Recall@1/5/10 (a same-class image in the top k) and mean average precision over the whole catalogue,
+    precision@`top` (share of the top that shares the query's class) and, given `look` (queries x catalogue,
+    how alike two images look), look_alike@`top`: how much more alike the same-class images in the top look to
+    the query than the average image of its class (0: the order within a class is arbitrary)."""
     order = np.argsort(-similarity, axis=1, kind="stable")
     relevant = labels[order] == query_labels[:, None]
     out = {f"recall@{k}": float(np.mean(relevant[:, :k].any(axis=1))) for k in (1, 5, 10)}
     aps = [average_precision_score(labels == lab, s) for lab, s in zip(query_labels, similarity)
            if (labels == lab).any()]
     out["map"] = float(np.mean(aps)) if aps else float("nan")
+    out[f"precision@{top}"] = float(np.mean(relevant[:, :top]))
+    if look is not None:
+        gains = [look[q, order[q, :top][relevant[q, :top]]].mean() - look[q, labels == lab].mean()
+                 for q, lab in enumerate(query_labels) if relevant[q, :top].any()]
+        out[f"look_alike@{top}"] = float(np.mean(gains)) if gains else float("nan")
     return out
 
 
 def ranking_metrics(ranks: np.ndarray) -> dict[str, float]:
-    """Top-k hit rates and the mean/median rank of the positive."""
+    """Top-k hit rates and the mean/median rank of the positive (NaN without any query)."""
+    if len(ranks) == 0:
+        return dict.fromkeys(("top1", "top5", "top10", "mean_rank", "median_rank"), float("nan"))
     return {"top1": float(np.mean(ranks <= 1)), "top5": float(np.mean(ranks <= 5)),
             "top10": float(np.mean(ranks <= 10)), "mean_rank": float(np.mean(ranks)),
             "median_rank": float(np.median(ranks))}
@@ -89,7 +126,7 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
         from .plots import save_evaluation_plots
 
         summary["plots"] = save_evaluation_plots(out_dir, model.classes, results["test"]["confusion"], curves,
-                                                 summary["ranking"])
+                                                 {b: summary[b] for b in RANKING_BLOCKS})
     return summary
 
 
@@ -115,23 +152,41 @@ def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.n
     summary["class_avg_accuracy"] = summary["test_class_avg_accuracy"]
     summary["per_class_test_accuracy"] = results["test"]["per_class"]
 
-    _, X_test, y_test = data["test"]
+    test_ids, X_test, y_test = data["test"]
     curves = roc_curves(y_test, model.decision_function(X_test), model.classes)
     summary["auc"] = {c: a for c, (_, _, a) in curves.items()}
     summary["roc"] = {c: {"fpr": fpr.tolist(), "tpr": tpr.tolist()} for c, (fpr, tpr, _) in curves.items()}
     metrics += [("test", "auc", c, a) for c, a in summary["auc"].items()]
 
     train_ids, X_train, y_train = data["train"]
-    catalogue = Catalogue(train_ids, [""] * len(train_ids), list(y_train), [""] * len(train_ids),
-                          [dhashes[int(i)] for i in train_ids], X_train, model)
-    ranking = {}
+    test_hashes, train_hashes = [dhashes[int(i)] for i in test_ids], [dhashes[int(i)] for i in train_ids]
+    test_set, training_set = _catalogue(data["test"], test_hashes, model), _catalogue(data["train"], train_hashes, model)
+    # the original protocol: candidates from the test split, never the query or its near duplicates
+    drawn = draw_candidates(y_test, y_test, hamming_matrix(test_hashes) <= NEAR_DUPLICATE_DISTANCE, seed)
+    # the catalogue: test queries against the training images (near duplicates never cross the split)
+    drawn_train = draw_candidates(y_test, y_train, hamming_matrix(test_hashes, train_hashes) <= NEAR_DUPLICATE_DISTANCE,
+                                  seed)
+    look = training_set.similarity(X_test, "cosine")
+    summary["ranking"], summary["catalogue_ranking"] = {}, {}
     for method in METHODS:
-        similarity = catalogue.similarity(X_test, method)
-        figures = ranking_metrics(positive_ranks(similarity, y_test, y_train, seed))
-        figures.update(retrieval_metrics(similarity, y_test, y_train))
-        ranking[method] = figures
-        metrics += [(f"ranking:{method}", k, "", v) for k, v in figures.items()]
-    summary["ranking"] = ranking
-    summary["best_method"] = max(METHODS, key=lambda m: (ranking[m]["top1"], ranking[m]["map"]))
+        summary["ranking"][method] = ranking_metrics(positive_ranks(test_set.similarity(X_test, method), *drawn))
+        similarity = training_set.similarity(X_test, method)
+        figures = ranking_metrics(positive_ranks(similarity, *drawn_train))
+        figures.update(retrieval_metrics(similarity, y_test, y_train, look))
+        summary["catalogue_ranking"][method] = figures
+    for block in ("ranking", "catalogue_ranking"):
+        metrics += [(f"{block}:{m}", k, "", v) for m, figures in summary[block].items() for k, v in figures.items()]
+    summary["n_ranking_queries"] = int(np.sum(drawn[0] >= 0))
+    ranking = summary["ranking"]
+    summary["best_method"] = max(METHODS, key=lambda m: tuple(np.nan_to_num(
+        (ranking[m]["top1"], ranking[m]["top10"], -ranking[m]["mean_rank"]), nan=-np.inf)))
     record = EvaluationRecord(model_version=model.version, summary=summary, metrics=metrics, confusion=confusion)
     return record, results, curves
+
+
+def _catalogue(subset: tuple[np.ndarray, np.ndarray, np.ndarray], dhashes: list[str],
+               model: SimilarityModel) -> Catalogue:
+    """The images of one subset (ids, X, labels) as a catalogue to rank."""
+    ids, X, y = subset
+    blank = [""] * len(ids)
+    return Catalogue(ids, blank, list(y), blank, dhashes, X, model)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .backbones import DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
+from .backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from .images import BadImageError, decode_image
 from .precision import autocast, resolve
 from .store import Store
@@ -39,15 +39,21 @@ class Featurizer:
     """A pretrained backbone on a device, turning RGB images into float32 feature vectors.
 
     `precision` (see precision.PRECISIONS) is resolved once: "auto" means bfloat16 autocast on a CPU that measurably
-    runs it fast, float16 mixed precision on CUDA, float32 elsewhere.
+    runs it fast, float16 mixed precision on CUDA, float32 elsewhere. A name that is not a built-in backbone is looked
+    up among the refined networks in `store` (refine.py).
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, device: str | None = None,
                  weights: str | os.PathLike | None = None, workers: int | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", store: Store | None = None) -> None:
         self.device = pick_device(device)
         self.precision = resolve(precision, self.device)
-        self.extractor: FeatureExtractor = load_backbone(backbone, weights)
+        if backbone in BACKBONES or store is None:
+            self.extractor: FeatureExtractor = load_backbone(backbone, weights)
+        else:
+            from .refine import load_refined
+
+            self.extractor = load_refined(store, backbone)
         self.spec = self.extractor.spec
         self.extractor.to(self.device, memory_format=torch.channels_last)
         self.pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
@@ -98,7 +104,7 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
     Streams batches from the store, decodes the next batch while the network runs on the current one, and
     commits each batch on its own: an interrupted run loses at most one batch and resumes where it stopped.
     """
-    featurizer = featurizer or Featurizer(backbone)
+    featurizer = featurizer or Featurizer(backbone, store=store)
     report = FeaturizeReport(featurizer.backbone, str(featurizer.device), featurizer.precision)
     todo = len(store.images()) - store.feature_counts().get(featurizer.backbone, 0)
     bar = tqdm(total=max(todo, 0), desc=f"featurize ({featurizer.backbone}, {featurizer.device}, "

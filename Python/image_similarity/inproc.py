@@ -67,6 +67,7 @@ def reported() -> Report:
 def unhex(text: str) -> bytes:
     """Bytes from CONVERT(varchar(max), data, 2) text."""
     return bytes.fromhex(text)
+NETWORK_COLUMNS = ["key", "dtype", "shape", "data"]
 
 
 def _vectors(column: pd.Series) -> np.ndarray:
@@ -232,3 +233,33 @@ def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: 
     ranges = block_ranges(len(catalogue), block_rows(len(catalogue)))
     rows = [row for block in block_neighbors(catalogue, ranges, method, top, done) for row in block]
     return pd.DataFrame(rows, columns=["image_id", "rank", "neighbor_id", "score"])
+
+
+def refine_model(images: pd.DataFrame, backbone: str, epochs: int | None = None,
+                 seed: int = 0) -> tuple[pd.DataFrame, str, str, str]:
+    """Training rows (id, name, label, data as hexadecimal text) -> (the refined weights as network_arrays rows
+    (key, dtype, shape, data as hexadecimal text), params JSON, metrics JSON, rejected rows JSON
+    [[name, label, reason], ...]).
+
+    Runs refine.refine on an in-memory store holding these images as its training split; the procedure stores
+    the result under the next version's name.
+    """
+    from .ingest import ingest_bytes
+    from .refine import refine
+    from .store import SQLiteStore
+
+    _require(images, "no training images: run PrepareData first")
+    with SQLiteStore(":memory:") as store:
+        rejected = []
+        for row in images.itertuples(index=False):
+            _, reason = ingest_bytes(store, row.name, row.label, unhex(row.data))
+            if reason:
+                rejected.append([row.name, row.label, reason])
+        store.put_split({im.id: "train" for im in store.images()}, seed, 0.0)
+        name = refine(store, backbone, epochs=epochs or None, seed=seed, progress=False)
+        record = store.network(name)
+        rejected += [[n, label, reason] for n, label, _, reason in store.rejected()]
+        rows = [(key, dtype, shape, data.hex()) for key, (dtype, shape, data) in
+                store.network_arrays(name, "weights").items()]
+    return pd.DataFrame(rows, columns=NETWORK_COLUMNS), json.dumps(record.params), json.dumps(record.metrics), \
+        json.dumps(rejected)

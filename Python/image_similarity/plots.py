@@ -40,23 +40,32 @@ def roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float]]) -> plt.F
     return fig
 
 
-def ranking_figure(ranking: dict[str, dict[str, float]]) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    methods, ks = list(ranking), ("top1", "top5", "top10")
+RANKING_TITLES = {"ranking": "Original protocol: positive among 1 + 100 (test split)",
+                  "catalogue_ranking": "Catalogue: test queries vs training images"}
+
+
+def ranking_figure(blocks: dict[str, dict[str, dict[str, float]]]) -> plt.Figure:
+    """Top-1/5/10 hit rates per method, one panel per ranking block ('ranking', 'catalogue_ranking')."""
+    fig, axes = plt.subplots(1, len(blocks), figsize=(5.5 * len(blocks), 4), squeeze=False)
+    ks = ("top1", "top5", "top10")
     width = 0.8 / len(ks)
-    for n, k in enumerate(ks):
-        ax.bar(np.arange(len(methods)) + n * width, [ranking[m][k] for m in methods], width, label=k)
-    ax.set(xticks=np.arange(len(methods)) + width, xticklabels=methods, ylim=(0, 1.1), ylabel="hit rate",
-           title="Ranking: positive among 1 + 100 negatives")
-    ax.legend(loc="upper left", ncols=3)
+    for ax, (block, ranking) in zip(axes[0], blocks.items()):
+        methods = list(ranking)
+        for n, k in enumerate(ks):
+            ax.bar(np.arange(len(methods)) + n * width, [ranking[m][k] for m in methods], width, label=k)
+        ax.set(xticks=np.arange(len(methods)) + width, xticklabels=methods, ylim=(0, 1.1), ylabel="hit rate",
+               title=RANKING_TITLES.get(block, block))
+        ax.title.set_fontsize(10)
+        ax.legend(loc="upper left", ncols=3)
     fig.tight_layout()
     return fig
 
 
 def save_evaluation_plots(out_dir: str | Path, classes: list[str], confusion: np.ndarray,
                           curves: dict[str, tuple[np.ndarray, np.ndarray, float]],
-                          ranking: dict[str, dict[str, float]]) -> dict[str, str]:
-    """Write confusion.png, roc.png and ranking.png into out_dir; return their paths."""
+                          ranking: dict[str, dict[str, dict[str, float]]]) -> dict[str, str]:
+    """Write confusion.png, roc.png and ranking.png (`ranking`: figures per block and method) into out_dir;
+    return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -83,7 +92,15 @@ def evaluation_figures(store: Store, model_version: int | None = None) -> dict[s
             matrix[classes.index(true), classes.index(predicted)] = count
     curves = {c: (np.array(r["fpr"]), np.array(r["tpr"]), summary["auc"][c]) for c, r in summary["roc"].items()}
     return {"confusion": confusion_figure(classes, matrix), "roc": roc_figure(curves),
-            "ranking": ranking_figure(summary["ranking"])}
+            "ranking": ranking_figure(_ranking_blocks(summary))}
+
+
+def _ranking_blocks(summary: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """The ranking blocks of a stored summary; evaluations made before the original protocol was adopted kept
+    only test queries against the training images, under the name 'ranking'."""
+    if "catalogue_ranking" not in summary:
+        return {"catalogue_ranking": summary["ranking"]}
+    return {b: summary[b] for b in RANKING_TITLES}
 
 
 def _thumbnail(image: Image.Image, size: int = 256) -> Image.Image:

@@ -24,10 +24,10 @@ FEATURIZERS: dict[str, Featurizer] = {}
 """Loaded networks, kept for the life of the server session (a backend process)."""
 
 
-def _featurizer(backbone: str | None) -> Featurizer:
+def _featurizer(backbone: str | None, store: PostgresStore) -> Featurizer:
     name = backbone or DEFAULT_BACKBONE
-    if name not in FEATURIZERS:
-        FEATURIZERS[name] = Featurizer(name, workers=1)
+    if name not in FEATURIZERS:  # a refined network's name is never reused, so its weights never change
+        FEATURIZERS[name] = Featurizer(name, workers=1, store=store)
     return FEATURIZERS[name]
 
 
@@ -62,7 +62,7 @@ def environment(plpy: Any) -> list[tuple[str, str]]:
 def featurize_images(plpy: Any, backbone: str | None, batch_size: int) -> tuple[int, int, str, int]:
     """Procedure: featurize every image without features, committing each batch. (added, skipped, device, pid)."""
     store = PostgresStore.in_server(plpy, commits=True)
-    report = featurize(store, _featurizer(backbone), batch_size=batch_size, progress=False)
+    report = featurize(store, _featurizer(backbone, store), batch_size=batch_size, progress=False)
     return report.added, len(report.skipped), report.device, os.getpid()
 
 
@@ -102,7 +102,7 @@ def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: 
 
     store = PostgresStore.in_server(plpy)
     model = load_model(store, model_version) if model_version else latest_model(store)
-    featurizer = _featurizer(model.backbone if model else None)
+    featurizer = _featurizer(model.backbone if model else None, store)
     result = rank(store, bytes(query), featurizer, top=top, method=method, model=model, name=query_name)
     return [(m.rank, m.image_id, m.name, m.label, m.score, result.method) for m in result.matches]
 
@@ -116,12 +116,25 @@ def initial_run_once(plpy: Any, backbone: str | None, test_fraction: float, seed
     from .train import train
 
     store = PostgresStore.in_server(plpy, commits=True)
-    featurizer = _featurizer(backbone)
+    featurizer = _featurizer(backbone, store)
     featurize(store, featurizer, progress=False)
     split(store, test_fraction, seed)
     model = train(store, featurizer.backbone, seed=seed)
     summary = evaluate(store, model, seed=seed)
     return model.version, summary["test_accuracy"], summary["best_method"], os.getpid()
+
+
+@_clear_errors
+def refine_model(plpy: Any, backbone: str | None, epochs: int | None, seed: int) -> tuple:
+    """Procedure: fine-tune a backbone on the training split, committing after every epoch (a new call resumes).
+    (network name, best epoch, its validation accuracy, device, pid)."""
+    from .refine import refine
+
+    store = PostgresStore.in_server(plpy, commits=True)
+    name = refine(store, backbone or DEFAULT_BACKBONE, epochs=epochs, seed=seed, progress=False)
+    record = store.network(name)
+    best = record.metrics["best"]
+    return name, best["epoch"], best["val_accuracy"], record.metrics["device"], os.getpid()
 
 
 @_clear_errors

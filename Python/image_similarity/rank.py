@@ -14,16 +14,24 @@ from .store import Store, StoreError
 from .train import SimilarityModel, l2_normalize, load_model
 
 METHODS = ("l2", "cosine", "scores", "learned")
-"""l2 and cosine on features; scores: cosine on SVM class scores; learned: the trained pair metric."""
+"""l2 and cosine on features (no model needed); scores: the probability that query and image share a class
+(calibrated class probabilities), plus TIE_BREAK x their cosine so that same-class images come in order of
+visual similarity; learned: cosine in the discriminant embedding learned on the training split (no class scores)."""
+TIE_BREAK = 0.01
+"""Weight of the cosine similarity in `scores`: it orders images whose class evidence is about equal (within a few
+hundredths of probability) by how much they look like the query, and leaves the class evidence first."""
 
 INDEXES = ("auto", "exact", "hnsw")
 """exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss);
 auto: hnsw for catalogues of at least ANN_THRESHOLD images when faiss is installed, else exact."""
 ANN_THRESHOLD = 200_000
 HALF_SCAN_THRESHOLD = 20_000
-"""Exact l2, cosine and learned search over at least this many images first scans a 16-bit copy of the matrix
-(half the bytes; float16 or bfloat16, whichever halfscan.scan_kernel measured fastest here, if either beats the
-plain float32 scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+"""Exact l2 and cosine search over at least this many images first scans a 16-bit copy of the matrix (half the
+bytes; float16 or bfloat16, whichever halfscan.scan_kernel measured fastest here, if either beats the plain float32
+scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+HALF_SCANNED = ("l2", "cosine")
+"""The methods that scan a feature-sized matrix; scores and learned scan a few columns per image (classes + features
+with a small weight, and classes - 1), always in float32."""
 CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the 16-bit scan
 
 
@@ -62,9 +70,10 @@ class Catalogue:
         self.sq_norms = np.einsum("ij,ij->i", self.features, self.features)
         self.unit = l2_normalize(self.features)
         self.model = model
-        if model is not None:
-            self.unit_scores = l2_normalize(model.decision_function(self.features))
-            self.weighted_sq = (self.unit ** 2) @ model.metric_weights
+        if model is not None and model.temperature is not None:  # older models lack what scores and learned need
+            self.evidence = np.hstack([model.probabilities(self.features), self.unit])
+        if model is not None and model.embedding is not None:
+            self.embedded = l2_normalize(model.embed(self.features))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -98,19 +107,15 @@ class Catalogue:
             raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
         if self.model is None:
             raise StoreError(f"method {method!r} needs a trained model: run 'image-similarity train' first")
-        if method == "scores":
-            return l2_normalize(self.model.decision_function(queries)), "unit_scores"
-        return l2_normalize(queries) * self.model.metric_weights, "unit"
+        if method == "scores":  # P(same class) + TIE_BREAK * cosine, as one inner product
+            return np.hstack([self.model.probabilities(queries), TIE_BREAK * l2_normalize(queries)]), "evidence"
+        return l2_normalize(self.model.embed(queries)), "embedded"
 
     def _from_dots(self, queries: np.ndarray, method: str, dots: np.ndarray, pick) -> np.ndarray:
         """Similarities of the rows `pick` from their inner products with the query vectors (monotone in them)."""
         if method == "l2":
             sq = np.einsum("ij,ij->i", queries, queries)[:, None] + self.sq_norms[pick] - 2 * dots
             return -np.sqrt(np.maximum(sq, 0))
-        if method == "learned":
-            # w . (q - x)^2 = w . q^2 - 2 (w * q) . x + w . x^2
-            q_sq = (l2_normalize(queries) ** 2) @ self.model.metric_weights
-            return q_sq[:, None] - 2 * dots + self.weighted_sq[pick] + self.model.metric_bias
         return dots
 
     def half(self, matrix: str) -> HalfMatrix:
@@ -120,7 +125,7 @@ class Catalogue:
         return self.halves[matrix]
 
     def score_bounds(self, query: np.ndarray, method: str) -> np.ndarray:
-        """An upper bound on every row's similarity to one query, from the 16-bit copy (l2, cosine, learned)."""
+        """An upper bound on every row's similarity to one query, from the 16-bit copy (HALF_SCANNED methods)."""
         queries = np.atleast_2d(query).astype(np.float32)
         vectors, matrix = self._query_vectors(queries, method)
         dots, error = self.half(matrix).dot(vectors[0])
@@ -155,7 +160,7 @@ class Catalogue:
     def _exact(self, query: np.ndarray, method: str, top: int,
                exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the best `top`, by scoring every row (large catalogues: see HALF_SCAN_THRESHOLD)."""
-        if method != "scores" and len(self) >= HALF_SCAN_THRESHOLD and scan_kernel() != "fp32":
+        if method in HALF_SCANNED and len(self) >= HALF_SCAN_THRESHOLD and scan_kernel() != "fp32":
             return self._screened(query, method, top, exclude)
         scores = self.similarity(query, method)[0]
         if exclude is not None:
@@ -253,13 +258,14 @@ def latest_model(store: Store) -> SimilarityModel | None:
 
 
 def default_method(store: Store, model: SimilarityModel | None) -> str:
-    """The method the latest evaluation of the model found best; else learned with a model, cosine without."""
+    """The method the latest evaluation of the model found best (on the original protocol); else scores with a
+    model, cosine without."""
     if model is None:
         return "cosine"
     evaluation = store.evaluation(model.version)
     if evaluation and evaluation.summary.get("best_method") in METHODS:
         return evaluation.summary["best_method"]
-    return "learned"
+    return "scores"
 
 
 def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,

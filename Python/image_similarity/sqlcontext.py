@@ -16,6 +16,7 @@ PROCEDURES: dict[str, tuple[str, ...]] = {
     "RankCandidates": ("query", "query_name", "top", "method", "model_version"),
     "Initial_Run_Once": ("backbone", "test_fraction", "seed"),
     "ComputeNeighbors": ("backbone", "method", "top", "model_version", "refresh"),
+    "RefineModel": ("backbone", "epochs", "seed"),
 }
 """Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares)."""
 
@@ -27,6 +28,7 @@ POSTGRES_ROUTINES: dict[str, str] = {
     "RankCandidates": "SELECT * FROM image_similarity.rank_candidates({})",
     "Initial_Run_Once": "CALL image_similarity.initial_run_once({})",
     "ComputeNeighbors": "CALL image_similarity.compute_neighbors({})",
+    "RefineModel": "CALL image_similarity.refine_model({})",
 }
 """The PostgreSQL routine (SQLR/postgres/02_Routines.sql) of each procedure; same parameter names."""
 

@@ -104,3 +104,20 @@ LANGUAGE plpython3u AS $$
 from image_similarity import plpython
 return plpython.compute_neighbors(plpy, backbone, method, top, model_version, refresh)
 $$;
+
+-- issue 14: fine-tune a pretrained backbone on the training split's labels (validation carved out of it; the
+-- test split is never read); stored in networks/network_arrays as a new network, usable as a backbone by every
+-- routine above. Commits after every epoch: an interrupted call resumes when called again with the same
+-- arguments, and a finished one returns the stored network. CALL it outside an explicit transaction.
+CREATE OR REPLACE PROCEDURE image_similarity.refine_model(backbone text DEFAULT NULL,
+                                                          epochs integer DEFAULT NULL,
+                                                          seed integer DEFAULT 0,
+                                                          INOUT network text DEFAULT NULL,
+                                                          INOUT best_epoch integer DEFAULT NULL,
+                                                          INOUT val_accuracy double precision DEFAULT NULL,
+                                                          INOUT device text DEFAULT NULL,
+                                                          INOUT pid integer DEFAULT NULL)
+LANGUAGE plpython3u AS $$
+from image_similarity import plpython
+return plpython.refine_model(plpy, backbone, epochs, seed)
+$$;

@@ -89,6 +89,27 @@ def strict_json(value: Any) -> str:
     return json.dumps(_json_safe(value), allow_nan=False)
 
 
+@dataclass(frozen=True)
+class NetworkRecord:
+    """A refined network (issue 14): its metadata; the weights live in `network_arrays` as plain arrays."""
+
+    name: str
+    base: str
+    version: int
+    status: str  # "training" until refine finishes, then "ready"
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: str | None = None
+
+
+NETWORK_STATUSES = ("training", "ready")
+
+
+def network_name(base: str, version: int) -> str:
+    """The backbone name of a refined network: letters, digits and underscores only."""
+    return f"{base}_refined_{version}"
+
+
 def encode_array(array: np.ndarray) -> tuple[str, str, bytes]:
     """(little-endian dtype, JSON shape, bytes): how every store keeps a model array."""
     dtype = array.dtype.newbyteorder("<").str
@@ -225,6 +246,31 @@ class Store(abc.ABC):
     def neighbors(self, image_id: int, backbone: str, method: str,
                   model_version: int) -> list[tuple[int, int, str, str, float]]:
         """(rank, neighbour id, name, label, score) of one image's stored neighbours, by rank, in one query."""
+
+    # refined networks (issue 14)
+    @abc.abstractmethod
+    def create_network(self, base: str, params: dict[str, Any]) -> NetworkRecord:
+        """Register a new version of a refined `base` network, status "training", with no arrays yet."""
+
+    @abc.abstractmethod
+    def networks(self) -> list[NetworkRecord]:
+        """Every refined network, by base and version."""
+
+    @abc.abstractmethod
+    def network_arrays(self, name: str, kind: str) -> dict[str, tuple[str, str, bytes]]:
+        """key -> (dtype, JSON shape, bytes) of one kind of a network's arrays ("weights", "state", "optimizer")."""
+
+    @abc.abstractmethod
+    def put_network(self, name: str, status: str, metrics: dict[str, Any],
+                    arrays: dict[str, dict[str, np.ndarray]], drop: Sequence[str] = ()) -> None:
+        """In one transaction: set status and metrics, replace each kind in `arrays`, delete the kinds in `drop`."""
+
+    def network(self, name: str) -> NetworkRecord:
+        """One refined network by name; StoreError when there is none."""
+        for record in self.networks():
+            if record.name == name:
+                return record
+        raise StoreError(f"no network named {name!r}: run 'image-similarity refine' first")
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
                 approximate: bool | None = None) -> list[tuple[int, float]] | None:

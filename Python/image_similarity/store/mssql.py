@@ -19,12 +19,14 @@ from .base import (
     EvaluationRecord,
     ImageRow,
     ModelRecord,
+    NetworkRecord,
     NewImage,
     Store,
     StoreError,
     decode_array,
     encode_array,
     finite,
+    network_name,
     strict_json,
 )
 
@@ -347,6 +349,45 @@ class MSSQLStore(Store):
             "SELECT n.rank, n.neighbor_id, i.name, i.label, n.score FROM dbo.neighbors AS n JOIN dbo.images AS i"
             " ON i.id = n.neighbor_id WHERE n.image_id = ? AND n.backbone = ? AND n.method = ?"
             " AND n.model_version = ? ORDER BY n.rank", int(image_id), backbone, method, int(model_version))
+
+
+    # refined networks (issue 14)
+    def create_network(self, base: str, params: dict[str, Any]) -> NetworkRecord:
+        cur = self.conn.cursor()
+        try:
+            cur.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM dbo.networks WITH (UPDLOCK, HOLDLOCK)"
+                        " WHERE base = ?", base)
+            version = int(cur.fetchone()[0])
+            name = network_name(base, version)
+            cur.execute("INSERT INTO dbo.networks (name, base, version, status, params, metrics)"
+                        " OUTPUT CONVERT(nvarchar(33), INSERTED.created_at, 126)"
+                        " VALUES (?, ?, ?, 'training', ?, N'{}')", name, base, version, json.dumps(params))
+            created = cur.fetchone()[0]
+            self.conn.commit()
+        except Exception:
+            self.conn.rollback()
+            raise
+        return NetworkRecord(name, base, version, "training", params, {}, created)
+
+    def networks(self) -> list[NetworkRecord]:
+        rows = self._all("SELECT name, base, version, status, params, metrics, CONVERT(nvarchar(33), created_at, 126)"
+                         " FROM dbo.networks ORDER BY base, version")
+        return [NetworkRecord(n, b, int(v), s, json.loads(p), json.loads(m), c) for n, b, v, s, p, m, c in rows]
+
+    def network_arrays(self, name: str, kind: str) -> dict[str, tuple[str, str, bytes]]:
+        rows = self._all("SELECT [key], dtype, shape, data FROM dbo.network_arrays WHERE network = ? AND kind = ?"
+                         " ORDER BY [key]", name, kind)
+        return {key: (dtype, shape, bytes(data)) for key, dtype, shape, data in rows}
+
+    def put_network(self, name: str, status: str, metrics: dict[str, Any],
+                    arrays: dict[str, dict[str, np.ndarray]], drop: Sequence[str] = ()) -> None:
+        self._write([
+            ("UPDATE dbo.networks SET status = ?, metrics = ? WHERE name = ?", [(status, json.dumps(metrics), name)]),
+            *[("DELETE FROM dbo.network_arrays WHERE network = ? AND kind = ?", [(name, kind)])
+              for kind in [*arrays, *drop]],
+            ("INSERT INTO dbo.network_arrays (network, kind, [key], dtype, shape, data) VALUES (?, ?, ?, ?, ?, ?)",
+             [(name, kind, key, *encode_array(a)) for kind, group in arrays.items() for key, a in group.items()]),
+        ])
 
 
 def _multirows(sql: str) -> bool:

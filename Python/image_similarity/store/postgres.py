@@ -16,7 +16,8 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..backbones import BACKBONES
-from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array
+from .base import (EvaluationRecord, ImageRow, ModelRecord, NetworkRecord, NewImage, Store, StoreError, decode_array,
+                   encode_array, network_name)
 from .pgdrivers import Plpy, Psycopg
 
 SCHEMA = """
@@ -127,6 +128,26 @@ CREATE TABLE IF NOT EXISTS neighbors (
     neighbor_id bigint NOT NULL REFERENCES images (id) ON DELETE CASCADE,
     score double precision NOT NULL,
     PRIMARY KEY (image_id, backbone, method, model_version, rank)
+);
+-- issue 14: refined networks and their arrays (weights, and the resumable training state while training)
+CREATE TABLE IF NOT EXISTS networks (
+    name text PRIMARY KEY,
+    base text NOT NULL,
+    version integer NOT NULL,
+    status text NOT NULL CHECK (status IN ('training', 'ready')),
+    params jsonb NOT NULL,
+    metrics jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (base, version)
+);
+CREATE TABLE IF NOT EXISTS network_arrays (
+    network text NOT NULL REFERENCES networks (name) ON DELETE CASCADE,
+    kind text NOT NULL,
+    key text NOT NULL,
+    dtype text NOT NULL,
+    shape text NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (network, kind, key)
 );
 """
 
@@ -416,3 +437,34 @@ class PostgresStore(Store):
             "SELECT n.rank, n.neighbor_id, i.name, i.label, n.score FROM neighbors n JOIN images i"
             " ON i.id = n.neighbor_id WHERE n.image_id = %s AND n.backbone = %s AND n.method = %s"
             " AND n.model_version = %s ORDER BY n.rank", (int(image_id), backbone, method, int(model_version)))]
+
+    # refined networks (issue 14)
+    def create_network(self, base: str, params: dict[str, Any]) -> NetworkRecord:
+        with self.db.transaction():
+            (version,) = self._one("SELECT COALESCE(MAX(version), 0) + 1 FROM networks WHERE base = %s", base)
+            name = network_name(base, int(version))
+            (created,) = self._one("INSERT INTO networks (name, base, version, status, params, metrics)"
+                                   " VALUES (%s, %s, %s, 'training', %s::jsonb, '{}') RETURNING created_at::text",
+                                   name, base, int(version), json.dumps(params))
+        return NetworkRecord(name, base, int(version), "training", params, {}, created)
+
+    def networks(self) -> list[NetworkRecord]:
+        rows = self.db.query("SELECT name, base, version, status, params::text, metrics::text, created_at::text"
+                             " FROM networks ORDER BY base, version")
+        return [NetworkRecord(n, b, int(v), s, json.loads(p), json.loads(m), c) for n, b, v, s, p, m, c in rows]
+
+    def network_arrays(self, name: str, kind: str) -> dict[str, tuple[str, str, bytes]]:
+        rows = self.db.query("SELECT key, dtype, shape, data FROM network_arrays WHERE network = %s AND kind = %s"
+                             " ORDER BY key", (name, kind))
+        return {key: (dtype, shape, bytes(data)) for key, dtype, shape, data in rows}
+
+    def put_network(self, name: str, status: str, metrics: dict[str, Any],
+                    arrays: dict[str, dict[str, np.ndarray]], drop: Sequence[str] = ()) -> None:
+        with self.db.transaction():
+            self.db.query("UPDATE networks SET status = %s, metrics = %s::jsonb WHERE name = %s",
+                          (status, json.dumps(metrics), name))
+            for kind in [*arrays, *drop]:
+                self.db.query("DELETE FROM network_arrays WHERE network = %s AND kind = %s", (name, kind))
+            self.db.query_many(
+                "INSERT INTO network_arrays (network, kind, key, dtype, shape, data) VALUES (%s, %s, %s, %s, %s, %s)",
+                [(name, kind, key, *encode_array(a)) for kind, group in arrays.items() for key, a in group.items()])

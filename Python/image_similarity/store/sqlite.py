@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError, decode_array, encode_array
+from .base import (EvaluationRecord, ImageRow, ModelRecord, NetworkRecord, NewImage, Store, StoreError, decode_array,
+                   encode_array, network_name)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -122,6 +123,26 @@ CREATE TABLE IF NOT EXISTS neighbors (
     neighbor_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
     score REAL NOT NULL,
     PRIMARY KEY (image_id, backbone, method, model_version, rank)
+);
+-- issue 14: refined networks and their arrays (weights, and the resumable training state while training)
+CREATE TABLE IF NOT EXISTS networks (
+    name TEXT PRIMARY KEY,
+    base TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('training', 'ready')),
+    params TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (base, version)
+);
+CREATE TABLE IF NOT EXISTS network_arrays (
+    network TEXT NOT NULL REFERENCES networks (name) ON DELETE CASCADE,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (network, kind, key)
 );
 """
 
@@ -373,7 +394,7 @@ class SQLiteStore(Store):
     # neighbors
     def put_neighbors(self, backbone: str, method: str, model_version: int,
                       rows: Sequence[tuple[int, int, int, float]]) -> None:
-        with self.conn:
+        with self._writing():
             self.conn.executemany(
                 "INSERT INTO neighbors (image_id, backbone, method, model_version, rank, neighbor_id, score)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -385,7 +406,7 @@ class SQLiteStore(Store):
             (backbone, method, int(model_version)))}
 
     def delete_neighbors(self, backbone: str, method: str, model_version: int) -> None:
-        with self.conn:
+        with self._writing():
             self.conn.execute("DELETE FROM neighbors WHERE backbone = ? AND method = ? AND model_version = ?",
                               (backbone, method, int(model_version)))
 
@@ -396,3 +417,35 @@ class SQLiteStore(Store):
             " ON i.id = n.neighbor_id WHERE n.image_id = ? AND n.backbone = ? AND n.method = ?"
             " AND n.model_version = ? ORDER BY n.rank",
             (int(image_id), backbone, method, int(model_version))).fetchall()
+
+    # refined networks (issue 14)
+    def create_network(self, base: str, params: dict[str, Any]) -> NetworkRecord:
+        with self._writing():
+            (version,) = self.conn.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM networks WHERE base = ?",
+                                           (base,)).fetchone()
+            name, created = network_name(base, version), _now()
+            self.conn.execute("INSERT INTO networks (name, base, version, status, params, metrics, created_at)"
+                              " VALUES (?, ?, ?, 'training', ?, '{}', ?)", (name, base, version, json.dumps(params),
+                                                                            created))
+        return NetworkRecord(name, base, version, "training", params, {}, created)
+
+    def networks(self) -> list[NetworkRecord]:
+        rows = self.conn.execute("SELECT name, base, version, status, params, metrics, created_at FROM networks"
+                                 " ORDER BY base, version").fetchall()
+        return [NetworkRecord(n, b, v, s, json.loads(p), json.loads(m), c) for n, b, v, s, p, m, c in rows]
+
+    def network_arrays(self, name: str, kind: str) -> dict[str, tuple[str, str, bytes]]:
+        rows = self.conn.execute("SELECT key, dtype, shape, data FROM network_arrays WHERE network = ? AND kind = ?"
+                                 " ORDER BY key", (name, kind))
+        return {key: (dtype, shape, bytes(data)) for key, dtype, shape, data in rows}
+
+    def put_network(self, name: str, status: str, metrics: dict[str, Any],
+                    arrays: dict[str, dict[str, np.ndarray]], drop: Sequence[str] = ()) -> None:
+        with self._writing():
+            self.conn.execute("UPDATE networks SET status = ?, metrics = ? WHERE name = ?",
+                              (status, json.dumps(metrics), name))
+            for kind in [*arrays, *drop]:
+                self.conn.execute("DELETE FROM network_arrays WHERE network = ? AND kind = ?", (name, kind))
+            self.conn.executemany(
+                "INSERT INTO network_arrays (network, kind, key, dtype, shape, data) VALUES (?, ?, ?, ?, ?, ?)",
+                [(name, kind, key, *encode_array(a)) for kind, group in arrays.items() for key, a in group.items()])
