@@ -264,7 +264,7 @@ def test_routines_are_one_call_into_the_package():
     sql = (pgserver.REPO / "SQLR" / "postgres" / "02_Routines.sql").read_text()
     routines = re.findall(r"CREATE OR REPLACE (?:FUNCTION|PROCEDURE) image_similarity\.(\w+)\((.*?)\)\n.*?"
                           r"AS \$\$\n(.*?)\$\$;", sql, re.DOTALL)
-    assert len(routines) == 9
+    assert len(routines) == 10  # 8 steps, compute_neighbors (issue 17), refine_model (issue 14)
     inputs = {}
     for name, params, body in routines:
         declared = [p.split() for p in params.split(",") if p.strip()]

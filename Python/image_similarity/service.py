@@ -35,6 +35,10 @@ class SerialFeaturizer:
     def device(self):
         return self.inner.device
 
+    @property
+    def precision(self) -> str:
+        return self.inner.precision
+
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         with self.lock:
             return self.inner.features(images)

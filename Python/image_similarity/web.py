@@ -11,11 +11,14 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, Security, UploadFile
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
@@ -167,7 +170,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
 
     `featurizer` must use the model's backbone (or any backbone with features in the store when there is no
     model). One store connection serves every request thread, under a lock. Catalogue writes need `api_key`
-    (sent as `Authorization: Bearer KEY`); without one they answer 403. `protect_reads`: reads need it too.
+    (sent as `Authorization: Bearer KEY`); without one they answer 401 (no credentials) or 403. `protect_reads`: reads need it too.
     Images added here are featurized in the background when `featurize_added`, on a connection to `db`.
     """
     if protect_reads and not api_key:
@@ -182,14 +185,14 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
                                 headers={"WWW-Authenticate": "Bearer"})
 
     def can_write(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
-        if not api_key:
-            raise HTTPException(403, f"catalogue writes are off: the operator set no API key ({API_KEY_ENV} or "
-                                     "--api-key-file)")
+        if not api_key:  # 401 without credentials (as for any missing key), 403 with some: nobody may write
+            raise HTTPException(401 if credentials is None else 403,
+                                f"catalogue writes are off: the operator set no API key ({API_KEY_ENV} or "
+                                "--api-key-file)", headers={"WWW-Authenticate": "Bearer"} if credentials is None else None)
         check_key(credentials)
 
     def can_read(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
-        if protect_reads:
-            check_key(credentials)
+        check_key(credentials)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -201,8 +204,18 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
                   description="Upload an image; get the most similar catalogue images back. Catalogue writes "
                               "need the operator's API key as a Bearer token.")
     app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_OVERHEAD)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        """As FastAPI answers, but a 405's Allow header names the methods of every route on the path (Starlette's
+        names only the first route's, e.g. GET without the DELETE of /api/images/{id})."""
+        if err.status_code == 405:
+            allowed = {m for route in app.router.routes if isinstance(route, APIRoute)
+                       and route.path_regex.fullmatch(request.url.path) for m in route.methods}
+            err.headers = {**(err.headers or {}), "Allow": ", ".join(sorted(allowed))}
+        return await http_exception_handler(request, err)
     app.state.service = service
-    reads = [Depends(can_read)]
+    reads = [Depends(can_read)] if protect_reads else []  # open reads declare no security in the schema
     denied = {401: {"description": "no valid API key"}, 403: {"description": "writes are off: no API key is set"}}
 
     def read_upload(file: UploadFile) -> bytes:
