@@ -30,7 +30,7 @@ BEGIN
     DECLARE @best_method nvarchar(16) = CASE WHEN ISJSON(@summary) = 1 THEN JSON_VALUE(@summary, N'$.best_method') END;
     SET @used_method = CASE WHEN @method <> N'' THEN @method
                             WHEN @best_method IN (N'l2', N'cosine', N'scores', N'learned') THEN @best_method
-                            ELSE N'learned' END;
+                            ELSE N'scores' END;  -- rank.default_method: scores for a model not evaluated yet
     SELECT @backbone = backbone, @classes = classes, @model_params = params
     FROM dbo.models WHERE version = @model_version;
     IF NOT EXISTS (SELECT 1 FROM dbo.features WHERE backbone = @backbone)

@@ -1,6 +1,6 @@
 -- ComputeNeighbors (issue 17): the top @top most similar catalogue images of every catalogue image (never an
 -- image itself or its near duplicates), stored in dbo.neighbors; images already stored are skipped, so a repeated
--- call adds nothing. @method '' means the latest evaluation's best method (learned with a model and no
+-- call adds nothing. @method '' means the latest evaluation's best method (scores with a model and no
 -- evaluation, cosine without a model); @refresh = 1 first removes this backbone's and method's rows.
 -- Conventions: see SQLR/04_FeaturizeImages.sql. One image's list is one query:
 --   SELECT n.rank, n.neighbor_id, i.name, n.score FROM dbo.neighbors AS n JOIN dbo.images AS i
@@ -29,7 +29,7 @@ BEGIN
     IF @method = N''
         SET @method = CASE WHEN @model_version IS NULL THEN N'cosine' ELSE COALESCE((
             SELECT TOP (1) NULLIF(JSON_VALUE(summary, N'$.best_method'), N'') FROM dbo.evaluations
-            WHERE model_version = @model_version ORDER BY id DESC), N'learned') END;
+            WHERE model_version = @model_version ORDER BY id DESC), N'scores') END;
     IF @method IN (N'scores', N'learned') AND @model_version IS NULL
         THROW 50113, N'ComputeNeighbors: this method needs a model trained on the backbone; run TrainModel first.', 1;
     IF NOT EXISTS (SELECT 1 FROM dbo.features WHERE backbone = @backbone)

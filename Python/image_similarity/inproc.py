@@ -195,7 +195,7 @@ def _catalogue(frame: pd.DataFrame, backbone: str, model: SimilarityModel | None
 
 
 def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes: str, params: str, version: int,
-                    top: int = 10, method: str = "learned") -> tuple[str, str]:
+                    top: int = 10, method: str = "scores") -> tuple[str, str]:
     """Catalogue rows (image_id, name, label, sha256, dhash, data hex) and the model's arrays plus a query image ->
     (the top rows as a JSON list of {rank, image_id, score}, the method used). The procedure resolves `method`."""
     catalogue = _catalogue(frame, backbone, _model(frame, backbone, classes, params, version))
