@@ -54,3 +54,8 @@ def postgres() -> None:
     import pgserver
 
     require("PostgreSQL 15 with PL/Python and pgvector (bash .ci/postgres installs them)", pgserver.missing())
+
+
+def java() -> None:
+    """The Java runtime that PySpark's local Spark runs on."""
+    require("Java 17 for Spark (apt-get install openjdk-17-jre-headless)", missing_programs("java"))

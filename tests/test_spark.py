@@ -7,19 +7,19 @@ the tests are skipped with the reason, except in CI, where they fail.
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 from pathlib import Path
 
+import needs
 import numpy as np
 import pytest
+from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 
 from image_similarity import cli, spark
 from image_similarity.featurize import featurize
 from image_similarity.ingest import ingest
 from image_similarity.neighbors import neighbors
 from image_similarity.store import SQLiteStore, StoreError, connect
-from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 
 BACKBONE = "efficientnet_lite0"
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def session():
-    reason = None if shutil.which("java") else "no Java (apt-get install openjdk-17-jre-headless)"
-    if reason and os.environ.get("CI"):
-        pytest.fail(f"the Spark tests must run in CI: {reason}")
-    if reason:
-        pytest.skip(reason)
+    needs.java()
     session = spark.session("local[2,2]", {"spark.ui.enabled": "false"})
     yield session
     session.stop()
