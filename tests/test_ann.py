@@ -6,6 +6,7 @@ import pytest
 
 from image_similarity import ann, rank
 from image_similarity.dedup import hamming, hamming_matrix, hamming_to, packed_hashes
+from image_similarity.errors import Unavailable
 from image_similarity.rank import Catalogue
 from image_similarity.store import SQLiteStore
 
@@ -75,7 +76,7 @@ def test_auto_switches_to_hnsw_above_the_threshold(full_db, monkeypatch):
     monkeypatch.setattr(ann, "available", lambda: False)  # without faiss: auto stays exact, hnsw is an error
     catalogue.index = "auto"
     assert not catalogue.approximate("l2")
-    with pytest.raises(ImportError, match=r"pip install 'image-similarity\[ann\]'"):
+    with pytest.raises(Unavailable, match=r"pip install 'image-similarity\[ann\]'"):
         Catalogue(catalogue.ids, catalogue.names, list(catalogue.labels), list(catalogue.sha256),
                   catalogue.dhashes, catalogue.features, index="hnsw")
     with pytest.raises(ValueError, match="unknown index 'ivf'"):

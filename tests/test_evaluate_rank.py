@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 from image_similarity.dedup import NEAR_DUPLICATE_DISTANCE, hamming
+from image_similarity.errors import NotReady
 from image_similarity.evaluate import draw_candidates, positive_ranks, retrieval_metrics
 from image_similarity.images import BadImageError
 from image_similarity.rank import METHODS, TIE_BREAK, Catalogue, rank
-from image_similarity.store import SQLiteStore, StoreError
+from image_similarity.store import SQLiteStore
 from image_similarity.train import load_model
 
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433  # the CNTK tutorial on the same 3 classes, the same protocol
@@ -151,6 +152,6 @@ def test_rank_errors_are_clear(full_copy, featurizer, tmp_path, small_dir):
             rank(store, b"GIF89a not really", featurizer)
         with pytest.raises(ValueError, match="unknown ranking method"):
             rank(store, store.image_bytes(1), featurizer, method="nearest")
-    with SQLiteStore(tmp_path / "empty.sqlite") as empty, pytest.raises(StoreError, match="empty catalogue"):
+    with SQLiteStore(tmp_path / "empty.sqlite") as empty, pytest.raises(NotReady, match="empty catalogue"):
         rank(empty, (small_dir / "dotted" / sorted((small_dir / "dotted").iterdir())[0].name).read_bytes(),
              featurizer)

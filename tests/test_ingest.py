@@ -7,6 +7,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from image_similarity.errors import NotFound
 from image_similarity.ingest import ingest
 from image_similarity.store import SQLiteStore
 
@@ -83,5 +84,5 @@ def test_hostile_names_are_stored_verbatim(store, tmp_path):
 
 
 def test_missing_folder_is_a_clear_error(store, tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(NotFound, match="not a folder"):
         ingest(store, tmp_path / "nope", progress=False)

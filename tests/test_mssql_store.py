@@ -14,6 +14,7 @@ import sqlglot
 
 from image_similarity import cli
 from image_similarity import store as stores
+from image_similarity.errors import NotReady
 from image_similarity.sqlcontext import PROCEDURES, call
 from image_similarity.store import EvaluationRecord, ModelRecord, NewImage, StoreError, connect
 from image_similarity.store.mssql import ODBC_DRIVER, PASSWORD_ENV, MSSQLStore, connection_string
@@ -102,7 +103,7 @@ def test_every_statement_is_tsql_with_bound_values():
     for read in (store.images, store.rejected, store.split, store.feature_counts, store.evaluation,
                  lambda: store.features("b"), lambda: list(store.missing_features("b", 8))):
         read()
-    with pytest.raises(StoreError, match="no trained model"):
+    with pytest.raises(NotReady, match="no trained model"):
         store.model()
     assert len(conn.sent) >= 20
     for sql, params in conn.sent:

@@ -6,18 +6,19 @@ import numpy as np
 import psycopg
 import pytest
 import sqlglot
+import test_sqlserver
 from fastapi.testclient import TestClient
 from test_mssql_store import Recorder
 from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
-import test_sqlserver
 from tsql import SqlError
 
 from image_similarity import cli
+from image_similarity.errors import NotReady
 from image_similarity.featurize import featurize
 from image_similarity.ingest import ingest
 from image_similarity.neighbors import neighbors
 from image_similarity.rank import METHODS, Catalogue
-from image_similarity.store import SQLiteStore, StoreError, connect
+from image_similarity.store import SQLiteStore, connect
 from image_similarity.store.mssql import MSSQLStore
 from image_similarity.train import load_model
 from image_similarity.web import create_app
@@ -99,7 +100,7 @@ def test_cli_web_and_errors(full_copy, featurizer, capsys):
         assert body["matches"][0]["url"] == f"/api/images/{expected[0][1]}" and body["method"] == "l2"
         missing = client.get("/api/images/9/neighbors?method=cosine")
         assert missing.status_code == 404 and "image-similarity neighbors" in missing.json()["detail"]
-    with pytest.raises(StoreError, match="needs a model"), SQLiteStore(full_copy.parent / "new.sqlite") as empty:
+    with pytest.raises(NotReady, match="needs a model"), SQLiteStore(full_copy.parent / "new.sqlite") as empty:
         neighbors(empty, BACKBONE, "learned", progress=False)
 
 

@@ -12,9 +12,10 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from image_similarity.cli import main
+from image_similarity.errors import NotReady
 from image_similarity.plots import CORRECT, WRONG, evaluation_figures, plt, ranking_plot
 from image_similarity.rank import rank
-from image_similarity.store import EvaluationRecord, SQLiteStore, StoreError
+from image_similarity.store import EvaluationRecord, SQLiteStore
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "Test Model.ipynb"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -98,12 +99,12 @@ def test_a_query_outside_the_catalogue_is_not_framed(full_copy, featurizer, samp
 
 
 def test_evaluation_figures_need_a_stored_evaluation_with_roc_points(full_copy, tmp_path):
-    with SQLiteStore(tmp_path / "empty.sqlite") as store, pytest.raises(StoreError, match="no evaluation stored"):
+    with SQLiteStore(tmp_path / "empty.sqlite") as store, pytest.raises(NotReady, match="no evaluation stored"):
         evaluation_figures(store)
     with SQLiteStore(full_copy) as store:
         summary = store.evaluation().summary
         assert {c: len(r["fpr"]) == len(r["tpr"]) > 2 for c, r in summary["roc"].items()} == dict.fromkeys(
             summary["classes"], True)
         store.put_evaluation(EvaluationRecord(model_version=1, summary={k: v for k, v in summary.items() if k != "roc"}))
-        with pytest.raises(StoreError, match="no ROC points: run 'image-similarity evaluate' again"):
+        with pytest.raises(NotReady, match="no ROC points: run 'image-similarity evaluate' again"):
             evaluation_figures(store)

@@ -19,12 +19,13 @@ from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL fixtur
 from test_sqlserver import procedures
 
 from image_similarity import cli, inproc
+from image_similarity.errors import NotReady
 from image_similarity.featurize import Featurizer, featurize
 from image_similarity.ingest import ingest
 from image_similarity.rank import rank
 from image_similarity.refine import Settings, load_refined, refine
 from image_similarity.split import split
-from image_similarity.store import SQLiteStore, StoreError, connect
+from image_similarity.store import SQLiteStore, connect
 from image_similarity.store.mssql import MSSQLStore
 from image_similarity.web import create_app
 
@@ -119,7 +120,7 @@ def test_an_interrupted_refine_resumes_after_its_last_finished_epoch(split_db, r
         (record,) = store.networks()
         assert record.status == "training" and len(record.metrics["history"]) == 1
         assert store.network_arrays(record.name, "state") and store.network_arrays(record.name, "optimizer")
-        with pytest.raises(StoreError, match="still training"):
+        with pytest.raises(NotReady, match="still training"):
             Featurizer(record.name, store=store)
         name = refine(store, BASE, epochs=2, progress=False, settings=FAST, on_epoch=lambda e, m: ran.append(e))
         assert name == record.name and ran == [2]

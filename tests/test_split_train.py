@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from image_similarity.dedup import dhash, near_duplicate_groups
+from image_similarity.errors import NotReady
 from image_similarity.images import decode_image
 from image_similarity.rank import Catalogue
 from image_similarity.split import split, split_images
-from image_similarity.store import ImageRow, SQLiteStore, StoreError
+from image_similarity.store import ImageRow, SQLiteStore
 from image_similarity.train import SimilarityModel, load_model, train
 
 
@@ -56,7 +57,7 @@ def test_no_near_duplicate_straddles_the_split(images, full_db):
 def test_bad_fraction_and_empty_store_are_clear_errors(images, tmp_path):
     with pytest.raises(ValueError, match="between 0 and 1"):
         split_images(images, test_fraction=1.5)
-    with SQLiteStore(tmp_path / "empty.sqlite") as store, pytest.raises(StoreError, match="no images"):
+    with SQLiteStore(tmp_path / "empty.sqlite") as store, pytest.raises(NotReady, match="no images"):
         split(store)
 
 
@@ -87,12 +88,12 @@ def test_training_needs_a_split_and_features(tmp_path, small_dir):
 
     with SQLiteStore(tmp_path / "db.sqlite") as store:
         ingest(store, small_dir, progress=False)
-        with pytest.raises(StoreError, match="split"):
+        with pytest.raises(NotReady, match="split"):
             train(store)
         split(store)
-        with pytest.raises(StoreError, match="featurize"):
+        with pytest.raises(NotReady, match="featurize"):
             train(store)
-        with pytest.raises(StoreError, match="no trained model"):
+        with pytest.raises(NotReady, match="no trained model"):
             load_model(store)
 
 
@@ -107,5 +108,5 @@ def test_a_model_stored_by_an_older_release_still_ranks_by_features(full_db):
     catalogue = Catalogue(catalogue_ids, [""] * len(X), ["x"] * len(X), [""] * len(X), ["0" * 64] * len(X), X, model)
     assert catalogue.similarity(X[0], "cosine")[0].argmax() == 0
     for method in ("scores", "learned"):
-        with pytest.raises(StoreError, match="run 'image-similarity train' again"):
+        with pytest.raises(NotReady, match="run 'image-similarity train' again"):
             catalogue.similarity(X[0], method)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import Unavailable
+
 MISSING = "approximate search needs faiss: pip install 'image-similarity[ann]' (faiss-cpu)"
 
 
@@ -23,7 +25,7 @@ class HNSWIndex:
         try:
             import faiss
         except ImportError as exc:
-            raise ImportError(MISSING) from exc
+            raise Unavailable(MISSING) from exc
         metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2
         self.index = faiss.IndexHNSWFlat(vectors.shape[1], links, metric)
         self.index.hnsw.efConstruction = ef_construction

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .errors import BadInput, Unavailable
+
 DEFAULT_BACKBONE = "efficientnet_lite0"
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,7 +68,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(Unavailable, FileNotFoundError):
     """The pretrained weights file of a backbone is not available locally."""
 
 
@@ -329,7 +331,7 @@ def _default_weights(spec: BackboneSpec) -> Path:
 
 def _spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+        raise BadInput(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
     return BACKBONES[name]
 
 
@@ -352,12 +354,12 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike | Non
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # not a zip/pickle file, or one holding more than tensors
-        raise ValueError(f"{path} is not a readable PyTorch weights file ({type(exc).__name__})") from exc
+        raise BadInput(f"{path} is not a readable PyTorch weights file ({type(exc).__name__})") from exc
     try:
         net.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as exc:  # missing/unexpected keys, shape mismatch, not a mapping
         detail = " ".join(str(exc).split("\n", 1)[-1].split())
-        raise ValueError(f"{path} does not hold {name} weights: {detail[:200]}") from exc
+        raise BadInput(f"{path} does not hold {name} weights: {detail[:200]}") from exc
     model = FeatureExtractor(spec, net).to(memory_format=torch.channels_last).eval()
     model.requires_grad_(False)
     return model

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import __version__
 from .backbones import BACKBONES, DEFAULT_BACKBONE
+from .errors import BadInput
 from .precision import PRECISIONS
 from .rank import ANN_THRESHOLD, INDEXES, METHODS
 
@@ -290,7 +291,7 @@ def cmd_rank(store, args) -> None:
     model = load_model(store, args.model_version) if args.model_version else latest_model(store)
     if model and args.backbone and args.backbone != model.backbone:  # rank on other features, without the model
         if args.method in ("scores", "learned") or args.model_version:
-            raise ValueError(f"model version {model.version} uses {model.backbone} features, not {args.backbone}")
+            raise BadInput(f"model version {model.version} uses {model.backbone} features, not {args.backbone}")
         model = None
     data = args.query.read_bytes()
     result = rank(store, data, _featurizer(args, model.backbone if model else None, store),
@@ -338,8 +339,8 @@ def cmd_neighbors(store, args) -> None:
 
 def cmd_spark(store, args) -> None:
     """Run featurize or neighbors on Spark (--context spark): tasks open the --db store themselves."""
-    from .store import DEFAULT_DB
     from . import spark
+    from .store import DEFAULT_DB
 
     db = str(args.db or DEFAULT_DB)
     spark.check_store(db, args.master)
@@ -445,7 +446,7 @@ def cmd_serve(store, args) -> None:
 
     key = _api_key(args.api_key_file, API_KEY_ENV)
     if args.protect_reads and not key:
-        raise ValueError(f"--protect-reads needs an API key: set {API_KEY_ENV} or --api-key-file")
+        raise BadInput(f"--protect-reads needs an API key: set {API_KEY_ENV} or --api-key-file")
     model = latest_model(store)
     app = create_app(store, _featurizer(args, model.backbone if model else None, store), api_key=key,
                      protect_reads=args.protect_reads, reload_interval=args.reload_interval,
@@ -460,9 +461,9 @@ def _api_key(path: Path | None, env: str) -> str | None:
     try:
         key = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read the API key file {path}: {getattr(err, 'strerror', None) or err}") from None
+        raise BadInput(f"cannot read the API key file {path}: {getattr(err, 'strerror', None) or err}") from None
     if not key:
-        raise ValueError(f"the API key file {path} is empty")
+        raise BadInput(f"the API key file {path} is empty")
     return key
 
 
@@ -516,16 +517,16 @@ SPARK_STEPS = ("featurize", "neighbors")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .backbones import WeightsNotFoundError
+    from .errors import ImageSimilarityError
     from .images import BadImageError
-    from .store import DEFAULT_DB, StoreError, connect
+    from .store import DEFAULT_DB, connect
 
     args = build_parser().parse_args(argv)
     try:
         with connect(args.db or DEFAULT_DB) as store:
             sql = args.context == "sql" and args.command in SQL_STEPS
             if args.context == "spark" and args.command not in SPARK_STEPS:
-                raise ValueError(f"--context spark runs {' and '.join(SPARK_STEPS)}, not {args.command}")
+                raise BadInput(f"--context spark runs {' and '.join(SPARK_STEPS)}, not {args.command}")
             (cmd_sql if sql else cmd_spark if args.context == "spark" else COMMANDS[args.command])(store, args)
     except KeyboardInterrupt:
         print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
@@ -533,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadImageError as err:
         print(f"image-similarity: error: {getattr(args, 'query', '')}: {err}", file=sys.stderr)
         return 1
-    except (StoreError, WeightsNotFoundError, ValueError, OSError, ImportError) as err:
+    except (ImageSimilarityError, ValueError, OSError, ImportError) as err:
         print(f"image-similarity: error: {err}", file=sys.stderr)
         return 1
     return 0

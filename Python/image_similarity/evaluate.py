@@ -14,8 +14,9 @@ import numpy as np
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_curve
 
 from .dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
+from .errors import NotReady
 from .rank import METHODS, Catalogue
-from .store import EvaluationRecord, Store, StoreError
+from .store import EvaluationRecord, Store
 from .train import SimilarityModel, load_model
 
 N_NEGATIVES = 100
@@ -117,7 +118,7 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
     for subset in ("train", "test"):
         ids, X = store.features(model.backbone, [i for i, s in subsets.items() if s == subset and i in rows])
         if len(ids) == 0:
-            raise StoreError(f"no featurized {subset} images for {model.backbone!r}: run split and featurize first")
+            raise NotReady(f"no featurized {subset} images for {model.backbone!r}: run split and featurize first")
         data[subset] = (ids, X, np.array([rows[int(i)].label for i in ids]))
     record, results, curves = evaluate_data(model, data, {i: r.dhash for i, r in rows.items()}, seed)
     summary = record.summary

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .dedup import dhash
+from .errors import BadInput
 
 MAX_FILE_BYTES: int = 64 * 1024 * 1024
 MAX_PIXELS: int = 64_000_000
@@ -18,7 +19,7 @@ MAX_PIXELS: int = 64_000_000
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
-class BadImageError(ValueError):
+class BadImageError(BadInput):
     """The bytes are not a usable image.
 
     ``str(err)`` is a short human-readable reason starting with one of: "empty file", "not an image",

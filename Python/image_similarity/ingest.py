@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .errors import NotFound
 from .images import MAX_FILE_BYTES, BadImageError, inspect_image
 from .store import NewImage, Store
 
@@ -78,7 +79,7 @@ def ingest(store: Store, folder: str | Path, progress: bool = True) -> IngestRep
     """Ingest every image under `folder`; bad files are skipped and recorded, never fatal. Safe to re-run."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"not a folder: {folder}")
+        raise NotFound(f"not a folder: {folder}")
     report = IngestReport()
     for name, label, path in tqdm(class_files(folder), desc="ingest", unit="file", disable=not progress):
         image_id, reason = ingest_one(store, name, label, path)

@@ -15,8 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .dedup import NEAR_DUPLICATE_DISTANCE, _distances, _signs
+from .errors import BadInput, NotReady
 from .rank import METHODS, Catalogue, _best, latest_model
-from .store import Store, StoreError
+from .store import Store
 from .train import SimilarityModel
 
 DEFAULT_K = 10
@@ -111,13 +112,13 @@ def check(store: Store, backbone: str, method: str, k: int,
           model: SimilarityModel | None) -> tuple[SimilarityModel | None, int]:
     """The model the method uses (None for l2 and cosine) and the version its rows are stored under."""
     if method not in METHODS:
-        raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
+        raise BadInput(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
     if k < 1:
-        raise ValueError(f"--top must be at least 1, got {k}")
+        raise BadInput(f"--top must be at least 1, got {k}")
     if method in ("l2", "cosine"):
         return None, 0
     if model is None or model.backbone != backbone:
-        raise StoreError(f"method {method!r} needs a model trained on {backbone}: run 'image-similarity train' first")
+        raise NotReady(f"method {method!r} needs a model trained on {backbone}: run 'image-similarity train' first")
     return model, model.version
 
 

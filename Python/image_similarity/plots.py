@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import NotReady
 from .images import decode_image
 from .rank import Match, RankResult
-from .store import Store, StoreError
+from .store import Store
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
 
@@ -81,10 +82,10 @@ def evaluation_figures(store: Store, model_version: int | None = None) -> dict[s
     """Redraw the confusion, ROC and ranking figures of the latest stored evaluation (of a model version)."""
     evaluation = store.evaluation(model_version)
     if evaluation is None:
-        raise StoreError("no evaluation stored: run 'image-similarity evaluate' first")
+        raise NotReady("no evaluation stored: run 'image-similarity evaluate' first")
     summary = evaluation.summary
     if "roc" not in summary:
-        raise StoreError(f"evaluation {evaluation.id} has no ROC points: run 'image-similarity evaluate' again")
+        raise NotReady(f"evaluation {evaluation.id} has no ROC points: run 'image-similarity evaluate' again")
     classes = summary["classes"]
     matrix = np.zeros((len(classes), len(classes)), dtype=int)
     for subset, true, predicted, count in evaluation.confusion:

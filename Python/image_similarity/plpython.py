@@ -14,10 +14,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .backbones import DEFAULT_BACKBONE, WeightsNotFoundError
+from .backbones import DEFAULT_BACKBONE
+from .errors import ImageSimilarityError
 from .featurize import Featurizer, featurize
-from .images import BadImageError
-from .store.base import StoreError
 from .store.postgres import PostgresStore
 
 FEATURIZERS: dict[str, Featurizer] = {}
@@ -38,7 +37,7 @@ def _clear_errors(function: Callable) -> Callable:
     def wrapper(plpy: Any, *args: Any) -> Any:
         try:
             return function(plpy, *args)
-        except (StoreError, BadImageError, WeightsNotFoundError, ValueError) as err:
+        except (ImageSimilarityError, ValueError) as err:
             plpy.error(f"image_similarity: {err}")
 
     return wrapper

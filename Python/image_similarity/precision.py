@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import BadInput
 from .machine import best_times, measured_choice
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -18,7 +19,7 @@ MIN_SPEEDUP = 1.3
 def resolve(requested: str, device: torch.device) -> str:
     """The concrete precision ("fp32", "bf16" or "fp16") that `requested` (one of PRECISIONS) means on `device`."""
     if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}: choose from {', '.join(PRECISIONS)}")
+        raise BadInput(f"unknown precision {requested!r}: choose from {', '.join(PRECISIONS)}")
     if requested != "auto":
         return requested
     if device.type == "cuda":

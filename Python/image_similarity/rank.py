@@ -8,9 +8,10 @@ import numpy as np
 
 from . import ann
 from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
+from .errors import BadInput, NotReady, Unavailable
 from .halfscan import HalfMatrix, scan_kernel
 from .images import decode_image
-from .store import Store, StoreError
+from .store import Store
 from .train import SimilarityModel, l2_normalize, load_model
 
 METHODS = ("l2", "cosine", "scores", "learned")
@@ -57,9 +58,9 @@ class Catalogue:
                  dhashes: list[str], features: np.ndarray, model: SimilarityModel | None = None,
                  index: str = "auto") -> None:
         if index not in INDEXES:
-            raise ValueError(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
+            raise BadInput(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
         if index == "hnsw" and not ann.available():
-            raise ImportError(ann.MISSING)
+            raise Unavailable(ann.MISSING)
         self.ids, self.names, self.labels = ids, names, np.asarray(labels)
         self.sha256, self.dhashes = np.asarray(sha256), list(dhashes)
         self.packed_dhashes = packed_hashes(self.dhashes)
@@ -85,7 +86,7 @@ class Catalogue:
         rows = {im.id: im for im in store.images()}
         found, X = store.features(backbone, ids)
         if len(found) == 0:
-            raise StoreError(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
+            raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
         meta = [rows[int(i)] for i in found]
         return cls(found, [m.name for m in meta], [m.label for m in meta], [m.sha256 for m in meta],
                    [m.dhash for m in meta], X, model, index)
@@ -104,9 +105,9 @@ class Catalogue:
         if method == "cosine":
             return l2_normalize(queries), "unit"
         if method not in METHODS:
-            raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
+            raise BadInput(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
         if self.model is None:
-            raise StoreError(f"method {method!r} needs a trained model: run 'image-similarity train' first")
+            raise NotReady(f"method {method!r} needs a trained model: run 'image-similarity train' first")
         if method == "scores":  # P(same class) + TIE_BREAK * cosine, as one inner product
             return np.hstack([self.model.probabilities(queries), TIE_BREAK * l2_normalize(queries)]), "evidence"
         return l2_normalize(self.model.embed(queries)), "embedded"
@@ -220,7 +221,7 @@ def database_search(store: Store, backbone: str, vector: np.ndarray, method: str
     """l2/cosine matches ranked by the store's database (pgvector), without the query and its near twins;
     None when the store leaves ranking to the engine. `index` as in INDEXES (auto: the database's index if any)."""
     if index not in INDEXES:
-        raise ValueError(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
+        raise BadInput(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
     rows = store.images()
     near = hamming_to(query_dhash, packed_hashes([r.dhash for r in rows])) <= NEAR_DUPLICATE_DISTANCE
     exclude = [r.id for r, twin in zip(rows, near) if twin or r.sha256 == sha256]
@@ -228,7 +229,7 @@ def database_search(store: Store, backbone: str, vector: np.ndarray, method: str
     if found is None:
         return None
     if not found and not store.feature_counts().get(backbone):
-        raise StoreError(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
+        raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
     meta = {r.id: r for r in rows}
     return [Match(k + 1, i, meta[i].name, meta[i].label, score) for k, (i, score) in enumerate(found)]
 
@@ -253,7 +254,7 @@ def latest_model(store: Store) -> SimilarityModel | None:
     """The latest trained model, or None when there is none yet."""
     try:
         return load_model(store)
-    except StoreError:
+    except NotReady:
         return None
 
 
@@ -278,7 +279,7 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
     `index` chooses how the loaded catalogue is searched.
     """
     if top < 1:
-        raise ValueError(f"--top must be at least 1, got {top}")
+        raise BadInput(f"--top must be at least 1, got {top}")
     image = decode_image(data)
     if catalogue is None:
         model = model or latest_model(store)
@@ -287,10 +288,10 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
     else:
         model = catalogue.model
     if model is not None and model.backbone != featurizer.backbone:
-        raise ValueError(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
+        raise BadInput(f"the model uses {model.backbone} features but the featurizer is {featurizer.backbone}")
     method = method or default_method(store, model)
     if method not in METHODS:
-        raise ValueError(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
+        raise BadInput(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
     vector = featurizer.features([image])[0]
     sha = hashlib.sha256(data).hexdigest()
     matches = None

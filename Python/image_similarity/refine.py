@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from . import precision as precisions
 from .backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, build_network, load_backbone
+from .errors import BadInput, NotReady
 from .images import BadImageError, decode_image
 from .split import split_images
 from .store import Store, StoreError
@@ -129,10 +130,10 @@ def _decode(name: str, kind: str, rows: dict[str, tuple[str, str, bytes]]) -> di
         try:
             dims = json.loads(shape)
             if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
-                raise ValueError(f"shape {shape!r}")
+                raise BadInput(f"shape {shape!r}")
             array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"network {name}: stored {kind} array {key!r} is corrupt ({err})") from None
+            raise BadInput(f"network {name}: stored {kind} array {key!r} is corrupt ({err})") from None
         tensors[key] = torch.from_numpy(array.copy())
     return tensors
 
@@ -142,18 +143,18 @@ def _load_strict(name: str, module: nn.Module, tensors: dict[str, torch.Tensor],
     expected = module.state_dict()
     if set(expected) != set(tensors):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"network {name}: stored {kind} do not fit {type(module.net).__name__}: "
+        raise BadInput(f"network {name}: stored {kind} do not fit {type(module.net).__name__}: "
                          f"missing {missing[:3]}, unexpected {extra[:3]}")
     for key, value in expected.items():
         if tensors[key].shape != value.shape or tensors[key].dtype != value.dtype:
-            raise ValueError(f"network {name}: stored {kind} array {key!r} is {tuple(tensors[key].shape)} "
+            raise BadInput(f"network {name}: stored {kind} array {key!r} is {tuple(tensors[key].shape)} "
                              f"{tensors[key].dtype}, expected {tuple(value.shape)} {value.dtype}")
     module.load_state_dict(tensors, strict=True)
 
 
 def _build(record: NetworkRecord) -> RefineNet:
     if record.base not in BACKBONES:
-        raise ValueError(f"network {record.name}: unknown base backbone {record.base!r}")
+        raise BadInput(f"network {record.name}: unknown base backbone {record.base!r}")
     return RefineNet(build_network(record.base), BACKBONES[record.base].dim, len(record.params["classes"]))
 
 
@@ -161,7 +162,7 @@ def load_refined(store: Store, name: str) -> FeatureExtractor:
     """A refined network from the store as a frozen feature extractor (eval mode, CPU), loaded strictly."""
     record = store.network(name)
     if record.status != "ready":
-        raise StoreError(f"network {name} is still training: run 'image-similarity refine' again to finish it")
+        raise NotReady(f"network {name} is still training: run 'image-similarity refine' again to finish it")
     module = _build(record)
     _load_strict(name, module, _decode(name, "weights", store.network_arrays(name, "weights")))
     spec = dataclasses.replace(BACKBONES[record.base], name=name)
@@ -174,11 +175,11 @@ def _training_images(store: Store) -> tuple[list, list[str]]:
     """(image rows of the training split, sorted class names)."""
     subsets = store.split()
     if not subsets:
-        raise StoreError("no train/test split: run 'image-similarity split' first")
+        raise NotReady("no train/test split: run 'image-similarity split' first")
     rows = [im for im in store.images() if subsets.get(im.id) == "train"]
     classes = sorted({im.label for im in rows})
     if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes in the training split to refine, found {len(classes)}")
+        raise BadInput(f"need at least 2 classes in the training split to refine, found {len(classes)}")
     return rows, classes
 
 
@@ -266,12 +267,12 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     is called after each epoch's checkpoint is committed (epochs count from 1).
     """
     if base not in BACKBONES:
-        raise ValueError(f"refine starts from a pretrained backbone ({', '.join(BACKBONES)}), not {base!r}")
+        raise BadInput(f"refine starts from a pretrained backbone ({', '.join(BACKBONES)}), not {base!r}")
     settings = settings or Settings()
     if epochs is not None:
         settings = dataclasses.replace(settings, epochs=epochs)
     if settings.epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {settings.epochs}")
+        raise BadInput(f"epochs must be at least 1, got {settings.epochs}")
     rows, classes = _training_images(store)
     params = {"base": base, "seed": seed, "classes": classes, "training_images": len(rows),
               "training_fingerprint": _fingerprint(rows), **dataclasses.asdict(settings)}

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .featurize import FeaturizeReport, Featurizer, featurize
-from .neighbors import (DEFAULT_K, DEFAULT_MEMORY, NeighborsReport, block_ranges, block_rows, check,
-                        store_blocks)
+from .errors import BadInput, NotReady, Unavailable
+from .featurize import Featurizer, FeaturizeReport, featurize
+from .neighbors import DEFAULT_K, DEFAULT_MEMORY, NeighborsReport, block_ranges, block_rows, check, store_blocks
 from .rank import Catalogue, latest_model
 from .store import Store, StoreError, connect
 from .train import load_model
@@ -46,7 +46,7 @@ def parse_conf(pairs: Iterable[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--conf takes KEY=VALUE, got {pair!r}")
+            raise BadInput(f"--conf takes KEY=VALUE, got {pair!r}")
         conf[key.strip()] = value
     return conf
 
@@ -63,7 +63,7 @@ def session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = None) ->
     try:
         from pyspark.sql import SparkSession
     except ImportError:
-        raise ImportError(MISSING) from None
+        raise Unavailable(MISSING) from None
     if master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.master(master).appName("image-similarity")
@@ -205,7 +205,7 @@ def neighbors_on_spark(spark: Any, db: str, backbone: str, method: str = "cosine
         _, version = check(store, backbone, method, k, model)
         n = store.feature_counts().get(backbone, 0)
         if not n:
-            raise StoreError(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
+            raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
         if refresh:
             store.delete_neighbors(backbone, method, version)
         before = len(store.neighbor_ids(backbone, method, version))

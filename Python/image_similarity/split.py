@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .dedup import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
-from .store import ImageRow, Store, StoreError
+from .errors import BadInput, NotReady
+from .store import ImageRow, Store
 
 
 def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: int = 0,
@@ -19,7 +20,7 @@ def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: 
     of its images in test, and keeps at least one group in training.
     """
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test fraction must be between 0 and 1, got {test_fraction}")
+        raise BadInput(f"test fraction must be between 0 and 1, got {test_fraction}")
     groups = near_duplicate_groups([im.dhash for im in images], max_distance)
     members: dict[int, list[ImageRow]] = defaultdict(list)
     for image, group in zip(images, groups):
@@ -48,7 +49,7 @@ def split(store: Store, test_fraction: float = 0.25, seed: int = 0) -> dict[str,
     """Split the stored images and save the split; return the count per subset."""
     images = store.images()
     if not images:
-        raise StoreError("no images stored: run 'image-similarity ingest DIR' first")
+        raise NotReady("no images stored: run 'image-similarity ingest DIR' first")
     subsets = split_images(images, test_fraction, seed)
     store.put_split(subsets, seed, test_fraction)
     return dict(Counter(subsets.values()))

@@ -14,7 +14,8 @@ from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, cross_va
 from sklearn.svm import LinearSVC
 
 from .dedup import near_duplicate_groups
-from .store import ModelRecord, Store, StoreError
+from .errors import BadInput, NotReady
+from .store import ModelRecord, Store
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 SHRINKAGE = 1.0
@@ -68,7 +69,7 @@ class SimilarityModel:
 
     def _require(self, part: Any, what: str) -> None:
         if part is None:
-            raise StoreError(f"model version {self.version} has no {what} (trained by an older release): "
+            raise NotReady(f"model version {self.version} has no {what} (trained by an older release): "
                              "run 'image-similarity train' again")
 
     def to_record(self) -> ModelRecord:
@@ -92,7 +93,7 @@ def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: S
     X = l2_normalize(X)
     classes = np.unique(y)
     if len(classes) < 2:
-        raise ValueError(f"need at least 2 classes to train, found {len(classes)}")
+        raise BadInput(f"need at least 2 classes to train, found {len(classes)}")
     min_count = min(np.sum(y == c) for c in classes)
     folds = max(2, min(folds, min_count))
     groups = groups if groups is not None else np.arange(len(y))
@@ -140,17 +141,17 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
     """Train on the training split's features and store the model as a new version."""
     subsets = store.split()
     if not subsets:
-        raise StoreError("no train/test split: run 'image-similarity split' first")
+        raise NotReady("no train/test split: run 'image-similarity split' first")
     counts = store.feature_counts()
     if backbone is None:
         if not counts:
-            raise StoreError("no features: run 'image-similarity featurize' first")
+            raise NotReady("no features: run 'image-similarity featurize' first")
         backbone = max(counts, key=counts.get)
     rows = {im.id: im for im in store.images()}
     train_ids = [i for i, s in subsets.items() if s == "train" and i in rows]
     ids, X = store.features(backbone, train_ids)
     if len(ids) == 0:
-        raise StoreError(f"no features for backbone {backbone!r} in the training split: run featurize first")
+        raise NotReady(f"no features for backbone {backbone!r} in the training split: run featurize first")
     model = fit_model(backbone, X, np.array([rows[i].label for i in ids]), [rows[i].dhash for i in ids], C, seed)
     model.version = store.put_model(model.to_record())
     return model

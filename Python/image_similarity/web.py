@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .images import BadImageError
+from .errors import BadInput, ImageSimilarityError, NotFound
 from .ingest import ingest_one
 from .rank import METHODS, rank
 from .service import SerialFeaturizer, Service, Snapshot
@@ -174,7 +174,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
     Images added here are featurized in the background when `featurize_added`, on a connection to `db`.
     """
     if protect_reads and not api_key:
-        raise ValueError("protecting reads needs an API key")
+        raise BadInput("protecting reads needs an API key")
     shared = SerialFeaturizer(featurizer)
     service = Service(store, shared, reload_interval, featurize_added, db)
     page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
@@ -245,7 +245,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         try:
             result = rank(store, data, shared, top=top, method=method or snapshot.method,
                           catalogue=snapshot.catalogue, name=name, save=False)
-        except (BadImageError, StoreError) as err:
+        except ImageSimilarityError as err:
             raise HTTPException(400, str(err)) from None
         return RankOut(query=name, method=result.method, backbone=result.backbone,
                        model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
@@ -259,7 +259,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         try:
             with service.store_lock:
                 data = store.image_bytes(image_id)
-        except StoreError:
+        except NotFound:
             raise HTTPException(404, f"no image with id {image_id}") from None
         return Response(data, media_type=content_type(data),
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})

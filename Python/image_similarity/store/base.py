@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import NotReady, StoreError
+
 
 @dataclass(frozen=True)
 class ImageRow:
@@ -119,10 +121,6 @@ def encode_array(array: np.ndarray) -> tuple[str, str, bytes]:
 def decode_array(dtype: str, shape: str, data: bytes) -> np.ndarray:
     """The array `encode_array` encoded."""
     return np.frombuffer(data, dtype=dtype).reshape(json.loads(shape)).copy()
-
-
-class StoreError(RuntimeError):
-    """A store cannot do what was asked (missing table contents, bad connection string, ...)."""
 
 
 class Store(abc.ABC):
@@ -270,7 +268,7 @@ class Store(abc.ABC):
         for record in self.networks():
             if record.name == name:
                 return record
-        raise StoreError(f"no network named {name!r}: run 'image-similarity refine' first")
+        raise NotReady(f"no network named {name!r}: run 'image-similarity refine' first")
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
                 approximate: bool | None = None) -> list[tuple[int, float]] | None:

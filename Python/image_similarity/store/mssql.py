@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 
+from ..errors import NotFound, NotReady
 from .base import (
     EvaluationRecord,
     ImageRow,
@@ -201,7 +202,7 @@ class MSSQLStore(Store):
     def image_bytes(self, image_id: int) -> bytes:
         rows = self._all("SELECT data FROM dbo.images WHERE id = ?", image_id)
         if not rows:
-            raise StoreError(f"no image with id {image_id}")
+            raise NotFound(f"no image with id {image_id}")
         return bytes(rows[0][0])
 
     def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:  # issue 18
@@ -279,7 +280,7 @@ class MSSQLStore(Store):
         rows = self._all(select + " ORDER BY version DESC") if version is None else \
             self._all(select + " WHERE version = ?", version)
         if not rows:
-            raise StoreError("no trained model: run 'image-similarity train' first" if version is None
+            raise NotReady("no trained model: run 'image-similarity train' first" if version is None
                              else f"no model version {version}")
         v, backbone, classes, params, created = rows[0]
         arrays = {name: decode_array(dtype, shape, bytes(data)) for name, dtype, shape, data in self._all(

@@ -16,8 +16,19 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..backbones import BACKBONES
-from .base import (EvaluationRecord, ImageRow, ModelRecord, NetworkRecord, NewImage, Store, StoreError, decode_array,
-                   encode_array, network_name)
+from ..errors import BadInput, NotFound, NotReady
+from .base import (
+    EvaluationRecord,
+    ImageRow,
+    ModelRecord,
+    NetworkRecord,
+    NewImage,
+    Store,
+    StoreError,
+    decode_array,
+    encode_array,
+    network_name,
+)
 from .pgdrivers import Plpy, Psycopg
 
 SCHEMA = """
@@ -164,10 +175,10 @@ def _vector(blob: bytes) -> np.ndarray:
 def _index_sql(backbone: str) -> tuple[str, str, str]:
     """(indexed expression, type, index name stem) for a known backbone: vector(dim), or halfvec above 2000."""
     if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}")
+        raise BadInput(f"unknown backbone {backbone!r}")
     dim = BACKBONES[backbone].dim
     if dim > HNSW_MAX_HALFVEC_DIM:
-        raise ValueError(f"{backbone} has {dim} dimensions: pgvector's HNSW index takes at most {HNSW_MAX_HALFVEC_DIM}")
+        raise BadInput(f"{backbone} has {dim} dimensions: pgvector's HNSW index takes at most {HNSW_MAX_HALFVEC_DIM}")
     kind = "vector" if dim <= HNSW_MAX_VECTOR_DIM else "halfvec"
     return f"(embedding::{kind}({dim}))", kind, f"features_{backbone}"
 
@@ -175,7 +186,7 @@ def _index_sql(backbone: str) -> tuple[str, str, str]:
 def _operator(method: str) -> tuple[str, str]:
     """pgvector's (distance operator, operator class suffix) of a ranking method."""
     if method not in OPERATORS:
-        raise ValueError(f"the database ranks by l2 or cosine, not {method!r}")
+        raise BadInput(f"the database ranks by l2 or cosine, not {method!r}")
     return OPERATORS[method]
 
 
@@ -259,7 +270,7 @@ class PostgresStore(Store):
     def image_bytes(self, image_id: int) -> bytes:
         row = self._one("SELECT data FROM images WHERE id = %s", int(image_id))
         if row is None:
-            raise StoreError(f"no image with id {image_id}")
+            raise NotFound(f"no image with id {image_id}")
         return bytes(row[0])
 
     def remove_image(self, image_id: int) -> bool:
@@ -369,7 +380,7 @@ class PostgresStore(Store):
         row = self._one("SELECT version, backbone, classes::text, params::text, created_at::text FROM models"
                         " WHERE %s::int IS NULL OR version = %s::int ORDER BY version DESC LIMIT 1", version, version)
         if row is None:
-            raise StoreError("no trained model: run 'image-similarity train' first" if version is None
+            raise NotReady("no trained model: run 'image-similarity train' first" if version is None
                              else f"no model version {version}")
         arrays = {name: decode_array(dtype, shape, bytes(data)) for name, dtype, shape, data in self.db.query(
             "SELECT name, dtype, shape, data FROM model_arrays WHERE version = %s", (row[0],))}

@@ -14,8 +14,19 @@ from typing import Any
 
 import numpy as np
 
-from .base import (EvaluationRecord, ImageRow, ModelRecord, NetworkRecord, NewImage, Store, StoreError, decode_array,
-                   encode_array, network_name)
+from ..errors import NotFound, NotReady
+from .base import (
+    EvaluationRecord,
+    ImageRow,
+    ModelRecord,
+    NetworkRecord,
+    NewImage,
+    Store,
+    StoreError,
+    decode_array,
+    encode_array,
+    network_name,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -221,7 +232,7 @@ class SQLiteStore(Store):
     def image_bytes(self, image_id: int) -> bytes:
         row = self.conn.execute("SELECT data FROM images WHERE id = ?", (image_id,)).fetchone()
         if row is None:
-            raise StoreError(f"no image with id {image_id}")
+            raise NotFound(f"no image with id {image_id}")
         return row[0]
 
     def remove_image(self, image_id: int) -> bool:
@@ -328,7 +339,7 @@ class SQLiteStore(Store):
                 "SELECT version, backbone, classes, params, created_at FROM models WHERE version = ?", (version,)
             ).fetchone()
         if row is None:
-            raise StoreError("no trained model: run 'image-similarity train' first" if version is None
+            raise NotReady("no trained model: run 'image-similarity train' first" if version is None
                              else f"no model version {version}")
         arrays = {
             name: decode_array(dtype, shape, data)
