@@ -191,7 +191,7 @@ Invoke-Step 'install revoscalepy into the runtime' {
 Invoke-Step 'install image_similarity into the runtime' {
     & $Python -m pip install --no-input $RepoRoot
     if ($LASTEXITCODE -ne 0) { throw "pip install into $Python failed (exit code $LASTEXITCODE)." }
-    if (-not (Test-PythonImport $Python 'image_similarity.inproc')) { throw 'image_similarity does not import.' }
+    if (-not (Test-PythonImport $Python 'image_similarity.contexts.inproc')) { throw 'image_similarity does not import.' }
     if ($WeightsFile) {
         $weights = Join-Path $PythonHome 'share\image-similarity\weights'
         New-Item -ItemType Directory -Force -Path $weights | Out-Null
@@ -225,7 +225,7 @@ Invoke-Step 'enable external scripts and restart the engine and Launchpad' {
 Invoke-Check 'SQL Server runs Python 3.10 with image_similarity' {
     $check = Invoke-Batch 'master' @'
 EXEC sp_execute_external_script @language = N'Python', @script = N'
-import sys, pandas as pd, image_similarity.inproc
+import sys, pandas as pd, image_similarity.contexts.inproc
 OutputDataSet = pd.DataFrame([("%d.%d" % sys.version_info[:2], sys.executable)])'
 WITH RESULT SETS ((python nvarchar(16), executable nvarchar(400)));
 '@

@@ -25,7 +25,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet = inproc.inspect(data_hex)
 error = report.error

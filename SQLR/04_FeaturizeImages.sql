@@ -46,7 +46,7 @@ BEGIN
             EXEC sp_execute_external_script
                 @language = N'Python',
                 @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet = inproc.featurize_images(InputDataSet, backbone)
 error = report.error

@@ -21,7 +21,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet = inproc.prepare_data(InputDataSet, test_fraction, seed)
 error = report.error

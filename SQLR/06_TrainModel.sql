@@ -28,7 +28,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet, classes, model_params = inproc.train_model(InputDataSet, backbone, c_grid, seed)
 error = report.error

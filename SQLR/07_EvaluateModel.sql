@@ -27,7 +27,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet, summary = inproc.evaluate_model(InputDataSet, backbone, classes, model_params, model_version,
                                                    seed)

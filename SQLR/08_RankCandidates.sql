@@ -47,7 +47,7 @@ BEGIN
             EXEC sp_execute_external_script
                 @language = N'Python',
                 @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     ranked, used_method = inproc.rank_candidates(InputDataSet, query_hex, backbone, classes, model_params,
                                                  model_version, top, method)

@@ -33,7 +33,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet, network_params, metrics, rejected = inproc.refine_model(InputDataSet, backbone, epochs, seed)
 error = report.error

@@ -47,7 +47,7 @@ BEGIN
             EXEC sp_execute_external_script
                 @language = N'Python',
                 @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet = inproc.vector_json(InputDataSet)
 error = report.error
@@ -102,7 +102,7 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
-from image_similarity import inproc
+from image_similarity.contexts import inproc
 with inproc.reported() as report:
     query_vector, excluded = inproc.vector_query(InputDataSet, query_hex, backbone)
 error = report.error

@@ -184,7 +184,7 @@ class Writers:
     another backbone, and `train` (a new model version) then `evaluate`; `done()` when all finished."""
 
     def __init__(self, db: str, out: Path, backbone: str = WRITER_BACKBONE, batch_size: int = 8) -> None:
-        cli = [sys.executable, "-m", "image_similarity.cli"]
+        cli = [sys.executable, "-m", "image_similarity.entrypoints.cli"]
         self.steps = [[[*cli, "ingest", str(mirrored_photos(out / "new")), "--db", db, "-q"]],
                       [[*cli, "featurize", "--db", db, "--backbone", backbone, "--batch-size", str(batch_size),
                         "--device", "cpu", "-q"]],

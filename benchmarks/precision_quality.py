@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from image_similarity.evaluate import evaluate
-from image_similarity.featurize import Featurizer, featurize
-from image_similarity.ingest import ingest
-from image_similarity.rank import METHODS
+from image_similarity.pipeline.evaluate import evaluate
+from image_similarity.pipeline.featurize import Featurizer, featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.rank import METHODS
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import train
 from image_similarity.resources import SAMPLE_DATASET
-from image_similarity.split import split
 from image_similarity.store import SQLiteStore
-from image_similarity.train import train
 
 FIGURES = ("top1", "top5", "top10", "map")
 

@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from image_similarity.backbones import DEFAULT_BACKBONE
-from image_similarity.evaluate import evaluate
-from image_similarity.featurize import Featurizer, featurize
-from image_similarity.ingest import ingest
-from image_similarity.rank import METHODS
-from image_similarity.refine import refine
-from image_similarity.split import split
+from image_similarity.features.backbones import DEFAULT_BACKBONE
+from image_similarity.pipeline.evaluate import evaluate
+from image_similarity.pipeline.featurize import Featurizer, featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.rank import METHODS
+from image_similarity.pipeline.refine import refine
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import train
 from image_similarity.store import SQLiteStore, Store
-from image_similarity.train import train
 
 RANKING_FIGURES = ("top1", "top5", "top10", "median_rank")
 CATALOGUE_FIGURES = ("precision@10", "look_alike@10")

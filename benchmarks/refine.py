@@ -17,14 +17,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from image_similarity.evaluate import evaluate
-from image_similarity.featurize import featurize
-from image_similarity.ingest import ingest
-from image_similarity.refine import refine
+from image_similarity.pipeline.evaluate import evaluate
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.refine import refine
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import train
 from image_similarity.resources import sample_dataset
-from image_similarity.split import split
 from image_similarity.store import connect
-from image_similarity.train import train
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from image_similarity import machine
-from image_similarity.featurize import Featurizer, featurize
-from image_similarity.halfscan import scan_kernel
-from image_similarity.ingest import class_files, ingest_bytes
-from image_similarity.precision import resolve
-from image_similarity.rank import Catalogue, rank
+from image_similarity.core import machine
+from image_similarity.features.precision import resolve
+from image_similarity.pipeline.featurize import Featurizer, featurize
+from image_similarity.pipeline.ingest import class_files, ingest_bytes
+from image_similarity.pipeline.rank import Catalogue, rank
 from image_similarity.resources import SAMPLE_DATASET
+from image_similarity.search.halfscan import scan_kernel
 from image_similarity.store import SQLiteStore
 
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2")

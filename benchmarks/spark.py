@@ -24,10 +24,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import clustered, photo_store  # noqa: E402
 
-from image_similarity import spark  # noqa: E402
-from image_similarity.dedup import HASH_SIZE  # noqa: E402
-from image_similarity.featurize import Featurizer, featurize  # noqa: E402
-from image_similarity.neighbors import BYTES_PER_PAIR, DEFAULT_MEMORY, block_rows, neighbors  # noqa: E402
+from image_similarity.contexts import spark  # noqa: E402
+from image_similarity.core.dedup import HASH_SIZE  # noqa: E402
+from image_similarity.pipeline.featurize import Featurizer, featurize  # noqa: E402
+from image_similarity.pipeline.neighbors import BYTES_PER_PAIR, DEFAULT_MEMORY, block_rows, neighbors  # noqa: E402
 from image_similarity.store import SQLiteStore  # noqa: E402
 
 BACKBONE, DIM, K = "efficientnet_lite0", 1280, 10

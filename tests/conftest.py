@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from image_similarity import machine
-from image_similarity.evaluate import evaluate
-from image_similarity.featurize import Featurizer, featurize
-from image_similarity.ingest import ingest
+from image_similarity.core import machine
+from image_similarity.pipeline.evaluate import evaluate
+from image_similarity.pipeline.featurize import Featurizer, featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import train
 from image_similarity.resources import SAMPLE_DATASET
-from image_similarity.split import split
 from image_similarity.store import SQLiteStore
-from image_similarity.train import train
 
 
 @pytest.fixture(scope="session")

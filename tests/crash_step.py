@@ -15,21 +15,21 @@ from image_similarity.store import SQLiteStore
 def main() -> None:
     step, db, folder = (sys.argv[1:] + [""])[:3]
     if step == "ingest":
-        from image_similarity.ingest import ingest
+        from image_similarity.pipeline.ingest import ingest
 
         def run(store):
             return ingest(store, folder, progress=False)
     elif step == "featurize":
-        from image_similarity.featurize import Featurizer, featurize
+        from image_similarity.pipeline.featurize import Featurizer, featurize
 
         featurizer = Featurizer(device="cpu")
 
         def run(store):
             return featurize(store, featurizer, batch_size=4, progress=False)
     elif step == "train":
-        from image_similarity.train import train as run
+        from image_similarity.pipeline.train import train as run
     else:
-        from image_similarity.evaluate import evaluate
+        from image_similarity.pipeline.evaluate import evaluate
 
         def run(store):
             return evaluate(store, out_dir=folder)

@@ -3,7 +3,7 @@
     python tests/fuzz_targets.py decode [libFuzzer options] CORPUS...
     python tests/fuzz_targets.py upload DB [libFuzzer options] CORPUS...
 
-`decode`: image_similarity.images.inspect_image on the input bytes (Pillow's and our code instrumented).
+`decode`: image_similarity.core.images.inspect_image on the input bytes (Pillow's and our code instrumented).
 `upload`: POST /api/rank of the service on the catalogue in DB; the input's first byte picks the ranking method
 and the declared content type, the second the `top` parameter, the rest is the uploaded file.
 Any exception but a documented one-line refusal, any answer but the documented ones, is a crash that libFuzzer
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 with atheris.instrument_imports(include=["PIL", "image_similarity"]):
     from fuzzing import check_reason, decode_or_refuse
 
-    from image_similarity.images import inspect_image
+    from image_similarity.core.images import inspect_image
 
 METHODS = (None, "l2", "cosine", "scores", "learned")
 TYPES = ("image/jpeg", "image/png", "application/octet-stream", "text/plain", "")
@@ -64,9 +64,9 @@ def upload_target(db: str):
     """The `upload` target on a service over the catalogue in `db`."""
     from fastapi.testclient import TestClient
 
-    from image_similarity.featurize import Featurizer
+    from image_similarity.entrypoints.web import create_app
+    from image_similarity.pipeline.featurize import Featurizer
     from image_similarity.store import SQLiteStore
-    from image_similarity.web import create_app
 
     client = TestClient(create_app(SQLiteStore(db), Featurizer(device="cpu")))
     size = client.get("/api/health").json()["images"]

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from test_images import DATA, PHOTO, encode, png_claiming_size
 
-from image_similarity.images import BadImageError
+from image_similarity.core.images import BadImageError
 
 SECONDS = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_SECONDS", "20"))
 EXAMPLES = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_EXAMPLES", "150"))

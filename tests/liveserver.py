@@ -52,7 +52,7 @@ def serve_command(*args: str, env: dict | None = None) -> Iterator[tuple[str, su
     with socket.create_server(("127.0.0.1", 0)) as sock:
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.cli", "serve", *args, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.entrypoints.cli", "serve", *args, "--port", str(port),
                              "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from image_similarity import ann, rank
-from image_similarity.dedup import hamming, hamming_matrix, hamming_to, packed_hashes
+from image_similarity.core.dedup import hamming, hamming_matrix, hamming_to, packed_hashes
 from image_similarity.errors import Unavailable
-from image_similarity.rank import Catalogue
+from image_similarity.pipeline import rank
+from image_similarity.pipeline.rank import Catalogue
+from image_similarity.search import ann
 from image_similarity.store import SQLiteStore
 
 MIN_RECALL = 0.95  # recall@10 of the HNSW graph against exact search

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from image_similarity import backbones
-from image_similarity.backbones import (
+from image_similarity.features import backbones
+from image_similarity.features.backbones import (
     BACKBONES,
     DEFAULT_BACKBONE,
     FeatureExtractor,

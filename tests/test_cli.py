@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from image_similarity.cli import main
+from image_similarity.entrypoints.cli import main
 
 STEPS = ["ingest", "featurize", "split", "train", "evaluate", "rank", "run"]
 
@@ -22,7 +22,7 @@ def test_every_subcommand_has_help(command, capsys):
 
 
 def test_console_script_help_lists_the_steps():
-    out = subprocess.run([sys.executable, "-m", "image_similarity.cli", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "image_similarity.entrypoints.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
     for command in STEPS:
         assert command in out
@@ -85,7 +85,7 @@ def test_rank_with_another_backbone_than_the_model(full_copy, sample_dir, capsys
 
 
 def test_rank_index_choice(full_copy, sample_dir, capsys, monkeypatch):
-    from image_similarity import ann
+    from image_similarity.search import ann
 
     query = str(sorted((sample_dir / "striped").iterdir())[3])
     found = {}

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from image_similarity.evaluate import evaluate
-from image_similarity.featurize import featurize
-from image_similarity.ingest import class_files, ingest
-from image_similarity.split import split
+from image_similarity.pipeline.evaluate import evaluate
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import class_files, ingest
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import train
 from image_similarity.store import SQLiteStore
 from image_similarity.store.sqlite import CRASH_AFTER_ENV
-from image_similarity.train import train
 
 STEP = Path(__file__).with_name("crash_step.py")
 BATCH = 4  # tests/crash_step.py featurizes in batches of 4
@@ -109,7 +109,7 @@ def features_reach(db: Path, n: int) -> Callable[[], bool]:
 
 
 def cli(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "image_similarity.cli", *args, "-q"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "image_similarity.entrypoints.cli", *args, "-q"], capture_output=True,
                           text=True, timeout=600, env=_environment(), check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 

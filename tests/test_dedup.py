@@ -1,4 +1,4 @@
-"""Tests for image_similarity.dedup: dHash, Hamming distances and near-duplicate groups."""
+"""Tests for image_similarity.core.dedup: dHash, Hamming distances and near-duplicate groups."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from image_similarity import dedup
-from image_similarity.dedup import (
+from image_similarity.core import dedup
+from image_similarity.core.dedup import (
     NEAR_DUPLICATE_DISTANCE,
     dhash,
     hamming,
     hamming_matrix,
     near_duplicate_groups,
 )
-from image_similarity.images import decode_image
+from image_similarity.core.images import decode_image
 
 DATA = Path(__file__).resolve().parents[1] / "Resources" / "fashion-texture"
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from image_similarity.dedup import NEAR_DUPLICATE_DISTANCE, hamming
+from image_similarity.core.dedup import NEAR_DUPLICATE_DISTANCE, hamming
+from image_similarity.core.images import BadImageError
 from image_similarity.errors import NotReady
-from image_similarity.evaluate import draw_candidates, positive_ranks, retrieval_metrics
-from image_similarity.images import BadImageError
-from image_similarity.rank import METHODS, TIE_BREAK, Catalogue, rank
+from image_similarity.pipeline.evaluate import draw_candidates, positive_ranks, retrieval_metrics
+from image_similarity.pipeline.rank import METHODS, TIE_BREAK, Catalogue, rank
+from image_similarity.pipeline.train import load_model
 from image_similarity.store import SQLiteStore
-from image_similarity.train import load_model
 
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433  # the CNTK tutorial on the same 3 classes, the same protocol
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from image_similarity.featurize import featurize
-from image_similarity.ingest import ingest
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import ingest
 from image_similarity.store import SQLiteStore
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from image_similarity.images import inspect_image
+from image_similarity.core.images import inspect_image
 
 SEEDS = seeds()
 FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=HANG_SECONDS),
@@ -106,7 +106,7 @@ def test_coverage_guided(tmp_path, capsys):
 
 MEASURE = """
 import re, sys
-from image_similarity.images import decode_image
+from image_similarity.core.images import decode_image
 def peak_kb():  # VmHWM: this process's peak resident memory (ru_maxrss would carry the parent's over exec)
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 data = open(sys.argv[1], "rb").read()

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fuzz_images import damaged
 
-from image_similarity.rank import METHODS
+from image_similarity.entrypoints.web import create_app
+from image_similarity.pipeline.rank import METHODS
 from image_similarity.store import SQLiteStore
-from image_similarity.web import create_app
 
 TYPES = ["image/jpeg", "image/png", "image/webp", "application/octet-stream", "text/plain", "application/json", ""]
 
@@ -83,7 +83,7 @@ def served(catalogue, tmp_path):
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.cli", "serve", "--db", str(catalogue),
+    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.entrypoints.cli", "serve", "--db", str(catalogue),
                              "--port", str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from image_similarity import halfscan, machine, rank
-from image_similarity.halfscan import KERNELS, HalfMatrix
-from image_similarity.rank import HALF_SCANNED, Catalogue
+from image_similarity.core import machine
+from image_similarity.pipeline import rank
+from image_similarity.pipeline.rank import HALF_SCANNED, Catalogue
+from image_similarity.pipeline.train import load_model
+from image_similarity.search import halfscan
+from image_similarity.search.halfscan import KERNELS, HalfMatrix
 from image_similarity.store import SQLiteStore
-from image_similarity.train import load_model
 
 SCANNED = HALF_SCANNED  # the methods whose big matrix the 16-bit copy replaces
 TIGHTNESS = {"fp16": 0.004, "bf16": 0.015}  # most a bound may be, relative to |v| |row|, to screen with

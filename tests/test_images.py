@@ -1,4 +1,4 @@
-"""Tests for image_similarity.images: the bundled photos and the messy inputs found in real catalogues."""
+"""Tests for image_similarity.core.images: the bundled photos and the messy inputs found in real catalogues."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from image_similarity import images
-from image_similarity.dedup import dhash
-from image_similarity.images import BadImageError, decode_image, inspect_image
+from image_similarity.core import images
+from image_similarity.core.dedup import dhash
+from image_similarity.core.images import BadImageError, decode_image, inspect_image
 
 DATA = Path(__file__).resolve().parents[1] / "Resources" / "fashion-texture"
 PHOTO = DATA / "dotted" / "1004.jpg"  # 224x299 JPEG

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from image_similarity.errors import NotFound
-from image_similarity.ingest import ingest
+from image_similarity.pipeline.ingest import ingest
 from image_similarity.store import SQLiteStore
 
 HOSTILE = ["it's \"quoted\".jpg", "x'; DROP TABLE images; --.jpg", "ünïcødé 猫 🐆.jpg", "semi;colon.jpg",

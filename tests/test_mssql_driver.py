@@ -132,7 +132,7 @@ def test_server_that_never_answers(serve, monkeypatch):
 def test_cli_reports_one_line_without_the_password(monkeypatch):
     port = closed_port()
     monkeypatch.setenv(PASSWORD_ENV, SECRET)
-    done = subprocess.run([sys.executable, "-m", "image_similarity.cli", "featurize",
+    done = subprocess.run([sys.executable, "-m", "image_similarity.entrypoints.cli", "featurize",
                            "--db", f"mssql://sa@127.0.0.1:{port}/db?login_timeout=1"],
                           check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stderr

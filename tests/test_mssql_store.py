@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import sqlglot
 
-from image_similarity import cli
 from image_similarity import store as stores
+from image_similarity.contexts.sql import PROCEDURES, call
+from image_similarity.entrypoints import cli
 from image_similarity.errors import NotReady
-from image_similarity.sqlcontext import PROCEDURES, call
 from image_similarity.store import EvaluationRecord, ModelRecord, NewImage, StoreError, connect
 from image_similarity.store.mssql import ODBC_DRIVER, PASSWORD_ENV, MSSQLStore, connection_string
 

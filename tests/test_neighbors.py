@@ -12,16 +12,16 @@ from test_mssql_store import Recorder
 from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 from tsql import SqlError
 
-from image_similarity import cli
+from image_similarity.entrypoints import cli
+from image_similarity.entrypoints.web import create_app
 from image_similarity.errors import NotReady
-from image_similarity.featurize import featurize
-from image_similarity.ingest import ingest
-from image_similarity.neighbors import neighbors
-from image_similarity.rank import METHODS, Catalogue
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.neighbors import neighbors
+from image_similarity.pipeline.rank import METHODS, Catalogue
+from image_similarity.pipeline.train import load_model
 from image_similarity.store import SQLiteStore, connect
 from image_similarity.store.mssql import MSSQLStore
-from image_similarity.train import load_model
-from image_similarity.web import create_app
 
 BACKBONE = "efficientnet_lite0"
 

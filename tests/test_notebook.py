@@ -11,10 +11,10 @@ from matplotlib.colors import to_hex
 from nbclient import NotebookClient
 from PIL import Image
 
-from image_similarity.cli import main
+from image_similarity.entrypoints.cli import main
 from image_similarity.errors import NotReady
-from image_similarity.plots import CORRECT, WRONG, evaluation_figures, plt, ranking_plot
-from image_similarity.rank import rank
+from image_similarity.pipeline.plots import CORRECT, WRONG, evaluation_figures, plt, ranking_plot
+from image_similarity.pipeline.rank import rank
 from image_similarity.store import EvaluationRecord, SQLiteStore
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "Test Model.ipynb"

@@ -16,11 +16,12 @@ import pgserver
 import psycopg
 import pytest
 
-from image_similarity import cli, plpython
-from image_similarity.featurize import featurize
-from image_similarity.ingest import ingest
-from image_similarity.rank import Catalogue, rank
-from image_similarity.sqlcontext import POSTGRES_ROUTINES, PROCEDURES
+from image_similarity.contexts import plpython
+from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
+from image_similarity.entrypoints import cli
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.rank import Catalogue, rank
 from image_similarity.store import SQLiteStore, StoreError, connect
 from image_similarity.store.postgres import PostgresStore, nearest_statement
 

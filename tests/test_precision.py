@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from image_similarity import machine, precision
-from image_similarity.backbones import prepare_image
-from image_similarity.featurize import Featurizer, featurize
-from image_similarity.images import decode_image
-from image_similarity.ingest import ingest
+from image_similarity.core import machine
+from image_similarity.core.images import decode_image
+from image_similarity.features import precision
+from image_similarity.features.backbones import prepare_image
+from image_similarity.pipeline.featurize import Featurizer, featurize
+from image_similarity.pipeline.ingest import ingest
 from image_similarity.resources import SAMPLE_DATASET
 from image_similarity.store import SQLiteStore
 

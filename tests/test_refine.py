@@ -18,16 +18,17 @@ from test_mssql_store import Recorder
 from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL fixture
 from test_sqlserver import procedures
 
-from image_similarity import cli, inproc
+from image_similarity.contexts import inproc
+from image_similarity.entrypoints import cli
+from image_similarity.entrypoints.web import create_app
 from image_similarity.errors import NotReady
-from image_similarity.featurize import Featurizer, featurize
-from image_similarity.ingest import ingest
-from image_similarity.rank import rank
-from image_similarity.refine import Settings, load_refined, refine
-from image_similarity.split import split
+from image_similarity.pipeline.featurize import Featurizer, featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.rank import rank
+from image_similarity.pipeline.refine import Settings, load_refined, refine
+from image_similarity.pipeline.split import split
 from image_similarity.store import SQLiteStore, connect
 from image_similarity.store.mssql import MSSQLStore
-from image_similarity.web import create_app
 
 FAST = Settings(image_size=64, batch_size=8)  # small crops keep the tests quick; the code path is the same
 BASE = "efficientnet_lite0"

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
 
-from image_similarity import cli, spark
-from image_similarity.featurize import featurize
-from image_similarity.ingest import ingest
-from image_similarity.neighbors import neighbors
+from image_similarity.contexts import spark
+from image_similarity.entrypoints import cli
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.neighbors import neighbors
 from image_similarity.store import SQLiteStore, StoreError, connect
 
 BACKBONE = "efficientnet_lite0"

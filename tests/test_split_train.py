@@ -7,13 +7,13 @@ import io
 import numpy as np
 import pytest
 
-from image_similarity.dedup import dhash, near_duplicate_groups
+from image_similarity.core.dedup import dhash, near_duplicate_groups
+from image_similarity.core.images import decode_image
 from image_similarity.errors import NotReady
-from image_similarity.images import decode_image
-from image_similarity.rank import Catalogue
-from image_similarity.split import split, split_images
+from image_similarity.pipeline.rank import Catalogue
+from image_similarity.pipeline.split import split, split_images
+from image_similarity.pipeline.train import SimilarityModel, load_model, train
 from image_similarity.store import ImageRow, SQLiteStore
-from image_similarity.train import SimilarityModel, load_model, train
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_training_adds_versions_that_round_trip_as_plain_arrays(full_copy):
 
 
 def test_training_needs_a_split_and_features(tmp_path, small_dir):
-    from image_similarity.ingest import ingest
+    from image_similarity.pipeline.ingest import ingest
 
     with SQLiteStore(tmp_path / "db.sqlite") as store:
         ingest(store, small_dir, progress=False)

@@ -13,10 +13,10 @@ import sqlfluff
 from sqlfluff.api import APIParsingError
 from tsql import Server, SqlError, install, unquote
 
-from image_similarity import inproc
-from image_similarity.rank import rank
+from image_similarity.contexts import inproc
+from image_similarity.pipeline.rank import rank
+from image_similarity.pipeline.train import load_model
 from image_similarity.store import SQLiteStore
-from image_similarity.train import load_model
 
 SQLR = Path(__file__).resolve().parents[1] / "SQLR"
 SCRIPTS = sorted(SQLR.glob("[0-9][0-9]_*.sql"))
@@ -279,7 +279,7 @@ GO""")
 
 @pytest.fixture
 def small_copy(tmp_path, small_dir) -> Path:
-    from image_similarity.ingest import ingest
+    from image_similarity.pipeline.ingest import ingest
 
     path = tmp_path / "small.sqlite"
     with SQLiteStore(path) as store:
@@ -290,7 +290,7 @@ def small_copy(tmp_path, small_dir) -> Path:
 def test_the_sandbox_reads_weights_from_the_runtime_folder(monkeypatch, tmp_path):
     """Defect 8: in the Launchpad sandbox (no network, its own profile and working folder) only weights that
     ship in a package or sit in the runtime's own folder can load."""
-    from image_similarity.backbones import WeightsNotFoundError
+    from image_similarity.features.backbones import WeightsNotFoundError
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

@@ -14,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
 
-from image_similarity.cli import main
-from image_similarity.rank import rank
+from image_similarity.entrypoints.cli import main
+from image_similarity.entrypoints.web import MAX_UPLOAD_BYTES, create_app
+from image_similarity.pipeline.rank import rank
 from image_similarity.store import SQLiteStore
-from image_similarity.web import MAX_UPLOAD_BYTES, create_app
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -21,15 +21,15 @@ from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
 from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL server (skipped or failed without one)
 
-from image_similarity import cli
-from image_similarity.evaluate import evaluate
-from image_similarity.featurize import featurize
-from image_similarity.ingest import ingest, ingest_one
-from image_similarity.rank import Catalogue, rank
-from image_similarity.split import split
+from image_similarity.entrypoints import cli
+from image_similarity.entrypoints.web import API_KEY_ENV, create_app
+from image_similarity.pipeline.evaluate import evaluate
+from image_similarity.pipeline.featurize import featurize
+from image_similarity.pipeline.ingest import ingest, ingest_one
+from image_similarity.pipeline.rank import Catalogue, rank
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import load_model, train
 from image_similarity.store import SQLiteStore, connect
-from image_similarity.train import load_model, train
-from image_similarity.web import API_KEY_ENV, create_app
 
 KEY = "k3y-for-tests-only-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

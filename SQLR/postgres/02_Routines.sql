@@ -7,7 +7,7 @@
 CREATE OR REPLACE FUNCTION image_similarity.environment()
 RETURNS TABLE (key text, value text)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.environment(plpy)
 $$;
 
@@ -15,7 +15,7 @@ $$;
 CREATE OR REPLACE FUNCTION image_similarity.add_image(name text, label text, data bytea,
                                                       OUT image_id bigint, OUT reason text)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.add_image(plpy, name, label, data)
 $$;
 
@@ -28,7 +28,7 @@ CREATE OR REPLACE PROCEDURE image_similarity.featurize_images(backbone text DEFA
                                                               INOUT device text DEFAULT NULL,
                                                               INOUT pid integer DEFAULT NULL)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.featurize_images(plpy, backbone, batch_size)
 $$;
 
@@ -37,7 +37,7 @@ CREATE OR REPLACE FUNCTION image_similarity.prepare_data(test_fraction double pr
                                                          seed integer DEFAULT 0)
 RETURNS TABLE (subset text, images integer)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.prepare_data(plpy, test_fraction, seed)
 $$;
 
@@ -48,7 +48,7 @@ CREATE OR REPLACE FUNCTION image_similarity.train_model(backbone text DEFAULT NU
 RETURNS TABLE (model_version integer, model_backbone text, c double precision,
                cv_accuracy double precision, n_train integer)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.train_model(plpy, backbone, c_grid, seed)
 $$;
 
@@ -57,7 +57,7 @@ CREATE OR REPLACE FUNCTION image_similarity.evaluate_model(model_version integer
                                                            seed integer DEFAULT 0)
 RETURNS jsonb
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.evaluate_model(plpy, model_version, seed)
 $$;
 
@@ -69,7 +69,7 @@ CREATE OR REPLACE FUNCTION image_similarity.rank_candidates(query bytea, query_n
 RETURNS TABLE (rank integer, image_id bigint, name text, label text, score double precision,
                used_method text)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.rank_candidates(plpy, query, query_name, top, method, model_version)
 $$;
 
@@ -82,7 +82,7 @@ CREATE OR REPLACE PROCEDURE image_similarity.initial_run_once(backbone text DEFA
                                                               INOUT best_method text DEFAULT NULL,
                                                               INOUT pid integer DEFAULT NULL)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.initial_run_once(plpy, backbone, test_fraction, seed)
 $$;
 
@@ -101,7 +101,7 @@ CREATE OR REPLACE PROCEDURE image_similarity.compute_neighbors(backbone text DEF
                                                                INOUT used_method text DEFAULT NULL,
                                                                INOUT pid integer DEFAULT NULL)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.compute_neighbors(plpy, backbone, method, top, model_version, refresh)
 $$;
 
@@ -118,6 +118,6 @@ CREATE OR REPLACE PROCEDURE image_similarity.refine_model(backbone text DEFAULT 
                                                           INOUT device text DEFAULT NULL,
                                                           INOUT pid integer DEFAULT NULL)
 LANGUAGE plpython3u AS $$
-from image_similarity import plpython
+from image_similarity.contexts import plpython
 return plpython.refine_model(plpy, backbone, epochs, seed)
 $$;

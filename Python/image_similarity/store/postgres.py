@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..backbones import BACKBONES
 from ..errors import BadInput, NotFound, NotReady
+from ..features.backbones import BACKBONES
 from .base import (
     EvaluationRecord,
     ImageRow,

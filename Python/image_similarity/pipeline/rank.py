@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import ann
-from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
-from .errors import BadInput, NotReady, Unavailable
-from .halfscan import HalfMatrix, scan_kernel
-from .images import decode_image
-from .store import Store
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
+from ..core.images import decode_image
+from ..errors import BadInput, NotReady, Unavailable
+from ..search import ann
+from ..search.halfscan import HalfMatrix, scan_kernel
+from ..store import Store
 from .train import SimilarityModel, l2_normalize, load_model
 
 METHODS = ("l2", "cosine", "scores", "learned")

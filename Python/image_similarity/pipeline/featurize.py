@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
-from .images import BadImageError, decode_image
-from .precision import autocast, resolve
-from .store import Store
+from ..core.images import BadImageError, decode_image
+from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
+from ..features.precision import autocast, resolve
+from ..store import Store
 
 
 def pick_device(device: str | None = None) -> torch.device:

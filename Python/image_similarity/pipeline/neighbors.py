@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from .dedup import NEAR_DUPLICATE_DISTANCE, _distances, _signs
-from .errors import BadInput, NotReady
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, _distances, _signs
+from ..errors import BadInput, NotReady
+from ..store import Store
 from .rank import METHODS, Catalogue, _best, latest_model
-from .store import Store
 from .train import SimilarityModel
 
 DEFAULT_K = 10

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import BadInput
-from .machine import best_times, measured_choice
+from ..core.machine import best_times, measured_choice
+from ..errors import BadInput
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

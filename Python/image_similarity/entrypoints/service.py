@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .featurize import featurize
-from .rank import Catalogue, default_method, latest_model
-from .store import Store, StoreError, connect
+from ..pipeline.featurize import featurize
+from ..pipeline.rank import Catalogue, default_method, latest_model
+from ..store import Store, StoreError, connect
 
-log = logging.getLogger("image_similarity.service")
+log = logging.getLogger("image_similarity.entrypoints.service")
 
 
 class SerialFeaturizer:

@@ -21,12 +21,12 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
-from .errors import BadInput, ImageSimilarityError, NotFound
-from .ingest import ingest_one
-from .rank import METHODS, rank
+from .. import __version__
+from ..errors import BadInput, ImageSimilarityError, NotFound
+from ..pipeline.ingest import ingest_one
+from ..pipeline.rank import METHODS, rank
+from ..store import Store, StoreError
 from .service import SerialFeaturizer, Service, Snapshot
-from .store import Store, StoreError
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 FORM_OVERHEAD = 64 * 1024

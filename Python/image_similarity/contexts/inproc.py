@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .backbones import BACKBONES, WeightsNotFoundError
-from .dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
-from .evaluate import evaluate_data
-from .featurize import Featurizer, collect_batch
-from .images import BadImageError, decode_image, inspect_image
-from .rank import Catalogue, rank
-from .split import split_images
-from .store.base import ImageRow, ModelRecord, decode_array, encode_array, finite, strict_json
-from .train import C_GRID, SimilarityModel, fit_model
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
+from ..core.images import BadImageError, decode_image, inspect_image
+from ..features.backbones import BACKBONES, WeightsNotFoundError
+from ..pipeline.evaluate import evaluate_data
+from ..pipeline.featurize import Featurizer, collect_batch
+from ..pipeline.rank import Catalogue, rank
+from ..pipeline.split import split_images
+from ..pipeline.train import C_GRID, SimilarityModel, fit_model
+from ..store.base import ImageRow, ModelRecord, decode_array, encode_array, finite, strict_json
 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
@@ -224,7 +224,7 @@ def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: 
                       top: int = 10) -> pd.DataFrame:
     """Catalogue rows (image_id, name, label, sha256, dhash, data hex, done) and, for scores/learned, the model's
     arrays -> rows (image_id, rank, neighbor_id, score): the top neighbours of each image whose `done` is 0."""
-    from .neighbors import block_neighbors, block_ranges, block_rows
+    from ..pipeline.neighbors import block_neighbors, block_ranges, block_rows
 
     model = _model(frame, backbone, classes, params, version) if frame["array_name"].notna().any() else None
     catalogue = _catalogue(frame, backbone, model)
@@ -244,9 +244,9 @@ def refine_model(images: pd.DataFrame, backbone: str, epochs: int | None = None,
     Runs refine.refine on an in-memory store holding these images as its training split; the procedure stores
     the result under the next version's name.
     """
-    from .ingest import ingest_bytes
-    from .refine import refine
-    from .store import SQLiteStore
+    from ..pipeline.ingest import ingest_bytes
+    from ..pipeline.refine import refine
+    from ..store import SQLiteStore
 
     _require(images, "no training images: run PrepareData first")
     with SQLiteStore(":memory:") as store:

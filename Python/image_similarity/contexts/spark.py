@@ -20,12 +20,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from .errors import BadInput, NotReady, Unavailable
-from .featurize import Featurizer, FeaturizeReport, featurize
-from .neighbors import DEFAULT_K, DEFAULT_MEMORY, NeighborsReport, block_ranges, block_rows, check, store_blocks
-from .rank import Catalogue, latest_model
-from .store import Store, StoreError, connect
-from .train import load_model
+from ..errors import BadInput, NotReady, Unavailable
+from ..pipeline.featurize import Featurizer, FeaturizeReport, featurize
+from ..pipeline.neighbors import (
+    DEFAULT_K,
+    DEFAULT_MEMORY,
+    NeighborsReport,
+    block_ranges,
+    block_rows,
+    check,
+    store_blocks,
+)
+from ..pipeline.rank import Catalogue, latest_model
+from ..pipeline.train import load_model
+from ..store import Store, StoreError, connect
 
 DEFAULT_MASTER = "local[*]"
 MISSING = "--context spark needs PySpark and Java 17: pip install 'image-similarity[spark]'"

@@ -25,13 +25,13 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from . import precision as precisions
-from .backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, build_network, load_backbone
-from .errors import BadInput, NotReady
-from .images import BadImageError, decode_image
+from ..core.images import BadImageError, decode_image
+from ..errors import BadInput, NotReady
+from ..features import precision as precisions
+from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, build_network, load_backbone
+from ..store import Store, StoreError
+from ..store.base import NetworkRecord
 from .split import split_images
-from .store import Store, StoreError
-from .store.base import NetworkRecord
 
 CACHE_RATIO = 256 / 224  # cached short side per input pixel, as the backbones' resize/crop
 MAX_ASPECT = 2.0  # the cache keeps at most this long side per short side (centre)

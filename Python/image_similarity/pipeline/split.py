@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .dedup import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
-from .errors import BadInput, NotReady
-from .store import ImageRow, Store
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
+from ..errors import BadInput, NotReady
+from ..store import ImageRow, Store
 
 
 def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: int = 0,

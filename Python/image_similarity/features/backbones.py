@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .errors import BadInput, Unavailable
+from ..errors import BadInput, Unavailable
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .machine import best_times, measured_choice
+from ..core.machine import best_times, measured_choice
 
 SAFETY = 1.25  # the bound below, proven for any summation order, times this (rounding of the final scaling etc.)
 BLOCK = 8_192  # rows converted at a time: no full-size float32 temporary

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .backbones import DEFAULT_BACKBONE
-from .errors import ImageSimilarityError
-from .featurize import Featurizer, featurize
-from .store.postgres import PostgresStore
+from ..errors import ImageSimilarityError
+from ..features.backbones import DEFAULT_BACKBONE
+from ..pipeline.featurize import Featurizer, featurize
+from ..store.postgres import PostgresStore
 
 FEATURIZERS: dict[str, Featurizer] = {}
 """Loaded networks, kept for the life of the server session (a backend process)."""
@@ -49,7 +49,7 @@ def environment(plpy: Any) -> list[tuple[str, str]]:
     import sklearn
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return [("pid", str(os.getpid())), ("executable", os.path.realpath("/proc/self/exe")),
             ("python", sys.version.split()[0]), ("image_similarity", __version__), ("torch", torch.__version__),
@@ -68,7 +68,7 @@ def featurize_images(plpy: Any, backbone: str | None, batch_size: int) -> tuple[
 @_clear_errors
 def prepare_data(plpy: Any, test_fraction: float, seed: int) -> list[tuple[str, int]]:
     """(subset, images) rows of a new train/test split."""
-    from .split import split
+    from ..pipeline.split import split
 
     return sorted(split(PostgresStore.in_server(plpy), test_fraction, seed).items())
 
@@ -76,7 +76,7 @@ def prepare_data(plpy: Any, test_fraction: float, seed: int) -> list[tuple[str, 
 @_clear_errors
 def train_model(plpy: Any, backbone: str | None, c_grid: list[float] | None, seed: int) -> list[tuple]:
     """One row (version, backbone, C, cv_accuracy, n_train) for the new model version."""
-    from .train import C_GRID, train
+    from ..pipeline.train import C_GRID, train
 
     model = train(PostgresStore.in_server(plpy), backbone, c_grid or C_GRID, seed=seed)
     return [(model.version, model.backbone, model.params["C"], model.params["cv_accuracy"], model.params["n_train"])]
@@ -85,8 +85,8 @@ def train_model(plpy: Any, backbone: str | None, c_grid: list[float] | None, see
 @_clear_errors
 def evaluate_model(plpy: Any, model_version: int | None, seed: int) -> str:
     """The stored evaluation summary of a model version (latest by default) as JSON."""
-    from .evaluate import evaluate
-    from .train import load_model
+    from ..pipeline.evaluate import evaluate
+    from ..pipeline.train import load_model
 
     store = PostgresStore.in_server(plpy)
     return json.dumps(evaluate(store, load_model(store, model_version), seed=seed))
@@ -96,8 +96,8 @@ def evaluate_model(plpy: Any, model_version: int | None, seed: int) -> str:
 def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: str | None,
                     model_version: int | None) -> list[tuple]:
     """(rank, image_id, name, label, score, method) rows of the catalogue images most similar to a query."""
-    from .rank import latest_model, rank
-    from .train import load_model
+    from ..pipeline.rank import latest_model, rank
+    from ..pipeline.train import load_model
 
     store = PostgresStore.in_server(plpy)
     model = load_model(store, model_version) if model_version else latest_model(store)
@@ -110,9 +110,9 @@ def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: 
 def initial_run_once(plpy: Any, backbone: str | None, test_fraction: float, seed: int) -> tuple:
     """Procedure: featurize (committing each batch), split, train and evaluate the stored images.
     (model_version, test_accuracy, best_method, pid)."""
-    from .evaluate import evaluate
-    from .split import split
-    from .train import train
+    from ..pipeline.evaluate import evaluate
+    from ..pipeline.split import split
+    from ..pipeline.train import train
 
     store = PostgresStore.in_server(plpy, commits=True)
     featurizer = _featurizer(backbone, store)
@@ -127,7 +127,7 @@ def initial_run_once(plpy: Any, backbone: str | None, test_fraction: float, seed
 def refine_model(plpy: Any, backbone: str | None, epochs: int | None, seed: int) -> tuple:
     """Procedure: fine-tune a backbone on the training split, committing after every epoch (a new call resumes).
     (network name, best epoch, its validation accuracy, device, pid)."""
-    from .refine import refine
+    from ..pipeline.refine import refine
 
     store = PostgresStore.in_server(plpy, commits=True)
     name = refine(store, backbone or DEFAULT_BACKBONE, epochs=epochs, seed=seed, progress=False)
@@ -139,7 +139,7 @@ def refine_model(plpy: Any, backbone: str | None, epochs: int | None, seed: int)
 @_clear_errors
 def add_image(plpy: Any, name: str, label: str, data: bytes) -> tuple[int | None, str | None]:
     """Validate and store one image: (new id or NULL, reason it was skipped or NULL)."""
-    from .ingest import ingest_bytes
+    from ..pipeline.ingest import ingest_bytes
 
     store = PostgresStore.in_server(plpy)
     image_id, reason = ingest_bytes(store, name, label, bytes(data))
@@ -153,9 +153,9 @@ def compute_neighbors(plpy: Any, backbone: str | None, method: str | None, top: 
                       refresh: bool) -> tuple[int, str, int]:
     """Procedure (issue 17): store the top neighbours of every image, committing each block.
     (images added, method used, pid)."""
-    from .neighbors import neighbors
-    from .rank import default_method, latest_model
-    from .train import load_model
+    from ..pipeline.neighbors import neighbors
+    from ..pipeline.rank import default_method, latest_model
+    from ..pipeline.train import load_model
 
     store = PostgresStore.in_server(plpy, commits=True)
     model = load_model(store, model_version) if model_version else latest_model(store)

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .backbones import BACKBONES, DEFAULT_BACKBONE
-from .errors import BadInput
-from .precision import PRECISIONS
-from .rank import ANN_THRESHOLD, INDEXES, METHODS
+from .. import __version__
+from ..errors import BadInput
+from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
+from ..features.precision import PRECISIONS
+from ..pipeline.rank import ANN_THRESHOLD, INDEXES, METHODS
 
 DEFAULT_OUT = "image-similarity-output"
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _refine_options(p: argparse.ArgumentParser) -> None:
-    from .refine import Settings
+    from ..pipeline.refine import Settings
 
     defaults = Settings()
     p.add_argument("--epochs", type=int, help=f"most epochs (default: {defaults.epochs}; stops early after "
@@ -188,14 +188,14 @@ def _refine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _featurizer(args: argparse.Namespace, backbone: str | None = None, store=None):
-    from .featurize import Featurizer
+    from ..pipeline.featurize import Featurizer
 
     return Featurizer(backbone or args.backbone or DEFAULT_BACKBONE, device=args.device, weights=args.weights,
                       precision=args.precision, store=store)
 
 
 def cmd_ingest(store, args) -> None:
-    from .ingest import ingest
+    from ..pipeline.ingest import ingest
 
     report = ingest(store, args.dir, progress=not args.quiet)
     print(f"added {report.added} images, {report.already_stored} already stored, {len(report.skipped)} skipped")
@@ -204,7 +204,7 @@ def cmd_ingest(store, args) -> None:
 
 
 def cmd_featurize(store, args) -> None:
-    from .featurize import featurize
+    from ..pipeline.featurize import featurize
 
     print_featurize(featurize(store, _featurizer(args, store=store), batch_size=args.batch_size,
                               progress=not args.quiet))
@@ -216,14 +216,14 @@ def print_featurize(report, where: str = "") -> None:
 
 
 def cmd_split(store, args) -> None:
-    from .split import split
+    from ..pipeline.split import split
 
     counts = split(store, args.test_fraction, args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
 
 
 def cmd_train(store, args) -> None:
-    from .train import C_GRID, train
+    from ..pipeline.train import C_GRID, train
 
     model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
     print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
@@ -266,8 +266,8 @@ def _print_ranking_table(ranking: dict[str, dict[str, float]], best_method: str,
 
 
 def cmd_evaluate(store, args) -> None:
-    from .evaluate import evaluate
-    from .train import load_model
+    from ..pipeline.evaluate import evaluate
+    from ..pipeline.train import load_model
 
     summary = evaluate(store, load_model(store, args.model_version), out_dir=args.out, seed=args.seed)
     if args.json:
@@ -285,8 +285,8 @@ def print_ranking(result) -> None:
 
 
 def cmd_rank(store, args) -> None:
-    from .rank import latest_model, rank
-    from .train import load_model
+    from ..pipeline.rank import latest_model, rank
+    from ..pipeline.train import load_model
 
     model = load_model(store, args.model_version) if args.model_version else latest_model(store)
     if model and args.backbone and args.backbone != model.backbone:  # rank on other features, without the model
@@ -301,7 +301,7 @@ def cmd_rank(store, args) -> None:
     else:
         print_ranking(result)
     if args.plot:
-        from .plots import plt, ranking_plot
+        from ..pipeline.plots import plt, ranking_plot
 
         figure = ranking_plot(store, data, result)
         figure.savefig(args.plot, dpi=100)
@@ -312,8 +312,8 @@ def cmd_rank(store, args) -> None:
 
 def neighbor_options(store, args) -> tuple[str, str]:
     """(backbone, method) of a neighbors command: the options, else the model's and its best evaluated method."""
-    from .rank import default_method, latest_model
-    from .train import load_model
+    from ..pipeline.rank import default_method, latest_model
+    from ..pipeline.train import load_model
 
     model = load_model(store, args.model_version) if args.model_version else latest_model(store)
     backbone = args.backbone or (model.backbone if model else DEFAULT_BACKBONE)
@@ -328,8 +328,8 @@ def print_neighbors(report) -> None:
 
 
 def cmd_neighbors(store, args) -> None:
-    from .neighbors import neighbors
-    from .train import load_model
+    from ..pipeline.neighbors import neighbors
+    from ..pipeline.train import load_model
 
     backbone, method = neighbor_options(store, args)
     model = load_model(store, args.model_version) if args.model_version else None
@@ -339,8 +339,8 @@ def cmd_neighbors(store, args) -> None:
 
 def cmd_spark(store, args) -> None:
     """Run featurize or neighbors on Spark (--context spark): tasks open the --db store themselves."""
-    from . import spark
-    from .store import DEFAULT_DB
+    from ..contexts import spark
+    from ..store import DEFAULT_DB
 
     db = str(args.db or DEFAULT_DB)
     spark.check_store(db, args.master)
@@ -361,7 +361,7 @@ def cmd_spark(store, args) -> None:
 
 def _refine(store, args, base: str) -> str:
     """Refine with the command's options; print what was done; the network's name."""
-    from .refine import Settings, refine
+    from ..pipeline.refine import Settings, refine
 
     chosen = {k: getattr(args, k, None) for k in ("image_size", "batch_size", "freeze")}
     settings = Settings(**{k: v for k, v in chosen.items() if v is not None})
@@ -383,7 +383,7 @@ def cmd_refine(store, args) -> None:
 
 
 def _featurize_step(store, featurizer, quiet: bool) -> None:
-    from .featurize import featurize
+    from ..pipeline.featurize import featurize
 
     fz = featurize(store, featurizer, progress=not quiet)
     print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}, {fz.precision}), "
@@ -392,8 +392,8 @@ def _featurize_step(store, featurizer, quiet: bool) -> None:
 
 def _train_and_evaluate(store, backbone: str, args: argparse.Namespace):
     """Train on `backbone`'s features and evaluate; print both; (model, summary)."""
-    from .evaluate import evaluate
-    from .train import train
+    from ..pipeline.evaluate import evaluate
+    from ..pipeline.train import train
 
     model = train(store, backbone, seed=args.seed)
     print(f"train: model version {model.version}, C={model.params['C']:g}, "
@@ -404,9 +404,9 @@ def _train_and_evaluate(store, backbone: str, args: argparse.Namespace):
 
 
 def cmd_run(store, args) -> None:
-    from .ingest import ingest
-    from .resources import sample_dataset
-    from .split import split
+    from ..pipeline.ingest import ingest
+    from ..pipeline.split import split
+    from ..resources import sample_dataset
 
     folder = args.dir or sample_dataset()
     quiet = args.quiet
@@ -429,7 +429,7 @@ def cmd_run(store, args) -> None:
           f"top-10 {_percent(best['top10'])}, median rank {best['median_rank']:g}"
           + (f"; CNTK tutorial on the same 3 classes: test accuracy {_percent(CNTK_ACCURACY)}, top-1 {_percent(CNTK_TOP1)}"
              if set(summary["classes"]) == CNTK_CLASSES else ""))
-    from .rank import rank
+    from ..pipeline.rank import rank
 
     test_ids = sorted(i for i, s in store.split().items() if s == "test")
     query = next(im for im in store.images() if im.id == test_ids[0])
@@ -440,8 +440,8 @@ def cmd_run(store, args) -> None:
 def cmd_serve(store, args) -> None:
     import uvicorn
 
-    from .rank import latest_model
-    from .store import DEFAULT_DB
+    from ..pipeline.rank import latest_model
+    from ..store import DEFAULT_DB
     from .web import API_KEY_ENV, create_app
 
     key = _api_key(args.api_key_file, API_KEY_ENV)
@@ -480,8 +480,8 @@ SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
 
 def cmd_sql(store, args) -> None:
     """Run the step as its stored procedure inside the database server (--context sql); print what it returns."""
-    from .resources import sample_dataset
-    from .sqlcontext import call
+    from ..contexts.sql import call
+    from ..resources import sample_dataset
 
     if args.command == "run":
         cmd_ingest(store, argparse.Namespace(dir=args.dir or sample_dataset(), quiet=args.quiet))
@@ -517,9 +517,9 @@ SPARK_STEPS = ("featurize", "neighbors")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import ImageSimilarityError
-    from .images import BadImageError
-    from .store import DEFAULT_DB, connect
+    from ..core.images import BadImageError
+    from ..errors import ImageSimilarityError
+    from ..store import DEFAULT_DB, connect
 
     args = build_parser().parse_args(argv)
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import Unavailable
+from ..errors import Unavailable
 
 MISSING = "approximate search needs faiss: pip install 'image-similarity[ann]' (faiss-cpu)"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .store import Store, StoreError
+from ..store import Store, StoreError
 
 PROCEDURES: dict[str, tuple[str, ...]] = {
     "FeaturizeImages": ("backbone", "batch_size"),

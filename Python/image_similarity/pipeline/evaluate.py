@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_curve
 
-from .dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
-from .errors import NotReady
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
+from ..errors import NotReady
+from ..store import EvaluationRecord, Store
 from .rank import METHODS, Catalogue
-from .store import EvaluationRecord, Store
 from .train import SimilarityModel, load_model
 
 N_NEGATIVES = 100

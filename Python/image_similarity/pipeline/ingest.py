@@ -7,9 +7,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import NotFound
-from .images import MAX_FILE_BYTES, BadImageError, inspect_image
-from .store import NewImage, Store
+from ..core.images import MAX_FILE_BYTES, BadImageError, inspect_image
+from ..errors import NotFound
+from ..store import NewImage, Store
 
 
 @dataclass

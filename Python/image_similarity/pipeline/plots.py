@@ -11,10 +11,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import NotReady
-from .images import decode_image
+from ..core.images import decode_image
+from ..errors import NotReady
+from ..store import Store
 from .rank import Match, RankResult
-from .store import Store
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
 

@@ -13,9 +13,9 @@ from scipy.special import log_softmax, softmax
 from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, cross_val_predict
 from sklearn.svm import LinearSVC
 
-from .dedup import near_duplicate_groups
-from .errors import BadInput, NotReady
-from .store import ModelRecord, Store
+from ..core.dedup import near_duplicate_groups
+from ..errors import BadInput, NotReady
+from ..store import ModelRecord, Store
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 SHRINKAGE = 1.0

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..errors import BadInput
 from .dedup import dhash
-from .errors import BadInput
 
 MAX_FILE_BYTES: int = 64 * 1024 * 1024
 MAX_PIXELS: int = 64_000_000

@@ -1,0 +1,1 @@
+"""Decoding images, their perceptual hashes, and choices measured on this machine."""

@@ -1,0 +1,1 @@
+"""The pretrained networks (backbones) and the numeric precision they run at."""
