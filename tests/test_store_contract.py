@@ -301,3 +301,20 @@ def test_sqlite_tables_are_the_declared_schema(tmp_path):
     with SQLiteStore(tmp_path / "schema.sqlite") as store:
         for table in TABLES:
             assert declared(store.conn, table.name) == expected(table), table.name
+
+
+def test_sql_server_store_runs_the_procedures(sample_dir):
+    """The SQL context's path on SQL Server: EXEC with bound values through the store, the last result set back,
+    the procedure's error as the driver raises it."""
+    from image_similarity.sqlcontext import call
+
+    server = tsql.Server()
+    tsql.install(server, sorted(TABLES_SQL.parent.glob("[0-9][0-9]_*.sql")))
+    with MSSQLStore("mssql://emulated/ImageSimilarity", connection=tsql.Client(server)) as store:
+        with pytest.raises(tsql.SqlError, match="no images stored"):
+            call(store, "PrepareData", seed=0)
+        ids = [store.add_image(im) for im in photos(sample_dir, 4)]
+        columns, rows = call(store, "PrepareData", test_fraction=0.25, seed=3)
+        subsets = list(store.split().values())
+        assert columns == ["subset", "images"] and dict(rows) == {"test": subsets.count("test"), "train": 9}
+        assert sorted(store.split()) == ids and subsets.count("test") == 3

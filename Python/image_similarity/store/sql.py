@@ -82,8 +82,8 @@ class _Name(str):
 
 
 class Dialect:
-    """How one database spells the store's SQL. Subclasses set the attributes and override the builders
-    whose syntax differs (SQLite and PostgreSQL share `ON CONFLICT` and `RETURNING`)."""
+    """How one database spells the store's SQL; the defaults are SQLite's. Subclasses set the attributes and
+    override the builders whose syntax differs (PostgreSQL shares SQLite's `ON CONFLICT` and `RETURNING`)."""
 
     placeholder = "?"
     prefix = ""
@@ -91,7 +91,6 @@ class Dialect:
     lock = ""
     """Table hint that holds a checked key until the transaction ends (SQL Server)."""
     vector_column = "vector"
-    quoted: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self.names = _Names(self)
@@ -104,7 +103,7 @@ class Dialect:
         return self.cache[template]
 
     def quote(self, name: str) -> str:
-        return self.vector_column if name == "vector" else f'"{name}"' if name in self.quoted else name
+        return self.vector_column if name == "vector" else name
 
     def time_text(self, column: str) -> str:
         return column
