@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import image_similarity
@@ -111,6 +112,22 @@ class Cluster:
                        + [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"],
                        capture_output=True, cwd=self.root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def admin_url() -> Iterator[str]:
+    """For a module fixture (`yield from`): the admin URL of the server IMAGE_SIMILARITY_TEST_PG names, or of a
+    throwaway cluster, stopped afterwards; where none can start the test is skipped with the reason (failed in CI)."""
+    if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
+        yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
+        return
+    import needs
+
+    needs.postgres()
+    cluster = Cluster()
+    try:
+        yield cluster.url()
+    finally:
+        cluster.stop()
 
 
 def create_database(admin_url: str, name: str) -> str:

@@ -10,7 +10,6 @@ import re
 import threading
 from pathlib import Path
 
-import needs
 import numpy as np
 import pgserver
 import psycopg
@@ -29,13 +28,7 @@ from image_similarity.store.postgres import PostgresStore, nearest_statement
 @pytest.fixture(scope="module")
 def server():
     """The admin URL of a server with PL/Python and pgvector."""
-    if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
-        yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
-        return
-    needs.postgres()
-    cluster = pgserver.Cluster()
-    yield cluster.url()
-    cluster.stop()
+    yield from pgserver.admin_url()
 
 
 @pytest.fixture

@@ -321,7 +321,20 @@ def _column_from_json(col: exp.OpenJSONColumnDef) -> str:
     return f"tsql_convert('{_type_text(col.args['kind'])}', json_extract(value, {path}), NULL)"
 
 
+def _values(node: exp.Values) -> exp.Expression:
+    """`(VALUES ...) AS v (a, b)`, whose column names SQLite cannot take, as a SELECT naming its columns."""
+    alias = node.args["alias"]
+    names = [c.name for c in alias.columns]
+    rows = node.copy()
+    rows.set("alias", None)
+    select = sqlglot.parse_one(f"SELECT {', '.join(f'column{k} AS {n}' for k, n in enumerate(names, 1))}"
+                               f" FROM ({rows.sql(dialect='sqlite')})", read="sqlite")
+    return exp.Subquery(this=select, alias=exp.TableAlias(this=alias.this))
+
+
 def _rewrite(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.Values) and node.args.get("alias") and node.args["alias"].columns:
+        return _values(node)
     if isinstance(node, exp.National):
         return exp.Literal.string(node.this)
     if isinstance(node, exp.Table):
@@ -368,6 +381,9 @@ def to_sqlite(tsql: str) -> str:
     tree = sqlglot.parse_one(text, read="tsql")
     if isinstance(tree, exp.Create):
         _add_type_checks(tree)
+    for column in tree.find_all(exp.Column):  # OUTPUT INSERTED.x becomes RETURNING x
+        if column.table.upper() == "INSERTED":
+            column.set("table", None)
     tree = tree.transform(_rewrite).transform(
         lambda node: exp.Literal.string(node.this) if isinstance(node, exp.National) else node)
     sql = tree.sql(dialect="sqlite")
@@ -831,3 +847,72 @@ def install(server: Server, scripts: list, database: str = "ImageSimilarity") ->
         if text.startswith("-- requires: vector") and not server.vector_type:
             continue
         server.run_script(text, {"DatabaseName": database})
+
+
+class Client:
+    """A DB-API connection to the server, as mssql-python gives one: `?` placeholders bound in order; with
+    autocommit off the first statement opens a transaction that commit() or rollback() ends."""
+
+    def __init__(self, server: Server) -> None:
+        self.server, self.autocommit = server, True
+
+    def cursor(self) -> ClientCursor:
+        return ClientCursor(self)
+
+    def commit(self) -> None:
+        if self.server.trancount:
+            self.server.conn.execute("COMMIT")
+            self.server.trancount = 0
+
+    def rollback(self) -> None:
+        if self.server.trancount:
+            self.server._rollback()
+
+    def close(self) -> None:
+        self.rollback()
+
+
+class ClientCursor:
+    """One statement (or EXEC of a procedure) at a time; its result sets."""
+
+    def __init__(self, client: Client) -> None:
+        self.client, self.description, self.rowcount = client, None, -1
+        self.sets: list[tuple[list[str], list[tuple]]] = []
+        self.rows: list[tuple] = []
+
+    def execute(self, sql: str, *params: Any) -> None:
+        server, parts = self.client.server, re.split(r"(N?'(?:[^']|'')*')", sql)  # literals at odd places
+        if sum(part.count("?") for part in parts[::2]) != len(params):
+            raise SqlError(8178, f"the statement has not one placeholder per value: {sql}", True)
+        numbers = iter(range(1, len(params) + 1))
+        text = "".join(part if k % 2 else re.sub(r"\?", lambda _: f"@p{next(numbers)}", part)
+                       for k, part in enumerate(parts))
+        values = {f"p{k}": v for k, v in enumerate(params, 1)}
+        if text.split()[0].upper() in ("EXEC", "EXECUTE"):
+            name, _, rest = text.split(None, 1)[1].partition(" ")
+            arguments = {n: values[p] for n, p in re.findall(r"@(\w+)\s*=\s*@(p\d+)", rest)}
+            results, _ = server.call(name.split(".")[-1], **arguments)
+            self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
+        else:
+            if not self.client.autocommit and not server.trancount:
+                server.conn.execute("BEGIN")
+                server.trancount = 1
+            columns, rows = server.query(text, Frame(values=values))
+            self.rowcount = server.conn.execute("SELECT changes()").fetchone()[0]
+            self.sets = [(columns, rows)] if columns else []
+        self.nextset()
+
+    def nextset(self) -> bool:
+        if not self.sets:
+            self.description, self.rows = None, []
+            return False
+        columns, self.rows = self.sets.pop(0)
+        self.description = [(c,) for c in columns]
+        return True
+
+    def fetchall(self) -> list[tuple]:
+        rows, self.rows = self.rows, []
+        return rows
+
+    def fetchone(self) -> tuple | None:
+        return self.rows.pop(0) if self.rows else None

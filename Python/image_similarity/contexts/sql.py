@@ -1,12 +1,13 @@
 """The `sql` compute context: run a step as its stored procedure, so the work happens inside the database
-server: SQL Server's procedures (SQLR/) or PostgreSQL's PL/Python routines (SQLR/postgres/). Routine and
+server: SQL Server's procedures (SQLR/) or PostgreSQL's PL/Python routines (SQLR/postgres/). Procedure and
 parameter names are fixed here; every value is bound, never spliced."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..store import Store, StoreError
+from ..store.base import PROCEDURES as STORED_PROCEDURES
+from ..store.postgres import ROUTINES as POSTGRES_ROUTINES
 
 PROCEDURES: dict[str, tuple[str, ...]] = {
     "FeaturizeImages": ("backbone", "batch_size"),
@@ -18,35 +19,10 @@ PROCEDURES: dict[str, tuple[str, ...]] = {
     "ComputeNeighbors": ("backbone", "method", "top", "model_version", "refresh"),
     "RefineModel": ("backbone", "epochs", "seed"),
 }
-"""Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares)."""
+"""Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares; the
+PostgreSQL routines, POSTGRES_ROUTINES, take the same names)."""
 
-POSTGRES_ROUTINES: dict[str, str] = {
-    "FeaturizeImages": "CALL image_similarity.featurize_images({})",
-    "PrepareData": "SELECT * FROM image_similarity.prepare_data({})",
-    "TrainModel": "SELECT * FROM image_similarity.train_model({})",
-    "EvaluateModel": "SELECT image_similarity.evaluate_model({}) AS summary",
-    "RankCandidates": "SELECT * FROM image_similarity.rank_candidates({})",
-    "Initial_Run_Once": "CALL image_similarity.initial_run_once({})",
-    "ComputeNeighbors": "CALL image_similarity.compute_neighbors({})",
-    "RefineModel": "CALL image_similarity.refine_model({})",
-}
-"""The PostgreSQL routine (SQLR/postgres/02_Routines.sql) of each procedure; same parameter names."""
-
-
-def exec_statement(procedure: str, names: list[str]) -> str:
-    """`EXEC dbo.P @a = ?, ...` for a known procedure and its known parameters."""
-    allowed = PROCEDURES.get(procedure)
-    if allowed is None or not set(names) <= set(allowed):
-        raise ValueError(f"unknown procedure or parameter: {procedure} {names}")
-    return f"EXEC dbo.{procedure} " + ", ".join(f"@{n} = ?" for n in names)
-
-
-def postgres_statement(procedure: str, names: list[str]) -> str:
-    """`SELECT * FROM image_similarity.f(a => %s, ...)` (or CALL) for a known routine and known parameters."""
-    allowed = PROCEDURES.get(procedure)
-    if allowed is None or not set(names) <= set(allowed):
-        raise ValueError(f"unknown procedure or parameter: {procedure} {names}")
-    return POSTGRES_ROUTINES[procedure].format(", ".join(f"{n} => %s" for n in names))
+__all__ = ["POSTGRES_ROUTINES", "PROCEDURES", "call"]
 
 
 def call(store: Store, procedure: str, **values: Any) -> tuple[list[str], list[tuple]]:
@@ -54,39 +30,9 @@ def call(store: Store, procedure: str, **values: Any) -> tuple[list[str], list[t
 
     Values that are None are left out, so the procedure's default applies.
     """
-    given = {k: v for k, v in values.items() if v is not None}
-    if store.url.startswith("postgresql://"):
-        return _call_postgres(store, procedure, given)
-    conn = getattr(store, "conn", None)
-    if not store.url.startswith("mssql://") or conn is None:
+    if STORED_PROCEDURES not in store.capabilities:
         raise StoreError("--context sql runs the stored procedures: it needs --db postgresql://... or mssql://...")
-    cur = conn.cursor()
-    try:
-        cur.execute(exec_statement(procedure, list(given)), *given.values())
-        columns, rows = [], []
-        while True:
-            if cur.description:
-                columns, rows = [d[0] for d in cur.description], [tuple(r) for r in cur.fetchall()]
-            if not cur.nextset():
-                break
-        conn.commit()
-    except Exception:
-        conn.rollback()
-        raise
-    return columns, rows
-
-
-def _call_postgres(store: Store, procedure: str, given: dict[str, Any]) -> tuple[list[str], list[tuple]]:
-    import psycopg
-
-    if isinstance(given.get("c_grid"), str):  # the SQL Server procedure takes JSON, PostgreSQL an array
-        given["c_grid"] = [float(c) for c in json.loads(given["c_grid"])]
-    conn = store.db.conn
-    try:
-        with conn.cursor() as cur:
-            cur.execute(postgres_statement(procedure, list(given)), list(given.values()))
-            columns = [d.name for d in cur.description] if cur.description else []
-            return columns, [tuple(r) for r in cur.fetchall()] if columns else []
-    except psycopg.Error as err:
-        message = err.diag.message_primary or str(err).strip().splitlines()[0]
-        raise StoreError(message.removeprefix("plpy.Error: ")) from None
+    given = {k: v for k, v in values.items() if v is not None}
+    if procedure not in PROCEDURES or not set(given) <= set(PROCEDURES[procedure]):
+        raise ValueError(f"unknown procedure or parameter: {procedure} {list(given)}")
+    return store.run_procedure(procedure, given)

@@ -12,6 +12,7 @@ from ..errors import BadInput, NotReady, Unavailable
 from ..search import ann
 from ..search.halfscan import HalfMatrix, scan_kernel
 from ..store import Store
+from ..store.base import VECTOR_SEARCH
 from .train import SimilarityModel, l2_normalize, load_model
 
 METHODS = ("l2", "cosine", "scores", "learned")
@@ -219,15 +220,15 @@ def _best(scores: np.ndarray, top: int) -> np.ndarray:
 def database_search(store: Store, backbone: str, vector: np.ndarray, method: str, top: int, sha256: str,
                     query_dhash: str, index: str = "exact") -> list[Match] | None:
     """l2/cosine matches ranked by the store's database (pgvector), without the query and its near twins;
-    None when the store leaves ranking to the engine. `index` as in INDEXES (auto: the database's index if any)."""
+    None when the store has no VECTOR_SEARCH. `index` as in INDEXES (auto: the database's index if any)."""
     if index not in INDEXES:
         raise BadInput(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
+    if VECTOR_SEARCH not in store.capabilities:
+        return None
     rows = store.images()
     near = hamming_to(query_dhash, packed_hashes([r.dhash for r in rows])) <= NEAR_DUPLICATE_DISTANCE
     exclude = [r.id for r, twin in zip(rows, near) if twin or r.sha256 == sha256]
     found = store.nearest(backbone, vector, method, top, exclude, {"exact": False, "hnsw": True}.get(index))
-    if found is None:
-        return None
     if not found and not store.feature_counts().get(backbone):
         raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
     meta = {r.id: r for r in rows}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError
+from .base import PROCEDURES, VECTOR_SEARCH, EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError
 from .sqlite import SQLiteStore
 
 DEFAULT_DB = "image_similarity.sqlite"
@@ -14,9 +14,11 @@ __all__ = [
     "ImageRow",
     "ModelRecord",
     "NewImage",
+    "PROCEDURES",
     "SQLiteStore",
     "Store",
     "StoreError",
+    "VECTOR_SEARCH",
     "connect",
 ]
 

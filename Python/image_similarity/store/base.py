@@ -17,6 +17,11 @@ import numpy as np
 
 from ..errors import NotReady, StoreError
 
+VECTOR_SEARCH = "vector search"
+"""Capability: the store's `nearest` ranks by l2 or cosine inside the database."""
+PROCEDURES = "stored procedures"
+"""Capability: the store runs the SQLR procedures or PL/Python routines (`run_procedure`)."""
+
 
 @dataclass(frozen=True)
 class ImageRow:
@@ -127,6 +132,8 @@ class Store(abc.ABC):
     """Tables of the image-similarity job. Every write is one transaction; re-running a step is safe."""
 
     url: str
+    capabilities: frozenset[str] = frozenset()
+    """What this store can do beyond the operations every store has: VECTOR_SEARCH, PROCEDURES."""
 
     # images
     @abc.abstractmethod
@@ -210,16 +217,16 @@ class Store(abc.ABC):
         """Store one query's results as (rank, image id, score) rows; return the query's id."""
 
     # issue 18: a service that stays right while the catalogue changes
+    @abc.abstractmethod
     def remove_image(self, image_id: int) -> bool:
-        """Remove an image with its features, split row and the stored rankings that name it, in one transaction;
-        False when there is no such image."""
-        raise StoreError(f"removing images is not supported by {type(self).__name__}")
+        """Remove an image with its features, split row, neighbours and the stored rankings that name it, in one
+        transaction; False when there is no such image."""
 
+    @abc.abstractmethod
     def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:
         """(latest model version, latest evaluation id, number and largest image id of the backbone's features),
         0 for none: cheap to read, and it changes whenever train, evaluate, featurize or a removal changes what
         a ranking on the latest model sees (images are only added by ingest and removed by remove_image)."""
-        raise StoreError(f"version stamps are not supported by {type(self).__name__}")
 
     def reading(self) -> AbstractContextManager[None]:
         """A context in which every read sees one snapshot of the database (a read transaction); keep it short.
@@ -271,11 +278,16 @@ class Store(abc.ABC):
         raise NotReady(f"no network named {name!r}: run 'image-similarity refine' first")
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
-                approximate: bool | None = None) -> list[tuple[int, float]] | None:
-        """(image id, score) of the `top` best l2 or cosine matches, ranked by the database itself, or None when
-        this store leaves ranking to the engine (the default). Scores as in rank.Match. `approximate`: through
-        the database's vector index (True), by an exact scan (False), or through the index if there is one."""
-        return None
+                approximate: bool | None = None) -> list[tuple[int, float]]:
+        """(image id, score) of the `top` best l2 or cosine matches, ranked by the database itself (stores with
+        VECTOR_SEARCH; StoreError elsewhere). Scores as in rank.Match. `approximate`: through the database's
+        vector index (True), by an exact scan (False), or through the index if there is one."""
+        raise StoreError(f"{type(self).__name__} has no {VECTOR_SEARCH} in the database: rank in the engine")
+
+    def run_procedure(self, procedure: str, values: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+        """Run a step's stored procedure (SQLR/) or PL/Python routine, by its SQL Server name, with named values
+        (stores with PROCEDURES; StoreError elsewhere); (column names, rows) of its last result set."""
+        raise StoreError(f"{type(self).__name__} runs no {PROCEDURES}")
 
     @abc.abstractmethod
     def close(self) -> None:

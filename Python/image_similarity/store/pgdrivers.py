@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from ..errors import StoreError
+
 PLACEHOLDER = re.compile(r"%s")
 
 
@@ -31,6 +33,28 @@ class Psycopg:
     def query_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
             cur.executemany(sql, rows)
+
+    def count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        with self.conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.rowcount
+
+    def results(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
+        """(column names, rows) of a routine call; its error as a StoreError with the server's one-line reason."""
+        import psycopg
+
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql, params)
+                columns = [d.name for d in cur.description] if cur.description else []
+                return columns, [tuple(r) for r in cur.fetchall()] if columns else []
+        except psycopg.Error as err:
+            message = err.diag.message_primary or str(err).strip().splitlines()[0]
+            raise StoreError(message.removeprefix("plpy.Error: ")) from None
+
+    def first(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        rows = self.query(sql, params)
+        return rows[0] if rows else None
 
     def script(self, sql: str) -> None:
         """Run constant SQL of several statements, no values."""
@@ -88,18 +112,30 @@ class Plpy:
             self.plans[key] = self.plpy.prepare(PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql), list(types))
         return self.plans[key]
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    def _execute(self, sql: str, params: Sequence[Any]) -> Any:
         params = [bytes(p) if isinstance(p, (bytearray, memoryview)) else p for p in params]
-        result = self.plpy.execute(self._plan(sql, params), params)
+        return self.plpy.execute(self._plan(sql, params), params)
+
+    def results(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
+        """(column names, rows) of a statement."""
+        result = self._execute(sql, params)
         try:
             columns = result.colnames()
         except self.plpy.Error:  # a statement that returns no rows
-            return []
-        return [tuple(row[c] for c in columns) for row in result] if columns else []
+            return [], []
+        return columns or [], [tuple(row[c] for c in columns) for row in result] if columns else []
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.results(sql, params)[1]
 
     def query_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         for row in rows:
             self.query(sql, row)
+
+    def count(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._execute(sql, params).nrows()
+
+    first = Psycopg.first
 
     def script(self, sql: str) -> None:
         """Run constant SQL of several statements, no values."""
