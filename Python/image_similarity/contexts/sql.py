@@ -1,35 +1,18 @@
 """The `sql` compute context: run a step as its stored procedure, so the work happens inside the database
 server: SQL Server's procedures (SQLR/) or PostgreSQL's PL/Python routines (SQLR/postgres/). Routine and
-parameter names are fixed here; every value is bound, never spliced."""
+parameter names come from the step definitions (pipeline/steps.py); every value is bound, never spliced."""
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from ..pipeline.steps import STEPS
 from ..store import Store, StoreError
 
-PROCEDURES: dict[str, tuple[str, ...]] = {
-    "FeaturizeImages": ("backbone", "batch_size"),
-    "PrepareData": ("test_fraction", "seed"),
-    "TrainModel": ("backbone", "c_grid", "seed"),
-    "EvaluateModel": ("model_version", "seed"),
-    "RankCandidates": ("query", "query_name", "top", "method", "model_version"),
-    "Initial_Run_Once": ("backbone", "test_fraction", "seed"),
-    "ComputeNeighbors": ("backbone", "method", "top", "model_version", "refresh"),
-    "RefineModel": ("backbone", "epochs", "seed"),
-}
+PROCEDURES: dict[str, tuple[str, ...]] = {s.procedure: s.parameters for s in STEPS.values() if s.procedure}
 """Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares)."""
 
-POSTGRES_ROUTINES: dict[str, str] = {
-    "FeaturizeImages": "CALL image_similarity.featurize_images({})",
-    "PrepareData": "SELECT * FROM image_similarity.prepare_data({})",
-    "TrainModel": "SELECT * FROM image_similarity.train_model({})",
-    "EvaluateModel": "SELECT image_similarity.evaluate_model({}) AS summary",
-    "RankCandidates": "SELECT * FROM image_similarity.rank_candidates({})",
-    "Initial_Run_Once": "CALL image_similarity.initial_run_once({})",
-    "ComputeNeighbors": "CALL image_similarity.compute_neighbors({})",
-    "RefineModel": "CALL image_similarity.refine_model({})",
-}
+POSTGRES_ROUTINES: dict[str, str] = {s.procedure: s.routine for s in STEPS.values() if s.procedure}
 """The PostgreSQL routine (SQLR/postgres/02_Routines.sql) of each procedure; same parameter names."""
 
 
