@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import pandas as pd
 
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
 from ..core.images import BadImageError, decode_image, inspect_image
+from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady
 from ..features.backbones import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
 from ..pipeline.featurize import Featurizer, collect_batch
@@ -46,17 +48,25 @@ no network and a working folder and profile of its own, so the torch hub cache o
 
 
 class Report:
-    """Context manager that turns an exception in an external script into one line in `error`."""
+    """Context manager that turns an exception in an external script into one line in `error`, which the
+    procedure THROWs before it writes anything: an ImageSimilarityError's message as it is; anything else is a bug,
+    named by its type, and its traceback also goes to the script's stderr (SQL Server's "STDERR message(s) from
+    external script")."""
 
     error: str | None = None
 
     def __enter__(self) -> Report:  # noqa: PYI034 - typing.Self is 3.11+; SQL Server's runtime is Python 3.10
         return self
 
-    def __exit__(self, kind, err, traceback) -> bool:
+    def __exit__(self, kind, err, trace) -> bool:
         if not isinstance(err, Exception):
             return False
-        self.error = " ".join(f"{type(err).__name__}: {err}".split())[:4000]
+        if isinstance(err, ImageSimilarityError):
+            line = str(err)
+        else:
+            traceback.print_exception(kind, err, trace, file=sys.stderr)
+            line = f"{type(err).__name__}: {err}"
+        self.error = " ".join(line.split())[:4000]
         return True
 
 
@@ -89,7 +99,7 @@ def featurizer(backbone: str) -> Featurizer:
 
 def _require(frame: pd.DataFrame, what: str) -> None:
     if frame.empty:
-        raise ValueError(f"no rows: {what}")
+        raise NotReady(f"no rows: {what}")
 
 
 def inspect(data_hex: str) -> pd.DataFrame:
@@ -155,7 +165,7 @@ def train_model(features: pd.DataFrame, backbone: str, c_grid: str = "", seed: i
 def _model(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int) -> SimilarityModel:
     arrays = frame[frame["array_name"].notna()]
     if arrays.empty:
-        raise ValueError(f"no arrays for model version {version}")
+        raise NotFound(f"no arrays for model version {version}")
     record = ModelRecord(backbone=backbone, classes=json.loads(classes), params=json.loads(params), version=version,
                          arrays={r.array_name: decode_array(r.dtype, r.shape, unhex(r.data))
                                  for r in arrays.itertuples(index=False)})
@@ -216,7 +226,7 @@ def vector_query(images: pd.DataFrame, query_hex: str, backbone: str) -> tuple[s
     excluded = [int(i) for i, s, twin in zip(images["image_id"], images["sha256"], near) if twin or s == sha]
     padded = _padded(np.asarray(vector, dtype=np.float32))
     if padded is None:
-        raise ValueError(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
+        raise BadInput(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
     return padded, json.dumps(excluded)
 
 
