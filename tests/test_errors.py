@@ -52,6 +52,8 @@ def test_cli_turns_what_the_user_names_into_one_line(full_copy, sample_dir, tmp_
         (["rank", str(tmp_path / "none.jpg")], f"query image {tmp_path / 'none.jpg'}: No such file or directory"),
         (["rank", query, "--plot", str(blocker / "plot.png")], f"cannot write the plot {blocker / 'plot.png'}"),
         (["evaluate", "--out", str(blocker / "plots")], f"cannot make the folder {blocker / 'plots'}"),
+        (["train", "--C", "1", "-1"], "C values must be positive, got 1 -1"),
+        (["featurize", "--device", "gpu0"], "not a torch device: 'gpu0'"),
     ]:
         assert main([*argv, "--db", str(full_copy)]) == 1, argv
         assert one_line(capsys.readouterr().err).startswith(f"image-similarity: error: {message}")

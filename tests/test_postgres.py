@@ -270,7 +270,7 @@ def test_routines_are_one_call_into_the_package():
     for name, params, body in routines:
         declared = [p.split() for p in params.split(",") if p.strip()]
         inputs[name] = [p[0] for p in declared if p[0] not in ("OUT", "INOUT")]
-        assert body == (f"from image_similarity import plpython\n"
+        assert body == (f"from image_similarity.contexts import plpython\n"
                         f"return plpython.{name}({', '.join(['plpy', *inputs[name]])})\n"), name
         assert callable(getattr(plpython, name))
     for procedure, statement in POSTGRES_ROUTINES.items():

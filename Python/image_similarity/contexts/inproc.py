@@ -29,7 +29,7 @@ from ..core.images import BadImageError, decode_image, inspect_image
 from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady
 from ..features.backbones import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
-from ..pipeline.featurize import Featurizer, collect_batch
+from ..pipeline.featurize import Featurizer, finish_batch
 from ..pipeline.rank import Catalogue, rank
 from ..pipeline.split import split_images
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
@@ -116,10 +116,11 @@ def featurize_images(images: pd.DataFrame, backbone: str) -> pd.DataFrame:
     """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason): a float32 blob per good image,
     a reason per bad one. The procedure loops over batches, so one call holds one batch of images."""
     model = featurizer(backbone)
-    ids, arrays, bad = collect_batch(model.submit([(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]))
+    items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
+    ids, vectors, bad = finish_batch(model, model.submit(items))
     out = [(i, None, None, reason) for i, reason in bad]
     if ids:
-        vectors = np.ascontiguousarray(model.forward(np.stack(arrays)), dtype="<f4")
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
         out += [(i, vectors.shape[1], v.tobytes().hex(), None) for i, v in zip(ids, vectors)]
     return pd.DataFrame(sorted(out, key=lambda r: r[0]), columns=["image_id", "dim", "vector", "reason"])
 

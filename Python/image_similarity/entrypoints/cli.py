@@ -13,7 +13,7 @@ from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
 from ..pipeline.rank import ANN_THRESHOLD, INDEXES, METHODS
-from ..pipeline.reports import _percent, print_evaluation, print_ranking
+from ..pipeline.reports import percent, print_evaluation, print_ranking
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 
 DEFAULT_OUT = "image-similarity-output"
@@ -220,7 +220,7 @@ def cmd_train(store, args) -> None:
 
     model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
     print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
-          f"C={model.params['C']:g}, cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
+          f"C={model.params['C']:g}, cross-validated accuracy {percent(model.params['cv_accuracy'])}")
 
 
 def cmd_evaluate(store, args) -> None:
@@ -402,8 +402,9 @@ def cmd_sql(store, args) -> None:
     if args.command == "run":
         print_evaluation(store.evaluation().summary)
         if args.refine:  # refine inside the server too, then the same job on the refined network's features
-            columns, rows = call(store, "RefineModel", backbone=args.backbone, epochs=args.epochs, seed=args.seed)
-            print(f"RefineModel ran inside {server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
+            refine = STEPS["refine"].procedure
+            columns, rows = call(store, refine, backbone=args.backbone, epochs=args.epochs, seed=args.seed)
+            print(f"{refine} ran inside {server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
             call(store, procedure, backbone=rows[0][0], seed=args.seed)
             print_evaluation(store.evaluation().summary)
 

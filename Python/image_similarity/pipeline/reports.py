@@ -9,7 +9,7 @@ CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
 protocol, candidates drawn from the test split): printed only beside figures on the same classes."""
 
 
-def _percent(x: float) -> str:
+def percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
@@ -17,13 +17,13 @@ def print_evaluation(summary: dict[str, Any]) -> None:
     reference = set(summary["classes"]) == CNTK_CLASSES
     print(f"model version {summary['model_version']} ({summary['backbone']}), "
           f"{summary['n_train']} train / {summary['n_test']} test images")
-    print(f"  accuracy: train {_percent(summary['train_accuracy'])}, test {_percent(summary['test_accuracy'])}, "
-          f"test class-averaged {_percent(summary['class_avg_accuracy'])}"
-          + (f"  (CNTK tutorial, same 3 classes: {_percent(CNTK_ACCURACY)})" if reference else ""))
-    print("  per class (test): " + ", ".join(f"{c} {_percent(v)}" for c, v in summary["per_class_test_accuracy"].items())
+    print(f"  accuracy: train {percent(summary['train_accuracy'])}, test {percent(summary['test_accuracy'])}, "
+          f"test class-averaged {percent(summary['class_avg_accuracy'])}"
+          + (f"  (CNTK tutorial, same 3 classes: {percent(CNTK_ACCURACY)})" if reference else ""))
+    print("  per class (test): " + ", ".join(f"{c} {percent(v)}" for c, v in summary["per_class_test_accuracy"].items())
           + "; AUC " + ", ".join(f"{c} {v:.3f}" for c, v in summary["auc"].items()))
     print("  ranking, original protocol (each test image against 1 positive + 100 negatives from the test split)"
-          + (f"; CNTK tutorial top-1 {_percent(CNTK_TOP1)}:" if reference else ":"))
+          + (f"; CNTK tutorial top-1 {percent(CNTK_TOP1)}:" if reference else ":"))
     _print_ranking_table(summary["ranking"], summary["best_method"], ())
     if "catalogue_ranking" in summary:
         print("  ranking, catalogue (test images against the training images; R@k, mAP, P@10 and look-alike over all):")
@@ -42,8 +42,8 @@ def _print_ranking_table(ranking: dict[str, dict[str, float]], best_method: str,
     print(f"    {'method':<8} {'top-1':>6} {'top-5':>6} {'top-10':>6} {'mean':>6} {'median':>6}"
           + "".join(f" {RANKING_COLUMNS[k]:>6}" for k in extra))
     for method, r in ranking.items():
-        cells = [_percent(r[k]) if k.startswith(("recall", "precision")) else f"{r[k]:.3f}" for k in extra]
-        print(f"    {method:<8} {_percent(r['top1']):>6} {_percent(r['top5']):>6} {_percent(r['top10']):>6} "
+        cells = [percent(r[k]) if k.startswith(("recall", "precision")) else f"{r[k]:.3f}" for k in extra]
+        print(f"    {method:<8} {percent(r['top1']):>6} {percent(r['top5']):>6} {percent(r['top10']):>6} "
               f"{r['mean_rank']:>6.2f} {r['median_rank']:>6.1f}" + "".join(f" {c:>6}" for c in cells)
               + ("  <- best" if method == best_method else ""))
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
 from ..features.backbones import DEFAULT_BACKBONE
-from .reports import CNTK_ACCURACY, CNTK_CLASSES, CNTK_TOP1, _percent, print_evaluation, print_ranking
+from .reports import CNTK_ACCURACY, CNTK_CLASSES, CNTK_TOP1, percent, print_evaluation, print_ranking
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -119,14 +119,14 @@ def _print_split(run: Run, counts: dict[str, int]) -> None:
 
 def _print_train(run: Run, model) -> None:
     print(f"train: model version {model.version}, C={model.params['C']:g}, "
-          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
+          f"cross-validated accuracy {percent(model.params['cv_accuracy'])}")
 
 
 def print_refine(run: Run | None, record) -> None:
     """What refine did: the stored network, its best epoch and validation accuracy, its speed."""
     best, history = record.metrics["best"], record.metrics["history"]
     val = "no validation images" if best["val_accuracy"] is None else \
-        f"validation accuracy {_percent(best['val_accuracy'])}"
+        f"validation accuracy {percent(best['val_accuracy'])}"
     print(f"refine: {record.name} ({record.base}, {record.metrics['train_images']} train / "
           f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
           f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
@@ -137,9 +137,9 @@ def _print_rank(run: Run, result) -> None:
     """The best ranking method of the run's last evaluation (beside the CNTK tutorial's), then the example."""
     summary = run.summary
     best = summary["ranking"][summary["best_method"]]
-    print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {_percent(best['top1'])}, "
-          f"top-10 {_percent(best['top10'])}, median rank {best['median_rank']:g}"
-          + (f"; CNTK tutorial on the same 3 classes: test accuracy {_percent(CNTK_ACCURACY)}, top-1 {_percent(CNTK_TOP1)}"
+    print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {percent(best['top1'])}, "
+          f"top-10 {percent(best['top10'])}, median rank {best['median_rank']:g}"
+          + (f"; CNTK tutorial on the same 3 classes: test accuracy {percent(CNTK_ACCURACY)}, top-1 {percent(CNTK_TOP1)}"
              if set(summary["classes"]) == CNTK_CLASSES else ""))
     print_ranking(result)
 
