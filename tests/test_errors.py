@@ -75,7 +75,8 @@ def web(web_store, featurizer):
 
 
 @pytest.mark.parametrize("error, status", [
-    (BadInput("bad"), 400), (NotFound("no image with id 1"), 404), (NotReady("run 'image-similarity train' first"), 409),
+    (BadInput("bad"), 400), (NotFound("no image with id 1"), 404),
+    (NotReady("run 'image-similarity train' first"), 409),
     (Unavailable("faiss is not installed"), 503), (StoreError("server closed the connection\nunexpectedly"), 503),
     (RuntimeError("a bug"), 500)])
 def test_web_status_follows_the_kind_when_the_store_fails_mid_request(error, status, web, web_store, monkeypatch):

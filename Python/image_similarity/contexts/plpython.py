@@ -3,7 +3,8 @@
 Each SQL routine's body is one line that calls a function here with `plpy` and its bound arguments. The
 engine runs inside the server process, on a PostgresStore that talks to the server through `plpy` (SPI).
 An ImageSimilarityError (empty catalogue, no model, a query that is not an image) becomes a one-line SQL error;
-any other exception is a bug and reaches the server with its traceback. The featurizer is loaded once per server session and reused.
+any other exception is a bug and reaches the server with its traceback. The featurizer is loaded once per server
+session and reused.
 """
 from __future__ import annotations
 

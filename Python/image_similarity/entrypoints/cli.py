@@ -227,8 +227,7 @@ def cmd_evaluate(store, args) -> None:
     from ..pipeline.evaluate import evaluate
     from ..pipeline.train import load_model
 
-    model = load_model(store, args.model_version)
-    summary = evaluate(store, model, out_dir=out_folder(args.out), seed=args.seed)
+    summary = evaluate(store, load_model(store, args.model_version), out_dir=out_folder(args.out), seed=args.seed)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -318,8 +317,8 @@ def cmd_run(store, args) -> None:
     from ..resources import sample_dataset
 
     run = Run(store, lambda backbone: _featurizer(args, backbone, store), folder=args.dir or sample_dataset(),
-              seed=args.seed, out=out_folder(args.out), progress=not args.quiet, epochs=args.epochs, device=args.device,
-              precision=args.precision, backbone=args.backbone)
+              seed=args.seed, out=out_folder(args.out), progress=not args.quiet, epochs=args.epochs,
+              device=args.device, precision=args.precision, backbone=args.backbone)
     run_job(run, run_steps(args.refine), show=True)
 
 
@@ -438,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image-similarity: error: {query}{err}", file=sys.stderr)
         return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
