@@ -1,6 +1,8 @@
 -- Initial_Run_Once: every step after the images are loaded: featurize, split, train, evaluate. With
 -- XACT_ABORT ON the first step that fails stops the run (each step THROWs one line and keeps stored data as it
 -- was; featurized batches stay, so a re-run goes on where it stopped).
+-- The steps are pipeline/steps.py's JOB, in its order, as in `image-similarity run` and PostgreSQL's
+-- initial_run_once (tests/test_steps.py checks the EXECs below against it).
 CREATE OR ALTER PROCEDURE dbo.Initial_Run_Once
     @backbone nvarchar(64) = N'efficientnet_lite0',
     @test_fraction float = 0.25,

@@ -1,7 +1,17 @@
 """The package's errors: one base and a few kinds, each rendered in one place per entry point.
 
-`cli.main`, the web service, the PL/Python routines and the SQL Server entry points turn an `ImageSimilarityError`
-into one line (and, on the web, a status code by its kind). Any other exception is a bug and keeps its traceback.
+The rule: raise an `ImageSimilarityError` of the right kind for whatever a user can cause or fix (bad input,
+a step not run yet, a database or package that is not there); internal invariants stay plain exceptions. Every
+entry point renders the package's errors in one place, as one line, and leaves anything else, a bug, its traceback:
+
+- `cli.main`: `image-similarity: error: MESSAGE`, exit status 1 (KeyboardInterrupt: 130, with a hint to resume);
+- the web service (`web.create_app`): `{"detail": MESSAGE}`, status by kind (`web.STATUS_OF_KIND`): BadInput 400,
+  NotFound 404, NotReady 409, Unavailable 503; anything else 500;
+- PL/Python (`plpython._clear_errors`): a plain SQL error `image_similarity: MESSAGE`;
+- SQL Server (`inproc.reported()`): MESSAGE, which the procedure THROWs (a bug: its type and message, and its
+  traceback on stderr).
+
+Errors from what a user names at the edge (a file, a folder) are turned into these kinds where it is named.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,10 @@ import pandas as pd
 
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
 from ..core.images import BadImageError, decode_image, inspect_image
+from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady
 from ..features.backbones import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
-from ..pipeline.featurize import Featurizer, collect_batch
+from ..pipeline.featurize import Featurizer, finish_batch
 from ..pipeline.rank import Catalogue, rank
 from ..pipeline.split import split_images
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
@@ -46,17 +48,25 @@ no network and a working folder and profile of its own, so the torch hub cache o
 
 
 class Report:
-    """Context manager that turns an exception in an external script into one line in `error`."""
+    """Context manager that turns an exception in an external script into one line in `error`, which the
+    procedure THROWs before it writes anything: an ImageSimilarityError's message as it is; anything else is a bug,
+    named by its type, and its traceback also goes to the script's stderr (SQL Server's "STDERR message(s) from
+    external script")."""
 
     error: str | None = None
 
     def __enter__(self) -> Report:  # noqa: PYI034 - typing.Self is 3.11+; SQL Server's runtime is Python 3.10
         return self
 
-    def __exit__(self, kind, err, traceback) -> bool:
+    def __exit__(self, kind, err, trace) -> bool:
         if not isinstance(err, Exception):
             return False
-        self.error = " ".join(f"{type(err).__name__}: {err}".split())[:4000]
+        if isinstance(err, ImageSimilarityError):
+            line = str(err)
+        else:
+            traceback.print_exception(kind, err, trace, file=sys.stderr)
+            line = f"{type(err).__name__}: {err}"
+        self.error = " ".join(line.split())[:4000]
         return True
 
 
@@ -89,7 +99,7 @@ def featurizer(backbone: str) -> Featurizer:
 
 def _require(frame: pd.DataFrame, what: str) -> None:
     if frame.empty:
-        raise ValueError(f"no rows: {what}")
+        raise NotReady(f"no rows: {what}")
 
 
 def inspect(data_hex: str) -> pd.DataFrame:
@@ -106,10 +116,11 @@ def featurize_images(images: pd.DataFrame, backbone: str) -> pd.DataFrame:
     """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason): a float32 blob per good image,
     a reason per bad one. The procedure loops over batches, so one call holds one batch of images."""
     model = featurizer(backbone)
-    ids, arrays, bad = collect_batch(model.submit([(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]))
+    items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
+    ids, vectors, bad = finish_batch(model, model.submit(items))
     out = [(i, None, None, reason) for i, reason in bad]
     if ids:
-        vectors = np.ascontiguousarray(model.forward(np.stack(arrays)), dtype="<f4")
+        vectors = np.ascontiguousarray(vectors, dtype="<f4")
         out += [(i, vectors.shape[1], v.tobytes().hex(), None) for i, v in zip(ids, vectors)]
     return pd.DataFrame(sorted(out, key=lambda r: r[0]), columns=["image_id", "dim", "vector", "reason"])
 
@@ -155,7 +166,7 @@ def train_model(features: pd.DataFrame, backbone: str, c_grid: str = "", seed: i
 def _model(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int) -> SimilarityModel:
     arrays = frame[frame["array_name"].notna()]
     if arrays.empty:
-        raise ValueError(f"no arrays for model version {version}")
+        raise NotFound(f"no arrays for model version {version}")
     record = ModelRecord(backbone=backbone, classes=json.loads(classes), params=json.loads(params), version=version,
                          arrays={r.array_name: decode_array(r.dtype, r.shape, unhex(r.data))
                                  for r in arrays.itertuples(index=False)})
@@ -216,7 +227,7 @@ def vector_query(images: pd.DataFrame, query_hex: str, backbone: str) -> tuple[s
     excluded = [int(i) for i, s, twin in zip(images["image_id"], images["sha256"], near) if twin or s == sha]
     padded = _padded(np.asarray(vector, dtype=np.float32))
     if padded is None:
-        raise ValueError(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
+        raise BadInput(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
     return padded, json.dumps(excluded)
 
 

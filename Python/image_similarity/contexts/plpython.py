@@ -2,8 +2,9 @@
 
 Each SQL routine's body is one line that calls a function here with `plpy` and its bound arguments. The
 engine runs inside the server process, on a PostgresStore that talks to the server through `plpy` (SPI).
-Errors the user can act on (empty catalogue, no model, a query that is not an image) become one-line SQL
-errors; the featurizer is loaded once per server session and reused.
+An ImageSimilarityError (empty catalogue, no model, a query that is not an image) becomes a one-line SQL error;
+any other exception is a bug and reaches the server with its traceback. The featurizer is loaded once per server
+session and reused.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 from ..errors import ImageSimilarityError
 from ..features.backbones import DEFAULT_BACKBONE
 from ..pipeline.featurize import Featurizer, featurize
+from ..pipeline.steps import JOB, STEPS, Run, choose_model, run_job
 from ..store.postgres import PostgresStore
 
 FEATURIZERS: dict[str, Featurizer] = {}
@@ -31,13 +33,14 @@ def _featurizer(backbone: str | None, store: PostgresStore) -> Featurizer:
 
 
 def _clear_errors(function: Callable) -> Callable:
-    """Turn the engine's expected errors into a plain SQL error with a one-line message."""
+    """Render an ImageSimilarityError as a plain SQL error with a one-line message; let anything else (a bug) raise
+    with its traceback."""
 
     @functools.wraps(function)
     def wrapper(plpy: Any, *args: Any) -> Any:
         try:
             return function(plpy, *args)
-        except (ImageSimilarityError, ValueError) as err:
+        except ImageSimilarityError as err:
             plpy.error(f"image_similarity: {err}")
 
     return wrapper
@@ -96,44 +99,33 @@ def evaluate_model(plpy: Any, model_version: int | None, seed: int) -> str:
 def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: str | None,
                     model_version: int | None) -> list[tuple]:
     """(rank, image_id, name, label, score, method) rows of the catalogue images most similar to a query."""
-    from ..pipeline.rank import latest_model, rank
-    from ..pipeline.train import load_model
+    from ..pipeline.rank import rank
 
     store = PostgresStore.in_server(plpy)
-    model = load_model(store, model_version) if model_version else latest_model(store)
-    featurizer = _featurizer(model.backbone if model else None, store)
+    model, backbone = choose_model(store, model_version)
+    featurizer = _featurizer(backbone, store)
     result = rank(store, bytes(query), featurizer, top=top, method=method, model=model, name=query_name)
     return [(m.rank, m.image_id, m.name, m.label, m.score, result.method) for m in result.matches]
 
 
 @_clear_errors
 def initial_run_once(plpy: Any, backbone: str | None, test_fraction: float, seed: int) -> tuple:
-    """Procedure: featurize (committing each batch), split, train and evaluate the stored images.
+    """Procedure: the JOB on the stored images (featurize, committing each batch; split; train; evaluate).
     (model_version, test_accuracy, best_method, pid)."""
-    from ..pipeline.evaluate import evaluate
-    from ..pipeline.split import split
-    from ..pipeline.train import train
-
     store = PostgresStore.in_server(plpy, commits=True)
-    featurizer = _featurizer(backbone, store)
-    featurize(store, featurizer, progress=False)
-    split(store, test_fraction, seed)
-    model = train(store, featurizer.backbone, seed=seed)
-    summary = evaluate(store, model, seed=seed)
-    return model.version, summary["test_accuracy"], summary["best_method"], os.getpid()
+    run = run_job(Run(store, lambda name: _featurizer(name, store), test_fraction=test_fraction, seed=seed,
+                      backbone=backbone), JOB)
+    return run.model.version, run.summary["test_accuracy"], run.summary["best_method"], os.getpid()
 
 
 @_clear_errors
 def refine_model(plpy: Any, backbone: str | None, epochs: int | None, seed: int) -> tuple:
     """Procedure: fine-tune a backbone on the training split, committing after every epoch (a new call resumes).
     (network name, best epoch, its validation accuracy, device, pid)."""
-    from ..pipeline.refine import refine
-
-    store = PostgresStore.in_server(plpy, commits=True)
-    name = refine(store, backbone or DEFAULT_BACKBONE, epochs=epochs, seed=seed, progress=False)
-    record = store.network(name)
+    record = STEPS["refine"].compute(Run(PostgresStore.in_server(plpy, commits=True), backbone=backbone,
+                                         epochs=epochs, seed=seed))
     best = record.metrics["best"]
-    return name, best["epoch"], best["val_accuracy"], record.metrics["device"], os.getpid()
+    return record.name, best["epoch"], best["val_accuracy"], record.metrics["device"], os.getpid()
 
 
 @_clear_errors
@@ -154,12 +146,10 @@ def compute_neighbors(plpy: Any, backbone: str | None, method: str | None, top: 
     """Procedure (issue 17): store the top neighbours of every image, committing each block.
     (images added, method used, pid)."""
     from ..pipeline.neighbors import neighbors
-    from ..pipeline.rank import default_method, latest_model
-    from ..pipeline.train import load_model
+    from ..pipeline.rank import default_method
 
     store = PostgresStore.in_server(plpy, commits=True)
-    model = load_model(store, model_version) if model_version else latest_model(store)
-    backbone = backbone or (model.backbone if model else DEFAULT_BACKBONE)
-    method = method or default_method(store, model if model and model.backbone == backbone else None)
+    model, backbone = choose_model(store, model_version, backbone)
+    method = method or default_method(store, model)
     report = neighbors(store, backbone, method, top, model, refresh=refresh, progress=False)
     return report.added, method, os.getpid()

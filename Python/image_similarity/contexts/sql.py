@@ -1,24 +1,16 @@
 """The `sql` compute context: run a step as its stored procedure, so the work happens inside the database
 server: SQL Server's procedures (SQLR/) or PostgreSQL's PL/Python routines (SQLR/postgres/). Procedure and
-parameter names are fixed here; every value is bound, never spliced."""
+parameter names come from the step definitions (pipeline/steps.py); every value is bound, never spliced."""
 from __future__ import annotations
 
 from typing import Any
 
+from ..pipeline.steps import STEPS
 from ..store import Store, StoreError
 from ..store.base import PROCEDURES as STORED_PROCEDURES
 from ..store.postgres import ROUTINES as POSTGRES_ROUTINES
 
-PROCEDURES: dict[str, tuple[str, ...]] = {
-    "FeaturizeImages": ("backbone", "batch_size"),
-    "PrepareData": ("test_fraction", "seed"),
-    "TrainModel": ("backbone", "c_grid", "seed"),
-    "EvaluateModel": ("model_version", "seed"),
-    "RankCandidates": ("query", "query_name", "top", "method", "model_version"),
-    "Initial_Run_Once": ("backbone", "test_fraction", "seed"),
-    "ComputeNeighbors": ("backbone", "method", "top", "model_version", "refresh"),
-    "RefineModel": ("backbone", "epochs", "seed"),
-}
+PROCEDURES: dict[str, tuple[str, ...]] = {s.procedure: s.parameters for s in STEPS.values() if s.procedure}
 """Each procedure the client calls, with the parameters it may pass (a subset of what SQLR/ declares; the
 PostgreSQL routines, POSTGRES_ROUTINES, take the same names)."""
 

@@ -9,21 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..errors import BadInput
+from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
 from ..pipeline.rank import ANN_THRESHOLD, INDEXES, METHODS
+from ..pipeline.reports import percent, print_evaluation, print_ranking
+from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 
 DEFAULT_OUT = "image-similarity-output"
-
-CNTK_CLASSES = {"dotted", "leopard", "striped"}
-CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
-"""The CNTK image-similarity tutorial's figures on its 3 texture classes (test split accuracy; top-1 under the original
-protocol, candidates drawn from the test split): printed only beside figures on the same classes."""
-
-
-def _percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,74 +220,27 @@ def cmd_train(store, args) -> None:
 
     model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
     print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
-          f"C={model.params['C']:g}, cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
-
-
-def print_evaluation(summary: dict[str, Any]) -> None:
-    reference = set(summary["classes"]) == CNTK_CLASSES
-    print(f"model version {summary['model_version']} ({summary['backbone']}), "
-          f"{summary['n_train']} train / {summary['n_test']} test images")
-    print(f"  accuracy: train {_percent(summary['train_accuracy'])}, test {_percent(summary['test_accuracy'])}, "
-          f"test class-averaged {_percent(summary['class_avg_accuracy'])}"
-          + (f"  (CNTK tutorial, same 3 classes: {_percent(CNTK_ACCURACY)})" if reference else ""))
-    print("  per class (test): " + ", ".join(f"{c} {_percent(v)}" for c, v in summary["per_class_test_accuracy"].items())
-          + "; AUC " + ", ".join(f"{c} {v:.3f}" for c, v in summary["auc"].items()))
-    print("  ranking, original protocol (each test image against 1 positive + 100 negatives from the test split)"
-          + (f"; CNTK tutorial top-1 {_percent(CNTK_TOP1)}:" if reference else ":"))
-    _print_ranking_table(summary["ranking"], summary["best_method"], ())
-    if "catalogue_ranking" in summary:
-        print("  ranking, catalogue (test images against the training images; R@k, mAP, P@10 and look-alike over all):")
-        _print_ranking_table(summary["catalogue_ranking"], "",
-                             ("recall@1", "recall@5", "recall@10", "map", "precision@10", "look_alike@10"))
-    for name, path in summary.get("plots", {}).items():
-        print(f"  plot {name}: {path}")
-
-
-RANKING_COLUMNS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map": "mAP", "precision@10": "P@10",
-                   "look_alike@10": "alike"}
-
-
-def _print_ranking_table(ranking: dict[str, dict[str, float]], best_method: str, extra: tuple[str, ...]) -> None:
-    """One row per method: top-k hit rates, mean and median rank, and the `extra` figures."""
-    print(f"    {'method':<8} {'top-1':>6} {'top-5':>6} {'top-10':>6} {'mean':>6} {'median':>6}"
-          + "".join(f" {RANKING_COLUMNS[k]:>6}" for k in extra))
-    for method, r in ranking.items():
-        cells = [_percent(r[k]) if k.startswith(("recall", "precision")) else f"{r[k]:.3f}" for k in extra]
-        print(f"    {method:<8} {_percent(r['top1']):>6} {_percent(r['top5']):>6} {_percent(r['top10']):>6} "
-              f"{r['mean_rank']:>6.2f} {r['median_rank']:>6.1f}" + "".join(f" {c:>6}" for c in cells)
-              + ("  <- best" if method == best_method else ""))
+          f"C={model.params['C']:g}, cross-validated accuracy {percent(model.params['cv_accuracy'])}")
 
 
 def cmd_evaluate(store, args) -> None:
     from ..pipeline.evaluate import evaluate
     from ..pipeline.train import load_model
 
-    summary = evaluate(store, load_model(store, args.model_version), out_dir=args.out, seed=args.seed)
+    summary = evaluate(store, load_model(store, args.model_version), out_dir=out_folder(args.out), seed=args.seed)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print_evaluation(summary)
 
 
-def print_ranking(result) -> None:
-    print(f"top {len(result.matches)} for {result.query} (method {result.method}, {result.backbone}"
-          + (f", model version {result.model_version})" if result.model_version else ")"))
-    print(f"  {'rank':>4} {'id':>6} {'label':<12} {'score':>9}  name")
-    for m in result.matches:
-        print(f"  {m.rank:>4} {m.image_id:>6} {m.label:<12} {m.score:>9.4f}  {m.name}")
-
-
 def cmd_rank(store, args) -> None:
-    from ..pipeline.rank import latest_model, rank
-    from ..pipeline.train import load_model
+    from ..pipeline.rank import rank
 
-    model = load_model(store, args.model_version) if args.model_version else latest_model(store)
-    if model and args.backbone and args.backbone != model.backbone:  # rank on other features, without the model
-        if args.method in ("scores", "learned") or args.model_version:
-            raise BadInput(f"model version {model.version} uses {model.backbone} features, not {args.backbone}")
-        model = None
-    data = args.query.read_bytes()
-    result = rank(store, data, _featurizer(args, model.backbone if model else None, store),
+    model, backbone = choose_model(store, args.model_version, args.backbone,
+                                   required=args.method in ("scores", "learned"))
+    data = read_file(args.query, "query image")
+    result = rank(store, data, _featurizer(args, backbone, store),
                   top=args.top, method=args.method, model=model, name=args.query.name, index=args.index)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
@@ -304,20 +250,23 @@ def cmd_rank(store, args) -> None:
         from ..pipeline.plots import plt, ranking_plot
 
         figure = ranking_plot(store, data, result)
-        figure.savefig(args.plot, dpi=100)
-        plt.close(figure)
+        try:
+            figure.savefig(args.plot, dpi=100)
+        except OSError as err:
+            raise BadInput(f"cannot write the plot {args.plot}: {err.strerror or err}") from None
+        finally:
+            plt.close(figure)
         if not args.json:
             print(f"  plot: {args.plot}")
 
 
-def neighbor_options(store, args) -> tuple[str, str]:
-    """(backbone, method) of a neighbors command: the options, else the model's and its best evaluated method."""
-    from ..pipeline.rank import default_method, latest_model
-    from ..pipeline.train import load_model
+def neighbor_options(store, args) -> tuple[Any, str, str]:
+    """(model, backbone, method) of a neighbors command: the options, else the model's and its best evaluated
+    method."""
+    from ..pipeline.rank import default_method
 
-    model = load_model(store, args.model_version) if args.model_version else latest_model(store)
-    backbone = args.backbone or (model.backbone if model else DEFAULT_BACKBONE)
-    return backbone, args.method or default_method(store, model if model and model.backbone == backbone else None)
+    model, backbone = choose_model(store, args.model_version, args.backbone)
+    return model, backbone, args.method or default_method(store, model)
 
 
 def print_neighbors(report) -> None:
@@ -329,10 +278,8 @@ def print_neighbors(report) -> None:
 
 def cmd_neighbors(store, args) -> None:
     from ..pipeline.neighbors import neighbors
-    from ..pipeline.train import load_model
 
-    backbone, method = neighbor_options(store, args)
-    model = load_model(store, args.model_version) if args.model_version else None
+    model, backbone, method = neighbor_options(store, args)
     print_neighbors(neighbors(store, backbone, method, args.top, model, memory=args.memory * 2 ** 20,
                               refresh=args.refresh, progress=not args.quiet))
 
@@ -352,106 +299,64 @@ def cmd_spark(store, args) -> None:
                                               precision=args.precision)
             print_featurize(report, f"Spark {args.master}, ")
         else:
-            backbone, method = neighbor_options(store, args)
+            _, backbone, method = neighbor_options(store, args)
             print_neighbors(spark.neighbors_on_spark(session, db, backbone, method, args.top, args.model_version,
                                                      args.memory * 2 ** 20, args.refresh, progress=not args.quiet))
     finally:
         session.stop()
 
 
-def _refine(store, args, base: str) -> str:
-    """Refine with the command's options; print what was done; the network's name."""
-    from ..pipeline.refine import Settings, refine
-
-    chosen = {k: getattr(args, k, None) for k in ("image_size", "batch_size", "freeze")}
-    settings = Settings(**{k: v for k, v in chosen.items() if v is not None})
-    name = refine(store, base, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
-                  device=args.device, precision=getattr(args, "precision", "auto"), settings=settings)
-    record = store.network(name)
-    best, history = record.metrics["best"], record.metrics["history"]
-    val = "no validation images" if best["val_accuracy"] is None else \
-        f"validation accuracy {_percent(best['val_accuracy'])}"
-    print(f"refine: {name} ({record.base}, {record.metrics['train_images']} train / "
-          f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
-          f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
-          f"on {record.metrics['device']} ({record.metrics['precision']})")
-    return name
-
-
 def cmd_refine(store, args) -> None:
-    _refine(store, args, args.backbone)
-
-
-def _featurize_step(store, featurizer, quiet: bool) -> None:
-    from ..pipeline.featurize import featurize
-
-    fz = featurize(store, featurizer, progress=not quiet)
-    print(f"featurize: {fz.added} new vectors ({fz.backbone} on {fz.device}, {fz.precision}), "
-          f"{len(fz.skipped)} skipped")
-
-
-def _train_and_evaluate(store, backbone: str, args: argparse.Namespace):
-    """Train on `backbone`'s features and evaluate; print both; (model, summary)."""
-    from ..pipeline.evaluate import evaluate
-    from ..pipeline.train import train
-
-    model = train(store, backbone, seed=args.seed)
-    print(f"train: model version {model.version}, C={model.params['C']:g}, "
-          f"cross-validated accuracy {_percent(model.params['cv_accuracy'])}")
-    summary = evaluate(store, model, out_dir=args.out, seed=args.seed)
-    print_evaluation(summary)
-    return model, summary
+    chosen = {k: getattr(args, k) for k in ("image_size", "batch_size", "freeze")}
+    run = Run(store, backbone=args.backbone, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
+              device=args.device, precision=args.precision, refine_settings=chosen)
+    print_refine(run, STEPS["refine"].compute(run))
 
 
 def cmd_run(store, args) -> None:
-    from ..pipeline.ingest import ingest
-    from ..pipeline.split import split
     from ..resources import sample_dataset
 
-    folder = args.dir or sample_dataset()
-    quiet = args.quiet
-    report = ingest(store, folder, progress=not quiet)
-    print(f"ingest {folder}: {report.added} added, {report.already_stored} already stored, "
-          f"{len(report.skipped)} skipped")
-    for name, reason in report.skipped:
-        print(f"  skipped {name}: {reason}")
-    featurizer = _featurizer(args, store=store)
-    _featurize_step(store, featurizer, quiet)
-    counts = split(store, seed=args.seed)
-    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
-    model, summary = _train_and_evaluate(store, featurizer.backbone, args)
-    if args.refine:  # the frozen features stay; the refined network's model becomes the latest
-        featurizer = _featurizer(args, _refine(store, args, featurizer.backbone), store)
-        _featurize_step(store, featurizer, quiet)
-        model, summary = _train_and_evaluate(store, featurizer.backbone, args)
-    best = summary["ranking"][summary["best_method"]]
-    print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {_percent(best['top1'])}, "
-          f"top-10 {_percent(best['top10'])}, median rank {best['median_rank']:g}"
-          + (f"; CNTK tutorial on the same 3 classes: test accuracy {_percent(CNTK_ACCURACY)}, top-1 {_percent(CNTK_TOP1)}"
-             if set(summary["classes"]) == CNTK_CLASSES else ""))
-    from ..pipeline.rank import rank
-
-    test_ids = sorted(i for i, s in store.split().items() if s == "test")
-    query = next(im for im in store.images() if im.id == test_ids[0])
-    result = rank(store, store.image_bytes(query.id), featurizer, model=model, name=f"{query.name} ({query.label})")
-    print_ranking(result)
+    run = Run(store, lambda backbone: _featurizer(args, backbone, store), folder=args.dir or sample_dataset(),
+              seed=args.seed, out=out_folder(args.out), progress=not args.quiet, epochs=args.epochs,
+              device=args.device, precision=args.precision, backbone=args.backbone)
+    run_job(run, run_steps(args.refine), show=True)
 
 
 def cmd_serve(store, args) -> None:
     import uvicorn
 
-    from ..pipeline.rank import latest_model
     from ..store import DEFAULT_DB
     from .web import API_KEY_ENV, create_app
 
     key = _api_key(args.api_key_file, API_KEY_ENV)
     if args.protect_reads and not key:
         raise BadInput(f"--protect-reads needs an API key: set {API_KEY_ENV} or --api-key-file")
-    model = latest_model(store)
-    app = create_app(store, _featurizer(args, model.backbone if model else None, store), api_key=key,
+    _, backbone = choose_model(store, backbone=args.backbone, required=True)  # the service serves the latest model
+    app = create_app(store, _featurizer(args, backbone, store), api_key=key,
                      protect_reads=args.protect_reads, reload_interval=args.reload_interval,
                      featurize_added=args.featurize_added, db=args.db or DEFAULT_DB)
     uvicorn.run(app, host=args.host, port=args.port)
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of a file the user named; NotFound or BadInput, in one line, when it cannot be read."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as err:
+        raise NotFound(f"{what} {path}: {err.strerror}") from None
+    except OSError as err:
+        raise BadInput(f"cannot read the {what} {path}: {err.strerror or err}") from None
+
+
+def out_folder(path: Path) -> Path:
+    """The --out folder, made when missing; BadInput when it cannot be made or written into."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"cannot make the folder {path}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK):
+        raise BadInput(f"cannot write into the folder {path}")
+    return path
 
 
 def _api_key(path: Path | None, env: str) -> str | None:
@@ -467,14 +372,7 @@ def _api_key(path: Path | None, env: str) -> str | None:
     return key
 
 
-SQL_STEPS = {"featurize": ("FeaturizeImages", ("backbone", "batch_size")),
-             "split": ("PrepareData", ("test_fraction", "seed")),
-             "train": ("TrainModel", ("backbone", "c_grid", "seed")),
-             "evaluate": ("EvaluateModel", ("model_version", "seed")),
-             "rank": ("RankCandidates", ("query", "query_name", "top", "method", "model_version")),
-             "run": ("Initial_Run_Once", ("backbone", "seed")),
-             "neighbors": ("ComputeNeighbors", ("backbone", "method", "top", "model_version", "refresh")),
-             "refine": ("RefineModel", ("backbone", "epochs", "seed"))}
+SQL_STEPS = {step.name: (step.procedure, step.parameters) for step in STEPS.values() if step.procedure}
 """--context sql: the stored procedure of each command and the options it passes on."""
 
 
@@ -483,12 +381,12 @@ def cmd_sql(store, args) -> None:
     from ..contexts.sql import call
     from ..resources import sample_dataset
 
-    if args.command == "run":
+    if args.command == "run":  # the client stores the images; the server runs the JOB (Initial_Run_Once)
         cmd_ingest(store, argparse.Namespace(dir=args.dir or sample_dataset(), quiet=args.quiet))
     procedure, names = SQL_STEPS[args.command]
     values = {name: getattr(args, name, None) for name in names}
     if args.command == "rank":
-        values.update(query=args.query.read_bytes(), query_name=args.query.name)
+        values.update(query=read_file(args.query, "query image"), query_name=args.query.name)
     if args.command == "train" and args.C:
         values["c_grid"] = json.dumps(args.C)
     columns, rows = call(store, procedure, **values)
@@ -503,8 +401,9 @@ def cmd_sql(store, args) -> None:
     if args.command == "run":
         print_evaluation(store.evaluation().summary)
         if args.refine:  # refine inside the server too, then the same job on the refined network's features
-            columns, rows = call(store, "RefineModel", backbone=args.backbone, epochs=args.epochs, seed=args.seed)
-            print(f"RefineModel ran inside {server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
+            refine = STEPS["refine"].procedure
+            columns, rows = call(store, refine, backbone=args.backbone, epochs=args.epochs, seed=args.seed)
+            print(f"{refine} ran inside {server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
             call(store, procedure, backbone=rows[0][0], seed=args.seed)
             print_evaluation(store.evaluation().summary)
 
@@ -517,8 +416,10 @@ SPARK_STEPS = ("featurize", "neighbors")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The one place errors are rendered: an ImageSimilarityError (the user can act on it) is
+    one line and exit status 1, an interruption exit status 130 with a hint to resume; anything else is a bug and
+    keeps its traceback."""
     from ..core.images import BadImageError
-    from ..errors import ImageSimilarityError
     from ..store import DEFAULT_DB, connect
 
     args = build_parser().parse_args(argv)
@@ -531,11 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("image-similarity: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    except BadImageError as err:
-        print(f"image-similarity: error: {getattr(args, 'query', '')}: {err}", file=sys.stderr)
-        return 1
-    except (ImageSimilarityError, ValueError, OSError, ImportError) as err:
-        print(f"image-similarity: error: {err}", file=sys.stderr)
+    except ImageSimilarityError as err:
+        query = f"{args.query}: " if isinstance(err, BadImageError) and getattr(args, "query", None) else ""
+        print(f"image-similarity: error: {query}{err}", file=sys.stderr)
         return 1
     return 0
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import BadInput, ImageSimilarityError, NotFound
+from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady, Unavailable
 from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import METHODS, rank
 from ..store import Store, StoreError
@@ -38,6 +38,10 @@ BEARER = HTTPBearer(auto_error=False, description="the operator's API key")
 MAX_LABEL, MAX_NAME = 100, 300
 LABEL_PATTERN = r"^[^/\\\x00-\x1f\x7f]+$"
 """A class name: no slashes or control characters (labels are folder names to ingest)."""
+STATUS_OF_KIND: tuple[tuple[type[ImageSimilarityError], int], ...] = (
+    (NotFound, 404), (BadInput, 400), (NotReady, 409), (Unavailable, 503))
+"""The HTTP status of each kind of error (the first that matches; FastAPI's own validation answers 422). Any
+other exception is a bug: 500, with its traceback in the server's log."""
 PAGE_CSP = "default-src 'self'; img-src 'self' blob:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
@@ -162,6 +166,11 @@ def model_out(snapshot: Snapshot, backbone: str) -> ModelOut:
         params=model.params if model else {}, evaluation=snapshot.evaluation)
 
 
+def status_of(err: ImageSimilarityError) -> int:
+    """The HTTP status that answers an error of the engine (STATUS_OF_KIND)."""
+    return next((status for kind, status in STATUS_OF_KIND if isinstance(err, kind)), 500)
+
+
 def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTES, *, api_key: str | None = None,
                protect_reads: bool = False, reload_interval: float = 2.0, featurize_added: bool = True,
                db: str | None = None) -> FastAPI:
@@ -214,6 +223,12 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
                        and route.path_regex.fullmatch(request.url.path) for m in route.methods}
             err.headers = {**(err.headers or {}), "Allow": ", ".join(sorted(allowed))}
         return await http_exception_handler(request, err)
+
+    @app.exception_handler(ImageSimilarityError)
+    async def engine_error(request: Request, err: ImageSimilarityError) -> Response:
+        """The one place the service renders the engine's errors: one line, the status of its kind."""
+        return JSONResponse({"detail": " ".join(str(err).split())}, status_code=status_of(err))
+
     app.state.service = service
     reads = [Depends(can_read)] if protect_reads else []  # open reads declare no security in the schema
     denied = {401: {"description": "no valid API key"}, 403: {"description": "writes are off: no API key is set"}}
@@ -242,11 +257,8 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         data = read_upload(file)
         name = file.filename or "upload"
         snapshot = service.current  # this answer uses this snapshot only, whatever is swapped in meanwhile
-        try:
-            result = rank(store, data, shared, top=top, method=method or snapshot.method,
-                          catalogue=snapshot.catalogue, name=name, save=False)
-        except ImageSimilarityError as err:
-            raise HTTPException(400, str(err)) from None
+        result = rank(store, data, shared, top=top, method=method or snapshot.method,
+                      catalogue=snapshot.catalogue, name=name, save=False)
         return RankOut(query=name, method=result.method, backbone=result.backbone,
                        model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
                        matches=[MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,
@@ -256,11 +268,8 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
              response_class=Response,
              responses={200: {"content": {"image/*": {}}}, 404: {"description": "no such image"}})
     def image(image_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> Response:
-        try:
-            with service.store_lock:
-                data = store.image_bytes(image_id)
-        except NotFound:
-            raise HTTPException(404, f"no image with id {image_id}") from None
+        with service.store_lock:
+            data = store.image_bytes(image_id)
         return Response(data, media_type=content_type(data),
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 

@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..core.images import BadImageError, decode_image
+from ..errors import BadInput
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from ..features.precision import autocast, resolve
 from ..store import Store
@@ -20,7 +21,10 @@ from ..store import Store
 def pick_device(device: str | None = None) -> torch.device:
     """The requested device, else CUDA when available, else CPU."""
     if device:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            raise BadInput(f"not a torch device: {device!r} (e.g. cpu, cuda, cuda:1)") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -83,8 +87,10 @@ class Featurizer:
         return [(image_id, self.pool.submit(self.prepare, data)) for image_id, data in items]
 
 
-def collect_batch(pending: list[tuple[int, Future]]) -> tuple[list[int], list[np.ndarray], list[tuple[int, str]]]:
-    """Wait for a submitted batch: (ids, decoded arrays) of good images and (id, reason) of bad ones."""
+def finish_batch(featurizer: Featurizer, pending: list[tuple[int, Future]]
+                 ) -> tuple[list[int], np.ndarray | None, list[tuple[int, str]]]:
+    """Wait for a submitted batch and run the network on its good images: (their ids, their float32 vectors, or
+    None when there are none) and (id, reason) of the bad ones. What every context featurizes a batch with."""
     ids, arrays, bad = [], [], []
     for image_id, future in pending:
         try:
@@ -92,7 +98,7 @@ def collect_batch(pending: list[tuple[int, Future]]) -> tuple[list[int], list[np
             ids.append(image_id)
         except BadImageError as err:
             bad.append((image_id, str(err)))
-    return ids, arrays, bad
+    return ids, featurizer.forward(np.stack(arrays)) if ids else None, bad
 
 
 def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str = DEFAULT_BACKBONE,
@@ -111,9 +117,9 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
                f"{featurizer.precision})", unit="img", disable=not progress)
 
     def finish(pending: list[tuple[int, Future]]) -> None:
-        ids, arrays, bad = collect_batch(pending)
+        ids, vectors, bad = finish_batch(featurizer, pending)
         if ids:
-            store.put_features(featurizer.backbone, ids, featurizer.forward(np.stack(arrays)), featurizer.precision)
+            store.put_features(featurizer.backbone, ids, vectors, featurizer.precision)
             report.added += len(ids)
         for image_id, reason in bad:
             report.skipped.append((image_id, reason))

@@ -160,6 +160,8 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
 def fit_model(backbone: str, X: np.ndarray, y: np.ndarray, dhashes: Sequence[str], C: Sequence[float] = C_GRID,
               seed: int = 0) -> SimilarityModel:
     """Fit the SVM and its calibration (near-duplicate groups kept within one fold) and the embedding."""
+    if not C or min(C) <= 0:
+        raise BadInput(f"C values must be positive, got {' '.join(f'{c:g}' for c in C)}")
     coef, intercept, best_c, cv_score, temperature = fit_svm(X, y, near_duplicate_groups(list(dhashes)), C, seed=seed)
     embedding, mean = fit_embedding(X, y)
     return SimilarityModel(

@@ -1,0 +1,56 @@
+"""How the CLI prints the reports of the steps: evaluation figures, rankings."""
+from __future__ import annotations
+
+from typing import Any
+
+CNTK_CLASSES = {"dotted", "leopard", "striped"}
+CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
+"""The CNTK image-similarity tutorial's figures on its 3 texture classes (test split accuracy; top-1 under the original
+protocol, candidates drawn from the test split): printed only beside figures on the same classes."""
+
+
+def percent(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def print_evaluation(summary: dict[str, Any]) -> None:
+    reference = set(summary["classes"]) == CNTK_CLASSES
+    print(f"model version {summary['model_version']} ({summary['backbone']}), "
+          f"{summary['n_train']} train / {summary['n_test']} test images")
+    print(f"  accuracy: train {percent(summary['train_accuracy'])}, test {percent(summary['test_accuracy'])}, "
+          f"test class-averaged {percent(summary['class_avg_accuracy'])}"
+          + (f"  (CNTK tutorial, same 3 classes: {percent(CNTK_ACCURACY)})" if reference else ""))
+    print("  per class (test): " + ", ".join(f"{c} {percent(v)}" for c, v in summary["per_class_test_accuracy"].items())
+          + "; AUC " + ", ".join(f"{c} {v:.3f}" for c, v in summary["auc"].items()))
+    print("  ranking, original protocol (each test image against 1 positive + 100 negatives from the test split)"
+          + (f"; CNTK tutorial top-1 {percent(CNTK_TOP1)}:" if reference else ":"))
+    _print_ranking_table(summary["ranking"], summary["best_method"], ())
+    if "catalogue_ranking" in summary:
+        print("  ranking, catalogue (test images against the training images; R@k, mAP, P@10 and look-alike over all):")
+        _print_ranking_table(summary["catalogue_ranking"], "",
+                             ("recall@1", "recall@5", "recall@10", "map", "precision@10", "look_alike@10"))
+    for name, path in summary.get("plots", {}).items():
+        print(f"  plot {name}: {path}")
+
+
+RANKING_COLUMNS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map": "mAP", "precision@10": "P@10",
+                   "look_alike@10": "alike"}
+
+
+def _print_ranking_table(ranking: dict[str, dict[str, float]], best_method: str, extra: tuple[str, ...]) -> None:
+    """One row per method: top-k hit rates, mean and median rank, and the `extra` figures."""
+    print(f"    {'method':<8} {'top-1':>6} {'top-5':>6} {'top-10':>6} {'mean':>6} {'median':>6}"
+          + "".join(f" {RANKING_COLUMNS[k]:>6}" for k in extra))
+    for method, r in ranking.items():
+        cells = [percent(r[k]) if k.startswith(("recall", "precision")) else f"{r[k]:.3f}" for k in extra]
+        print(f"    {method:<8} {percent(r['top1']):>6} {percent(r['top5']):>6} {percent(r['top10']):>6} "
+              f"{r['mean_rank']:>6.2f} {r['median_rank']:>6.1f}" + "".join(f" {c:>6}" for c in cells)
+              + ("  <- best" if method == best_method else ""))
+
+
+def print_ranking(result) -> None:
+    print(f"top {len(result.matches)} for {result.query} (method {result.method}, {result.backbone}"
+          + (f", model version {result.model_version})" if result.model_version else ")"))
+    print(f"  {'rank':>4} {'id':>6} {'label':<12} {'score':>9}  name")
+    for m in result.matches:
+        print(f"  {m.rank:>4} {m.image_id:>6} {m.label:<12} {m.score:>9.4f}  {m.name}")

@@ -1,0 +1,211 @@
+"""The steps of the job, each defined once, and the `run` job as one list of them.
+
+A step is its name (the CLI command), the SQL Server procedure (SQLR/; PostgreSQL's routine of the same name in
+SQLR/postgres/ is found by store/postgres.py) that runs it inside a database server with the parameters they take from a client, the function
+that computes it within a run, and how the CLI prints its report. `image-similarity run`, PostgreSQL's
+`initial_run_once` and SQL Server's `dbo.Initial_Run_Once` all follow `JOB`; `choose_model` is the one rule for
+which model and which features a step uses.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import BadInput
+from ..features.backbones import DEFAULT_BACKBONE
+from .reports import CNTK_ACCURACY, CNTK_CLASSES, CNTK_TOP1, percent, print_evaluation, print_ranking
+
+if TYPE_CHECKING:
+    from ..store import Store
+    from .featurize import Featurizer
+    from .train import SimilarityModel
+
+
+@dataclass
+class Run:
+    """One run of the job: its store and options, and what each step leaves for the next."""
+
+    store: Store
+    featurizer_for: Callable[[str | None], Featurizer] | None = None
+    """The featurizer of a backbone (None: the default one); the steps that featurize or rank need it."""
+    folder: Path | None = None
+    test_fraction: float = 0.25
+    seed: int = 0
+    out: Path | None = None
+    progress: bool = False
+    epochs: int | None = None
+    device: str | None = None
+    precision: str = "auto"
+    refine_settings: dict[str, Any] = field(default_factory=dict)
+    backbone: str | None = None
+    """The backbone the next step featurizes or refines (None: the default one)."""
+    featurizer: Featurizer | None = None
+    model: SimilarityModel | None = None
+    summary: dict[str, Any] | None = None
+
+
+def _ingest(run: Run):
+    from .ingest import ingest
+
+    return ingest(run.store, run.folder, progress=run.progress)
+
+
+def _featurize(run: Run):
+    from .featurize import featurize
+
+    run.featurizer = run.featurizer_for(run.backbone)
+    run.backbone = run.featurizer.backbone
+    return featurize(run.store, run.featurizer, progress=run.progress)
+
+
+def _split(run: Run) -> dict[str, int]:
+    from .split import split
+
+    return split(run.store, run.test_fraction, run.seed)
+
+
+def _train(run: Run):
+    from .train import train
+
+    run.model = train(run.store, run.featurizer.backbone, seed=run.seed)
+    return run.model
+
+
+def _evaluate(run: Run) -> dict[str, Any]:
+    from .evaluate import evaluate
+
+    run.summary = evaluate(run.store, run.model, out_dir=run.out, seed=run.seed)
+    return run.summary
+
+
+def _refine(run: Run):
+    """Refine the run's backbone (the default one when none is set); the steps after it use the result."""
+    from .refine import Settings, refine
+
+    name = refine(run.store, run.backbone or DEFAULT_BACKBONE, epochs=run.epochs, seed=run.seed, progress=run.progress,
+                  device=run.device, precision=run.precision, settings=Settings(**run.refine_settings))
+    run.backbone = name
+    return run.store.network(name)
+
+
+def _rank(run: Run):
+    """Rank the first test image (the run's example query) with the run's model."""
+    from .rank import rank
+
+    store = run.store
+    test_ids = sorted(i for i, s in store.split().items() if s == "test")
+    query = next(im for im in store.images() if im.id == test_ids[0])
+    return rank(store, store.image_bytes(query.id), run.featurizer, model=run.model,
+                name=f"{query.name} ({query.label})")
+
+
+def _print_ingest(run: Run, report) -> None:
+    print(f"ingest {run.folder}: {report.added} added, {report.already_stored} already stored, "
+          f"{len(report.skipped)} skipped")
+    for name, reason in report.skipped:
+        print(f"  skipped {name}: {reason}")
+
+
+def _print_featurize(run: Run, report) -> None:
+    print(f"featurize: {report.added} new vectors ({report.backbone} on {report.device}, {report.precision}), "
+          f"{len(report.skipped)} skipped")
+
+
+def _print_split(run: Run, counts: dict[str, int]) -> None:
+    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
+
+
+def _print_train(run: Run, model) -> None:
+    print(f"train: model version {model.version}, C={model.params['C']:g}, "
+          f"cross-validated accuracy {percent(model.params['cv_accuracy'])}")
+
+
+def print_refine(run: Run | None, record) -> None:
+    """What refine did: the stored network, its best epoch and validation accuracy, its speed."""
+    best, history = record.metrics["best"], record.metrics["history"]
+    val = "no validation images" if best["val_accuracy"] is None else \
+        f"validation accuracy {percent(best['val_accuracy'])}"
+    print(f"refine: {record.name} ({record.base}, {record.metrics['train_images']} train / "
+          f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
+          f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
+          f"on {record.metrics['device']} ({record.metrics['precision']})")
+
+
+def _print_rank(run: Run, result) -> None:
+    """The best ranking method of the run's last evaluation (beside the CNTK tutorial's), then the example."""
+    summary = run.summary
+    best = summary["ranking"][summary["best_method"]]
+    print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {percent(best['top1'])}, "
+          f"top-10 {percent(best['top10'])}, median rank {best['median_rank']:g}"
+          + (f"; CNTK tutorial on the same 3 classes: test accuracy {percent(CNTK_ACCURACY)}, top-1 {percent(CNTK_TOP1)}"
+             if set(summary["classes"]) == CNTK_CLASSES else ""))
+    print_ranking(result)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the job, in every place that runs it."""
+
+    name: str
+    """The CLI command."""
+    procedure: str | None
+    """The SQL Server procedure (SQLR/); None: the step runs only on the client."""
+    parameters: tuple[str, ...] = ()
+    """The parameters a client passes to the procedure and its PostgreSQL routine (store/postgres.py ROUTINES) (a subset of what they declare)."""
+    compute: Callable[[Run], Any] | None = None
+    """Computes the step within a run from what the earlier steps left; returns its report."""
+    report: Callable[[Run, Any], None] | None = None
+    """Prints that report (the CLI)."""
+
+
+STEPS: dict[str, Step] = {step.name: step for step in (
+    Step("ingest", None, (), _ingest, _print_ingest),
+    Step("featurize", "FeaturizeImages", ("backbone", "batch_size"), _featurize, _print_featurize),
+    Step("split", "PrepareData", ("test_fraction", "seed"), _split, _print_split),
+    Step("train", "TrainModel", ("backbone", "c_grid", "seed"), _train, _print_train),
+    Step("evaluate", "EvaluateModel", ("model_version", "seed"), _evaluate,
+         lambda run, summary: print_evaluation(summary)),
+    Step("rank", "RankCandidates", ("query", "query_name", "top", "method", "model_version"), _rank, _print_rank),
+    Step("run", "Initial_Run_Once", ("backbone", "test_fraction", "seed")),
+    Step("neighbors", "ComputeNeighbors", ("backbone", "method", "top", "model_version", "refresh")),
+    Step("refine", "RefineModel", ("backbone", "epochs", "seed"), _refine, print_refine),
+)}
+
+JOB = ("featurize", "split", "train", "evaluate")
+"""The job on stored images: what `run` does after ingest, and what Initial_Run_Once / initial_run_once run
+inside a database server (the images are stored there by a client or AddImage first)."""
+REFINED_JOB = ("refine", "featurize", "train", "evaluate")
+"""`run --refine` then: refine the network, then featurize, train and evaluate on it (the split stays)."""
+
+
+def run_steps(refine: bool = False) -> tuple[str, ...]:
+    """The `run` command: ingest, the job (then the refined job), and rank an example test image."""
+    return ("ingest", *JOB, *(REFINED_JOB if refine else ()), "rank")
+
+
+def run_job(run: Run, names: tuple[str, ...], show: bool = False) -> Run:
+    """Compute the named steps in order on one run, printing each report when `show`."""
+    for name in names:
+        step = STEPS[name]
+        report = step.compute(run)
+        if show:
+            step.report(run, report)
+    return run
+
+
+def choose_model(store: Store, version: int | None = None, backbone: str | None = None,
+                 required: bool = False) -> tuple[SimilarityModel | None, str]:
+    """(model, backbone) a step uses: the model `version`, else the latest (None when there is none); the features
+    of `backbone`, else the model's, else the default backbone. A model trained on other features than `backbone`
+    is left out (None), unless it is `required` or was named by `version`: that is BadInput."""
+    from .rank import latest_model
+    from .train import load_model
+
+    model = load_model(store, version) if version else latest_model(store)
+    if model and backbone and backbone != model.backbone:
+        if required or version:
+            raise BadInput(f"model version {model.version} uses {model.backbone} features, not {backbone}")
+        model = None
+    return model, backbone or (model.backbone if model else DEFAULT_BACKBONE)
