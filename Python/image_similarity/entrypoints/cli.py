@@ -390,8 +390,7 @@ def cmd_sql(store, args) -> None:
     if args.command == "train" and args.C:
         values["c_grid"] = json.dumps(args.C)
     columns, rows = call(store, procedure, **values)
-    server = "PostgreSQL" if store.url.startswith("postgresql://") else "SQL Server"
-    print(f"{procedure} ran inside {server}")
+    print(f"{procedure} ran inside {store.server}")
     if columns == ["summary"]:
         print_evaluation(rows[0][0])
     elif columns:
@@ -403,7 +402,7 @@ def cmd_sql(store, args) -> None:
         if args.refine:  # refine inside the server too, then the same job on the refined network's features
             refine = STEPS["refine"].procedure
             columns, rows = call(store, refine, backbone=args.backbone, epochs=args.epochs, seed=args.seed)
-            print(f"{refine} ran inside {server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
+            print(f"{refine} ran inside {store.server}: " + ", ".join(f"{c} {v}" for c, v in zip(columns, rows[0])))
             call(store, procedure, backbone=rows[0][0], seed=args.seed)
             print_evaluation(store.evaluation().summary)
 

@@ -132,6 +132,8 @@ class Store(abc.ABC):
     """Tables of the image-similarity job. Every write is one transaction; re-running a step is safe."""
 
     url: str
+    server: str
+    """The database's name for people ("SQLite", "PostgreSQL", "SQL Server")."""
     capabilities: frozenset[str] = frozenset()
     """What this store can do beyond the operations every store has: VECTOR_SEARCH, PROCEDURES."""
 

@@ -224,6 +224,7 @@ class MSSQLStore(SQLStore):
     """Store in a SQL Server database whose tables SQLR/02_Tables.sql created. Every write is one transaction."""
 
     d = TSQL()
+    server = "SQL Server"
     capabilities = frozenset({PROCEDURES})
 
     def __init__(self, url: str, connection: Any = None) -> None:

@@ -113,6 +113,7 @@ class PostgresStore(SQLStore):
     """Store in a PostgreSQL database with pgvector; creates its tables when missing. Writes are transactions."""
 
     d = POSTGRES
+    server = "PostgreSQL"
     capabilities = frozenset({VECTOR_SEARCH, PROCEDURES})
 
     def __init__(self, url: str | None = None, driver: Psycopg | Plpy | None = None) -> None:

@@ -72,6 +72,7 @@ class SQLiteConnection:
 class SQLiteStore(SQLStore):
     """Store backed by a SQLite file (WAL journal, foreign keys on)."""
 
+    server = "SQLite"
     d = SQLite()
 
     def __init__(self, path: str | Path) -> None:
