@@ -12,7 +12,8 @@ from .. import __version__
 from ..errors import BadInput
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
-from ..pipeline.rank import ANN_THRESHOLD, INDEXES, METHODS
+from ..search.methods import METHODS
+from ..search.searchers import ANN_THRESHOLD, INDEXES
 
 DEFAULT_OUT = "image-similarity-output"
 

@@ -24,7 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..pipeline.ingest import ingest_one
-from ..pipeline.rank import METHODS, rank
+from ..pipeline.rank import rank_with
+from ..search.methods import FEATURE_METHODS, METHODS
 from ..store import Store, StoreError
 from .service import SerialFeaturizer, Service, Snapshot
 
@@ -154,11 +155,11 @@ def upload_name(label: str, filename: str | None) -> str:
 
 
 def model_out(snapshot: Snapshot, backbone: str) -> ModelOut:
-    model, catalogue = snapshot.catalogue.model, snapshot.catalogue
+    model, catalogue = snapshot.model, snapshot.catalogue
     return ModelOut(
         version=snapshot.model_version, backbone=backbone,
         classes=model.classes if model else sorted(set(catalogue.labels.tolist())), method=snapshot.method,
-        methods=[m for m in METHODS if model or m in ("l2", "cosine")], catalogue_size=len(catalogue),
+        methods=[m for m in METHODS if model or m in FEATURE_METHODS], catalogue_size=len(catalogue),
         params=model.params if model else {}, evaluation=snapshot.evaluation)
 
 
@@ -243,8 +244,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         name = file.filename or "upload"
         snapshot = service.current  # this answer uses this snapshot only, whatever is swapped in meanwhile
         try:
-            result = rank(store, data, shared, top=top, method=method or snapshot.method,
-                          catalogue=snapshot.catalogue, name=name, save=False)
+            result = rank_with(snapshot.searcher(method or snapshot.method), data, shared, top, name)
         except ImageSimilarityError as err:
             raise HTTPException(400, str(err)) from None
         return RankOut(query=name, method=result.method, backbone=result.backbone,

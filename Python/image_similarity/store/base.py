@@ -17,6 +17,9 @@ import numpy as np
 
 from ..errors import NotReady, StoreError
 
+VECTOR_SEARCH = "vector search"
+PROCEDURES = "stored procedures"
+
 
 @dataclass(frozen=True)
 class ImageRow:
@@ -127,6 +130,7 @@ class Store(abc.ABC):
     """Tables of the image-similarity job. Every write is one transaction; re-running a step is safe."""
 
     url: str
+    capabilities: frozenset[str] = frozenset()
 
     # images
     @abc.abstractmethod

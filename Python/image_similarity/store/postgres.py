@@ -18,6 +18,8 @@ import numpy as np
 from ..errors import BadInput, NotFound, NotReady
 from ..features.backbones import BACKBONES
 from .base import (
+    PROCEDURES,
+    VECTOR_SEARCH,
     EvaluationRecord,
     ImageRow,
     ModelRecord,
@@ -204,6 +206,8 @@ def nearest_statement(backbone: str, method: str, approximate: bool) -> str:
 
 class PostgresStore(Store):
     """Store in a PostgreSQL database with pgvector; creates its tables when missing. Writes are transactions."""
+
+    capabilities = frozenset({VECTOR_SEARCH, PROCEDURES})
 
     def __init__(self, url: str | None = None, driver: Psycopg | Plpy | None = None) -> None:
         parts = urlsplit(url or "")
