@@ -12,8 +12,9 @@ from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.train import load_model
 from image_similarity.search.catalogue import Catalogue
 from image_similarity.search.methods import METHODS, TIE_BREAK
-from image_similarity.search.searchers import searcher
+from image_similarity.search.searchers import searcher, store_searcher
 from image_similarity.store import SQLiteStore
+from image_similarity.store.base import VECTOR_SEARCH
 
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433  # the CNTK tutorial on the same 3 classes, the same protocol
 
@@ -159,3 +160,21 @@ def test_rank_errors_are_clear(full_copy, featurizer, tmp_path, small_dir):
     with SQLiteStore(tmp_path / "empty.sqlite") as empty, pytest.raises(NotReady, match="empty catalogue"):
         rank(empty, (small_dir / "dotted" / sorted((small_dir / "dotted").iterdir())[0].name).read_bytes(),
              featurizer)
+
+
+def test_rank_asks_the_database_only_when_the_store_can_search_vectors(full_copy, featurizer, monkeypatch):
+    """A store without VECTOR_SEARCH is never asked: its image rows are read once, with the features. One with it
+    ranks l2 and cosine itself (without the query and its twins) before any row is read into a catalogue."""
+    with SQLiteStore(full_copy) as store:
+        model, query = load_model(store), store.images()[40]
+        data, calls, images = store.image_bytes(query.id), [], store.images
+        monkeypatch.setattr(store, "images", lambda: calls.append("images") or images())
+        monkeypatch.setattr(store, "nearest", lambda *args: calls.append(args[2:]) or [(7, -1.5)])
+        assert len(rank(store, data, featurizer, method="l2", save=False).matches) == 10 and calls == ["images"]
+        monkeypatch.setattr(store, "capabilities", frozenset({VECTOR_SEARCH}))
+        assert store_searcher(store, model.backbone, "scores", model).strategy == "exact"
+        calls.clear()
+        result = rank(store, data, featurizer, method="cosine", index="hnsw", save=False)
+        assert calls[0] == "images" and calls[1][:2] == ("cosine", 10) and calls[1][3] is True
+        assert query.id in calls[1][2] and len(calls) == 2
+        assert [(m.image_id, m.name, m.score) for m in result.matches] == [(7, {im.id: im for im in images()}[7].name, -1.5)]

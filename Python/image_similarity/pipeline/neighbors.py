@@ -2,9 +2,10 @@
 
 The same methods and the same exclusion of an image's own near duplicates as `rank`, computed exactly in blocks
 of query rows: each block scores its rows against the whole catalogue at once, keeps each row's best k, and is
-stored in one transaction. Memory is bounded by the catalogue held in memory plus one block of scores
-(`BYTES_PER_PAIR` bytes per query row and catalogue image, at most `memory` bytes). Images whose neighbours are
-already stored are skipped, so an interrupted run resumes and a re-run adds nothing.
+stored in one transaction. Memory is bounded by the catalogue held in memory (its features and the method's
+matrix: search.searchers.scorer) plus one block of scores (`BYTES_PER_PAIR` bytes per query row and catalogue
+image, at most `memory` bytes). Images whose neighbours are already stored are skipped, so an interrupted run
+resumes and a re-run adds nothing.
 """
 from __future__ import annotations
 

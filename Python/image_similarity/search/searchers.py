@@ -193,7 +193,8 @@ def strategy(method: str, index: str = "auto", size: int = 0, in_database: bool 
         return "database"
     if index == "hnsw" and not ann.available():
         raise Unavailable(ann.MISSING)
-    if method in FEATURE_METHODS and (index == "hnsw" or (index == "auto" and size >= ANN_THRESHOLD and ann.available())):
+    large = size >= ANN_THRESHOLD and ann.available()
+    if method in FEATURE_METHODS and (index == "hnsw" or (index == "auto" and large)):
         return "hnsw"
     if method in HALF_SCANNED and size >= HALF_SCAN_THRESHOLD and scan_kernel() != "fp32":
         return "screened"
