@@ -16,10 +16,10 @@ import numpy as np
 from image_similarity.pipeline.evaluate import evaluate
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.ingest import ingest
-from image_similarity.pipeline.rank import METHODS
 from image_similarity.pipeline.split import split
 from image_similarity.pipeline.train import train
 from image_similarity.resources import SAMPLE_DATASET
+from image_similarity.search.methods import METHODS
 from image_similarity.store import SQLiteStore
 
 FIGURES = ("top1", "top5", "top10", "map")

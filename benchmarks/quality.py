@@ -25,10 +25,10 @@ from image_similarity.features.backbones import DEFAULT_BACKBONE
 from image_similarity.pipeline.evaluate import evaluate
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.ingest import ingest
-from image_similarity.pipeline.rank import METHODS
 from image_similarity.pipeline.refine import refine
 from image_similarity.pipeline.split import split
 from image_similarity.pipeline.train import train
+from image_similarity.search.methods import METHODS
 from image_similarity.store import SQLiteStore, Store
 
 RANKING_FIGURES = ("top1", "top5", "top10", "median_rank")

@@ -26,9 +26,11 @@ from image_similarity.core import machine
 from image_similarity.features.precision import resolve
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.ingest import class_files, ingest_bytes
-from image_similarity.pipeline.rank import Catalogue, rank
+from image_similarity.pipeline.rank import rank_with
 from image_similarity.resources import SAMPLE_DATASET
+from image_similarity.search.catalogue import Catalogue
 from image_similarity.search.halfscan import scan_kernel
+from image_similarity.search.searchers import searcher
 from image_similarity.store import SQLiteStore
 
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2")
@@ -116,12 +118,12 @@ def clustered(n: int, dim: int, seed: int = 0, clusters: int = 1000) -> np.ndarr
     return out
 
 
-def synthetic_catalogue(vectors: np.ndarray, index: str = "exact") -> Catalogue:
+def synthetic_catalogue(vectors: np.ndarray) -> Catalogue:
     n = len(vectors)
     rng = np.random.default_rng(1)
     dhashes = [row.tobytes().hex() for row in rng.integers(0, 256, (n, 32), dtype=np.uint8)]
     return Catalogue(np.arange(n), [f"img{i}" for i in range(n)], ["x"] * n, [f"{i:064x}" for i in range(n)],
-                     dhashes, vectors, index=index)
+                     dhashes, vectors)
 
 
 def per_row_loop(features: np.ndarray, query: np.ndarray, top: int = 10) -> list[int]:
@@ -130,19 +132,19 @@ def per_row_loop(features: np.ndarray, query: np.ndarray, top: int = 10) -> list
     return sorted(range(len(distances)), key=distances.__getitem__)[:top]
 
 
-def ranking(n: int, query_bytes: bytes, featurizer: Featurizer, store: SQLiteStore, loop: bool) -> dict:
+def ranking(n: int, query_bytes: bytes, featurizer: Featurizer, loop: bool) -> dict:
     """Exact l2 search at size n vs the bare matrix-vector product and (when `loop`) the per-row loop."""
     dim = DIM if n <= 100_000 else SMALL_DIM
     catalogue = synthetic_catalogue(clustered(n, dim))
+    exact = searcher(catalogue, "l2", index="exact")
     query = catalogue.features[n // 2] + 0.01
-    matvec_s, search_s = best_of([lambda: catalogue.features @ query, lambda: catalogue.search(query, "l2")], 10)
-    out = {"n": n, "dim": dim, "kernel": catalogue.halves["features"].kernel.name if catalogue.halves else "fp32",
+    matvec_s, search_s = best_of([lambda: catalogue.features @ query, lambda: exact.search(query)], 10)
+    out = {"n": n, "dim": dim, "kernel": exact.half.kernel.name if exact.strategy == "screened" else "fp32",
            "matvec_ms": 1e3 * matvec_s, "search_ms": 1e3 * search_s}
     if loop:
         out["loop_ms"] = 1e3 * best_of([lambda: per_row_loop(catalogue.features, query)], 1)[0]
     if dim == featurizer.spec.dim:
-        out["query_ms"] = 1e3 * best_of([lambda: rank(store, query_bytes, featurizer, method="l2",
-                                                       catalogue=catalogue, save=False)], 5)[0]
+        out["query_ms"] = 1e3 * best_of([lambda: rank_with(exact, query_bytes, featurizer)], 5)[0]
     return out
 
 
@@ -150,18 +152,17 @@ def approximate(n: int) -> dict:
     """Recall@10 of the HNSW path against exact search, and the speed-up, on clustered vectors."""
     vectors = clustered(n + ANN_QUERIES, SMALL_DIM)
     queries, vectors = vectors[:ANN_QUERIES], vectors[ANN_QUERIES:]  # held out: not in the catalogue
-    catalogue = synthetic_catalogue(vectors, "hnsw")
+    catalogue = synthetic_catalogue(vectors)  # one catalogue, both ways: its features are shared
+    exact = searcher(catalogue, "l2", index="exact")
     start = time.perf_counter()
-    catalogue.graph("l2")
+    graph = searcher(catalogue, "l2", index="hnsw")
     build_s = time.perf_counter() - start
     hits, exact_s, ann_s = 0, [], []
     for q in queries:
-        catalogue.index = "exact"  # one catalogue, both ways: half the memory of two
         t0 = time.perf_counter()
-        truth = {m.image_id for m in catalogue.search(q, "l2")}
+        truth = {m.image_id for m in exact.search(q)}
         t1 = time.perf_counter()
-        catalogue.index = "hnsw"
-        found = {m.image_id for m in catalogue.search(q, "l2")}
+        found = {m.image_id for m in graph.search(q)}
         t2 = time.perf_counter()
         hits += len(truth & found)
         exact_s.append(t1 - t0)
@@ -180,7 +181,7 @@ def plot(rows: list[dict], ann: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     n = [r["n"] for r in rows]
-    ax.plot(n, [r["search_ms"] for r in rows], "o-", label="Catalogue.search, exact l2")
+    ax.plot(n, [r["search_ms"] for r in rows], "o-", label="exact l2 search (searchers.searcher)")
     ax.plot(n, [r["matvec_ms"] for r in rows], "s--", label="bare matrix-vector product (floor)")
     looped = [r for r in rows if "loop_ms" in r]
     ax.plot([r["n"] for r in looped], [r["loop_ms"] for r in looped], "x:", label="per-row Python loop")
@@ -213,7 +214,7 @@ def run(mode: str, out_dir: Path) -> dict:
         featurizer = Featurizer(BACKBONES[0], device="cpu")
         with photo_store(workdir / "query.sqlite", 1) as store:
             query_bytes = store.image_bytes(store.images()[0].id)
-            rows = [ranking(n, query_bytes, featurizer, store, loop=n <= 100_000) for n in sizes["catalogue"]]
+        rows = [ranking(n, query_bytes, featurizer, loop=n <= 100_000) for n in sizes["catalogue"]]
     ann = approximate(sizes["ann"])
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, ann, out_dir / "latency.png")

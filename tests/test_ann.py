@@ -1,14 +1,16 @@
-"""Approximate (HNSW) search behind the Catalogue API: same answers as exact search, switched on by size."""
+"""Approximate (HNSW) search behind the searcher API: same answers as exact search, switched on by size."""
 from __future__ import annotations
+
+import inspect
 
 import numpy as np
 import pytest
 
 from image_similarity.core.dedup import hamming, hamming_matrix, hamming_to, packed_hashes
 from image_similarity.errors import Unavailable
-from image_similarity.pipeline import rank
-from image_similarity.pipeline.rank import Catalogue
-from image_similarity.search import ann
+from image_similarity.search import ann, searchers
+from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.searchers import GraphSearcher, Searcher, searcher, strategy
 from image_similarity.store import SQLiteStore
 
 MIN_RECALL = 0.95  # recall@10 of the HNSW graph against exact search
@@ -18,18 +20,17 @@ MIN_RECALL = 0.95  # recall@10 of the HNSW graph against exact search
 def real(full_db) -> Catalogue:
     with SQLiteStore(full_db[0]) as store:
         backbone = next(iter(store.feature_counts()))
-        return Catalogue.from_store(store, backbone, index="hnsw")
+        return Catalogue.from_store(store, backbone)
 
 
-def recall_at_10(catalogue: Catalogue, queries: np.ndarray, method: str, exclude_rows: bool) -> float:
+def recall_at_10(graph: Searcher, queries: np.ndarray, exclude_rows: bool) -> float:
     """Share of the exact top 10 that the HNSW graph finds; query i excludes catalogue row i when asked."""
+    exact = searcher(graph.catalogue, graph.method.name, index="exact")
     hits = 0
     for i, q in enumerate(queries):
-        exclude = np.arange(len(catalogue)) == i if exclude_rows else None
-        catalogue.index = "exact"
-        truth = {m.image_id for m in catalogue.search(q, method, 10, exclude)}
-        catalogue.index = "hnsw"
-        found = catalogue.search(q, method, 10, exclude)
+        exclude = np.arange(len(graph.catalogue)) == i if exclude_rows else None
+        truth = {m.image_id for m in exact.search(q, 10, exclude)}
+        found = graph.search(q, 10, exclude)
         assert len(found) == 10 and [m.rank for m in found] == list(range(1, 11))
         assert all(a.score >= b.score for a, b in zip(found, found[1:]))
         hits += len(truth & {m.image_id for m in found})
@@ -38,15 +39,15 @@ def recall_at_10(catalogue: Catalogue, queries: np.ndarray, method: str, exclude
 
 @pytest.mark.parametrize("method", ["l2", "cosine"])
 def test_hnsw_finds_the_exact_top_10_on_real_features(real, method):
-    assert recall_at_10(real, real.features[:200], method, exclude_rows=True) >= MIN_RECALL
-    assert set(real.graphs) >= {method}
+    graph = searcher(real, method, index="hnsw")
+    assert recall_at_10(graph, real.features[:200], exclude_rows=True) >= MIN_RECALL
+    assert isinstance(graph, GraphSearcher) and len(graph.graph) == len(real)
 
 
 def test_hnsw_scores_are_the_exact_scores(real):
     q = real.features[3] * 0.5 + real.features[400] * 0.5
-    real.index = "hnsw"
-    approximate = {m.image_id: m.score for m in real.search(q, "l2")}
-    exact = real.similarity(q, "l2")[0]
+    approximate = {m.image_id: m.score for m in searcher(real, "l2", index="hnsw").search(q)}
+    exact = searcher(real, "l2", index="exact").similarity(q)[0]
     rows = np.searchsorted(real.ids, list(approximate))
     np.testing.assert_allclose(list(approximate.values()), exact[rows], rtol=1e-4)
 
@@ -57,32 +58,31 @@ def test_hnsw_recall_on_clustered_real_features(real):
     noisy = base + rng.normal(0, 0.05, base.shape).astype(np.float32) * base.std()
     n = len(noisy)
     catalogue = Catalogue(np.arange(n), [str(i) for i in range(n)], ["x"] * n, [str(i) for i in range(n)],
-                          ["0" * 64] * n, noisy, index="hnsw")
+                          ["0" * 64] * n, noisy)
     queries = real.features[::10] + rng.normal(0, 0.05, real.features[::10].shape).astype(np.float32) * base.std()
-    assert recall_at_10(catalogue, queries, "l2", exclude_rows=False) >= MIN_RECALL
+    assert recall_at_10(searcher(catalogue, "l2", index="hnsw"), queries, exclude_rows=False) >= MIN_RECALL
 
 
 def test_auto_switches_to_hnsw_above_the_threshold(full_db, monkeypatch):
     with SQLiteStore(full_db[0]) as store:
         backbone = next(iter(store.feature_counts()))
         catalogue = Catalogue.from_store(store, backbone)
-    assert catalogue.index == "auto" and not catalogue.approximate("l2")
-    monkeypatch.setattr(rank, "ANN_THRESHOLD", len(catalogue))
-    assert catalogue.approximate("l2") and catalogue.approximate("cosine")
-    assert not catalogue.approximate("scores") and not catalogue.approximate("learned")
-    catalogue.search(catalogue.features[0], "cosine")
-    assert set(catalogue.graphs) == {"cosine"}
-    catalogue.index = "exact"
-    assert not catalogue.approximate("l2")
+    n = len(catalogue)
+    assert inspect.signature(searcher).parameters["index"].default == "auto"
+    assert searcher(catalogue, "l2").strategy == "exact"
+    monkeypatch.setattr(searchers, "ANN_THRESHOLD", n)
+    assert strategy("l2", size=n) == strategy("cosine", size=n) == "hnsw"
+    assert strategy("scores", size=n) == strategy("learned", size=n) == "exact"
+    chosen = searcher(catalogue, "cosine")
+    chosen.search(catalogue.features[0])
+    assert isinstance(chosen, GraphSearcher) and chosen.method.name == "cosine"
+    assert strategy("l2", "exact", n) == "exact"
     monkeypatch.setattr(ann, "available", lambda: False)  # without faiss: auto stays exact, hnsw is an error
-    catalogue.index = "auto"
-    assert not catalogue.approximate("l2")
+    assert strategy("l2", "auto", n) == "exact"
     with pytest.raises(Unavailable, match=r"pip install 'image-similarity\[ann\]'"):
-        Catalogue(catalogue.ids, catalogue.names, list(catalogue.labels), list(catalogue.sha256),
-                  catalogue.dhashes, catalogue.features, index="hnsw")
+        searcher(catalogue, "l2", index="hnsw")
     with pytest.raises(ValueError, match="unknown index 'ivf'"):
-        Catalogue(catalogue.ids, catalogue.names, list(catalogue.labels), list(catalogue.sha256),
-                  catalogue.dhashes, catalogue.features, index="ivf")
+        searcher(catalogue, "l2", index="ivf")
 
 
 def test_packed_hamming_equals_the_pairwise_matrix(real):

@@ -8,9 +8,13 @@ from image_similarity.core.dedup import NEAR_DUPLICATE_DISTANCE, hamming
 from image_similarity.core.images import BadImageError
 from image_similarity.errors import NotReady
 from image_similarity.pipeline.evaluate import draw_candidates, positive_ranks, retrieval_metrics
-from image_similarity.pipeline.rank import METHODS, TIE_BREAK, Catalogue, rank
+from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.train import load_model
+from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.methods import METHODS, TIE_BREAK
+from image_similarity.search.searchers import searcher, store_searcher
 from image_similarity.store import SQLiteStore
+from image_similarity.store.base import VECTOR_SEARCH
 
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433  # the CNTK tutorial on the same 3 classes, the same protocol
 
@@ -93,18 +97,19 @@ def test_retrieval_figures_worked_out_by_hand():
 
 
 @pytest.fixture(scope="module")
-def catalogue(full_db):
+def catalogue(full_db) -> tuple[Catalogue, object]:
+    """The catalogue and its model."""
     with SQLiteStore(full_db[0]) as store:
         model = load_model(store)
-        return Catalogue.from_store(store, model.backbone, model)
+        return Catalogue.from_store(store, model.backbone), model
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_vectorised_similarity_equals_a_per_row_computation(catalogue, method):
+    catalogue, model = catalogue
     q = catalogue.features[5] * 0.7 + catalogue.features[9] * 0.3
-    fast = catalogue.similarity(q, method)[0]
+    fast = searcher(catalogue, method, model).similarity(q)[0]
     unit = lambda v: v / np.linalg.norm(v)
-    model = catalogue.model
     for i in (0, 17, 300):
         x = catalogue.features[i]
         slow = {"l2": -np.linalg.norm(q - x), "cosine": unit(q) @ unit(x),
@@ -155,3 +160,21 @@ def test_rank_errors_are_clear(full_copy, featurizer, tmp_path, small_dir):
     with SQLiteStore(tmp_path / "empty.sqlite") as empty, pytest.raises(NotReady, match="empty catalogue"):
         rank(empty, (small_dir / "dotted" / sorted((small_dir / "dotted").iterdir())[0].name).read_bytes(),
              featurizer)
+
+
+def test_rank_asks_the_database_only_when_the_store_can_search_vectors(full_copy, featurizer, monkeypatch):
+    """A store without VECTOR_SEARCH is never asked: its image rows are read once, with the features. One with it
+    ranks l2 and cosine itself (without the query and its twins) before any row is read into a catalogue."""
+    with SQLiteStore(full_copy) as store:
+        model, query = load_model(store), store.images()[40]
+        data, calls, images = store.image_bytes(query.id), [], store.images
+        monkeypatch.setattr(store, "images", lambda: calls.append("images") or images())
+        monkeypatch.setattr(store, "nearest", lambda *args: calls.append(args[2:]) or [(7, -1.5)])
+        assert len(rank(store, data, featurizer, method="l2", save=False).matches) == 10 and calls == ["images"]
+        monkeypatch.setattr(store, "capabilities", frozenset({VECTOR_SEARCH}))
+        assert store_searcher(store, model.backbone, "scores", model).strategy == "exact"
+        calls.clear()
+        result = rank(store, data, featurizer, method="cosine", index="hnsw", save=False)
+        assert calls[0] == "images" and calls[1][:2] == ("cosine", 10) and calls[1][3] is True
+        assert query.id in calls[1][2] and len(calls) == 2
+        assert [(m.image_id, m.name, m.score) for m in result.matches] == [(7, {im.id: im for im in images()}[7].name, -1.5)]

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from test_fuzz_images import damaged
 
 from image_similarity.entrypoints.web import create_app
-from image_similarity.pipeline.rank import METHODS
+from image_similarity.search.methods import METHODS
 from image_similarity.store import SQLiteStore
 
 TYPES = ["image/jpeg", "image/png", "image/webp", "application/octet-stream", "text/plain", "application/json", ""]

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from image_similarity.core import machine
-from image_similarity.pipeline import rank
-from image_similarity.pipeline.rank import HALF_SCANNED, Catalogue
 from image_similarity.pipeline.train import load_model
-from image_similarity.search import halfscan
+from image_similarity.search import halfscan, searchers
+from image_similarity.search.catalogue import Catalogue
 from image_similarity.search.halfscan import KERNELS, HalfMatrix
+from image_similarity.search.methods import scoring_method
+from image_similarity.search.searchers import HALF_SCANNED, ExactSearcher, Searcher, searcher
 from image_similarity.store import SQLiteStore
 
 SCANNED = HALF_SCANNED  # the methods whose big matrix the 16-bit copy replaces
@@ -19,16 +20,15 @@ TIGHTNESS = {"fp16": 0.004, "bf16": 0.015}  # most a bound may be, relative to |
 
 @pytest.fixture(params=sorted(KERNELS))
 def kernel(request, monkeypatch) -> str:
-    """Each 16-bit kernel in turn, used by every Catalogue whatever this machine measured."""
-    monkeypatch.setattr(rank, "scan_kernel", lambda: request.param)
+    """Each 16-bit kernel in turn, used by every searcher whatever this machine measured."""
+    monkeypatch.setattr(searchers, "scan_kernel", lambda: request.param)
     return request.param
 
 
 @pytest.fixture(scope="module")
 def real(full_db) -> Catalogue:
     with SQLiteStore(full_db[0]) as store:
-        model = load_model(store)
-        return Catalogue.from_store(store, model.backbone, model, index="exact")
+        return Catalogue.from_store(store, load_model(store).backbone)
 
 
 def clustered_catalogue(n: int, dim: int, clusters: int, spread: float, seed: int = 0) -> Catalogue:
@@ -41,13 +41,18 @@ def clustered_catalogue(n: int, dim: int, clusters: int, spread: float, seed: in
                      ["0" * 64] * n, vectors)
 
 
-def both_ways(monkeypatch, catalogue: Catalogue, query: np.ndarray, method: str, top: int,
-              exclude: np.ndarray | None = None) -> tuple[list, list]:
-    """The search through the 16-bit scan, and the plain float32 scan of every row."""
-    monkeypatch.setattr(rank, "HALF_SCAN_THRESHOLD", 0)
-    fast = catalogue.search(query, method, top, exclude)
-    monkeypatch.setattr(rank, "HALF_SCAN_THRESHOLD", len(catalogue) + 1)
-    return fast, catalogue.search(query, method, top, exclude)
+def both_ways(monkeypatch, catalogue: Catalogue, method: str) -> tuple[Searcher, Searcher]:
+    """The searcher through the 16-bit scan, and the one by the plain float32 scan of every row."""
+    monkeypatch.setattr(searchers, "HALF_SCAN_THRESHOLD", 0)
+    fast = searcher(catalogue, method, index="exact")
+    monkeypatch.setattr(searchers, "HALF_SCAN_THRESHOLD", len(catalogue) + 1)
+    return fast, searcher(catalogue, method, index="exact")
+
+
+def search_both(pair: tuple[Searcher, Searcher], query: np.ndarray, top: int,
+                exclude: np.ndarray | None = None) -> tuple[list, list]:
+    """The same search by both searchers."""
+    return tuple(s.search(query, top, exclude) for s in pair)
 
 
 def assert_same(fast: list, plain: list) -> None:
@@ -71,7 +76,7 @@ def assert_bound_holds(rows: np.ndarray, kernel: str, vectors: list[np.ndarray])
 @pytest.mark.parametrize("kernel_name", sorted(KERNELS))
 @pytest.mark.parametrize("matrix", ["features", "unit"])
 def test_inner_products_stay_within_their_bound_on_real_features(real, matrix, kernel_name):
-    rows = getattr(real, matrix)
+    rows = ExactSearcher(real, scoring_method({"features": "l2", "unit": "cosine"}[matrix])).matrix
     rng = np.random.default_rng(0)
     assert_bound_holds(rows, kernel_name, [rows[7], rows[200] * 0.3 + rows[9], rng.gamma(1.0, 1.0, rows.shape[1]),
                                            -rows[3] * 1e-3, rng.standard_normal(rows.shape[1]) * 1e4])
@@ -89,25 +94,25 @@ def test_inner_products_stay_within_their_bound_on_clustered_vectors(kernel_name
 
 @pytest.mark.parametrize("method", SCANNED)
 def test_real_features_rank_the_same_through_the_16bit_scan(real, kernel, monkeypatch, method):
+    both = both_ways(monkeypatch, real, method)
     for i in range(0, len(real), 7):
         exclude = real.duplicates_of(real.sha256[i], real.dhashes[i])
-        assert_same(*both_ways(monkeypatch, real, real.features[i], method, 10, exclude))
+        assert_same(*search_both(both, real.features[i], 10, exclude))
     mixed = real.features[3] * 0.5 + real.features[400] * 0.5
     for top in (1, 50, len(real)):
-        assert_same(*both_ways(monkeypatch, real, mixed, method, top))
-    matrix = "features" if method == "l2" else "unit"
-    assert real.half(matrix).kernel == KERNELS[kernel]
-    real.halves.clear()  # the next kernel makes its own copy
+        assert_same(*search_both(both, mixed, top))
+    assert both[0].half.kernel == KERNELS[kernel]
 
 
 @pytest.mark.parametrize("method", ["l2", "cosine"])
 def test_clustered_100k_catalogue_ranks_the_same(kernel, monkeypatch, method):
     catalogue = clustered_catalogue(100_000, 128, clusters=1_000, spread=0.35)
     rng = np.random.default_rng(1)
+    both = both_ways(monkeypatch, catalogue, method)
     for i in rng.integers(0, len(catalogue), 12):
         exclude = np.arange(len(catalogue)) == i
-        assert_same(*both_ways(monkeypatch, catalogue, catalogue.features[i] + 0.01, method, 10, exclude))
-    assert_same(*both_ways(monkeypatch, catalogue, rng.gamma(1.0, 1.0, 128).astype(np.float32), method, 25))
+        assert_same(*search_both(both, catalogue.features[i] + 0.01, 10, exclude))
+    assert_same(*search_both(both, rng.gamma(1.0, 1.0, 128).astype(np.float32), 25))
 
 
 def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, monkeypatch):
@@ -116,12 +121,11 @@ def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, mon
     catalogue = clustered_catalogue(100_000, 128, clusters=1_000, spread=0.35)
     rng = np.random.default_rng(2)
     catalogue.features[:300] = catalogue.features[0] + rng.standard_normal((300, 128)).astype(np.float32) * 0.05
-    catalogue.sq_norms[:300] = np.einsum("ij,ij->i", catalogue.features[:300], catalogue.features[:300])
     scored = []
-    similarity = catalogue.similarity
-    monkeypatch.setattr(catalogue, "similarity", lambda q, m, rows=None: scored.append(
-        len(catalogue) if rows is None else len(rows)) or similarity(q, m, rows))
-    fast, plain = both_ways(monkeypatch, catalogue, catalogue.features[0] + 1e-3, "l2", 10)
+    similarity = ExactSearcher.similarity
+    monkeypatch.setattr(ExactSearcher, "similarity", lambda self, q, rows=None: scored.append(
+        len(catalogue) if rows is None else len(rows)) or similarity(self, q, rows))
+    fast, plain = search_both(both_ways(monkeypatch, catalogue, "l2"), catalogue.features[0] + 1e-3, 10)
     assert_same(fast, plain)
     assert scored[0] == 110 and scored[1] >= 300 and scored[2] == len(catalogue)
 
@@ -145,8 +149,9 @@ def test_the_fastest_kernel_is_chosen_else_the_plain_float32_scan(fresh_choices,
 def test_a_slow_16bit_kernel_leaves_the_plain_float32_scan(fresh_choices, monkeypatch):
     monkeypatch.setattr(halfscan, "kernel_timings", lambda: {"fp32": 1.0, "fp16": 2.0, "bf16": 1.5})
     catalogue = clustered_catalogue(25_000, 64, clusters=100, spread=0.35)
-    found = catalogue.search(catalogue.features[3] + 0.01, "l2")
-    assert not catalogue.halves and found[0].image_id == 3
+    chosen = searcher(catalogue, "l2")
+    found = chosen.search(catalogue.features[3] + 0.01)
+    assert not hasattr(chosen, "half") and found[0].image_id == 3
 
 
 def test_real_measurement_picks_a_kernel_whose_bound_holds_here(fresh_choices):

@@ -18,8 +18,10 @@ from image_similarity.errors import NotReady
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.neighbors import neighbors
-from image_similarity.pipeline.rank import METHODS, Catalogue
 from image_similarity.pipeline.train import load_model
+from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.methods import METHODS
+from image_similarity.search.searchers import searcher
 from image_similarity.store import SQLiteStore, connect
 from image_similarity.store.mssql import MSSQLStore
 
@@ -36,7 +38,8 @@ def test_every_images_neighbours_are_ranks_exact_search(full_copy, method):
     with SQLiteStore(full_copy) as store:
         model = load_model(store)
         report = neighbors(store, BACKBONE, method, k=5, memory=2 ** 20, progress=False)
-        catalogue = Catalogue.from_store(store, BACKBONE, model, index="exact")
+        catalogue = Catalogue.from_store(store, BACKBONE)
+        ranks = searcher(catalogue, method, model, index="exact")  # rank's exact search
         assert (report.images, report.added, report.block_rows) == (557, 557, 2 ** 20 // (557 * 24))
         rows = stored(store, method)
     assert len(rows) == 5 * 557 and {r[4] for r in rows} == {model.version if method in ("scores", "learned") else 0}
@@ -45,7 +48,7 @@ def test_every_images_neighbours_are_ranks_exact_search(full_copy, method):
         by_image.setdefault(image_id, []).append((neighbor, score))
     for position in range(0, 557, 7):
         twins = catalogue.duplicates_of(catalogue.sha256[position], catalogue.dhashes[position])
-        everyone = catalogue.search(catalogue.features[position], method, len(catalogue), twins)
+        everyone = ranks.search(catalogue.features[position], len(catalogue), twins)
         expected, exact = everyone[:5], {m.image_id: m.score for m in everyone}
         got = by_image[int(catalogue.ids[position])]
         # the same top 5 as rank's search; images whose scores tie within float32 rounding may trade places

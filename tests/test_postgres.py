@@ -20,7 +20,9 @@ from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
-from image_similarity.pipeline.rank import Catalogue, rank
+from image_similarity.pipeline.rank import rank
+from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.searchers import searcher
 from image_similarity.store import SQLiteStore, StoreError, connect
 from image_similarity.store.postgres import PostgresStore, nearest_statement
 
@@ -118,12 +120,12 @@ def test_sql_ranking_equals_the_engines_exact_ranking(full_pg):
         ids, X = store.features("efficientnet_lite0")
         rows = store.images()
         catalogue = Catalogue(ids, [r.name for r in rows], [r.label for r in rows], [r.sha256 for r in rows],
-                              [r.dhash for r in rows], X, index="exact")
+                              [r.dhash for r in rows], X)
         for q in range(0, len(ids), 37):
             exclude = np.zeros(len(ids), dtype=bool)
             exclude[q] = True
             for method in ("l2", "cosine"):
-                engine = catalogue.search(X[q], method, 10, exclude)
+                engine = searcher(catalogue, method, index="exact").search(X[q], 10, exclude)
                 found = store.nearest("efficientnet_lite0", X[q], method, 10, [int(ids[q])])
                 assert [i for i, _ in found] == [m.image_id for m in engine]
                 np.testing.assert_allclose([s for _, s in found], [m.score for m in engine], rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from image_similarity.pipeline.rank import METHODS
+from image_similarity.search.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 

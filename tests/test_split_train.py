@@ -10,9 +10,10 @@ import pytest
 from image_similarity.core.dedup import dhash, near_duplicate_groups
 from image_similarity.core.images import decode_image
 from image_similarity.errors import NotReady
-from image_similarity.pipeline.rank import Catalogue
 from image_similarity.pipeline.split import split, split_images
 from image_similarity.pipeline.train import SimilarityModel, load_model, train
+from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.searchers import searcher
 from image_similarity.store import ImageRow, SQLiteStore
 
 
@@ -105,8 +106,8 @@ def test_a_model_stored_by_an_older_release_still_ranks_by_features(full_db):
     old = dataclasses.replace(record, arrays={k: record.arrays[k] for k in ("coef", "intercept")})
     model = SimilarityModel.from_record(old)
     assert model.temperature is None and model.embedding is None
-    catalogue = Catalogue(catalogue_ids, [""] * len(X), ["x"] * len(X), [""] * len(X), ["0" * 64] * len(X), X, model)
-    assert catalogue.similarity(X[0], "cosine")[0].argmax() == 0
+    catalogue = Catalogue(catalogue_ids, [""] * len(X), ["x"] * len(X), [""] * len(X), ["0" * 64] * len(X), X)
+    assert searcher(catalogue, "cosine", model).similarity(X[0])[0].argmax() == 0
     for method in ("scores", "learned"):
         with pytest.raises(NotReady, match="run 'image-similarity train' again"):
-            catalogue.similarity(X[0], method)
+            searcher(catalogue, method, model).similarity(X[0])

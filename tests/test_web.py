@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
 
 from image_similarity.entrypoints.cli import main
+from image_similarity.entrypoints.service import without
 from image_similarity.entrypoints.web import MAX_UPLOAD_BYTES, create_app
 from image_similarity.pipeline.rank import rank
 from image_similarity.store import SQLiteStore
@@ -104,6 +105,20 @@ def test_top_and_method(client, photos, web_db, featurizer):
     assert same(answer(upload(client, data, top=3, method="l2")), want)
     assert upload(client, data, method="nearest").status_code == 422
     assert upload(client, data, top=0).status_code == 422
+
+
+def test_one_snapshot_holds_a_searcher_only_for_each_method_asked(app, client, photos):
+    """Each method's searcher is made on its first request and kept; a snapshot less an image starts with none."""
+    snapshot = app.state.service.current
+    before = set(snapshot.searchers)
+    assert len(answer(upload(client, photos[0].read_bytes(), method="learned"))) == 10
+    assert set(snapshot.searchers) == before | {"learned"} and snapshot.searchers["learned"].strategy == "exact"
+    kept = snapshot.searchers["learned"]
+    assert len(answer(upload(client, photos[1].read_bytes(), method="learned"))) == 10
+    assert snapshot.searchers["learned"] is kept
+    smaller = without(snapshot, int(kept.catalogue.ids[0]))
+    assert smaller.searchers == {} and len(smaller.catalogue) == len(snapshot.catalogue) - 1
+    assert int(kept.catalogue.ids[0]) not in smaller.searcher("cosine").catalogue.ids
 
 
 def test_bad_uploads_are_400_with_a_one_line_reason(client, photos):

@@ -26,9 +26,11 @@ from image_similarity.entrypoints.web import API_KEY_ENV, create_app
 from image_similarity.pipeline.evaluate import evaluate
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest, ingest_one
-from image_similarity.pipeline.rank import Catalogue, rank
+from image_similarity.pipeline.rank import rank, rank_with
 from image_similarity.pipeline.split import split
 from image_similarity.pipeline.train import load_model, train
+from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.searchers import searcher
 from image_similarity.store import SQLiteStore, connect
 
 KEY = "k3y-for-tests-only-0123456789"
@@ -271,8 +273,8 @@ def test_load_while_featurize_grows_the_served_catalogue(db, featurizer, tmp_pat
         with SQLiteStore(db) as own:
             ids = sorted(own.features(backbone)[0].tolist())  # featurize adds in id order: a catalogue is a prefix
             for version, method, size, name in keys:
-                catalogue = Catalogue.from_store(own, backbone, load_model(own, version), ids=ids[:size])
-                result = rank(own, photos[name], featurizer, method=method, catalogue=catalogue, save=False)
+                catalogue = Catalogue.from_store(own, backbone, ids=ids[:size])
+                result = rank_with(searcher(catalogue, method, load_model(own, version)), photos[name], featurizer)
                 reference[(version, method, size, name)] = [m.image_id for m in result.matches]
 
     with SQLiteStore(db) as store:

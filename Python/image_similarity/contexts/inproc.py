@@ -30,9 +30,11 @@ from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady
 from ..features.backbones import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
 from ..pipeline.featurize import Featurizer, finish_batch
-from ..pipeline.rank import Catalogue, rank
+from ..pipeline.rank import rank_with
 from ..pipeline.split import split_images
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
+from ..search.catalogue import Catalogue
+from ..search.searchers import scorer, searcher
 from ..store.base import ImageRow, ModelRecord, decode_array, encode_array, finite, strict_json
 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
@@ -198,21 +200,19 @@ def evaluate_model(frame: pd.DataFrame, backbone: str, classes: str, params: str
     return pd.DataFrame(figures, columns=METRIC_COLUMNS), strict_json(record.summary)
 
 
-def _catalogue(frame: pd.DataFrame, backbone: str, model: SimilarityModel | None) -> Catalogue:
+def _catalogue(frame: pd.DataFrame, backbone: str) -> Catalogue:
     images = _images(frame)
     _require(images, f"empty catalogue: no images featurized with {backbone!r}")
     return Catalogue(images["image_id"].to_numpy(), images["name"].tolist(), images["label"].tolist(),
-                     images["sha256"].tolist(), images["dhash"].tolist(), _vectors(images["data"]), model)
+                     images["sha256"].tolist(), images["dhash"].tolist(), _vectors(images["data"]))
 
 
 def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes: str, params: str, version: int,
                     top: int = 10, method: str = "scores") -> tuple[str, str]:
     """Catalogue rows (image_id, name, label, sha256, dhash, data hex) and the model's arrays plus a query image ->
     (the top rows as a JSON list of {rank, image_id, score}, the method used). The procedure resolves `method`."""
-    catalogue = _catalogue(frame, backbone, _model(frame, backbone, classes, params, version))
-    # With a catalogue and a method given and save=False, rank() reads nothing from a store.
-    result = rank(None, unhex(query_hex), featurizer(backbone), top=top, method=method, catalogue=catalogue,
-                  save=False)
+    method_searcher = searcher(_catalogue(frame, backbone), method, _model(frame, backbone, classes, params, version))
+    result = rank_with(method_searcher, unhex(query_hex), featurizer(backbone), top)
     return json.dumps([{"rank": m.rank, "image_id": int(m.image_id), "score": finite(m.score)}
                        for m in result.matches], allow_nan=False), result.method
 
@@ -238,11 +238,11 @@ def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: 
     from ..pipeline.neighbors import block_neighbors, block_ranges, block_rows
 
     model = _model(frame, backbone, classes, params, version) if frame["array_name"].notna().any() else None
-    catalogue = _catalogue(frame, backbone, model)
+    catalogue = _catalogue(frame, backbone)
     images = _images(frame)
     done = set(images.loc[images["done"] == 1, "image_id"].astype(int))
     ranges = block_ranges(len(catalogue), block_rows(len(catalogue)))
-    rows = [row for block in block_neighbors(catalogue, ranges, method, top, done) for row in block]
+    rows = [row for block in block_neighbors(scorer(catalogue, method, model), ranges, top, done) for row in block]
     return pd.DataFrame(rows, columns=["image_id", "rank", "neighbor_id", "score"])
 
 

@@ -31,8 +31,10 @@ from ..pipeline.neighbors import (
     check,
     store_blocks,
 )
-from ..pipeline.rank import Catalogue, latest_model
+from ..pipeline.rank import latest_model
 from ..pipeline.train import load_model
+from ..search.catalogue import Catalogue
+from ..search.searchers import ExactSearcher, scorer
 from ..store import Store, StoreError, connect
 
 DEFAULT_MASTER = "local[*]"
@@ -44,8 +46,8 @@ TASK_BATCHES = 4
 
 FEATURIZERS: dict[tuple, Featurizer] = {}
 """Networks loaded in this executor process, kept for the tasks that follow."""
-CATALOGUES: dict[str, tuple[Catalogue, set[int]]] = {}
-"""The catalogue and already-stored image ids of the current neighbors job in this executor process."""
+CATALOGUES: dict[str, tuple[ExactSearcher, set[int]]] = {}
+"""The catalogue's exact searcher and already-stored image ids of the current neighbors job in this executor process."""
 
 
 def parse_conf(pairs: Iterable[str]) -> dict[str, str]:
@@ -198,10 +200,10 @@ def _neighbors_task(db: str, job: str, backbone: str, method: str, k: int, versi
         if job not in CATALOGUES:
             CATALOGUES.clear()
             model = load_model(store, version) if version else None
-            CATALOGUES[job] = (Catalogue.from_store(store, backbone, model, index="exact"),
+            CATALOGUES[job] = (scorer(Catalogue.from_store(store, backbone), method, model),
                                store.neighbor_ids(backbone, method, version))
-        catalogue, done = CATALOGUES[job]
-        yield store_blocks(store, backbone, catalogue, list(ranges), method, k, version, done)
+        exact, done = CATALOGUES[job]
+        yield store_blocks(store, backbone, exact, list(ranges), k, version, done)
 
 
 def neighbors_on_spark(spark: Any, db: str, backbone: str, method: str = "cosine", k: int = DEFAULT_K,

@@ -12,9 +12,10 @@ from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
-from ..pipeline.rank import ANN_THRESHOLD, INDEXES, METHODS
 from ..pipeline.reports import percent, print_evaluation, print_ranking
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
+from ..search.methods import METHODS
+from ..search.searchers import ANN_THRESHOLD, INDEXES
 
 DEFAULT_OUT = "image-similarity-output"
 

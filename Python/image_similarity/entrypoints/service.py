@@ -1,19 +1,22 @@
-"""What the web service answers from: an immutable snapshot (model, catalogue features, default method) loaded
-in one read transaction and swapped whole, a poller that reloads it when the database's version stamp
-changes, and a background featurizer for images added through the service."""
+"""What the web service answers from: an immutable snapshot (model, catalogue, default method) loaded in one read
+transaction and swapped whole, with a searcher per method made on its first request; a poller that reloads it when
+the database's version stamp changes, and a background featurizer for images added through the service."""
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..pipeline.featurize import featurize
-from ..pipeline.rank import Catalogue, default_method, latest_model
+from ..pipeline.rank import default_method, latest_model
+from ..pipeline.train import SimilarityModel
+from ..search.catalogue import Catalogue
+from ..search.searchers import Searcher, searcher
 from ..store import Store, StoreError, connect
 
 log = logging.getLogger("image_similarity.entrypoints.service")
@@ -54,17 +57,28 @@ class SerialFeaturizer:
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one answer is made from, never changed once made: requests take the current one and use
-    only it, so no answer mixes two model versions or two catalogues."""
+    only it, so no answer mixes two model versions or two catalogues. The searcher of a method is made from it on
+    the method's first request and kept (memory holds only the methods asked for)."""
 
     stamp: tuple[int, ...] | None
     """The store's catalogue_stamp when it was read (None: changed here since, reload on the next poll)."""
     catalogue: Catalogue
+    model: SimilarityModel | None
     method: str
     evaluation: dict[str, Any] | None
+    searchers: dict[str, Searcher] = field(default_factory=dict, repr=False, compare=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def model_version(self) -> int | None:
-        return self.catalogue.model.version if self.catalogue.model else None
+        return self.model.version if self.model else None
+
+    def searcher(self, method: str) -> Searcher:
+        """The searcher of `method` over this catalogue and model (HNSW for l2/cosine on large catalogues)."""
+        with self.lock:
+            if method not in self.searchers:
+                self.searchers[method] = searcher(self.catalogue, method, self.model)
+            return self.searchers[method]
 
 
 def load_snapshot(store: Store, backbone: str) -> Snapshot:
@@ -75,20 +89,16 @@ def load_snapshot(store: Store, backbone: str) -> Snapshot:
         if model is not None and model.backbone != backbone:
             raise StoreError(f"the latest model (version {model.version}) uses {model.backbone} features but this "
                              f"service featurizes with {backbone}: restart serve to use it")
-        catalogue = Catalogue.from_store(store, backbone, model)
+        catalogue = Catalogue.from_store(store, backbone)
         evaluation = store.evaluation(model.version) if model else None
         method = default_method(store, model)
     summary = {k: v for k, v in evaluation.summary.items() if k != "plots"} if evaluation else None
-    return Snapshot(stamp, catalogue, method, summary)
+    return Snapshot(stamp, catalogue, model, method, summary)
 
 
 def without(snapshot: Snapshot, image_id: int) -> Snapshot:
     """The snapshot less one catalogue image (stamp None, so the next poll reloads it from the database)."""
-    c = snapshot.catalogue
-    keep = np.flatnonzero(c.ids != image_id)
-    catalogue = Catalogue(c.ids[keep], [c.names[i] for i in keep], c.labels[keep].tolist(), c.sha256[keep].tolist(),
-                          [c.dhashes[i] for i in keep], c.features[keep], c.model, c.index)
-    return Snapshot(None, catalogue, snapshot.method, snapshot.evaluation)
+    return Snapshot(None, snapshot.catalogue.without([image_id]), snapshot.model, snapshot.method, snapshot.evaluation)
 
 
 class Service:

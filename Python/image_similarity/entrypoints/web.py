@@ -24,8 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady, Unavailable
 from ..pipeline.ingest import ingest_one
-from ..pipeline.rank import METHODS, rank
-from ..store import Store, StoreError
+from ..pipeline.rank import rank_with
+from ..search.methods import FEATURE_METHODS, METHODS
+from ..store import Store
 from .service import SerialFeaturizer, Service, Snapshot
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -158,11 +159,11 @@ def upload_name(label: str, filename: str | None) -> str:
 
 
 def model_out(snapshot: Snapshot, backbone: str) -> ModelOut:
-    model, catalogue = snapshot.catalogue.model, snapshot.catalogue
+    model, catalogue = snapshot.model, snapshot.catalogue
     return ModelOut(
         version=snapshot.model_version, backbone=backbone,
         classes=model.classes if model else sorted(set(catalogue.labels.tolist())), method=snapshot.method,
-        methods=[m for m in METHODS if model or m in ("l2", "cosine")], catalogue_size=len(catalogue),
+        methods=[m for m in METHODS if model or m in FEATURE_METHODS], catalogue_size=len(catalogue),
         params=model.params if model else {}, evaluation=snapshot.evaluation)
 
 
@@ -257,8 +258,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         data = read_upload(file)
         name = file.filename or "upload"
         snapshot = service.current  # this answer uses this snapshot only, whatever is swapped in meanwhile
-        result = rank(store, data, shared, top=top, method=method or snapshot.method,
-                      catalogue=snapshot.catalogue, name=name, save=False)
+        result = rank_with(snapshot.searcher(method or snapshot.method), data, shared, top, name)
         return RankOut(query=name, method=result.method, backbone=result.backbone,
                        model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
                        matches=[MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,
@@ -296,13 +296,9 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
 
     @app.delete("/api/images/{image_id}", response_model=RemovedOut, dependencies=[Depends(can_write)],
                 summary="Remove an image from the catalogue (needs the API key); it never appears in a ranking again",
-                responses={404: {"description": "no such image"}, 501: {"description": "this store cannot remove"},
-                           **denied})
+                responses={404: {"description": "no such image"}, **denied})
     def remove_image(image_id: Annotated[int, Path(ge=1, le=MAX_ID)]) -> RemovedOut:
-        try:
-            removed = service.remove(image_id)
-        except StoreError as err:  # a store that cannot remove images
-            raise HTTPException(501, str(err)) from None
+        removed = service.remove(image_id)  # every store removes images
         if not removed:
             raise HTTPException(404, f"no image with id {image_id}")
         return RemovedOut(id=image_id, catalogue_size=len(service.current.catalogue))

@@ -15,8 +15,10 @@ from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_
 
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
 from ..errors import NotReady
+from ..search.catalogue import Catalogue
+from ..search.methods import METHODS
+from ..search.searchers import scorer
 from ..store import EvaluationRecord, Store
-from .rank import METHODS, Catalogue
 from .train import SimilarityModel, load_model
 
 N_NEGATIVES = 100
@@ -161,17 +163,18 @@ def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.n
 
     train_ids, X_train, y_train = data["train"]
     test_hashes, train_hashes = [dhashes[int(i)] for i in test_ids], [dhashes[int(i)] for i in train_ids]
-    test_set, training_set = _catalogue(data["test"], test_hashes, model), _catalogue(data["train"], train_hashes, model)
+    test_set, training_set = _catalogue(data["test"], test_hashes), _catalogue(data["train"], train_hashes)
     # the original protocol: candidates from the test split, never the query or its near duplicates
     drawn = draw_candidates(y_test, y_test, hamming_matrix(test_hashes) <= NEAR_DUPLICATE_DISTANCE, seed)
     # the catalogue: test queries against the training images (near duplicates never cross the split)
     drawn_train = draw_candidates(y_test, y_train, hamming_matrix(test_hashes, train_hashes) <= NEAR_DUPLICATE_DISTANCE,
                                   seed)
-    look = training_set.similarity(X_test, "cosine")
+    look = scorer(training_set, "cosine").similarity(X_test)
     summary["ranking"], summary["catalogue_ranking"] = {}, {}
     for method in METHODS:
-        summary["ranking"][method] = ranking_metrics(positive_ranks(test_set.similarity(X_test, method), *drawn))
-        similarity = training_set.similarity(X_test, method)
+        similarity = scorer(test_set, method, model).similarity(X_test)
+        summary["ranking"][method] = ranking_metrics(positive_ranks(similarity, *drawn))
+        similarity = scorer(training_set, method, model).similarity(X_test)
         figures = ranking_metrics(positive_ranks(similarity, *drawn_train))
         figures.update(retrieval_metrics(similarity, y_test, y_train, look))
         summary["catalogue_ranking"][method] = figures
@@ -185,9 +188,8 @@ def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.n
     return record, results, curves
 
 
-def _catalogue(subset: tuple[np.ndarray, np.ndarray, np.ndarray], dhashes: list[str],
-               model: SimilarityModel) -> Catalogue:
+def _catalogue(subset: tuple[np.ndarray, np.ndarray, np.ndarray], dhashes: list[str]) -> Catalogue:
     """The images of one subset (ids, X, labels) as a catalogue to rank."""
     ids, X, y = subset
     blank = [""] * len(ids)
-    return Catalogue(ids, blank, list(y), blank, dhashes, X, model)
+    return Catalogue(ids, blank, list(y), blank, dhashes, X)

@@ -2,9 +2,10 @@
 
 The same methods and the same exclusion of an image's own near duplicates as `rank`, computed exactly in blocks
 of query rows: each block scores its rows against the whole catalogue at once, keeps each row's best k, and is
-stored in one transaction. Memory is bounded by the catalogue held in memory plus one block of scores
-(`BYTES_PER_PAIR` bytes per query row and catalogue image, at most `memory` bytes). Images whose neighbours are
-already stored are skipped, so an interrupted run resumes and a re-run adds nothing.
+stored in one transaction. Memory is bounded by the catalogue held in memory (its features and the method's
+matrix: search.searchers.scorer) plus one block of scores (`BYTES_PER_PAIR` bytes per query row and catalogue
+image, at most `memory` bytes). Images whose neighbours are already stored are skipped, so an interrupted run
+resumes and a re-run adds nothing.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from tqdm import tqdm
 
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, _distances, _signs
 from ..errors import BadInput, NotReady
+from ..search.catalogue import Catalogue
+from ..search.methods import FEATURE_METHODS, METHODS
+from ..search.searchers import ExactSearcher, best_positions, scorer
 from ..store import Store
-from .rank import METHODS, Catalogue, _best, latest_model
+from .rank import latest_model
 from .train import SimilarityModel
 
 DEFAULT_K = 10
@@ -65,14 +69,15 @@ def block_rows(n: int, memory: int = DEFAULT_MEMORY) -> int:
     return max(1, memory // (max(n, 1) * BYTES_PER_PAIR))
 
 
-def neighbor_rows(catalogue: Catalogue, twins: Twins, positions: np.ndarray, method: str,
+def neighbor_rows(searcher: ExactSearcher, twins: Twins, positions: np.ndarray,
                   k: int) -> list[tuple[int, int, int, float]]:
     """(image id, rank, neighbour id, score) of the best k of each catalogue row in `positions`."""
-    scores = catalogue.similarity(catalogue.features[positions], method)
+    catalogue = searcher.catalogue
+    scores = searcher.similarity(catalogue.features[positions])
     scores[twins.of(positions)] = -np.inf
     rows = []
     for query, row in zip(catalogue.ids[positions], scores):
-        best = _best(row, k)
+        best = best_positions(row, k)
         rows += [(int(query), r + 1, int(catalogue.ids[b]), float(row[b])) for r, b in enumerate(best)]
     return rows
 
@@ -82,25 +87,26 @@ def block_ranges(n: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, n)) for start in range(0, n, rows)]
 
 
-def block_neighbors(catalogue: Catalogue, ranges: Sequence[tuple[int, int]], method: str, k: int,
+def block_neighbors(searcher: ExactSearcher, ranges: Sequence[tuple[int, int]], k: int,
                     done: set[int]) -> Iterator[list[tuple[int, int, int, float]]]:
     """For each block, the (image id, rank, neighbour id, score) rows of its images not in `done` (maybe none)."""
+    catalogue = searcher.catalogue
     twins = Twins(catalogue)
     stored = np.fromiter(done, dtype=np.int64, count=len(done))
     for start, end in ranges:
         positions = np.arange(start, end)
         positions = positions[~np.isin(catalogue.ids[positions], stored)]
-        yield neighbor_rows(catalogue, twins, positions, method, k) if len(positions) else []
+        yield neighbor_rows(searcher, twins, positions, k) if len(positions) else []
 
 
-def store_blocks(store: Store, backbone: str, catalogue: Catalogue, ranges: Sequence[tuple[int, int]],
-                 method: str, k: int, model_version: int, done: set[int], bar: tqdm | None = None) -> int:
+def store_blocks(store: Store, backbone: str, searcher: ExactSearcher, ranges: Sequence[tuple[int, int]], k: int,
+                 model_version: int, done: set[int], bar: tqdm | None = None) -> int:
     """Compute and store the neighbours of each block's images not in `done`, one transaction per block;
     returns the images stored. Rows stored meanwhile by another task are kept (the insert skips them)."""
     added = 0
-    for rows in block_neighbors(catalogue, ranges, method, k, done):
+    for rows in block_neighbors(searcher, ranges, k, done):
         if rows:
-            store.put_neighbors(backbone, method, model_version, rows)
+            store.put_neighbors(backbone, searcher.method.name, model_version, rows)
         images = len({r[0] for r in rows})
         added += images
         if bar is not None:
@@ -115,7 +121,7 @@ def check(store: Store, backbone: str, method: str, k: int,
         raise BadInput(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
     if k < 1:
         raise BadInput(f"--top must be at least 1, got {k}")
-    if method in ("l2", "cosine"):
+    if method in FEATURE_METHODS:
         return None, 0
     if model is None or model.backbone != backbone:
         raise NotReady(f"method {method!r} needs a model trained on {backbone}: run 'image-similarity train' first")
@@ -130,7 +136,8 @@ def neighbors(store: Store, backbone: str, method: str = "cosine", k: int = DEFA
     `refresh` first removes this backbone's and method's stored neighbours (after the catalogue changed).
     """
     model, version = check(store, backbone, method, k, model or latest_model(store))
-    catalogue = Catalogue.from_store(store, backbone, model, index="exact")
+    catalogue = Catalogue.from_store(store, backbone)
+    exact = scorer(catalogue, method, model)
     if refresh:
         store.delete_neighbors(backbone, method, version)
     done = store.neighbor_ids(backbone, method, version)
@@ -139,6 +146,5 @@ def neighbors(store: Store, backbone: str, method: str = "cosine", k: int = DEFA
                              already_stored=int(np.isin(catalogue.ids, list(done)).sum()))
     with tqdm(total=len(catalogue) - report.already_stored, desc=f"neighbors ({method}, top {k})", unit="img",
               disable=not progress) as bar:
-        report.added = store_blocks(store, backbone, catalogue, block_ranges(len(catalogue), rows), method, k,
-                                    version, done, bar)
+        report.added = store_blocks(store, backbone, exact, block_ranges(len(catalogue), rows), k, version, done, bar)
     return report

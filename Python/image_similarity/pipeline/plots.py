@@ -13,8 +13,9 @@ from PIL import Image, ImageOps
 
 from ..core.images import decode_image
 from ..errors import NotReady
+from ..search.searchers import Match
 from ..store import Store
-from .rank import Match, RankResult
+from .rank import RankResult
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
 

@@ -1,1 +1,2 @@
-"""Scoring a catalogue against a query: exact scans, 16-bit screened scans, HNSW graphs."""
+"""Search: the catalogue as a table, the scoring methods, and searchers that find a query's best matches by one
+method in one way (exact scan, 16-bit screened exact scan, HNSW graph, or in the database)."""

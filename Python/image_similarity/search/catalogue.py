@@ -1,0 +1,54 @@
+"""The catalogue: the images a query is ranked against, as a table held in memory (one row per image: id, name,
+label, sha256, dHash and feature vector), and which rows are a query's own near duplicates."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hamming_to, packed_hashes
+from ..errors import NotReady
+from ..store import ImageRow, Store
+
+
+class Catalogue:
+    """Catalogue images as parallel columns: row i of every column is one image. `features` is None for a
+    catalogue whose vectors stay in the database (a store that ranks them itself)."""
+
+    def __init__(self, ids: np.ndarray, names: list[str], labels: Sequence[str], sha256: Sequence[str],
+                 dhashes: list[str], features: np.ndarray | None) -> None:
+        self.ids, self.names, self.labels = np.asarray(ids), list(names), np.asarray(labels, dtype=str)
+        self.sha256, self.dhashes = np.asarray(sha256, dtype=str), list(dhashes)
+        self.packed_dhashes = packed_hashes(self.dhashes)
+        self.features = None if features is None else np.ascontiguousarray(features, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_records(cls, records: Sequence[ImageRow], features: np.ndarray | None = None) -> Catalogue:
+        """The table of these stored images (with their vectors, in the same order, when given)."""
+        return cls(np.array([r.id for r in records], dtype=np.int64), [r.name for r in records],
+                   [r.label for r in records], [r.sha256 for r in records], [r.dhash for r in records], features)
+
+    @classmethod
+    def from_store(cls, store: Store, backbone: str, ids: list[int] | None = None) -> Catalogue:
+        """The images of a store featurized with `backbone` (all of them, or only `ids`), with their vectors."""
+        records = {im.id: im for im in store.images()}
+        found, X = store.features(backbone, ids)
+        if len(found) == 0:
+            raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
+        return cls.from_records([records[int(i)] for i in found], X)
+
+    def subset(self, rows: np.ndarray) -> Catalogue:
+        """The catalogue of these rows only (positions, in this order)."""
+        return Catalogue(self.ids[rows], [self.names[i] for i in rows], self.labels[rows], self.sha256[rows],
+                         [self.dhashes[i] for i in rows], None if self.features is None else self.features[rows])
+
+    def without(self, image_ids: Sequence[int]) -> Catalogue:
+        """The catalogue less these images."""
+        return self.subset(np.flatnonzero(~np.isin(self.ids, image_ids)))
+
+    def duplicates_of(self, sha256: str, query_dhash: str, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
+        """Mask of catalogue images that are the query itself or a near duplicate of it."""
+        return (self.sha256 == sha256) | (hamming_to(query_dhash, self.packed_dhashes) <= max_distance)

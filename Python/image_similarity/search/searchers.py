@@ -1,0 +1,227 @@
+"""Searchers: the best matches of a query among catalogue images by one scoring method, in one way chosen once when
+the searcher is made (`strategy`): an exact float32 scan, an exact scan screened through a 16-bit copy, an HNSW
+graph, or the database's own vector search. Each holds only what its way needs (one method's matrix, its 16-bit
+copy or graph); the in-memory ones also score whole query matrices (`similarity`) for evaluation and neighbours."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import BadInput, NotReady, Unavailable
+from ..pipeline.train import SimilarityModel
+from ..store import Store
+from ..store.base import VECTOR_SEARCH
+from . import ann
+from .catalogue import Catalogue
+from .halfscan import HalfMatrix, scan_kernel
+from .methods import FEATURE_METHODS, Method, scoring_method
+
+INDEXES = ("auto", "exact", "hnsw")
+"""exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss; in a database with
+vector search, its index); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when faiss is
+installed, in a database its index when it has one, else exact."""
+ANN_THRESHOLD = 200_000
+HALF_SCAN_THRESHOLD = 20_000
+"""Exact l2 and cosine search over at least this many images first scans a 16-bit copy of the matrix (half the
+bytes; float16 or bfloat16, whichever halfscan.scan_kernel measured fastest here, if either beats the plain float32
+scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+HALF_SCANNED = FEATURE_METHODS
+"""The methods that scan a feature-sized matrix; scores and learned scan a few columns per image (classes + features
+with a small weight, and classes - 1), always in float32."""
+CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the 16-bit scan
+
+
+@dataclass(frozen=True)
+class Match:
+    """One ranked catalogue image. `score` is higher for more similar images (for l2: minus the distance)."""
+
+    rank: int
+    image_id: int
+    name: str
+    label: str
+    score: float
+
+
+def best_positions(scores: np.ndarray, top: int) -> np.ndarray:
+    """Positions of the `top` highest finite scores (fewer if there are fewer), best first."""
+    top = min(top, int(np.isfinite(scores).sum()))
+    best = np.argpartition(-scores, top - 1)[:top] if top else np.array([], dtype=int)
+    return best[np.argsort(-scores[best], kind="stable")]
+
+
+class Searcher(ABC):
+    """Searches `catalogue` by `method`; `strategy` names the way."""
+
+    strategy: ClassVar[str]
+
+    def __init__(self, catalogue: Catalogue, scoring: Method) -> None:
+        self.catalogue, self.method = catalogue, scoring
+
+    @abstractmethod
+    def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
+        """The `top` most similar catalogue images to one query vector, never the rows where `exclude` (a mask
+        over the catalogue's rows) is True."""
+
+    def _matches(self, rows, scores) -> list[Match]:
+        c = self.catalogue
+        return [Match(r + 1, int(c.ids[i]), c.names[i], str(c.labels[i]), float(s))
+                for r, (i, s) in enumerate(zip(rows, scores))]
+
+
+class ExactSearcher(Searcher):
+    """Scores every row in float32: the method's one catalogue matrix, in memory."""
+
+    strategy = "exact"
+
+    def __init__(self, catalogue: Catalogue, scoring: Method) -> None:
+        super().__init__(catalogue, scoring)
+        self.matrix = scoring.matrix(catalogue.features)
+        self.row_terms = scoring.row_terms(self.matrix)
+
+    def similarity(self, queries: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """(n_queries, n_catalogue) similarities, or (n_queries, len(rows)) for those rows; higher is more similar."""
+        queries = np.atleast_2d(queries).astype(np.float32)
+        pick = slice(None) if rows is None else rows
+        terms = None if self.row_terms is None else self.row_terms[pick]
+        return self.method.similarities(queries, self.method.vectors(queries) @ self.matrix[pick].T, terms)
+
+    def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
+        return self._matches(*self._best(query, top, exclude))
+
+    def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and scores of the best `top`."""
+        scores = self.similarity(query)[0]
+        if exclude is not None:
+            scores[exclude] = -np.inf
+        best = best_positions(scores, top)
+        return best, scores[best]
+
+
+class ScreenedSearcher(ExactSearcher):
+    """The exact float32 answer, found through a 16-bit copy of the matrix (see HALF_SCAN_THRESHOLD): bound every
+    row's score from the copy, score exactly the rows with the highest bounds, then any other row whose bound
+    reaches the worst of the exact best."""
+
+    strategy = "screened"
+
+    def __init__(self, catalogue: Catalogue, scoring: Method, kernel: str) -> None:
+        super().__init__(catalogue, scoring)
+        self.half = HalfMatrix(self.matrix, kernel)
+
+    def bounds(self, query: np.ndarray) -> np.ndarray:
+        """An upper bound on every row's similarity to one query."""
+        queries = np.atleast_2d(query).astype(np.float32)
+        dots, error = self.half.dot(self.method.vectors(queries)[0])
+        # similarities are monotone in the inner product: the larger end of the interval bounds them
+        return np.maximum(self.method.similarities(queries, (dots + error)[None], self.row_terms),
+                          self.method.similarities(queries, (dots - error)[None], self.row_terms))[0]
+
+    def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        bounds = self.bounds(query)
+        if exclude is not None:
+            bounds[exclude] = -np.inf
+        top = min(top, int(np.isfinite(bounds).sum()))
+        if not top:
+            return np.array([], dtype=int), np.array([], dtype=np.float32)
+        wanted = top + max(10 * top, CANDIDATES)
+        if wanted < len(bounds):
+            order = np.argpartition(-bounds, wanted)
+            rows, left_out = order[:wanted], bounds[order[wanted]]  # left_out: the best bound left out
+        else:
+            rows, left_out = np.arange(len(bounds)), -np.inf
+        rows = rows[np.isfinite(bounds[rows])]
+        scores = self.similarity(query, rows)[0]
+        worst = scores[best_positions(scores, top)[-1]]
+        if left_out >= worst:  # rare: rows left out could still beat the worst of the best `top`
+            rows = np.flatnonzero(bounds >= worst)
+            scores = self.similarity(query, rows)[0]
+        best = best_positions(scores, top)
+        return rows[best], scores[best]
+
+
+class GraphSearcher(ExactSearcher):
+    """(About) the best l2/cosine matches from an HNSW graph over the method's matrix (faiss); scores are the
+    exact distances or cosines. Excluded rows are filtered from a deeper candidate list."""
+
+    strategy = "hnsw"
+
+    def __init__(self, catalogue: Catalogue, scoring: Method) -> None:
+        super().__init__(catalogue, scoring)
+        self.graph = ann.HNSWIndex(self.matrix, inner_product=scoring.name == "cosine")
+
+    def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        query = self.method.vectors(np.atleast_2d(query).astype(np.float32))
+        skipped = int(exclude.sum()) if exclude is not None else 0
+        rows, values = self.graph.search(query, min(top + skipped, len(self.catalogue)))
+        if exclude is not None:
+            kept = ~exclude[rows]
+            rows, values = rows[kept], values[kept]
+        scores = -np.sqrt(np.maximum(values, 0)) if self.method.name == "l2" else values
+        return rows[:top], scores[:top]
+
+
+class DatabaseSearcher(Searcher):
+    """l2/cosine ranked by the store's database (VECTOR_SEARCH): the vectors stay there; the catalogue holds the
+    stored images' rows, to leave out a query's twins and name the matches. `approximate` as in Store.nearest."""
+
+    strategy = "database"
+
+    def __init__(self, store: Store, backbone: str, scoring: Method, approximate: bool | None) -> None:
+        super().__init__(Catalogue.from_records(store.images()), scoring)
+        self.store, self.backbone, self.approximate = store, backbone, approximate
+        self.positions = {int(i): k for k, i in enumerate(self.catalogue.ids)}
+
+    def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
+        excluded = [] if exclude is None else self.catalogue.ids[exclude].tolist()
+        found = self.store.nearest(self.backbone, query, self.method.name, top, excluded, self.approximate)
+        if not found and not self.store.feature_counts().get(self.backbone):
+            raise NotReady(f"empty catalogue: no images featurized with {self.backbone!r}; run featurize first")
+        return self._matches([self.positions[i] for i, _ in found], [score for _, score in found])
+
+
+def strategy(method: str, index: str = "auto", size: int = 0, in_database: bool = False) -> str:
+    """The way a searcher answers a method, chosen here only: "database" for l2/cosine when the store ranks vectors
+    itself (`in_database`, told before any image row is read); else, over `size` images in memory, "hnsw" as
+    `index` (one of INDEXES) says, "screened" for l2/cosine from HALF_SCAN_THRESHOLD images when this machine
+    has a 16-bit scan kernel faster than float32, or "exact"."""
+    if index not in INDEXES:
+        raise BadInput(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
+    if method in FEATURE_METHODS and in_database:
+        return "database"
+    if index == "hnsw" and not ann.available():
+        raise Unavailable(ann.MISSING)
+    large = size >= ANN_THRESHOLD and ann.available()
+    if method in FEATURE_METHODS and (index == "hnsw" or (index == "auto" and large)):
+        return "hnsw"
+    if method in HALF_SCANNED and size >= HALF_SCAN_THRESHOLD and scan_kernel() != "fp32":
+        return "screened"
+    return "exact"
+
+
+def searcher(catalogue: Catalogue, method: str, model: SimilarityModel | None = None,
+             index: str = "auto") -> ExactSearcher:
+    """A searcher of `method` over a catalogue in memory, in the way `strategy` chooses for its size."""
+    scoring = scoring_method(method, model)
+    chosen = strategy(method, index, len(catalogue))
+    if chosen == "screened":
+        return ScreenedSearcher(catalogue, scoring, scan_kernel())
+    return GraphSearcher(catalogue, scoring) if chosen == "hnsw" else ExactSearcher(catalogue, scoring)
+
+
+def scorer(catalogue: Catalogue, method: str, model: SimilarityModel | None = None) -> ExactSearcher:
+    """An exact searcher to score whole matrices of queries (evaluation, neighbours) with `similarity`: only the
+    method's matrix, never a 16-bit copy or a graph."""
+    return ExactSearcher(catalogue, scoring_method(method, model))
+
+
+def store_searcher(store: Store, backbone: str, method: str, model: SimilarityModel | None = None,
+                   index: str = "auto") -> Searcher:
+    """A searcher of `method` over a store's images featurized with `backbone`: in the database when it has
+    vector search (the database's index as `index` says), else over the catalogue read into memory."""
+    scoring = scoring_method(method, model)
+    if strategy(method, index, in_database=VECTOR_SEARCH in store.capabilities) == "database":
+        return DatabaseSearcher(store, backbone, scoring, {"exact": False, "hnsw": True}.get(index))
+    return searcher(Catalogue.from_store(store, backbone), method, model, index)
