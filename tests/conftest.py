@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -41,13 +42,26 @@ def featurizer() -> Featurizer:
 def full_db(tmp_path_factory, sample_dir, featurizer) -> tuple[Path, dict]:
     """The whole job on all 557 bundled photos: (database file, evaluation summary). Do not modify it."""
     path = tmp_path_factory.mktemp("full") / "full.sqlite"
+    return path, whole_job(path, sample_dir, featurizer)
+
+
+def whole_job(path: Path, folder: Path, featurizer: Featurizer) -> dict:
+    """Ingest `folder` into a new SQLite file, featurize, split, train and evaluate; the evaluation summary."""
     with SQLiteStore(path) as store:
-        ingest(store, sample_dir, progress=False)
+        ingest(store, folder, progress=False)
         featurize(store, featurizer, progress=False)
         split(store, seed=0)
         train(store, featurizer.backbone)
         summary = evaluate(store, out_dir=path.parent / "plots")
-    return path, summary
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return summary
+
+
+def copy_database(source: Path, path: Path) -> Path:
+    """A consistent copy of a SQLite database (its WAL included) at `path`, read through SQLite's backup."""
+    with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+    return path
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import copy_database
 from fastapi.testclient import TestClient
 from fuzzing import EXAMPLES, HANG_SECONDS, check_reason, run_atheris
 from hypothesis import HealthCheck, given, settings
@@ -32,10 +32,7 @@ TYPES = ["image/jpeg", "image/png", "image/webp", "application/octet-stream", "t
 @pytest.fixture(scope="module")
 def catalogue(full_db, tmp_path_factory) -> Path:
     """A private copy of the full database: 557 real photos, their features, a trained and evaluated model."""
-    path = tmp_path_factory.mktemp("fuzz-web") / "catalogue.sqlite"
-    with sqlite3.connect(f"file:{full_db[0]}?mode=ro", uri=True) as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
-    return path
+    return copy_database(full_db[0], tmp_path_factory.mktemp("fuzz-web") / "catalogue.sqlite")
 
 
 @pytest.fixture(scope="module")

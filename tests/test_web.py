@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import httpx
 import needs
 import pytest
+from conftest import copy_database
 from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
 
@@ -28,10 +28,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-
 @pytest.fixture(scope="module")
 def web_db(full_db, tmp_path_factory) -> Path:
     """A private copy of the full database (images, features, model, evaluation)."""
-    path = tmp_path_factory.mktemp("web") / "web.sqlite"
-    with sqlite3.connect(f"file:{full_db[0]}?mode=ro", uri=True) as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
-    return path
+    return copy_database(full_db[0], tmp_path_factory.mktemp("web") / "web.sqlite")
 
 
 @pytest.fixture(scope="module")

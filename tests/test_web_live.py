@@ -17,17 +17,16 @@ from pathlib import Path
 import httpx
 import pgserver
 import pytest
+from conftest import whole_job
 from fastapi.testclient import TestClient
 from liveserver import load_benchmark, serve_command, serving
 from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL server (skipped or failed without one)
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.web import API_KEY_ENV, create_app
-from image_similarity.pipeline.evaluate import evaluate
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest, ingest_one
 from image_similarity.pipeline.rank import rank, rank_with
-from image_similarity.pipeline.split import split
 from image_similarity.pipeline.train import load_model, train
 from image_similarity.search.catalogue import Catalogue
 from image_similarity.search.searchers import searcher
@@ -41,13 +40,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def small_db(small_dir, featurizer, tmp_path_factory) -> Path:
     """The whole job on 36 real photos (12 per class). Do not modify it: copy it (`db`)."""
     path = tmp_path_factory.mktemp("small-web") / "small.sqlite"
-    with SQLiteStore(path) as store:
-        ingest(store, small_dir, progress=False)
-        featurize(store, featurizer, progress=False)
-        split(store, seed=0)
-        train(store, featurizer.backbone)
-        evaluate(store, out_dir=path.parent / "plots")
-        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    whole_job(path, small_dir, featurizer)
     return path
 
 
