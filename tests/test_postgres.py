@@ -18,6 +18,7 @@ import pytest
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
+from image_similarity.errors import BadInput
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
@@ -148,7 +149,7 @@ def test_hnsw_index_recall_on_real_features(full_pg):
             assert store.has_index("efficientnet_lite0", method)
             with store.db.transaction():
                 store.db.query("SET LOCAL enable_seqscan = off")
-                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", method, True),
+                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", 1280, method, True),
                                       (X[0].tolist(), "efficientnet_lite0", [int(ids[0])], 10))
             assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
             assert recall_at_10(store, "efficientnet_lite0", X, method, range(0, 557, 11)) >= 0.95
@@ -166,6 +167,21 @@ def test_hnsw_on_halfvec_above_2000_dimensions(full_pg):
         definition = store.db.query("SELECT indexdef FROM pg_indexes WHERE indexname = 'features_resnet50_l2_hnsw'")
         assert "halfvec(2048)" in definition[0][0]
         assert recall_at_10(store, "resnet50", X, "l2", range(0, len(ids), 13)) >= 0.9
+
+
+def test_hnsw_on_a_refined_network(full_pg):
+    """A refined network's features are indexed like its base's (issue 14); an unknown name is a one-line error."""
+    with PostgresStore(full_pg) as store:
+        ids, X = store.features("efficientnet_lite0")
+        refined = store.create_network("efficientnet_lite0", {"epochs": 1}).name
+        store.put_features(refined, ids, X[::-1].copy())
+        name = store.create_index(refined, "cosine")
+        assert name == f"features_{refined}_cosine_hnsw" and store.has_index(refined, "cosine")
+        definition = store.db.query("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (name,))[0][0]
+        assert "vector(1280)" in definition and f"'{refined}'" in definition
+        assert recall_at_10(store, refined, X[::-1], "cosine", range(0, len(ids), 29)) >= 0.9
+        with pytest.raises(BadInput, match="unknown backbone 'efficientnet_lite0_refined_99'"):
+            store.create_index("efficientnet_lite0_refined_99", "l2")
 
 
 def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):

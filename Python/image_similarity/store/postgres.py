@@ -79,11 +79,9 @@ OPERATORS = {"l2": ("<->", "l2_ops"), "cosine": ("<=>", "cosine_ops")}
 """pgvector's distance operator and HNSW operator class suffix per ranking method."""
 
 
-def _index_sql(backbone: str) -> tuple[str, str, str]:
-    """(indexed expression, type, index name stem) for a known backbone: vector(dim), or halfvec above 2000."""
-    if backbone not in BACKBONES:
-        raise BadInput(f"unknown backbone {backbone!r}")
-    dim = BACKBONES[backbone].dim
+def _index_sql(backbone: str, dim: int) -> tuple[str, str, str]:
+    """(indexed expression, type, index name stem) for a backbone of `dim` dimensions: vector(dim), or halfvec
+    above 2000. `backbone` is a built-in or a stored refined network's name (letters, digits, underscores)."""
     if dim > HNSW_MAX_HALFVEC_DIM:
         raise BadInput(f"{backbone} has {dim} dimensions: pgvector's HNSW index takes at most {HNSW_MAX_HALFVEC_DIM}")
     kind = "vector" if dim <= HNSW_MAX_VECTOR_DIM else "halfvec"
@@ -97,14 +95,9 @@ def _operator(method: str) -> tuple[str, str]:
     return OPERATORS[method]
 
 
-def _index_name(backbone: str, method: str) -> str:
-    _operator(method)
-    return f"{_index_sql(backbone)[2]}_{method}_hnsw"
-
-
-def nearest_statement(backbone: str, method: str, approximate: bool) -> str:
+def nearest_statement(backbone: str, dim: int, method: str, approximate: bool) -> str:
     """The query `nearest` runs: an exact scan of `embedding`, or an ORDER BY on the indexed expression."""
-    column, kind = _index_sql(backbone)[:2] if approximate else ("embedding", "vector")
+    column, kind = _index_sql(backbone, dim)[:2] if approximate else ("embedding", "vector")
     return (f"SELECT image_id, {column} {_operator(method)[0]} %s::float8[]::{kind} AS distance FROM features"
             " WHERE backbone = %s AND NOT (image_id = ANY(%s::bigint[])) ORDER BY distance LIMIT %s")
 
@@ -157,13 +150,27 @@ class PostgresStore(SQLStore):
             if approximate:  # the index, even where the planner would scan a small table instead
                 self.db.query("SELECT set_config('enable_seqscan', 'off', true), "
                               "set_config('hnsw.ef_search', %s, true)", (str(max(40, 2 * int(top))),))
-            rows = self.db.query(nearest_statement(backbone, method, approximate), params)
+            dim = self._dim(backbone) if approximate else 0  # the exact scan reads `embedding` as it is
+            rows = self.db.query(nearest_statement(backbone, dim, method, approximate), params)
         return [(int(i), -float(d) if method == "l2" else 1.0 - float(d)) for i, d in rows]
 
+    def _dim(self, backbone: str) -> int:
+        """The feature dimension of a built-in backbone or of a stored refined network (its base's)."""
+        if backbone in BACKBONES:
+            return BACKBONES[backbone].dim
+        if any(record.name == backbone for record in self.networks()):
+            return BACKBONES[self.network(backbone).base].dim
+        raise BadInput(f"unknown backbone {backbone!r}: a built-in one ({', '.join(BACKBONES)}) or a refined network")
+
+    def _index_name(self, backbone: str, method: str) -> str:
+        _operator(method)
+        return f"{_index_sql(backbone, self._dim(backbone))[2]}_{method}_hnsw"
+
     def create_index(self, backbone: str, method: str) -> str:
-        """Create (if missing) the HNSW index `nearest(approximate=True)` uses; return its name."""
-        column, kind, _ = _index_sql(backbone)
-        name = _index_name(backbone, method)
+        """Create (if missing) the HNSW index `nearest(approximate=True)` uses, for a built-in backbone or a refined
+        network; return its name."""
+        column, kind, _ = _index_sql(backbone, self._dim(backbone))
+        name = self._index_name(backbone, method)
         self.db.script(f"CREATE INDEX IF NOT EXISTS {name} ON features USING hnsw ({column} {kind}_"
                        f"{_operator(method)[1]}) WHERE backbone = '{backbone}'")
         return name
@@ -171,7 +178,7 @@ class PostgresStore(SQLStore):
     def has_index(self, backbone: str, method: str) -> bool:
         """Whether the HNSW index for this backbone and method exists."""
         return bool(self.db.query("SELECT 1 FROM pg_indexes WHERE tablename = 'features' AND indexname = %s",
-                                  (_index_name(backbone, method),)))
+                                  (self._index_name(backbone, method),)))
 
     def run_procedure(self, procedure: str, values: dict[str, Any]) -> tuple[list[str], list[tuple]]:
         """Run the routine of a SQL Server procedure name with named arguments; (column names, rows)."""
