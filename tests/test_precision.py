@@ -84,6 +84,17 @@ def test_bf16_features_of_real_photos_stay_close_to_fp32(photos, featurizer):
     assert cosines(exact, fast).min() >= 0.995
 
 
+def test_the_bf16_trace_serves_every_batch_size(photos):
+    """At bf16 on a CPU the forward pass runs a TorchScript trace made from the first batch (24 photos); a later
+    batch of another size gives the same features as in that batch, and float32 never traces."""
+    fp32, bf16 = Featurizer(device="cpu", precision="fp32"), Featurizer(device="cpu", precision="bf16")
+    batch = np.stack([bf16.prepare(data) for data in photos])
+    whole = bf16.forward(batch)
+    assert isinstance(bf16.traced, torch.jit.ScriptModule)
+    assert cosines(bf16.forward(batch[5:7]), whole[5:7]).min() >= 0.9999
+    assert cosines(fp32.forward(batch[5:7]), whole[5:7]).min() >= 0.995 and fp32.traced is None
+
+
 def test_draft_decoding_of_large_jpegs_stays_close_to_full_decoding(photos, featurizer):
     """Real photos enlarged to about 12 megapixels: decoded at 1/8 scale, features as from the full decode."""
     large = []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from ..errors import BadInput
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from ..features.precision import autocast, resolve
 from ..store import Store
+
+# The backbones compute their padding from the input size in Python: a constant for the fixed input size, so the
+# trace's warnings about it are noise. A filter for the process (not catch_warnings, which the decode threads race).
+warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"image_similarity\.features\.")
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -60,6 +65,7 @@ class Featurizer:
             self.extractor = load_refined(store, backbone)
         self.spec = self.extractor.spec
         self.extractor.to(self.device, memory_format=torch.channels_last)
+        self.traced: torch.jit.ScriptModule | None = None
         self.pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
 
     @property
@@ -75,8 +81,19 @@ class Featurizer:
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, dim)."""
         x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        network = self.network(x)
         with autocast(self.precision, self.device):
-            return self.extractor(x).float().cpu().numpy()
+            return network(x).float().cpu().numpy()
+
+    def network(self, example: torch.Tensor) -> torch.nn.Module:
+        """The extractor; on a CPU at bfloat16, its TorchScript trace (made once, in float32, from the first batch):
+        under autocast it runs the same kernels with less Python between them (2.7x float32 instead of 2.4x for
+        EfficientNet-Lite0 on this project's machines, features as close to float32 as plain autocast's)."""
+        if self.precision != "bf16" or self.device.type != "cpu":
+            return self.extractor
+        if self.traced is None:
+            self.traced = torch.jit.trace(self.extractor, example, check_trace=False)
+        return self.traced
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Feature vectors of decoded RGB images."""
