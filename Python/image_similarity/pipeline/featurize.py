@@ -88,7 +88,8 @@ class Featurizer:
     def network(self, example: torch.Tensor) -> torch.nn.Module:
         """The extractor; on a CPU at bfloat16, its TorchScript trace (made once, in float32, from the first batch):
         under autocast it runs the same kernels with less Python between them (2.7x float32 instead of 2.4x for
-        EfficientNet-Lite0 on this project's machines, features as close to float32 as plain autocast's)."""
+        EfficientNet-Lite0 on this project's machines, features as close to float32 as plain autocast's).
+        torch 2.13 marks `torch.jit.trace` deprecated: measure `torch.export`/`torch.compile` when upgrading."""
         if self.precision != "bf16" or self.device.type != "cpu":
             return self.extractor
         if self.traced is None:
