@@ -108,35 +108,40 @@ def test_refine_stores_plain_arrays_that_load_strictly_and_change_the_features(r
         assert [n.name for n in store.networks()] == [name]
 
 
-def test_an_interrupted_refine_resumes_after_its_last_finished_epoch(split_db, refined, tmp_path):
-    path = copy_of(split_db, tmp_path)
+def test_an_interrupted_refine_resumes_after_its_last_finished_epoch(split_db, tmp_path):
+    """At float32, so that the resumed and the uninterrupted run can be held to a tight tolerance (CPU kernels do not
+    sum in a fixed order, and under bfloat16 autocast a last-bit difference may round a weight's copy the other way)."""
+    (tmp_path / "whole").mkdir()
+    with SQLiteStore(copy_of(split_db, tmp_path / "whole")) as store:
+        whole = refine(store, BASE, epochs=2, progress=False, settings=FAST, precision="fp32")
+        uninterrupted = store.network(whole)
+        expected = weights(store, whole)
 
     def stop_after_first(epoch: int, metrics: dict) -> None:
         raise Interrupted
 
     ran: list[int] = []
-    with SQLiteStore(path) as store:
+    with SQLiteStore(copy_of(split_db, tmp_path)) as store:
         with pytest.raises(Interrupted):
-            refine(store, BASE, epochs=2, progress=False, settings=FAST, on_epoch=stop_after_first)
+            refine(store, BASE, epochs=2, progress=False, settings=FAST, precision="fp32", on_epoch=stop_after_first)
         (record,) = store.networks()
         assert record.status == "training" and len(record.metrics["history"]) == 1
         assert store.network_arrays(record.name, "state") and store.network_arrays(record.name, "optimizer")
         with pytest.raises(NotReady, match="still training"):
             Featurizer(record.name, store=store)
-        name = refine(store, BASE, epochs=2, progress=False, settings=FAST, on_epoch=lambda e, m: ran.append(e))
+        name = refine(store, BASE, epochs=2, progress=False, settings=FAST, precision="fp32",
+                      on_epoch=lambda e, m: ran.append(e))
         assert name == record.name and ran == [2]
         resumed = store.network(name)
         got = weights(store, name)
-    with SQLiteStore(refined[0]) as store:
-        uninterrupted = store.network(refined[1])
-        expected = weights(store, refined[1])
     assert resumed.status == "ready" and len(resumed.metrics["history"]) == 2
-    drop = ("seconds",)
-    assert [{k: v for k, v in e.items() if k not in drop} for e in resumed.metrics["history"]] == \
-        [{k: v for k, v in e.items() if k not in drop} for e in uninterrupted.metrics["history"]]
+    assert resumed.metrics["precision"] == uninterrupted.metrics["precision"] == "fp32"
+    for mine, theirs in zip(resumed.metrics["history"], uninterrupted.metrics["history"], strict=True):
+        assert mine["epoch"] == theirs["epoch"] and mine["val_accuracy"] == theirs["val_accuracy"]
+        np.testing.assert_allclose([mine["loss"], mine["val_loss"]], [theirs["loss"], theirs["val_loss"]], rtol=1e-5)
     assert got.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    for key in expected:  # as a whole per tensor: Adam turns last-bit noise in a near-zero gradient into a step
+        assert np.linalg.norm(got[key] - expected[key]) <= 1e-4 * np.linalg.norm(expected[key]), key
 
 
 @pytest.mark.parametrize("damage", ["truncated", "shape", "missing"])
