@@ -158,3 +158,20 @@ def test_real_measurement_picks_a_kernel_whose_bound_holds_here(fresh_choices):
     timings = halfscan.kernel_timings()
     assert {"fp32", "fp16", "bf16"} >= set(timings) >= {"fp32"} and all(t > 0 for t in timings.values())
     assert halfscan.scan_kernel() in timings
+
+
+def test_one_query_runs_numpy_on_one_blas_thread(real, monkeypatch):
+    """Idle BLAS threads spin after a multi-threaded product and slow the next forward pass: a search holds numpy's
+    BLAS to one thread while it runs, and gives the threads back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    exact = searcher(real, "l2", index="exact")
+    seen = []
+    best = exact._best
+    monkeypatch.setattr(exact, "_best", lambda *args: (seen.append(blas_threads()), best(*args))[1])
+    before = blas_threads()
+    matches = exact.search(real.features[0], 5)
+    assert seen == [{1}] and blas_threads() == before and len(matches) == 5

@@ -8,11 +8,13 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 import torch
+from threadpoolctl import ThreadpoolController
 
 CACHE_ENV = "IMAGE_SIMILARITY_CACHE"
 """Folder of the choices file (default ~/.cache/image-similarity); set it empty to keep choices per process."""
@@ -91,6 +93,20 @@ def _write(path: Path, data: dict) -> None:
         os.replace(tmp.name, path)
     except OSError:
         pass
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController().select(user_api="blas")
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS held to one thread, for the products of a single query. Its idle threads spin for a while
+    after a multi-threaded product and slow whatever torch runs next (here: the next query's forward pass, about
+    twice as slow); one thread costs a 10k-row product about 1 ms."""
+    with _blas().limit(limits=1):
+        yield
 
 
 def best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, float]:

@@ -93,7 +93,7 @@ class Featurizer:
         if self.precision != "bf16" or self.device.type != "cpu":
             return self.extractor
         if self.traced is None:
-            self.traced = torch.jit.trace(self.extractor, example, check_trace=False)
+            self.traced = torch.jit.freeze(torch.jit.trace(self.extractor, example, check_trace=False))
         return self.traced
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:

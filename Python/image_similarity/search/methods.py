@@ -1,5 +1,5 @@
 """Scoring methods: how each ranking method scores a query against catalogue images. Every method's similarity is
-monotone in the inner product of a query vector with a row of one catalogue matrix, so a scan is one
+increasing in the inner product of a query vector with a row of one catalogue matrix, so a scan is one
 matrix-vector product whatever the method."""
 from __future__ import annotations
 

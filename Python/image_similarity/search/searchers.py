@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..core.machine import one_blas_thread
 from ..errors import BadInput, NotReady, Unavailable
 from ..pipeline.train import SimilarityModel
 from ..store import Store
@@ -89,7 +90,8 @@ class ExactSearcher(Searcher):
         return self.method.similarities(queries, self.method.vectors(queries) @ self.matrix[pick].T, terms)
 
     def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
-        return self._matches(*self._best(query, top, exclude))
+        with one_blas_thread():
+            return self._matches(*self._best(query, top, exclude))
 
     def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the best `top`."""
@@ -115,9 +117,8 @@ class ScreenedSearcher(ExactSearcher):
         """An upper bound on every row's similarity to one query."""
         queries = np.atleast_2d(query).astype(np.float32)
         dots, error = self.half.dot(self.method.vectors(queries)[0])
-        # similarities are monotone in the inner product: the larger end of the interval bounds them
-        return np.maximum(self.method.similarities(queries, (dots + error)[None], self.row_terms),
-                          self.method.similarities(queries, (dots - error)[None], self.row_terms))[0]
+        # every method's similarity grows with the inner product: the interval's upper end bounds it
+        return self.method.similarities(queries, (dots + error)[None], self.row_terms)[0]
 
     def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         bounds = self.bounds(query)
