@@ -29,7 +29,7 @@ from image_similarity.pipeline.ingest import class_files, ingest_bytes
 from image_similarity.pipeline.rank import rank_with
 from image_similarity.resources import SAMPLE_DATASET
 from image_similarity.search.catalogue import Catalogue
-from image_similarity.search.halfscan import scan_kernel
+from image_similarity.search.screen import scan_kernel
 from image_similarity.search.searchers import searcher
 from image_similarity.store import SQLiteStore
 
@@ -142,7 +142,7 @@ def ranking(n: int, query_bytes: bytes, featurizer: Featurizer, loop: bool) -> d
     # threads spinning into each search (see machine.one_blas_thread), slowing the search, not the baseline
     matrix, vector = torch.from_numpy(catalogue.features), torch.from_numpy(query)
     matvec_s, search_s = best_of([lambda: torch.mv(matrix, vector), lambda: exact.search(query)], 10)
-    out = {"n": n, "dim": dim, "kernel": exact.half.kernel.name if exact.strategy == "screened" else "fp32",
+    out = {"n": n, "dim": dim, "kernel": exact.copy.kernel.name if exact.strategy == "screened" else "fp32",
            "matvec_ms": 1e3 * matvec_s, "search_ms": 1e3 * search_s}
     if loop:
         out["loop_ms"] = 1e3 * best_of([lambda: per_row_loop(catalogue.features, query)], 1)[0]

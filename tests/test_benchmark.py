@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ("fp32", "fp16", "bf16")
+KERNELS = ("fp32", "fp16", "bf16", "int8")
 KEYS = ("featurize_forward_speedup", "featurize_pipeline_vs_forward", "rank_100k_vs_loop", "rank_100k_vs_matvec",
         "query_ms_100k", "ann_recall_at_10_1m", "ann_speedup_1m")
 

@@ -1,6 +1,6 @@
 """Searchers: the best matches of a query among catalogue images by one scoring method, in one way chosen once when
-the searcher is made (`strategy`): an exact float32 scan, an exact scan screened through a 16-bit copy, an HNSW
-graph, or the database's own vector search. Each holds only what its way needs (one method's matrix, its 16-bit
+the searcher is made (`strategy`): an exact float32 scan, an exact scan screened through a low-precision copy, an HNSW
+graph, or the database's own vector search. Each holds only what its way needs (one method's matrix, its screening
 copy or graph); the in-memory ones also score whole query matrices (`similarity`) for evaluation and neighbours."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann
 from .catalogue import Catalogue
-from .halfscan import HalfMatrix, scan_kernel
+from .screen import BLOCK, scan_kernel, screening_copy
 from .methods import FEATURE_METHODS, Method, scoring_method
 
 INDEXES = ("auto", "exact", "hnsw")
@@ -25,14 +25,14 @@ INDEXES = ("auto", "exact", "hnsw")
 vector search, its index); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when faiss is
 installed, in a database its index when it has one, else exact."""
 ANN_THRESHOLD = 200_000
-HALF_SCAN_THRESHOLD = 20_000
-"""Exact l2 and cosine search over at least this many images first scans a 16-bit copy of the matrix (half the
-bytes; float16 or bfloat16, whichever halfscan.scan_kernel measured fastest here, if either beats the plain float32
-scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
-HALF_SCANNED = FEATURE_METHODS
+SCREEN_THRESHOLD = 20_000
+"""Exact l2 and cosine search over at least this many images first scans a screening copy of the matrix (float16,
+bfloat16 or int8: a half or a quarter of the bytes; whichever screen.scan_kernel measured fastest here, if any beats
+the plain float32 scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+SCREENED_METHODS = FEATURE_METHODS
 """The methods that scan a feature-sized matrix; scores and learned scan a few columns per image (classes + features
 with a small weight, and classes - 1), always in float32."""
-CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the 16-bit scan
+CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the screening scan
 
 
 @dataclass(frozen=True)
@@ -73,21 +73,47 @@ class Searcher(ABC):
 
 
 class ExactSearcher(Searcher):
-    """Scores every row in float32: the method's one catalogue matrix, in memory."""
+    """The exact answer over the method's one catalogue matrix, in memory, through a screening scan: bound every
+    row's score by one mat-vec, score exactly the rows with the highest bounds, then any other row whose bound
+    reaches the worst of the exact best. The scan is torch's float32 mat-vec over the matrix itself ("exact"),
+    or over a float16, bfloat16 or int8 copy ("screened", see SCREEN_THRESHOLD). Exact scores come from float64
+    inner products rounded to float32, the same for a row whichever rows are scored with it: equal scores tie
+    exactly and go to the earlier row."""
 
-    strategy = "exact"
-
-    def __init__(self, catalogue: Catalogue, scoring: Method) -> None:
+    def __init__(self, catalogue: Catalogue, scoring: Method, kernel: str = "fp32") -> None:
         super().__init__(catalogue, scoring)
         self.matrix = scoring.matrix(catalogue.features)
         self.row_terms = scoring.row_terms(self.matrix)
+        self.copy = screening_copy(self.matrix, kernel)
+
+    @property
+    def strategy(self) -> str:
+        return "exact" if self.copy.kernel.name == "fp32" else "screened"
 
     def similarity(self, queries: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """(n_queries, n_catalogue) similarities, or (n_queries, len(rows)) for those rows; higher is more similar."""
+        """(n_queries, n_catalogue) float32 similarities, or (n_queries, len(rows)) for those rows; higher is more
+        similar. For many queries at once (evaluation, neighbours)."""
         queries = np.atleast_2d(queries).astype(np.float32)
         pick = slice(None) if rows is None else rows
         terms = None if self.row_terms is None else self.row_terms[pick]
         return self.method.similarities(queries, self.method.vectors(queries) @ self.matrix[pick].T, terms)
+
+    def rescored(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Similarities of one query to these rows, from float64 inner products, rounded to float32."""
+        queries = np.atleast_2d(query).astype(np.float32)
+        vector = self.method.vectors(queries)[0].astype(np.float64)
+        dots = np.zeros(len(rows))
+        for start in range(0, len(rows), BLOCK):
+            dots[start:start + BLOCK] = self.matrix[rows[start:start + BLOCK]].astype(np.float64) @ vector
+        terms = None if self.row_terms is None else self.row_terms[rows]
+        return self.method.similarities(queries, dots[None], terms)[0].astype(np.float32)
+
+    def bounds(self, query: np.ndarray) -> np.ndarray:
+        """An upper bound on every row's similarity to one query."""
+        queries = np.atleast_2d(query).astype(np.float32)
+        dots, error = self.copy.dot(self.method.vectors(queries)[0])
+        # every method's similarity grows with the inner product: the interval's upper end bounds it
+        return self.method.similarities(queries, (dots + error)[None], self.row_terms)[0]
 
     def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
         with one_blas_thread():
@@ -95,32 +121,6 @@ class ExactSearcher(Searcher):
 
     def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows and scores of the best `top`."""
-        scores = self.similarity(query)[0]
-        if exclude is not None:
-            scores[exclude] = -np.inf
-        best = best_positions(scores, top)
-        return best, scores[best]
-
-
-class ScreenedSearcher(ExactSearcher):
-    """The exact float32 answer, found through a 16-bit copy of the matrix (see HALF_SCAN_THRESHOLD): bound every
-    row's score from the copy, score exactly the rows with the highest bounds, then any other row whose bound
-    reaches the worst of the exact best."""
-
-    strategy = "screened"
-
-    def __init__(self, catalogue: Catalogue, scoring: Method, kernel: str) -> None:
-        super().__init__(catalogue, scoring)
-        self.half = HalfMatrix(self.matrix, kernel)
-
-    def bounds(self, query: np.ndarray) -> np.ndarray:
-        """An upper bound on every row's similarity to one query."""
-        queries = np.atleast_2d(query).astype(np.float32)
-        dots, error = self.half.dot(self.method.vectors(queries)[0])
-        # every method's similarity grows with the inner product: the interval's upper end bounds it
-        return self.method.similarities(queries, (dots + error)[None], self.row_terms)[0]
-
-    def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         bounds = self.bounds(query)
         if exclude is not None:
             bounds[exclude] = -np.inf
@@ -134,12 +134,12 @@ class ScreenedSearcher(ExactSearcher):
         else:
             rows, left_out = np.arange(len(bounds)), -np.inf
         rows = rows[np.isfinite(bounds[rows])]
-        scores = self.similarity(query, rows)[0]
+        scores = self.rescored(query, rows)
         worst = scores[best_positions(scores, top)[-1]]
         if left_out >= worst:  # rare: rows left out could still beat the worst of the best `top`
             rows = np.flatnonzero(bounds >= worst)
-            scores = self.similarity(query, rows)[0]
-        best = best_positions(scores, top)
+            scores = self.rescored(query, rows)
+        best = np.lexsort((rows, -scores))[:top]
         return rows[best], scores[best]
 
 
@@ -186,8 +186,8 @@ class DatabaseSearcher(Searcher):
 def strategy(method: str, index: str = "auto", size: int = 0, in_database: bool = False) -> str:
     """The way a searcher answers a method, chosen here only: "database" for l2/cosine when the store ranks vectors
     itself (`in_database`, told before any image row is read); else, over `size` images in memory, "hnsw" as
-    `index` (one of INDEXES) says, "screened" for l2/cosine from HALF_SCAN_THRESHOLD images when this machine
-    has a 16-bit scan kernel faster than float32, or "exact"."""
+    `index` (one of INDEXES) says, "screened" for l2/cosine from SCREEN_THRESHOLD images when this machine
+    has a screening kernel faster than float32, or "exact"."""
     if index not in INDEXES:
         raise BadInput(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
     if method in FEATURE_METHODS and in_database:
@@ -197,7 +197,7 @@ def strategy(method: str, index: str = "auto", size: int = 0, in_database: bool 
     large = size >= ANN_THRESHOLD and ann.available()
     if method in FEATURE_METHODS and (index == "hnsw" or (index == "auto" and large)):
         return "hnsw"
-    if method in HALF_SCANNED and size >= HALF_SCAN_THRESHOLD and scan_kernel() != "fp32":
+    if method in SCREENED_METHODS and size >= SCREEN_THRESHOLD and scan_kernel() != "fp32":
         return "screened"
     return "exact"
 
@@ -208,13 +208,13 @@ def searcher(catalogue: Catalogue, method: str, model: SimilarityModel | None = 
     scoring = scoring_method(method, model)
     chosen = strategy(method, index, len(catalogue))
     if chosen == "screened":
-        return ScreenedSearcher(catalogue, scoring, scan_kernel())
+        return ExactSearcher(catalogue, scoring, scan_kernel())
     return GraphSearcher(catalogue, scoring) if chosen == "hnsw" else ExactSearcher(catalogue, scoring)
 
 
 def scorer(catalogue: Catalogue, method: str, model: SimilarityModel | None = None) -> ExactSearcher:
     """An exact searcher to score whole matrices of queries (evaluation, neighbours) with `similarity`: only the
-    method's matrix, never a 16-bit copy or a graph."""
+    method's matrix, never a screening copy or a graph."""
     return ExactSearcher(catalogue, scoring_method(method, model))
 
 

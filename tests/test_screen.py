@@ -1,5 +1,6 @@
-"""Exact search through a 16-bit scan (float16 or bfloat16): the error bounds hold, the results equal the plain
-float32 scan, and the kernel is chosen by measurement, falling back to float32 when neither 16-bit one is faster."""
+"""Exact search through a screening scan (float16, bfloat16 or int8): the error bounds hold, the results equal the
+plain float32 scan, and the kernel is chosen by measurement, falling back to float32 when no screening one is
+faster."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,20 +8,20 @@ import pytest
 
 from image_similarity.core import machine
 from image_similarity.pipeline.train import load_model
-from image_similarity.search import halfscan, searchers
+from image_similarity.search import screen, searchers
 from image_similarity.search.catalogue import Catalogue
-from image_similarity.search.halfscan import KERNELS, HalfMatrix
+from image_similarity.search.screen import SCREENING, screening_copy
 from image_similarity.search.methods import scoring_method
-from image_similarity.search.searchers import HALF_SCANNED, ExactSearcher, Searcher, searcher
+from image_similarity.search.searchers import SCREENED_METHODS, ExactSearcher, Searcher, searcher
 from image_similarity.store import SQLiteStore
 
-SCANNED = HALF_SCANNED  # the methods whose big matrix the 16-bit copy replaces
-TIGHTNESS = {"fp16": 0.004, "bf16": 0.015}  # most a bound may be, relative to |v| |row|, to screen with
+SCANNED = SCREENED_METHODS  # the methods whose big matrix the screening copy replaces
+TIGHTNESS = {"fp16": 0.004, "bf16": 0.015, "int8": 0.05}  # most a bound may be, relative to |v| |row|, to screen with
 
 
-@pytest.fixture(params=sorted(KERNELS))
+@pytest.fixture(params=SCREENING)
 def kernel(request, monkeypatch) -> str:
-    """Each 16-bit kernel in turn, used by every searcher whatever this machine measured."""
+    """Each screening kernel in turn, used by every searcher whatever this machine measured."""
     monkeypatch.setattr(searchers, "scan_kernel", lambda: request.param)
     return request.param
 
@@ -32,7 +33,7 @@ def real(full_db) -> Catalogue:
 
 
 def clustered_catalogue(n: int, dim: int, clusters: int, spread: float, seed: int = 0) -> Catalogue:
-    """n non-negative vectors around `clusters` random centres (like pooled CNN features), no cached 16-bit copy."""
+    """n non-negative vectors around `clusters` random centres (like pooled CNN features), no cached screening copy."""
     rng = np.random.default_rng(seed)
     centres = rng.gamma(1.0, 1.0, (clusters, dim)).astype(np.float32)
     noise = rng.standard_normal((n, dim), dtype=np.float32) * spread
@@ -42,30 +43,45 @@ def clustered_catalogue(n: int, dim: int, clusters: int, spread: float, seed: in
 
 
 def both_ways(monkeypatch, catalogue: Catalogue, method: str) -> tuple[Searcher, Searcher]:
-    """The searcher through the 16-bit scan, and the one by the plain float32 scan of every row."""
-    monkeypatch.setattr(searchers, "HALF_SCAN_THRESHOLD", 0)
+    """The searcher through the low-precision screening scan, and the one through float32's."""
+    monkeypatch.setattr(searchers, "SCREEN_THRESHOLD", 0)
     fast = searcher(catalogue, method, index="exact")
-    monkeypatch.setattr(searchers, "HALF_SCAN_THRESHOLD", len(catalogue) + 1)
+    monkeypatch.setattr(searchers, "SCREEN_THRESHOLD", len(catalogue) + 1)
     return fast, searcher(catalogue, method, index="exact")
 
 
+def brute_force(searcher: ExactSearcher, query: np.ndarray, top: int, exclude: np.ndarray | None) -> list:
+    """Every row scored exactly (no screening), best first, equal scores by row: the reference."""
+    rows = np.arange(len(searcher.catalogue)) if exclude is None else np.flatnonzero(~exclude)
+    scores = searcher.rescored(query, rows)
+    single = searcher.similarity(query, rows)[0]  # float32 throughout: l2 loses digits to cancellation
+    if searcher.method.name == "l2":  # so compare squared distances, to float32's rounding of |q|^2 + |x|^2
+        slack = 1e-6 * (np.dot(query, query) + searcher.row_terms[rows])
+        assert (np.abs(scores.astype(np.float64) ** 2 - single.astype(np.float64) ** 2) <= slack).all()
+    else:
+        np.testing.assert_allclose(scores, single, rtol=1e-5, atol=1e-6)
+    best = np.lexsort((rows, -scores))[:top]
+    return searcher._matches(rows[best], scores[best])
+
+
 def search_both(pair: tuple[Searcher, Searcher], query: np.ndarray, top: int,
-                exclude: np.ndarray | None = None) -> tuple[list, list]:
-    """The same search by both searchers."""
-    return tuple(s.search(query, top, exclude) for s in pair)
+                exclude: np.ndarray | None = None) -> tuple[list, ...]:
+    """The same search by both searchers, and by brute force."""
+    return *(s.search(query, top, exclude) for s in pair), brute_force(pair[1], query, top, exclude)
 
 
-def assert_same(fast: list, plain: list) -> None:
-    assert [m.image_id for m in fast] == [m.image_id for m in plain]
-    np.testing.assert_allclose([m.score for m in fast], [m.score for m in plain], rtol=1e-5, atol=1e-6)
+def assert_same(*found: list) -> None:
+    for matches in found[:-1]:
+        assert [m.image_id for m in matches] == [m.image_id for m in found[-1]]
+        np.testing.assert_allclose([m.score for m in matches], [m.score for m in found[-1]], rtol=1e-5, atol=1e-6)
 
 
 def assert_bound_holds(rows: np.ndarray, kernel: str, vectors: list[np.ndarray]) -> None:
-    half = HalfMatrix(rows, kernel)
+    copy = screening_copy(rows, kernel)
     norms = np.linalg.norm(rows, axis=1)
     usual = norms > 1e-6 * norms.max()  # rows not so tiny that the absolute (subnormal) term dominates
     for v in vectors:
-        approx, bound = half.dot(v.astype(np.float32))
+        approx, bound = copy.dot(v.astype(np.float32))
         exact = rows.astype(np.float64) @ v.astype(np.float64)
         error = np.abs(approx - exact)
         assert (error <= bound).all()
@@ -73,7 +89,7 @@ def assert_bound_holds(rows: np.ndarray, kernel: str, vectors: list[np.ndarray])
         assert (bound[usual] <= TIGHTNESS[kernel] * np.linalg.norm(v) * norms[usual] + 1e-9).all()
 
 
-@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+@pytest.mark.parametrize("kernel_name", SCREENING)
 @pytest.mark.parametrize("matrix", ["features", "unit"])
 def test_inner_products_stay_within_their_bound_on_real_features(real, matrix, kernel_name):
     rows = ExactSearcher(real, scoring_method({"features": "l2", "unit": "cosine"}[matrix])).matrix
@@ -82,7 +98,7 @@ def test_inner_products_stay_within_their_bound_on_real_features(real, matrix, k
                                            -rows[3] * 1e-3, rng.standard_normal(rows.shape[1]) * 1e4])
 
 
-@pytest.mark.parametrize("kernel_name", sorted(KERNELS))
+@pytest.mark.parametrize("kernel_name", SCREENING)
 def test_inner_products_stay_within_their_bound_on_clustered_vectors(kernel_name):
     """Close vectors (the worst case for screening) at 1280 dimensions, and tiny values near bfloat16's and
     float16's normal range."""
@@ -93,7 +109,7 @@ def test_inner_products_stay_within_their_bound_on_clustered_vectors(kernel_name
 
 
 @pytest.mark.parametrize("method", SCANNED)
-def test_real_features_rank_the_same_through_the_16bit_scan(real, kernel, monkeypatch, method):
+def test_real_features_rank_the_same_through_the_screening_scan(real, kernel, monkeypatch, method):
     both = both_ways(monkeypatch, real, method)
     for i in range(0, len(real), 7):
         exclude = real.duplicates_of(real.sha256[i], real.dhashes[i])
@@ -101,7 +117,7 @@ def test_real_features_rank_the_same_through_the_16bit_scan(real, kernel, monkey
     mixed = real.features[3] * 0.5 + real.features[400] * 0.5
     for top in (1, 50, len(real)):
         assert_same(*search_both(both, mixed, top))
-    assert both[0].half.kernel == KERNELS[kernel]
+    assert both[0].copy.kernel.name == kernel
 
 
 @pytest.mark.parametrize("method", ["l2", "cosine"])
@@ -116,18 +132,17 @@ def test_clustered_100k_catalogue_ranks_the_same(kernel, monkeypatch, method):
 
 
 def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, monkeypatch):
-    """300 close copies of one vector: their 16-bit bounds overlap beyond the 110 candidates (their float32
+    """300 close copies of one vector: their low-precision bounds overlap beyond the 110 candidates (their float32
     distances are still far apart compared with float32 rounding, so the exact order is well defined)."""
     catalogue = clustered_catalogue(100_000, 128, clusters=1_000, spread=0.35)
     rng = np.random.default_rng(2)
     catalogue.features[:300] = catalogue.features[0] + rng.standard_normal((300, 128)).astype(np.float32) * 0.05
     scored = []
-    similarity = ExactSearcher.similarity
-    monkeypatch.setattr(ExactSearcher, "similarity", lambda self, q, rows=None: scored.append(
-        len(catalogue) if rows is None else len(rows)) or similarity(self, q, rows))
-    fast, plain = search_both(both_ways(monkeypatch, catalogue, "l2"), catalogue.features[0] + 1e-3, 10)
-    assert_same(fast, plain)
-    assert scored[0] == 110 and scored[1] >= 300 and scored[2] == len(catalogue)
+    rescored = ExactSearcher.rescored
+    monkeypatch.setattr(ExactSearcher, "rescored", lambda self, q, rows: scored.append(len(rows)) or rescored(
+        self, q, rows))
+    assert_same(*search_both(both_ways(monkeypatch, catalogue, "l2"), catalogue.features[0] + 1e-3, 10))
+    assert scored[:3] == [110, scored[1], 110] and scored[1] >= 300  # float32 bounds are tight: no second pass
 
 
 @pytest.mark.parametrize("timings, chosen", [
@@ -135,29 +150,30 @@ def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, mon
     ({"fp32": 10.0, "fp16": 5.0, "bf16": 6.0}, "fp16"),
     ({"fp32": 10.0, "fp16": 20.0, "bf16": 9.0}, "fp32"),  # too small a gain to pay for the re-scoring
     ({"fp32": 10.0, "fp16": 20.0}, "fp32"),  # bfloat16's bound failed on the probe: never used
+    ({"fp32": 10.0, "fp16": 20.0, "bf16": 6.0, "int8": 5.0}, "int8"),  # a quarter of the bytes, fastest here
 ])
 def test_the_fastest_kernel_is_chosen_else_the_plain_float32_scan(fresh_choices, monkeypatch, timings, chosen):
     calls = []
-    monkeypatch.setattr(halfscan, "kernel_timings", lambda: calls.append(1) or timings)
-    assert halfscan.scan_kernel() == chosen
-    assert halfscan.scan_kernel() == chosen and len(calls) == 1  # measured once per process
+    monkeypatch.setattr(screen, "kernel_timings", lambda: calls.append(1) or timings)
+    assert screen.scan_kernel() == chosen
+    assert screen.scan_kernel() == chosen and len(calls) == 1  # measured once per process
     machine.forget()
-    assert halfscan.scan_kernel() == chosen and len(calls) == 1  # and once per machine: the cache file
+    assert screen.scan_kernel() == chosen and len(calls) == 1  # and once per machine: the cache file
     assert chosen in fresh_choices.read_text()
 
 
-def test_a_slow_16bit_kernel_leaves_the_plain_float32_scan(fresh_choices, monkeypatch):
-    monkeypatch.setattr(halfscan, "kernel_timings", lambda: {"fp32": 1.0, "fp16": 2.0, "bf16": 1.5})
+def test_slow_screening_kernels_leave_the_plain_float32_scan(fresh_choices, monkeypatch):
+    monkeypatch.setattr(screen, "kernel_timings", lambda: {"fp32": 1.0, "fp16": 2.0, "bf16": 1.5, "int8": 0.9})
     catalogue = clustered_catalogue(25_000, 64, clusters=100, spread=0.35)
     chosen = searcher(catalogue, "l2")
     found = chosen.search(catalogue.features[3] + 0.01)
-    assert not hasattr(chosen, "half") and found[0].image_id == 3
+    assert chosen.strategy == "exact" and chosen.copy.kernel.name == "fp32" and found[0].image_id == 3
 
 
 def test_real_measurement_picks_a_kernel_whose_bound_holds_here(fresh_choices):
-    timings = halfscan.kernel_timings()
-    assert {"fp32", "fp16", "bf16"} >= set(timings) >= {"fp32"} and all(t > 0 for t in timings.values())
-    assert halfscan.scan_kernel() in timings
+    timings = screen.kernel_timings()
+    assert {"fp32", "fp16", "bf16", "int8"} >= set(timings) >= {"fp32"} and all(t > 0 for t in timings.values())
+    assert screen.scan_kernel() in timings
 
 
 def test_one_query_runs_numpy_on_one_blas_thread(real, monkeypatch):

@@ -1,0 +1,207 @@
+"""Screening copies of a large float32 matrix: 16-bit (float16 or bfloat16, half the bytes) or 8-bit integer (a
+quarter) rows whose inner products with a query come each with a proven bound on its error, so an exact search needs
+to re-score in float32 only the rows that can still win; and the choice of scan kernel, by what this machine
+measurably runs fastest."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..core.machine import best_times, measured_choice
+
+SAFETY = 1.25  # the bound below, proven for any summation order, times this (rounding of the final scaling etc.)
+BLOCK = 8_192  # rows converted at a time: no full-size float32 temporary
+MAX_SCAN_RATIO = 0.85
+"""A screening kernel is chosen only if its scan measures at most this fraction of the float32 mat-vec's time, so the
+bound check and re-scoring cannot make exact search slower than the plain float32 scan."""
+FLOAT32_TINY = np.finfo(np.float32).tiny
+PROBE_SHAPE = (32_768, 1_024)  # 128 MiB in float32: larger than caches, like a real catalogue
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A 16-bit storage type, by name ("fp16", "bf16"): `unit` its unit roundoff, `tiny` the largest absolute
+    rounding error of a number below its normal range (float16: its subnormal spacing; bfloat16: its smallest
+    normal, as AMX flushes bfloat16 subnormals to zero)."""
+
+    name: str
+    dtype: torch.dtype
+    unit: float
+    tiny: float
+
+
+KERNELS = {k.name: k for k in (Kernel("fp16", torch.float16, 2.0 ** -11, 2.0 ** -24),
+                               Kernel("bf16", torch.bfloat16, 2.0 ** -8, 2.0 ** -126))}
+"""Both mat-vecs accumulate in float32 on CPU (the measured choice checks the bound on a probe before using one)."""
+
+
+class HalfMatrix:
+    """Rows divided by a power of two at least the largest row norm (exact; no overflow: every |row| <= 1) and
+    stored in a 16-bit type.
+
+    Error of one inner product of a unit vector v with a stored row x (|x| <= 1), n = dim, u = unit roundoff:
+    rounding v and x costs at most (2u + u^2) sum|v_i x_i| <= (2u + u^2)|x| (Cauchy-Schwarz), float32 accumulation
+    n 2^-24 |x|, rounding the result to 16 bits u/(1-u) |result|, and numbers below the normal range (2 sqrt(n) + n + 1)
+    tiny. The dot's bound is that, times SAFETY, times |v| and the scale.
+    """
+
+    def __init__(self, matrix: np.ndarray, kernel: str = "fp16") -> None:
+        self.kernel = KERNELS[kernel]
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
+        self.scale = 2.0 ** math.ceil(math.log2(norms.max(initial=0.0) or 1.0))
+        self.half = torch.empty(matrix.shape, dtype=self.kernel.dtype)
+        for start in range(0, len(matrix), BLOCK):
+            block = torch.from_numpy(matrix[start:start + BLOCK]) * (1 / self.scale)
+            self.half[start:start + BLOCK] = block.to(self.kernel.dtype)
+        dim, u = matrix.shape[1], self.kernel.unit
+        accumulation = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
+        self.row_slack = (SAFETY * ((2 * u + u * u + accumulation) * norms / self.scale
+                                    + (2 * math.sqrt(dim) + dim + 1) * self.kernel.tiny)).astype(np.float32)
+        self.result_slack = np.float32(SAFETY * u / (1 - u))
+
+    def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate inner products of `vector` with every row, and a bound on each one's error."""
+        vector = np.asarray(vector, dtype=np.float64)  # float32 squares of tiny entries would underflow to 0
+        size = float(np.linalg.norm(vector))
+        if size == 0:
+            return np.zeros(len(self.row_slack), dtype=np.float32), np.zeros_like(self.row_slack)
+        unit = torch.from_numpy((vector / size).astype(np.float32)).to(self.kernel.dtype)
+        approx = torch.mv(self.half, unit).float().numpy()
+        factor = np.float32(size * self.scale)
+        # plus float32's smallest normal: the scaled results and bounds are float32, which may underflow
+        return approx * factor, (self.row_slack + self.result_slack * np.abs(approx)) * factor + FLOAT32_TINY
+
+
+FP32 = Kernel("fp32", torch.float32, 2.0 ** -24, 2.0 ** -126)
+"""The float32 matrix itself; `tiny` is float32's smallest normal (a kernel may flush subnormals to zero)."""
+
+
+class Float32Rows:
+    """The float32 matrix itself (shared, not copied), scanned by torch's mat-vec: as fast as numpy's, and in the
+    thread pool the forward pass uses (numpy's BLAS threads spin after a product and slow the next forward pass).
+
+    Error of one inner product of v with a row x, n = dim, in any summation order: gamma_n sum|v_i x_i| <=
+    gamma_n |v| |x| with gamma_n = n u / (1 - n u), u = 2^-24, plus (2n + 1) tiny for numbers below the normal
+    range. The bound is that, times SAFETY.
+    """
+
+    kernel = FP32
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.rows = torch.from_numpy(np.require(matrix, np.float32, ["C", "W"]))
+        dim = matrix.shape[1]
+        gamma = dim * FP32.unit / (1 - dim * FP32.unit)
+        self.row_slack = _up(SAFETY * gamma * np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64)))
+        self.floor = np.float32(SAFETY * (2 * dim + 1) * FP32.tiny)
+
+    def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inner products of `vector` with every row, and a bound on each one's error."""
+        vector = np.asarray(vector, dtype=np.float32)
+        approx = torch.mv(self.rows, torch.from_numpy(vector)).numpy()
+        size = np.float32(_up(np.linalg.norm(vector.astype(np.float64))))
+        return approx, self.row_slack * size + self.floor + FLOAT32_TINY
+
+
+INT8 = Kernel("int8", torch.int8, 2.0 ** -24, 0.0)
+"""8-bit rows: `unit` is float32's, for the rounding of the scaled results; the integer products are exact."""
+
+
+class Int8Matrix:
+    """Rows as int8 times a per-row scale (the row's largest magnitude / 127); inner products in exact int32
+    arithmetic (`torch._int_mm`) times the query's own scale.
+
+    With x = s x' + e (row) and q = t q' + f (query), q.x - s t q'.x' = q.e + f.(s x'), so by Cauchy-Schwarz the
+    error is at most |q| |e| + |f| s |x'|: |e| and s |x'| are kept per row, the query's terms are computed per
+    query. Converting and scaling the integer result to float32 rounds three times (3 x 2^-24 of the result).
+    The bound is that, times SAFETY.
+    """
+
+    kernel = INT8
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        self.ints = torch.empty(matrix.shape, dtype=torch.int8)
+        self.scale = np.empty(len(matrix), dtype=np.float32)
+        self.residual = np.empty(len(matrix), dtype=np.float32)  # |e|, rounded up
+        self.stored = np.empty(len(matrix), dtype=np.float32)  # s |x'|, rounded up
+        for start in range(0, len(matrix), BLOCK):
+            block = matrix[start:start + BLOCK].astype(np.float64)
+            rows = slice(start, start + len(block))
+            ints, scale = _quantized(block)
+            self.ints[rows] = torch.from_numpy(ints)
+            self.scale[rows] = scale
+            self.residual[rows] = _up(np.linalg.norm(block - scale[:, None] * ints, axis=1))
+            self.stored[rows] = _up(scale * np.linalg.norm(ints.astype(np.float64), axis=1))
+
+    def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate inner products of `vector` with every row, and a bound on each one's error."""
+        vector = np.asarray(vector, dtype=np.float64)[None]
+        ints, scale = _quantized(vector)
+        residual = np.float32(_up(np.linalg.norm(vector - scale[:, None] * ints)))
+        size = np.float32(_up(np.linalg.norm(vector)))
+        products = torch._int_mm(self.ints, torch.from_numpy(ints.astype(np.int8).T.copy()))[:, 0].numpy()
+        approx = products.astype(np.float32) * np.float32(scale[0]) * self.scale
+        bound = SAFETY * (size * self.residual + residual * self.stored + 3 * 2.0 ** -24 * np.abs(approx))
+        return approx, bound + FLOAT32_TINY
+
+
+def _quantized(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 rows as integers in [-127, 127] (float64) and each row's float32 scale (1 for a zero row)."""
+    peak = np.abs(rows).max(axis=1)
+    scale = np.where(peak > 0, peak / 127, 1.0).astype(np.float32)
+    return np.clip(np.rint(rows / scale[:, None].astype(np.float64)), -127, 127), scale
+
+
+def _up(values: np.ndarray) -> np.ndarray:
+    """float64 norms as float32, rounded up past their own rounding error."""
+    return (np.asarray(values) * (1 + 2.0 ** -20)).astype(np.float32) + FLOAT32_TINY
+
+
+SCREENING = (*KERNELS, INT8.name)
+"""The screening kernels, by name."""
+
+
+def screening_copy(matrix: np.ndarray, kernel: str) -> Float32Rows | HalfMatrix | Int8Matrix:
+    """What an exact search scans `matrix` through, by kernel name: "fp32" (the matrix itself), "fp16", "bf16" or
+    "int8" (a copy)."""
+    if kernel == FP32.name:
+        return Float32Rows(matrix)
+    return Int8Matrix(matrix) if kernel == INT8.name else HalfMatrix(matrix, kernel)
+
+
+def scan_kernel() -> str:
+    """The exact-scan kernel for this machine ("fp32", "fp16", "bf16" or "int8"), measured once and cached."""
+    # the candidates are part of the name: a cache measured before a kernel existed is measured again
+    return measured_choice(f"exact scan kernel of fp32, {', '.join(SCREENING)}", choose_kernel)
+
+
+def choose_kernel() -> str:
+    """The fastest screening kernel whose bound holds on the probe, if it scans in at most MAX_SCAN_RATIO of the
+    float32 mat-vec's time; else "fp32" (a plain scan)."""
+    timings = kernel_timings()
+    fastest = min(timings, key=timings.get)
+    return fastest if timings[fastest] <= MAX_SCAN_RATIO * timings["fp32"] else "fp32"
+
+
+def kernel_timings() -> dict[str, float]:
+    """Seconds of one scan of a probe matrix: the float32 mat-vec and each screening kernel that runs here and
+    whose bound holds on the probe."""
+    probe = np.random.default_rng(0).random(PROBE_SHAPE, dtype=np.float32)
+    vector = probe[1] + np.float32(0.01)
+    matrix, torch_vector = torch.from_numpy(probe), torch.from_numpy(vector)
+    runs = {"fp32": lambda: torch.mv(matrix, torch_vector)}  # as fast as numpy's float32 mat-vec
+    checked = slice(0, BLOCK)
+    exact = probe[checked] @ vector.astype(np.float64)
+    for name in SCREENING:
+        try:
+            copy = screening_copy(probe, name)
+            approx, bound = copy.dot(vector)
+        except (RuntimeError, AttributeError):  # a torch without this kernel on this CPU
+            continue
+        if np.all(np.abs(approx[checked] - exact) <= bound[checked]):
+            runs[name] = lambda copy=copy: copy.dot(vector)
+    return best_times(runs)
