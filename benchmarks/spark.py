@@ -2,7 +2,8 @@
 synthetic clustered catalogue locally (time, memory bound, peak RSS) and on Spark (time, equality).
 
 Both contexts run in the same process one after the other, so their ratio shares the machine's noise. Spark's
-start-up is left out (paid once per job); each executor's network load is counted, as the local one is.
+start-up is left out (the session, and each executor's Python worker importing the engine: paid once per worker);
+each executor's network load is counted, as the local one is.
 
     PYTHONPATH=Python python benchmarks/spark.py [--images 557] [--vectors 100000] [--master local[2]] [--json]
 """
@@ -33,11 +34,20 @@ from image_similarity.store import SQLiteStore  # noqa: E402
 BACKBONE, DIM, K = "efficientnet_lite0", 1280, 10
 
 
+def warm_up(session) -> None:
+    """Start the executors' Python workers and import the engine in them: Spark's start-up, as this process's own
+    imports are not part of the local figure."""
+    sc = session.sparkContext
+    sc.parallelize(range(sc.defaultParallelism), sc.defaultParallelism).foreach(
+        lambda _: __import__("image_similarity.pipeline.featurize"))
+
+
 def featurize_figures(session, n: int, workdir: Path) -> dict:
     """Images/s of the local featurize step and of the same step on Spark, network loads included."""
     with photo_store(workdir / "local.sqlite", n):
         pass
     shutil.copy(workdir / "local.sqlite", workdir / "spark.sqlite")
+    warm_up(session)
     start = time.perf_counter()
     with SQLiteStore(workdir / "local.sqlite") as store:
         featurize(store, Featurizer(BACKBONE, device="cpu"), progress=False)
@@ -115,12 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=557, help="photos to featurize (default: 557, all bundled)")
     parser.add_argument("--vectors", type=int, default=100_000, help="catalogue size for neighbors (default: 100000)")
     parser.add_argument("--master", default="local[2]", help="Spark master (default: local[2])")
+    parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Spark setting, as spark-submit takes it (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
-    session = spark.session(args.master, {"spark.ui.enabled": "false"})
+    session = spark.session(args.master, {"spark.ui.enabled": "false", **spark.parse_conf(args.conf)})
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            result = {"master": args.master, "featurize": featurize_figures(session, args.images, Path(tmp)),
+            result = {"master": args.master, "conf": args.conf, "featurize": featurize_figures(session, args.images, Path(tmp)),
                       "neighbors": neighbors_figures(session, args.vectors, Path(tmp))}
     finally:
         session.stop()

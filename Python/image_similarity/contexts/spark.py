@@ -176,8 +176,11 @@ def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = 
     with connect(db) as store:
         ids = np.array([im.id for im in store.images()], dtype=np.int64)
         before = store.feature_counts().get(backbone, 0)
-        # tasks of at least TASK_BATCHES batches (decoding overlaps the network within a task), 4 per core at most
-        tasks = min(-(-len(ids) // (TASK_BATCHES * batch_size)), 4 * spark.sparkContext.defaultParallelism)
+        # tasks of at least TASK_BATCHES batches (decoding overlaps the network within a task), 4 per core at most,
+        # in whole waves of one task per core: a last task alone would leave the other cores idle
+        cores = spark.sparkContext.defaultParallelism
+        waves = min(-(-len(ids) // (TASK_BATCHES * batch_size * cores)), 4)
+        tasks = min(waves * cores, -(-len(ids) // batch_size))
         ranges = id_ranges(ids, tasks)
         rdd = spark.sparkContext.parallelize(ranges, max(1, len(ranges))).mapPartitions(
             lambda part: _featurize_task(db, backbone, device, weights, precision, batch_size, part))

@@ -87,14 +87,15 @@ class Featurizer:
 
     def network(self, example: torch.Tensor) -> torch.nn.Module:
         """The extractor; on a CPU at bfloat16, its TorchScript trace, frozen (made once, in float32, from the first
-        batch; freezing folds each batch norm into its convolution). Under autocast it runs 2.8-3.3x float32 for
+        image; freezing folds each batch norm into its convolution). Under autocast it runs 2.8-3.3x float32 for
         EfficientNet-Lite0 on this project's machines, against 2.2x for plain autocast, with features at cosine
         >= 0.9947 to float32 on the bundled photos (plain autocast: 0.9965; see benchmarks/precision_quality.py).
         torch 2.13 marks `torch.jit.trace` deprecated: measure `torch.export`/`torch.compile` when upgrading."""
         if self.precision != "bf16" or self.device.type != "cpu":
             return self.extractor
         if self.traced is None:
-            self.traced = torch.jit.freeze(torch.jit.trace(self.extractor, example, check_trace=False))
+            # one image is enough to trace (the graph takes any batch size) and 10x cheaper than a batch of 32
+            self.traced = torch.jit.freeze(torch.jit.trace(self.extractor, example[:1], check_trace=False))
         return self.traced
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
