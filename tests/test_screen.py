@@ -191,3 +191,21 @@ def test_one_query_runs_numpy_on_one_blas_thread(real, monkeypatch):
     before = blas_threads()
     matches = exact.search(real.features[0], 5)
     assert seen == [{1}] and blas_threads() == before and len(matches) == 5
+
+
+def test_overlapping_searches_keep_one_blas_thread_until_the_last_leaves():
+    """Web-service threads search concurrently: the threads come back only when the last search leaves, even when
+    the first one leaves before it."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    before = blas_threads()
+    first, second = machine.one_blas_thread(), machine.one_blas_thread()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert blas_threads() == {1}
+    second.__exit__(None, None, None)
+    assert blas_threads() == before

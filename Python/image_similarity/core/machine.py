@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,13 +101,26 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController().select(user_api="blas")
 
 
+_hold: dict = {"lock": threading.Lock(), "holders": 0, "limiter": None}
+
+
 @contextmanager
 def one_blas_thread() -> Iterator[None]:
     """numpy's BLAS held to one thread, for the products of a single query. Its idle threads spin for a while
     after a multi-threaded product and slow whatever torch runs next (here: the next query's forward pass, about
-    twice as slow); one thread costs a 10k-row product about 1 ms."""
-    with _blas().limit(limits=1):
+    twice as slow); one thread costs a 10k-row product about 1 ms. The limit is process-wide: with concurrent
+    searches (the web service) the first to enter applies it and the last to leave restores the threads."""
+    with _hold["lock"]:
+        if not _hold["holders"]:
+            _hold["limiter"] = _blas().limit(limits=1)
+        _hold["holders"] += 1
+    try:
         yield
+    finally:
+        with _hold["lock"]:
+            _hold["holders"] -= 1
+            if not _hold["holders"]:
+                _hold["limiter"].restore_original_limits()
 
 
 def best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[str, float]:
