@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
 from image_similarity.core import machine
 from image_similarity.pipeline.train import load_model
@@ -176,14 +177,14 @@ def test_real_measurement_picks_a_kernel_whose_bound_holds_here(fresh_choices):
     assert screen.scan_kernel() in timings
 
 
+def blas_threads() -> set[int]:
+    """numpy's BLAS thread counts (one per loaded BLAS library)."""
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
 def test_one_query_runs_numpy_on_one_blas_thread(real, monkeypatch):
     """Idle BLAS threads spin after a multi-threaded product and slow the next forward pass: a search holds numpy's
     BLAS to one thread while it runs, and gives the threads back afterwards."""
-    from threadpoolctl import threadpool_info
-
-    def blas_threads() -> set[int]:
-        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
-
     exact = searcher(real, "l2", index="exact")
     seen = []
     best = exact._best
@@ -196,11 +197,6 @@ def test_one_query_runs_numpy_on_one_blas_thread(real, monkeypatch):
 def test_overlapping_searches_keep_one_blas_thread_until_the_last_leaves():
     """Web-service threads search concurrently: the threads come back only when the last search leaves, even when
     the first one leaves before it."""
-    from threadpoolctl import threadpool_info
-
-    def blas_threads() -> set[int]:
-        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
-
     before = blas_threads()
     first, second = machine.one_blas_thread(), machine.one_blas_thread()
     first.__enter__()
