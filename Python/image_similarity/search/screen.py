@@ -1,7 +1,7 @@
-"""Screening copies of a large float32 matrix: 16-bit (float16 or bfloat16, half the bytes) or 8-bit integer (a
-quarter) rows whose inner products with a query come each with a proven bound on its error, so an exact search needs
-to re-score in float32 only the rows that can still win; and the choice of scan kernel, by what this machine
-measurably runs fastest."""
+"""Screening scans of a float32 matrix: the matrix itself, or a 16-bit (float16 or bfloat16, half the bytes) or
+8-bit integer (a quarter) copy, whose inner products with a query come each with a proven bound on its error, so an
+exact search needs to re-score exactly only the rows that can still win; and the choice of kernel, by what this
+machine measurably runs fastest."""
 from __future__ import annotations
 
 import math
@@ -24,9 +24,9 @@ PROBE_SHAPE = (32_768, 1_024)  # 128 MiB in float32: larger than caches, like a 
 
 @dataclass(frozen=True)
 class Kernel:
-    """A 16-bit storage type, by name ("fp16", "bf16"): `unit` its unit roundoff, `tiny` the largest absolute
-    rounding error of a number below its normal range (float16: its subnormal spacing; bfloat16: its smallest
-    normal, as AMX flushes bfloat16 subnormals to zero)."""
+    """A scan's storage type, by name ("fp32", "fp16", "bf16", "int8"): `unit` its unit roundoff, `tiny` the largest
+    absolute rounding error of a number below its normal range (float16: its subnormal spacing; bfloat16 and
+    float32: their smallest normal, as a kernel may flush subnormals to zero)."""
 
     name: str
     dtype: torch.dtype
@@ -36,7 +36,8 @@ class Kernel:
 
 KERNELS = {k.name: k for k in (Kernel("fp16", torch.float16, 2.0 ** -11, 2.0 ** -24),
                                Kernel("bf16", torch.bfloat16, 2.0 ** -8, 2.0 ** -126))}
-"""Both mat-vecs accumulate in float32 on CPU (the measured choice checks the bound on a probe before using one)."""
+"""The 16-bit kernels; both mat-vecs accumulate in float32 on CPU (the measured choice checks the bound on a probe
+before using one)."""
 
 
 class HalfMatrix:
