@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
@@ -17,7 +18,7 @@ from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann
 from .catalogue import Catalogue
-from .screen import BLOCK, scan_kernel, screening_copy
+from .screen import BLOCK, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, screening_copy
 from .methods import FEATURE_METHODS, Method, scoring_method
 
 INDEXES = ("auto", "exact", "hnsw")
@@ -26,9 +27,10 @@ vector search, its index); auto: hnsw for catalogues in memory of at least ANN_T
 installed, in a database its index when it has one, else exact."""
 ANN_THRESHOLD = 200_000
 SCREEN_THRESHOLD = 20_000
-"""Exact l2 and cosine search over at least this many images first scans a screening copy of the matrix (float16,
+"""Exact l2 and cosine search over at least this many images scans a screening copy of the matrix (float16,
 bfloat16 or int8: a half or a quarter of the bytes; whichever screen.scan_kernel measured fastest here, if any beats
-the plain float32 scan), then re-scores in float32 only the rows whose error-bounded score can still reach the top."""
+the float32 scan) instead of the float32 matrix itself; either way it then re-scores exactly only the rows whose
+error-bounded score can still reach the top."""
 SCREENED_METHODS = FEATURE_METHODS
 """The methods that scan a feature-sized matrix; scores and learned scan a few columns per image (classes + features
 with a small weight, and classes - 1), always in float32."""
@@ -84,11 +86,16 @@ class ExactSearcher(Searcher):
         super().__init__(catalogue, scoring)
         self.matrix = scoring.matrix(catalogue.features)
         self.row_terms = scoring.row_terms(self.matrix)
-        self.copy = screening_copy(self.matrix, kernel)
+        self.kernel = kernel
 
     @property
     def strategy(self) -> str:
-        return "exact" if self.copy.kernel.name == "fp32" else "screened"
+        return "exact" if self.kernel == "fp32" else "screened"
+
+    @cached_property
+    def copy(self) -> Float32Rows | HalfMatrix | Int8Matrix:
+        """What `search` scans, made on the first search (scoring whole matrices never needs it)."""
+        return screening_copy(self.matrix, self.kernel)
 
     def similarity(self, queries: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """(n_queries, n_catalogue) float32 similarities, or (n_queries, len(rows)) for those rows; higher is more
