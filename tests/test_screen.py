@@ -205,3 +205,11 @@ def test_overlapping_searches_keep_one_blas_thread_until_the_last_leaves():
     assert blas_threads() == {1}
     second.__exit__(None, None, None)
     assert blas_threads() == before
+
+
+def test_scoring_whole_matrices_makes_no_screening_copy(real):
+    """Evaluation and neighbours score query matrices; only a search scans, and makes its copy then."""
+    exact = searchers.scorer(real, "l2")
+    assert exact.similarity(real.features[:3]).shape == (3, len(real)) and "copy" not in vars(exact)
+    exact.search(real.features[0], 3)
+    assert exact.copy.kernel.name == "fp32"
