@@ -49,15 +49,19 @@ class Featurizer:
 
     `precision` (see precision.PRECISIONS) is resolved once: "auto" means bfloat16 autocast on a CPU that measurably
     runs it fast, float16 mixed precision on CUDA, float32 elsewhere. A name that is not a built-in backbone is looked
-    up among the refined networks in `store` (refine.py).
+    up among the refined networks in `store` (refine.py); `extractor`, when given, is the network itself (its
+    spec names it) and `backbone`, `weights` and `store` are not used.
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, device: str | None = None,
                  weights: str | os.PathLike | None = None, workers: int | None = None,
-                 precision: str = "auto", store: Store | None = None) -> None:
+                 precision: str = "auto", store: Store | None = None,
+                 extractor: FeatureExtractor | None = None) -> None:
         self.device = pick_device(device)
         self.precision = resolve(precision, self.device)
-        if backbone in BACKBONES or store is None:
+        if extractor is not None:
+            self.extractor = extractor
+        elif backbone in BACKBONES or store is None:
             self.extractor: FeatureExtractor = load_backbone(backbone, weights)
         else:
             from .refine import load_refined

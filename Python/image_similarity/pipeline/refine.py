@@ -160,11 +160,18 @@ def _build(record: NetworkRecord) -> RefineNet:
 
 def load_refined(store: Store, name: str) -> FeatureExtractor:
     """A refined network from the store as a frozen feature extractor (eval mode, CPU), loaded strictly."""
-    record = store.network(name)
+    return refined_extractor(store.network(name), store.network_arrays(name, "weights"))
+
+
+def refined_extractor(record: NetworkRecord, weights: dict[str, tuple[str, str, bytes]]) -> FeatureExtractor:
+    """A refined network from its record and its "weights" arrays (key -> (dtype, JSON shape, bytes)), wherever
+    they were read (a store, or SQL Server's procedure: contexts/inproc.py), as a frozen feature extractor (eval
+    mode, CPU), loaded strictly."""
+    name = record.name
     if record.status != "ready":
         raise NotReady(f"network {name} is still training: run 'image-similarity refine' again to finish it")
     module = _build(record)
-    _load_strict(name, module, _decode(name, "weights", store.network_arrays(name, "weights")))
+    _load_strict(name, module, _decode(name, "weights", weights))
     spec = dataclasses.replace(BACKBONES[record.base], name=name)
     model = FeatureExtractor(spec, module.net).to(memory_format=torch.channels_last).eval()
     model.requires_grad_(False)
