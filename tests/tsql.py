@@ -10,10 +10,13 @@ themselves (T-SQL control flow, transactions, TRY/CATCH) and enforces the docume
   cannot commit); THROW ends the batch.
 - no nested INSERT ... EXEC, no ROLLBACK inside one; no NaN in float columns or parameters; no implicit
   conversion between character and binary data; JSON_VALUE and OPENJSON raise on invalid JSON (NaN is not JSON);
+  FOR JSON PATH leaves NULL properties out, writes binary as base64, embeds JSON_QUERY values and nested FOR JSON
+  results as JSON, and gives NULL for no rows;
   VECTOR(n) holds exactly n float32 values (n <= 1998) and VECTOR_DISTANCE computes cosine/euclidean/dot.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -227,6 +230,39 @@ def is_json(text: Any) -> int | None:
     return 1
 
 
+def json_object(spec: str, *values: Any) -> str:
+    """One row of FOR JSON PATH: `spec` is [[property, is JSON], ...] for `values`. NULL properties are left out
+    (no INCLUDE_NULL_VALUES), binary data is base64 text, JSON_QUERY values and nested FOR JSON results are JSON."""
+    row = {}
+    for (name, embedded), value in zip(json.loads(spec), values, strict=True):
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SqlError(8023, f"FOR JSON: {value} in property {name!r} is not a valid float")
+        row[name] = _json(value) if embedded else base64.b64encode(value).decode() if isinstance(value, bytes) \
+            else value
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+
+
+class ForJson:
+    """The rows of a FOR JSON PATH query as one JSON text: an array, or the bare objects WITHOUT_ARRAY_WRAPPER;
+    NULL when there are no rows."""
+
+    def __init__(self) -> None:
+        self.rows: list[str] = []
+        self.wrapped = True
+
+    def step(self, row: str, wrapped: int) -> None:
+        self.rows.append(row)
+        self.wrapped = bool(wrapped)
+
+    def finalize(self) -> str | None:
+        if not self.rows:
+            return None
+        text = ",".join(self.rows)
+        return f"[{text}]" if self.wrapped else text
+
+
 def convert(sql_type: str, value: Any, style: int | None = None) -> Any:
     """CONVERT(sql_type, value, style) for the conversions SQLR/ uses (binary <-> hex text with style 2)."""
     kind = base_type(sql_type)
@@ -321,6 +357,33 @@ def _column_from_json(col: exp.OpenJSONColumnDef) -> str:
     return f"tsql_convert('{_type_text(col.args['kind'])}', json_extract(value, {path}), NULL)"
 
 
+def _for_json(node: exp.Select) -> exp.Expression:
+    """`SELECT ... FOR JSON PATH [, WITHOUT_ARRAY_WRAPPER]` as a SELECT of one JSON text (json_object, ForJson)."""
+    clause = node.args["for_"]
+    options = {option.name.upper() for option in clause.expressions}
+    if str(clause.args.get("kind")).upper() != "JSON" or "PATH" not in options \
+            or options - {"PATH", "WITHOUT_ARRAY_WRAPPER"}:
+        raise SqlError(102, f"only FOR JSON PATH [, WITHOUT_ARRAY_WRAPPER] is emulated: {clause.sql(dialect='tsql')}",
+                       True)
+    spec, values = [], []
+    for column in node.expressions:
+        value = column.this if isinstance(column, exp.Alias) else column
+        if not column.alias_or_name or "." in column.alias_or_name:
+            raise SqlError(13605, "FOR JSON: every column needs a plain name (no nesting by dotted names emulated)",
+                           True)
+        embedded = isinstance(value, exp.JSONExtract) and bool(value.args.get("json_query")) \
+            or isinstance(value, exp.Subquery) and bool(value.this.args.get("for_"))
+        spec.append([column.alias_or_name, embedded])
+        values.append(value.this if isinstance(value, exp.JSONExtract) else value)
+    rows = node.copy()
+    rows.set("for_", None)
+    rows.set("expressions", [exp.alias_(_function("tsql_json_object", exp.Literal.string(json.dumps(spec)),
+                                                  *[v.copy() for v in values]), "tsql_json")])
+    wrapped = exp.Literal.number(int("WITHOUT_ARRAY_WRAPPER" not in options))
+    return exp.select(_function("tsql_for_json", exp.column("tsql_json"), wrapped)).from_(
+        exp.Subquery(this=rows.transform(_rewrite)))
+
+
 def _values(node: exp.Values) -> exp.Expression:
     """`(VALUES ...) AS v (a, b)`, whose column names SQLite cannot take, as a SELECT naming its columns."""
     alias = node.args["alias"]
@@ -333,6 +396,8 @@ def _values(node: exp.Values) -> exp.Expression:
 
 
 def _rewrite(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.Select) and node.args.get("for_"):
+        return _for_json(node)
     if isinstance(node, exp.Values) and node.args.get("alias") and node.args["alias"].columns:
         return _values(node)
     if isinstance(node, exp.National):
@@ -431,6 +496,8 @@ class Server:
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
         ]:
             self.conn.create_function(name, arity, self._guarded(fn))
+        self.conn.create_function("tsql_json_object", -1, self._guarded(json_object))
+        self.conn.create_aggregate("tsql_for_json", 2, ForJson)
         self._last_id = None
 
     # helpers reachable from SQL
