@@ -11,6 +11,7 @@
 --   @error nvarchar(4000) OUTPUT; the call sits in BEGIN TRY, whose CATCH keeps ERROR_MESSAGE() (Launchpad or
 --   runtime failures). A non-NULL @error is THROWn as one line naming the procedure, before anything is written.
 -- * Row counts are checked before anything destructive; writes happen in one short transaction.
+-- @backbone: a pretrained network, or a refined one (RefineModel) whose weights cross as @network: see ResolveBackbone.
 CREATE OR ALTER PROCEDURE dbo.FeaturizeImages
     @backbone nvarchar(64) = N'efficientnet_lite0',
     @batch_size int = 32
@@ -18,8 +19,8 @@ AS
 BEGIN
     SET NOCOUNT ON;
     SET XACT_ABORT ON;
-    IF @backbone IS NULL OR @backbone NOT IN (N'efficientnet_lite0', N'mobilenet_v2', N'resnet18', N'resnet50', N'resnet101')
-        THROW 50011, N'FeaturizeImages: unknown backbone.', 1;
+    DECLARE @network nvarchar(max);
+    EXEC dbo.ResolveBackbone @backbone = @backbone, @caller = N'FeaturizeImages', @network = @network OUTPUT;
     IF @batch_size IS NULL OR @batch_size < 1 OR @batch_size > 1024
         THROW 50012, N'FeaturizeImages: batch size must be between 1 and 1024.', 1;
     IF NOT EXISTS (SELECT 1 FROM dbo.images)
@@ -48,7 +49,7 @@ BEGIN
                 @script = N'
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
-    OutputDataSet = inproc.featurize_images(InputDataSet, backbone)
+    OutputDataSet = inproc.featurize_images(InputDataSet, backbone, network)
 error = report.error
 ',
                 @input_data_1 = N'
@@ -56,8 +57,9 @@ SELECT i.id, CONVERT(varchar(max), i.data, 2) AS data
 FROM dbo.images AS i JOIN #batch AS b ON i.id > b.after_id AND i.id <= b.upto_id
 WHERE NOT EXISTS (SELECT 1 FROM dbo.features AS f WHERE f.image_id = i.id AND f.backbone = b.backbone)
 ORDER BY i.id',
-                @params = N'@backbone nvarchar(64), @error nvarchar(4000) OUTPUT',
+                @params = N'@backbone nvarchar(64), @network nvarchar(max), @error nvarchar(4000) OUTPUT',
                 @backbone = @backbone,
+                @network = @network,
                 @error = @error OUTPUT;
         END TRY
         BEGIN CATCH
@@ -89,5 +91,45 @@ ORDER BY i.id',
     IF OBJECT_ID(N'dbo.StoreVectors', N'P') IS NOT NULL  -- SQL Server 2025: SQLR/12_Vectors.sql
         EXEC dbo.StoreVectors @backbone = @backbone;
     SELECT @featurized AS featurized, @backbone AS backbone;
+END;
+GO
+-- ResolveBackbone: what a procedure that runs the network on images (FeaturizeImages, RankCandidates) hands its
+-- external script for @backbone. A pretrained backbone: @network NULL. A network in dbo.networks with status
+-- 'ready': @network is one JSON text {"base", "version", "status", "params", "weights": [{"key", "dtype", "shape",
+-- "data"}, ...]} holding its 'weights' rows of dbo.network_arrays, data as hexadecimal text (never varbinary).
+-- Anything else is a one-line THROW naming @caller.
+CREATE OR ALTER PROCEDURE dbo.ResolveBackbone
+    @backbone nvarchar(128),
+    @caller nvarchar(64),
+    @network nvarchar(max) = NULL OUTPUT
+AS
+BEGIN
+    SET NOCOUNT ON;
+    SET XACT_ABORT ON;
+    DECLARE @error nvarchar(4000);
+    SET @network = NULL;
+    IF @backbone IN (N'efficientnet_lite0', N'mobilenet_v2', N'resnet18', N'resnet50', N'resnet101')
+        RETURN;
+    IF @backbone IS NULL OR NOT EXISTS (SELECT 1 FROM dbo.networks WHERE name = @backbone)
+    BEGIN
+        SET @error = CONCAT(@caller, N': unknown backbone; use a pretrained one (efficientnet_lite0, mobilenet_v2, ',
+                            N'resnet18, resnet50, resnet101) or a network that RefineModel stored.');
+        THROW 50016, @error, 1;
+    END;
+    IF EXISTS (SELECT 1 FROM dbo.networks WHERE name = @backbone AND status <> 'ready')
+    BEGIN
+        SET @error = CONCAT(@caller, N': network ', @backbone, N' is still training; run ''image-similarity refine'' again to finish it.');
+        THROW 50017, @error, 1;
+    END;
+    SET @network = (
+        SELECT n.base, n.version, n.status, JSON_QUERY(n.params) AS params,
+               (SELECT a.[key], a.dtype, a.shape, CONVERT(varchar(max), a.data, 2) AS data
+                FROM dbo.network_arrays AS a
+                WHERE a.network = n.name AND a.kind = 'weights'
+                ORDER BY a.[key]
+                FOR JSON PATH) AS weights
+        FROM dbo.networks AS n
+        WHERE n.name = @backbone
+        FOR JSON PATH, WITHOUT_ARRAY_WRAPPER);
 END;
 GO

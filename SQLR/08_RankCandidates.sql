@@ -2,7 +2,8 @@
 -- Stores the query and its results in queries/rankings and returns them as one result set. It uses no
 -- INSERT ... EXEC itself (results come back through an OUTPUT parameter), so a caller may
 -- INSERT ... EXEC dbo.RankCandidates. On SQL Server 2025 (SQLR/12_Vectors.sql) l2 and cosine rank in T-SQL
--- with VECTOR_DISTANCE. Conventions: see SQLR/04_FeaturizeImages.sql.
+-- with VECTOR_DISTANCE. The model's backbone may be a refined network: its weights cross as @network (see
+-- ResolveBackbone in SQLR/04_FeaturizeImages.sql). Conventions: see SQLR/04_FeaturizeImages.sql.
 CREATE OR ALTER PROCEDURE dbo.RankCandidates
     @query varbinary(max),
     @query_name nvarchar(400) = N'query',
@@ -24,7 +25,7 @@ BEGIN
         THROW 50054, N'RankCandidates: no such trained model; run TrainModel first.', 1;
 
     DECLARE @error nvarchar(4000), @backbone nvarchar(64), @classes nvarchar(max), @model_params nvarchar(max),
-            @used_method nvarchar(16), @ranked nvarchar(max), @query_hex varchar(max) = CONVERT(varchar(max), @query, 2);
+            @used_method nvarchar(16), @ranked nvarchar(max), @network nvarchar(max), @query_hex varchar(max) = CONVERT(varchar(max), @query, 2);
     DECLARE @summary nvarchar(max) = (
         SELECT TOP (1) summary FROM dbo.evaluations WHERE model_version = @model_version ORDER BY id DESC);
     DECLARE @best_method nvarchar(16) = CASE WHEN ISJSON(@summary) = 1 THEN JSON_VALUE(@summary, N'$.best_method') END;
@@ -35,10 +36,12 @@ BEGIN
     FROM dbo.models WHERE version = @model_version;
     IF NOT EXISTS (SELECT 1 FROM dbo.features WHERE backbone = @backbone)
         THROW 50055, N'RankCandidates: empty catalogue; run FeaturizeImages first.', 1;
+    EXEC dbo.ResolveBackbone @backbone = @backbone, @caller = N'RankCandidates', @network = @network OUTPUT;
     CREATE TABLE #ranked (rank int NOT NULL, image_id int NOT NULL, score float NOT NULL);
 
     IF @used_method IN (N'l2', N'cosine') AND OBJECT_ID(N'dbo.RankByVector', N'P') IS NOT NULL
-        EXEC dbo.RankByVector @query_hex = @query_hex, @backbone = @backbone, @method = @used_method, @top = @top;
+        EXEC dbo.RankByVector @query_hex = @query_hex, @backbone = @backbone, @method = @used_method, @top = @top,
+                              @network = @network;
     IF NOT EXISTS (SELECT 1 FROM #ranked)
     BEGIN
         CREATE TABLE #step (backbone nvarchar(64) NOT NULL, model_version int NOT NULL);
@@ -50,7 +53,7 @@ BEGIN
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
     ranked, used_method = inproc.rank_candidates(InputDataSet, query_hex, backbone, classes, model_params,
-                                                 model_version, top, method)
+                                                 model_version, top, method, network)
 error = report.error
 ',
                 @input_data_1 = N'
@@ -65,6 +68,7 @@ FROM dbo.model_arrays AS a
 JOIN #step AS s ON a.version = s.model_version',
                 @params = N'@query_hex varchar(max), @backbone nvarchar(64), @classes nvarchar(max),
                             @model_params nvarchar(max), @model_version int, @top int, @method nvarchar(16),
+                            @network nvarchar(max),
                             @used_method nvarchar(16) OUTPUT, @ranked nvarchar(max) OUTPUT,
                             @error nvarchar(4000) OUTPUT',
                 @query_hex = @query_hex,
@@ -74,6 +78,7 @@ JOIN #step AS s ON a.version = s.model_version',
                 @model_version = @model_version,
                 @top = @top,
                 @method = @used_method,
+                @network = @network,
                 @used_method = @used_method OUTPUT,
                 @ranked = @ranked OUTPUT,
                 @error = @error OUTPUT;

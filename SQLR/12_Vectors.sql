@@ -82,12 +82,14 @@ END;
 GO
 -- RankByVector: fills the caller's #ranked (rank, image_id, score) with the @top nearest images by l2 or cosine,
 -- exactly (VECTOR_DISTANCE), as the engine scores them (l2: minus the distance; cosine: 1 - cosine distance),
--- never the query or its near twins. Leaves #ranked empty when some features have no vector yet.
+-- never the query or its near twins. Leaves #ranked empty when some features have no vector yet. @network: a
+-- refined backbone's weights from dbo.ResolveBackbone (NULL for a pretrained one).
 CREATE OR ALTER PROCEDURE dbo.RankByVector
     @query_hex varchar(max),
     @backbone nvarchar(64),
     @method nvarchar(16),
-    @top int
+    @top int,
+    @network nvarchar(max) = NULL
 AS
 BEGIN
     SET NOCOUNT ON;
@@ -104,14 +106,16 @@ BEGIN
             @script = N'
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
-    query_vector, excluded = inproc.vector_query(InputDataSet, query_hex, backbone)
+    query_vector, excluded = inproc.vector_query(InputDataSet, query_hex, backbone, network)
 error = report.error
 ',
             @input_data_1 = N'SELECT i.id AS image_id, i.sha256, i.dhash FROM dbo.images AS i ORDER BY i.id',
-            @params = N'@query_hex varchar(max), @backbone nvarchar(64), @query_vector nvarchar(max) OUTPUT,
+            @params = N'@query_hex varchar(max), @backbone nvarchar(64), @network nvarchar(max),
+                        @query_vector nvarchar(max) OUTPUT,
                         @excluded nvarchar(max) OUTPUT, @error nvarchar(4000) OUTPUT',
             @query_hex = @query_hex,
             @backbone = @backbone,
+            @network = @network,
             @query_vector = @query_vector OUTPUT,
             @excluded = @excluded OUTPUT,
             @error = @error OUTPUT;

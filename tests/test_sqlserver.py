@@ -11,12 +11,18 @@ import numpy as np
 import pytest
 import sqlfluff
 from sqlfluff.api import APIParsingError
-from tsql import Server, SqlError, install, unquote
+from tsql import Client, Server, SqlError, install, unquote
 
+from image_similarity import store as stores
 from image_similarity.contexts import inproc
+from image_similarity.entrypoints import cli
+from image_similarity.pipeline import refine as refining
+from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.rank import rank
-from image_similarity.pipeline.train import load_model
+from image_similarity.pipeline.split import split
+from image_similarity.pipeline.train import load_model, train
 from image_similarity.store import SQLiteStore
+from image_similarity.store.mssql import MSSQLStore
 
 SQLR = Path(__file__).resolve().parents[1] / "SQLR"
 SCRIPTS = sorted(SQLR.glob("[0-9][0-9]_*.sql"))
@@ -190,7 +196,7 @@ def test_initial_run_once_stops_at_the_first_failing_step(full_copy, monkeypatch
 def test_featurize_keeps_finished_batches_when_one_fails(full_copy, monkeypatch):
     """Defect 8: one batch at a time, each committed; a failure keeps the batches before it."""
     sql = server(full_copy, without_features=40)
-    failing(monkeypatch, "featurize_images", lambda images, backbone: 40 in set(images["id"]))
+    failing(monkeypatch, "featurize_images", lambda images, *_: 40 in set(images["id"]))
     with pytest.raises(SqlError, match=r"FeaturizeImages: RuntimeError: injected failure \(images up to id 32"):
         sql.call("FeaturizeImages", batch_size=16)
     assert sql.conn.execute("SELECT MAX(image_id), COUNT(*) FROM features WHERE image_id <= 40").fetchone() == (32, 32)
@@ -330,3 +336,109 @@ def test_for_json_path_is_emulated_as_sql_server_writes_it(small_copy):
                                 for k in (1, 2)]
     assert json.loads(one) == {"id": 1} and no_rows is None
 
+
+@pytest.fixture(scope="module")
+def refined_db(tmp_path_factory, small_dir) -> tuple[Path, str]:
+    """36 real photos, split, refined for one short epoch, featurized with the refined network and a model trained
+    on those features: (database, network name)."""
+    from image_similarity.pipeline.ingest import ingest
+
+    path = tmp_path_factory.mktemp("refined") / "refined.sqlite"
+    with SQLiteStore(path) as store:
+        ingest(store, small_dir, progress=False)
+        split(store, seed=0)
+        name = refining.refine(store, epochs=1, progress=False, settings=refining.Settings(image_size=64, batch_size=8))
+        featurize(store, backbone=name, progress=False)
+        train(store, name)
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path, name
+
+
+def refined_server(db: Path, vector_type: bool = False) -> Server:
+    """An emulated server with the images and the refined networks of `db`, and no features."""
+    sql = server(db, vector_type=vector_type, without_features=10 ** 9)
+    sql.conn.execute("INSERT INTO networks (name, base, version, status, params, metrics) "
+                     "SELECT name, base, version, status, params, metrics FROM src.networks")
+    sql.conn.execute("INSERT INTO network_arrays (network, kind, key, dtype, shape, data) "
+                     "SELECT network, kind, key, dtype, shape, data FROM src.network_arrays")
+    return sql
+
+
+def test_a_refined_backbone_featurizes_and_ranks_through_the_sql_context(refined_db, featurizer, monkeypatch,
+                                                                          capsys):
+    """Issue 14: `featurize`/`rank --context sql` on SQL Server 2025 with a refined network: its weights cross as
+    hex JSON text, are built once for all of FeaturizeImages' batches, and give the engine's features and rankings
+    (by the model in Python, and by VECTOR_DISTANCE on the query's features)."""
+    path, name = refined_db
+    sql = refined_server(path, vector_type=True)
+    monkeypatch.setattr(stores, "connect", lambda db: MSSQLStore("mssql://sql01/Images", connection=Client(sql)))
+    monkeypatch.setattr(inproc, "REFINED", {})
+    built, build = [], refining.refined_extractor
+    monkeypatch.setattr(refining, "refined_extractor", lambda record, weights: built.append(record.name) or
+                        build(record, weights))
+    assert cli.main(["featurize", "--db", "mssql://sql01/Images", "--context", "sql", "--backbone", name,
+                     "--batch-size", "16"]) == 0
+    assert f"featurized  backbone\n  36  {name}" in capsys.readouterr().out
+    assert built == [name] and sql.external_calls == 3 + 1  # three batches, one network built; StoreVectors
+    mine = np.stack([np.frombuffer(v, "<f4") for (v,) in sql.conn.execute(
+        "SELECT vector FROM features WHERE backbone = ? ORDER BY image_id", (name,))])
+    with SQLiteStore(path) as store:
+        ids, expected = store.features(name)
+        frozen = featurizer.forward(np.stack([featurizer.prepare(store.image_bytes(int(i))) for i in ids]))
+        query_id = min(i for i, s in store.split().items() if s == "test")
+        query = store.image_bytes(query_id)
+        refined, model = Featurizer(name, store=store), load_model(store)
+        want = {m: rank(store, query, refined, model=model, method=m, top=5, save=False) for m in ("scores", "cosine")}
+    np.testing.assert_allclose(mine, expected, rtol=1e-4, atol=1e-4)
+    assert np.abs(mine - frozen).mean() > 0.01 * np.abs(frozen).mean()  # not the base network's features
+
+    copy_model(sql)
+    query_file = path.parent / "query.jpg"
+    query_file.write_bytes(query)
+    for method, script in (("scores", "rank_candidates"), ("cosine", "vector_query")):
+        monkeypatch.setattr(inproc, script, counted := spy(getattr(inproc, script)))
+        assert cli.main(["rank", str(query_file), "--db", "mssql://sql01/Images", "--context", "sql", "--top", "5",
+                         "--method", method]) == 0
+        listed = [int(line.split()[1]) for line in capsys.readouterr().out.splitlines()[-5:]]
+        assert listed == [m.image_id for m in want[method].matches] and query_id not in listed and counted.calls == 1
+    assert sql.conn.execute("SELECT backbone, method FROM queries").fetchall() == [(name, "scores"), (name, "cosine")]
+    assert built == [name, name]  # the server's, for every batch and query; the local Featurizer's
+
+
+def spy(function):
+    """`function`, counting its calls in `.calls`."""
+    def counted(*args, **kwargs):
+        counted.calls += 1
+        return function(*args, **kwargs)
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("unknown", r"Msg 50016: {proc}: unknown backbone; use a pretrained one"),
+    ("training", r"Msg 50017: {proc}: network {name} is still training; run 'image-similarity refine' again"),
+    ("corrupt", r"Msg 50\d\d\d: {proc}: network {name}: stored weights array 'head.weight' is corrupt"),
+])
+def test_a_refined_backbone_that_cannot_run_is_a_one_line_error(refined_db, damage, message):
+    path, name = refined_db
+    sql = refined_server(path)
+    sql.conn.execute("INSERT INTO features (image_id, backbone, dim, vector) "
+                     "SELECT image_id, backbone, dim, vector FROM src.features")
+    copy_model(sql)
+    if damage == "unknown":
+        sql.conn.execute("UPDATE models SET backbone = 'efficientnet_lite0_refined_9'")
+        sql.conn.execute("UPDATE features SET backbone = 'efficientnet_lite0_refined_9'")
+    elif damage == "training":
+        sql.conn.execute("UPDATE networks SET status = 'training'")
+    else:
+        sql.conn.execute("UPDATE network_arrays SET data = substr(data, 1, 10) WHERE key = 'head.weight'")
+    backbone = name if damage != "unknown" else "efficientnet_lite0_refined_9"
+    sql.conn.execute("DELETE FROM features WHERE image_id > 30")
+    for proc, call in (("FeaturizeImages", lambda: sql.call("FeaturizeImages", backbone=backbone)),
+                       ("RankCandidates", lambda: sql.call("RankCandidates", query=sql.conn.execute(
+                           "SELECT data FROM images WHERE id = 31").fetchone()[0]))):
+        with pytest.raises(SqlError, match="^" + message.format(proc=proc, name=name)) as err:
+            call()
+        assert "\n" not in str(err.value), proc
+    assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (30,)
+    assert sql.conn.execute("SELECT COUNT(*) FROM queries").fetchone() == (0,)

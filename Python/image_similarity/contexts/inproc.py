@@ -8,6 +8,9 @@ reads, the writes and the transaction.
 Frames that carry a model (evaluate, rank) hold two kinds of rows: image rows (`array_name` NULL) and the
 model's `model_arrays` rows (`image_id` NULL, the bytes in `data`); model metadata comes as values.
 
+A refined network (refine.py) that a procedure runs on images crosses as one JSON text value (`network`, see
+`featurizer`), built by dbo.ResolveBackbone from networks/network_arrays.
+
 Binary data crosses `sp_execute_external_script` only as hexadecimal text in varchar(max) (as sqlmlutils moves
 it): the procedures send `CONVERT(varchar(max), data, 2)` and store `CONVERT(varbinary(max), text, 2)`. Each
 script runs inside `with inproc.reported() as report:` and hands `report.error` (one line, or NULL) back through
@@ -35,7 +38,7 @@ from ..pipeline.split import split_images
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
 from ..search.catalogue import Catalogue
 from ..search.searchers import scorer, searcher
-from ..store.base import ImageRow, ModelRecord, decode_array, encode_array, finite, strict_json
+from ..store.base import ImageRow, ModelRecord, NetworkRecord, decode_array, encode_array, finite, strict_json
 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
@@ -47,6 +50,10 @@ VECTOR_DIMENSIONS = 1998
 WEIGHTS_DIR = Path(sys.prefix) / "share" / "image-similarity" / "weights"
 """Where SQL Server's Python finds backbone weights that no installed package ships: the Launchpad sandbox has
 no network and a working folder and profile of its own, so the torch hub cache of any user is out of reach."""
+REFINED: dict[tuple[str, str], Featurizer] = {}
+"""Refined networks built in this process, by (name, SHA-256 of the network text): FeaturizeImages sends the same
+network with every batch, and SQL Server may run many calls in one process."""
+KEEP_REFINED = 2  # at most this many at once: each holds its weights in memory
 
 
 class Report:
@@ -87,8 +94,15 @@ def _vectors(column: pd.Series) -> np.ndarray:
     return np.stack([np.frombuffer(unhex(b), dtype="<f4") for b in column]).astype(np.float32)
 
 
-def featurizer(backbone: str) -> Featurizer:
-    """The backbone with weights the sandbox can read: an installed package's, else WEIGHTS_DIR's file."""
+def featurizer(backbone: str, network: str | None = None) -> Featurizer:
+    """The backbone with weights the sandbox can read: the refined network in `network` when given, else an
+    installed package's weights, else WEIGHTS_DIR's file.
+
+    `network` is the JSON text dbo.ResolveBackbone builds for a refined backbone: {"base", "version", "status",
+    "params" (its "classes" size the head), "weights": [{"key", "dtype", "shape", "data" (hexadecimal)}, ...]}.
+    """
+    if network:
+        return _refined(backbone, network)
     spec = BACKBONES[backbone]
     local = WEIGHTS_DIR / spec.weights_file
     if local.is_file():
@@ -97,6 +111,25 @@ def featurizer(backbone: str) -> Featurizer:
         raise WeightsNotFoundError(f"{backbone} weights '{spec.weights_file}' not found in {WEIGHTS_DIR}: copy the "
                                    f"file there (Setup-ImageSimilarity.ps1 -WeightsFile does; source: {spec.source})")
     return Featurizer(backbone)
+
+
+def _refined(name: str, network: str) -> Featurizer:
+    """The refined network `name` built from its JSON text, strictly (refine.refined_extractor), once per process."""
+    from ..pipeline.refine import refined_extractor
+
+    key = (name, hashlib.sha256(network.encode()).hexdigest())
+    if key not in REFINED:
+        try:
+            value = json.loads(network)
+            record = NetworkRecord(name, value["base"], int(value["version"]), value["status"], value["params"], {})
+            weights = {w["key"]: (w["dtype"], w["shape"], unhex(w["data"])) for w in value.get("weights", [])}
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadInput(f"network {name}: the procedure sent no readable network ({type(err).__name__}: {err})"
+                           ) from None
+        while len(REFINED) >= KEEP_REFINED:
+            REFINED.pop(next(iter(REFINED)))
+        REFINED[key] = Featurizer(extractor=refined_extractor(record, weights))
+    return REFINED[key]
 
 
 def _require(frame: pd.DataFrame, what: str) -> None:
@@ -114,10 +147,11 @@ def inspect(data_hex: str) -> pd.DataFrame:
                         columns=INSPECT_COLUMNS)
 
 
-def featurize_images(images: pd.DataFrame, backbone: str) -> pd.DataFrame:
+def featurize_images(images: pd.DataFrame, backbone: str, network: str | None = None) -> pd.DataFrame:
     """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason): a float32 blob per good image,
-    a reason per bad one. The procedure loops over batches, so one call holds one batch of images."""
-    model = featurizer(backbone)
+    a reason per bad one. The procedure loops over batches, so one call holds one batch of images. `network`:
+    a refined backbone's JSON text (see `featurizer`)."""
+    model = featurizer(backbone, network)
     items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
     ids, vectors, bad = finish_batch(model, model.submit(items))
     out = [(i, None, None, reason) for i, reason in bad]
@@ -208,21 +242,23 @@ def _catalogue(frame: pd.DataFrame, backbone: str) -> Catalogue:
 
 
 def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes: str, params: str, version: int,
-                    top: int = 10, method: str = "scores") -> tuple[str, str]:
+                    top: int = 10, method: str = "scores", network: str | None = None) -> tuple[str, str]:
     """Catalogue rows (image_id, name, label, sha256, dhash, data hex) and the model's arrays plus a query image ->
-    (the top rows as a JSON list of {rank, image_id, score}, the method used). The procedure resolves `method`."""
+    (the top rows as a JSON list of {rank, image_id, score}, the method used). The procedure resolves `method`;
+    `network`: a refined backbone's JSON text (see `featurizer`)."""
     method_searcher = searcher(_catalogue(frame, backbone), method, _model(frame, backbone, classes, params, version))
-    result = rank_with(method_searcher, unhex(query_hex), featurizer(backbone), top)
+    result = rank_with(method_searcher, unhex(query_hex), featurizer(backbone, network), top)
     return json.dumps([{"rank": m.rank, "image_id": int(m.image_id), "score": finite(m.score)}
                        for m in result.matches], allow_nan=False), result.method
 
 
-def vector_query(images: pd.DataFrame, query_hex: str, backbone: str) -> tuple[str, str]:
+def vector_query(images: pd.DataFrame, query_hex: str, backbone: str, network: str | None = None) -> tuple[str, str]:
     """Catalogue rows (image_id, sha256, dhash) and a query image -> (its feature vector as VECTOR(1998) JSON,
-    a JSON list of the ids never to return: the query itself and its near twins)."""
+    a JSON list of the ids never to return: the query itself and its near twins). `network`: a refined backbone's
+    JSON text (see `featurizer`)."""
     data = unhex(query_hex)
     image, sha = decode_image(data), hashlib.sha256(data).hexdigest()
-    vector = featurizer(backbone).features([image])[0]
+    vector = featurizer(backbone, network).features([image])[0]
     near = hamming_to(dhash(image), packed_hashes(images["dhash"].tolist())) <= NEAR_DUPLICATE_DISTANCE
     excluded = [int(i) for i, s, twin in zip(images["image_id"], images["sha256"], near) if twin or s == sha]
     padded = _padded(np.asarray(vector, dtype=np.float32))
