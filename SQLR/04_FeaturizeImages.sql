@@ -118,7 +118,8 @@ BEGIN
     END;
     IF EXISTS (SELECT 1 FROM dbo.networks WHERE name = @backbone AND status <> 'ready')
     BEGIN
-        SET @error = CONCAT(@caller, N': network ', @backbone, N' is still training; run ''image-similarity refine'' again to finish it.');
+        SET @error = CONCAT(@caller, N': network ', @backbone,
+                            N' is still training; run ''image-similarity refine'' again to finish it.');
         THROW 50017, @error, 1;
     END;
     SET @network = (

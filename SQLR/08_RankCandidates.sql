@@ -25,7 +25,8 @@ BEGIN
         THROW 50054, N'RankCandidates: no such trained model; run TrainModel first.', 1;
 
     DECLARE @error nvarchar(4000), @backbone nvarchar(64), @classes nvarchar(max), @model_params nvarchar(max),
-            @used_method nvarchar(16), @ranked nvarchar(max), @network nvarchar(max), @query_hex varchar(max) = CONVERT(varchar(max), @query, 2);
+            @used_method nvarchar(16), @ranked nvarchar(max), @network nvarchar(max),
+            @query_hex varchar(max) = CONVERT(varchar(max), @query, 2);
     DECLARE @summary nvarchar(max) = (
         SELECT TOP (1) summary FROM dbo.evaluations WHERE model_version = @model_version ORDER BY id DESC);
     DECLARE @best_method nvarchar(16) = CASE WHEN ISJSON(@summary) = 1 THEN JSON_VALUE(@summary, N'$.best_method') END;
