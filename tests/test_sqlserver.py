@@ -339,13 +339,18 @@ def test_for_json_path_is_emulated_as_sql_server_writes_it(small_copy):
 
 @pytest.fixture(scope="module")
 def refined_db(tmp_path_factory, small_dir) -> tuple[Path, str]:
-    """36 real photos, split, refined for one short epoch, featurized with the refined network and a model trained
-    on those features: (database, network name)."""
+    """6 real photos per class, split, refined for one short epoch, featurized with the refined network and a model
+    trained on those features: (database, network name)."""
     from image_similarity.pipeline.ingest import ingest
 
     path = tmp_path_factory.mktemp("refined") / "refined.sqlite"
+    few = path.parent / "few"
+    for folder in sorted(small_dir.iterdir()):
+        (few / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.iterdir())[:6]:
+            (few / folder.name / photo.name).write_bytes(photo.read_bytes())
     with SQLiteStore(path) as store:
-        ingest(store, small_dir, progress=False)
+        ingest(store, few, progress=False)
         split(store, seed=0)
         name = refining.refine(store, epochs=1, progress=False, settings=refining.Settings(image_size=64, batch_size=8))
         featurize(store, backbone=name, progress=False)
@@ -377,8 +382,8 @@ def test_a_refined_backbone_featurizes_and_ranks_through_the_sql_context(refined
     monkeypatch.setattr(refining, "refined_extractor", lambda record, weights: built.append(record.name) or
                         build(record, weights))
     assert cli.main(["featurize", "--db", "mssql://sql01/Images", "--context", "sql", "--backbone", name,
-                     "--batch-size", "16"]) == 0
-    assert f"featurized  backbone\n  36  {name}" in capsys.readouterr().out
+                     "--batch-size", "8"]) == 0
+    assert f"featurized  backbone\n  18  {name}" in capsys.readouterr().out
     assert built == [name] and sql.external_calls == 3 + 1  # three batches, one network built; StoreVectors
     mine = np.stack([np.frombuffer(v, "<f4") for (v,) in sql.conn.execute(
         "SELECT vector FROM features WHERE backbone = ? ORDER BY image_id", (name,))])
@@ -433,12 +438,12 @@ def test_a_refined_backbone_that_cannot_run_is_a_one_line_error(refined_db, dama
     else:
         sql.conn.execute("UPDATE network_arrays SET data = substr(data, 1, 10) WHERE key = 'head.weight'")
     backbone = name if damage != "unknown" else "efficientnet_lite0_refined_9"
-    sql.conn.execute("DELETE FROM features WHERE image_id > 30")
+    sql.conn.execute("DELETE FROM features WHERE image_id > 15")
     for proc, call in (("FeaturizeImages", lambda: sql.call("FeaturizeImages", backbone=backbone)),
                        ("RankCandidates", lambda: sql.call("RankCandidates", query=sql.conn.execute(
-                           "SELECT data FROM images WHERE id = 31").fetchone()[0]))):
+                           "SELECT data FROM images WHERE id = 16").fetchone()[0]))):
         with pytest.raises(SqlError, match="^" + message.format(proc=proc, name=name)) as err:
             call()
         assert "\n" not in str(err.value), proc
-    assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (30,)
+    assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (15,)
     assert sql.conn.execute("SELECT COUNT(*) FROM queries").fetchone() == (0,)
