@@ -10,7 +10,7 @@ themselves (T-SQL control flow, transactions, TRY/CATCH) and enforces the docume
   cannot commit); THROW ends the batch.
 - no nested INSERT ... EXEC, no ROLLBACK inside one; no NaN in float columns or parameters; no implicit
   conversion between character and binary data; JSON_VALUE and OPENJSON raise on invalid JSON (NaN is not JSON);
-  FOR JSON PATH leaves NULL properties out, writes binary as base64, embeds JSON_QUERY values and nested FOR JSON
+  OPENJSON without WITH gives SQL Server's (key, value, type) rows; FOR JSON PATH leaves NULL properties out, writes binary as base64, embeds JSON_QUERY values and nested FOR JSON
   results as JSON, and gives NULL for no rows;
   VECTOR(n) holds exactly n float32 values (n <= 1998) and VECTOR_DISTANCE computes cosine/euclidean/dot.
 """
@@ -347,7 +347,10 @@ def _type_text(node: exp.DataType) -> str:
 
 
 def _openjson(node: exp.OpenJSON) -> exp.Expression:
-    columns = ", ".join(f"{_column_from_json(col)} AS {col.this.sql()}" for col in node.expressions)
+    """OPENJSON(x) WITH (...) as its typed columns; without WITH as SQL Server's (key, value, type) rows."""
+    columns = ", ".join(f"{_column_from_json(col)} AS {col.this.sql()}" for col in node.expressions) or (
+        "CAST(key AS TEXT) AS key, value, CASE type WHEN 'null' THEN 0 WHEN 'text' THEN 1 WHEN 'integer' THEN 2 "
+        "WHEN 'real' THEN 2 WHEN 'true' THEN 3 WHEN 'false' THEN 3 WHEN 'array' THEN 4 ELSE 5 END AS type")
     source = node.this.sql(dialect="sqlite")
     return sqlglot.parse_one(f"(SELECT {columns} FROM json_each(tsql_json_array({source})))", read="sqlite")
 
@@ -805,7 +808,7 @@ class Server:
     def insert_exec(self, text: str, frame: Frame) -> None:
         found = re.match(r"INSERT\s+INTO\s+(\S+)\s*\(([^)]*)\)\s*EXEC(?:UTE)?\s+(.*)", text, re.IGNORECASE | re.DOTALL)
         table = found.group(1).split(".")[-1].replace("#", "tmp_").lower()
-        columns = [c.strip().lower() for c in found.group(2).split(",")]
+        columns = [c.strip().strip("[]").lower() for c in found.group(2).split(",")]
         if self.insert_exec_depth:
             raise SqlError(8164, "An INSERT EXEC statement cannot be nested.")
         self.insert_exec_depth += 1
@@ -820,9 +823,9 @@ class Server:
                 raise SqlError(213, "Column name or number of supplied values does not match table definition.")
             rows += [tuple(check_value(types[c], v, f"{table}.{c}") for c, v in zip(columns, row))
                      for row in result.itertuples(index=False)]
-        placeholders = ", ".join("?" * len(columns))
+        placeholders, names = ", ".join("?" * len(columns)), ", ".join(f'"{c}"' for c in columns)
         try:
-            self.conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({placeholders})", rows)
+            self.conn.executemany(f"INSERT INTO {table} ({names}) VALUES ({placeholders})", rows)
         except sqlite3.Error as err:
             raise SqlError(515 if "NOT NULL" in str(err) else 547, str(err)) from None
 
