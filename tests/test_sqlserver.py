@@ -337,10 +337,21 @@ def test_for_json_path_is_emulated_as_sql_server_writes_it(small_copy):
     assert json.loads(one) == {"id": 1} and no_rows is None
 
 
+NETWORK_TABLES = ("networks (name, base, version, status, params, metrics, created_at)",
+                  "network_arrays (network, kind, key, dtype, shape, data)")
+
+
+def copy_networks(sql: Server, source: str, target: str) -> None:
+    """The refined networks of one side of an emulated server to the other ('main' or the store, 'src')."""
+    for table in NETWORK_TABLES:
+        columns = table[table.index("(") + 1:-1]
+        sql.conn.execute(f"INSERT INTO {target}.{table} SELECT {columns} FROM {source}.{table.split()[0]}")
+
+
 @pytest.fixture(scope="module")
 def refined_db(tmp_path_factory, small_dir) -> tuple[Path, str]:
-    """6 real photos per class, split, refined for one short epoch, featurized with the refined network and a model
-    trained on those features: (database, network name)."""
+    """6 real photos per class, split; refined for one epoch by RefineModel inside the emulated server; then, by the
+    engine, featurized with the refined network and a model trained on those features: (database, network name)."""
     from image_similarity.pipeline.ingest import ingest
 
     path = tmp_path_factory.mktemp("refined") / "refined.sqlite"
@@ -352,7 +363,15 @@ def refined_db(tmp_path_factory, small_dir) -> tuple[Path, str]:
     with SQLiteStore(path) as store:
         ingest(store, few, progress=False)
         split(store, seed=0)
-        name = refining.refine(store, epochs=1, progress=False, settings=refining.Settings(image_size=64, batch_size=8))
+        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    sql = server(path, without_features=10 ** 9)
+    sql.conn.execute("INSERT INTO splits SELECT * FROM src.splits")
+    _, outputs = sql.call("RefineModel", epochs=1)
+    name = outputs["network"]
+    copy_networks(sql, "main", "src")
+    sql.conn.close()
+    with SQLiteStore(path) as store:
+        assert store.network(name).status == "ready"
         featurize(store, backbone=name, progress=False)
         train(store, name)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -362,17 +381,14 @@ def refined_db(tmp_path_factory, small_dir) -> tuple[Path, str]:
 def refined_server(db: Path, vector_type: bool = False) -> Server:
     """An emulated server with the images and the refined networks of `db`, and no features."""
     sql = server(db, vector_type=vector_type, without_features=10 ** 9)
-    sql.conn.execute("INSERT INTO networks (name, base, version, status, params, metrics) "
-                     "SELECT name, base, version, status, params, metrics FROM src.networks")
-    sql.conn.execute("INSERT INTO network_arrays (network, kind, key, dtype, shape, data) "
-                     "SELECT network, kind, key, dtype, shape, data FROM src.network_arrays")
+    copy_networks(sql, "src", "main")
     return sql
 
 
 def test_a_refined_backbone_featurizes_and_ranks_through_the_sql_context(refined_db, featurizer, monkeypatch,
                                                                           capsys):
-    """Issue 14: `featurize`/`rank --context sql` on SQL Server 2025 with a refined network: its weights cross as
-    hex JSON text, are built once for all of FeaturizeImages' batches, and give the engine's features and rankings
+    """Issue 14: `featurize`/`rank --context sql` on SQL Server 2025 with a network RefineModel made: its weights
+    cross as hex JSON text, are built once for all of FeaturizeImages' batches, and give the engine's features and rankings
     (by the model in Python, and by VECTOR_DISTANCE on the query's features)."""
     path, name = refined_db
     sql = refined_server(path, vector_type=True)
