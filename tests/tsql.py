@@ -10,8 +10,8 @@ themselves (T-SQL control flow, transactions, TRY/CATCH) and enforces the docume
   cannot commit); THROW ends the batch.
 - no nested INSERT ... EXEC, no ROLLBACK inside one; no NaN in float columns or parameters; no implicit
   conversion between character and binary data; JSON_VALUE and OPENJSON raise on invalid JSON (NaN is not JSON);
-  OPENJSON without WITH gives SQL Server's (key, value, type) rows; FOR JSON PATH leaves NULL properties out, writes binary as base64, embeds JSON_QUERY values and nested FOR JSON
-  results as JSON, and gives NULL for no rows;
+  OPENJSON without WITH gives SQL Server's (key, value, type) rows; FOR JSON PATH leaves NULL properties out,
+  writes binary as base64, embeds JSON_QUERY values and nested FOR JSON results as JSON, and gives NULL for no rows;
   VECTOR(n) holds exactly n float32 values (n <= 1998) and VECTOR_DISTANCE computes cosine/euclidean/dot.
 """
 from __future__ import annotations
