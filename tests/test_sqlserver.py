@@ -388,8 +388,8 @@ def refined_server(db: Path, vector_type: bool = False) -> Server:
 def test_a_refined_backbone_featurizes_and_ranks_through_the_sql_context(refined_db, featurizer, monkeypatch,
                                                                           capsys):
     """Issue 14: `featurize`/`rank --context sql` on SQL Server 2025 with a network RefineModel made: its weights
-    cross as hex JSON text, are built once for all of FeaturizeImages' batches, and give the engine's features and rankings
-    (by the model in Python, and by VECTOR_DISTANCE on the query's features)."""
+    cross as hex JSON text, are built once for all of FeaturizeImages' batches, and give the engine's features and
+    rankings (by the model in Python, and by VECTOR_DISTANCE on the query's features)."""
     path, name = refined_db
     sql = refined_server(path, vector_type=True)
     monkeypatch.setattr(stores, "connect", lambda db: MSSQLStore("mssql://sql01/Images", connection=Client(sql)))
