@@ -95,6 +95,18 @@ def test_features_shape_and_batch_independence(lite0: FeatureExtractor) -> None:
     assert not lite0.training
 
 
+def test_flip_average_is_the_mean_of_an_image_and_its_mirror_image(lite0: FeatureExtractor) -> None:
+    batch = _batch("leopard", lite0.spec, count=4)
+    mirrored = batch.flip(2)  # NHWC: mirror each image left to right
+    averaging = FeatureExtractor(lite0.spec, lite0.net, flip_average=True).eval()
+    with torch.no_grad():
+        plain, plain_mirrored = lite0(batch), lite0(mirrored)
+        averaged, averaged_mirrored = averaging(batch), averaging(mirrored)
+    torch.testing.assert_close(averaged, (plain + plain_mirrored) / 2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(averaged_mirrored, averaged, rtol=1e-4, atol=1e-5)  # a mirror image looks the same
+    assert (plain - plain_mirrored).abs().mean() > 0.01 * plain.abs().mean()  # which the plain network does not
+
+
 def test_lite0_matches_reference_implementation(lite0: FeatureExtractor) -> None:
     from efficientnet_lite_pytorch import EfficientNet  # the reference, installed with the test extra
 

@@ -97,6 +97,7 @@ def test_refine_stores_plain_arrays_that_load_strictly_and_change_the_features(r
         assert {"head.weight", "head.bias"} <= set(stored) and stored["head.weight"][1] == "[3, 1280]"
         extractor = load_refined(store, name)  # strict: every key, shape and dtype
         assert extractor.spec.name == name and extractor.spec.dim == 1280
+        assert record.params["flip_average"] and extractor.flip_average  # featurized with its mirror image
         featurize(store, backbone=BASE, progress=False)
         report = featurize(store, backbone=name, progress=False)
         assert report.added == len(subsets) - 1
@@ -171,6 +172,8 @@ def test_refined_backbone_ranks_through_the_cli_python_and_web_service(few_dir, 
     query = sorted((few_dir / "leopard").iterdir())[-1]
     assert cli.main(["rank", str(query), "--db", db, "--top", "3"]) == 0
     assert f"{name}, model version 2)" in capsys.readouterr().out
+    assert cli.main(["neighbors", "--db", db, "--backbone", name, "--top", "2"]) == 0
+    assert f"({name}" in capsys.readouterr().out
     with connect(db) as store:
         assert store.model().backbone == name and store.feature_counts()[BASE] == store.feature_counts()[name]
         featurizer = Featurizer(name, store=store)

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "neighbors table (same methods as rank; never an image itself or its near "
                                    "duplicates). Exact, in blocks of rows that fit --memory; images already done "
                                    "are skipped, so an interrupted run resumes and a re-run adds nothing.")
-    p.add_argument("--backbone", choices=sorted(BACKBONES), help="features (default: the trained model's)")
+    p.add_argument("--backbone", metavar="NAME",
+                   help="features: a pretrained or refined network (default: the trained model's)")
     p.add_argument("--method", choices=METHODS, help="similarity (default: the best in the latest evaluation)")
     p.add_argument("--top", type=int, default=10, help="neighbours per image (default: 10)")
     p.add_argument("--model-version", type=int, help="model version for scores/learned (default: latest)")

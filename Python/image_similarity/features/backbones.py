@@ -287,12 +287,17 @@ _BUILDERS = {
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen backbone taking uint8 NHWC batches; normalisation happens inside, so uint8 can be shipped."""
+    """Frozen backbone taking uint8 NHWC batches; normalisation happens inside, so uint8 can be shipped.
 
-    def __init__(self, spec: BackboneSpec, net: _Backbone) -> None:
+    With `flip_average`, an image's features are the mean of its own and its mirror image's (one batch of twice
+    the size): refined networks, trained on randomly mirrored crops, are featurized so (refine.py).
+    """
+
+    def __init__(self, spec: BackboneSpec, net: _Backbone, flip_average: bool = False) -> None:
         super().__init__()
         self.spec = spec
         self.net = net
+        self.flip_average = flip_average
         for key in ("mean", "std"):  # on the 0..255 scale, exact in float64 before rounding to float32
             value = torch.tensor(getattr(spec, key), dtype=torch.float64) * 255
             self.register_buffer(key, value.float().view(1, 3, 1, 1), persistent=False)
@@ -303,7 +308,11 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 (N, dim) globally average-pooled features."""
-        return self.net.pooled(self._normalise(images))
+        x = self._normalise(images)
+        if not self.flip_average:
+            return self.net.pooled(x)
+        both = self.net.pooled(torch.cat([x, x.flip(3)]))
+        return (both[:len(x)] + both[len(x):]) / 2
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 (N, 1000) ImageNet logits."""

@@ -52,6 +52,7 @@ class Settings:
     freeze: float = 0.4  # share of the backbone's parameter tensors, from the input side, left as they are
     val_fraction: float = 0.15
     patience: int = 3  # epochs without a better validation score before stopping
+    flip_average: bool = True  # featurize as the mean of the image's and its mirror image's features
 
 
 class RefineNet(nn.Module):
@@ -173,7 +174,8 @@ def refined_extractor(record: NetworkRecord, weights: dict[str, tuple[str, str, 
     module = _build(record)
     _load_strict(name, module, _decode(name, "weights", weights))
     spec = dataclasses.replace(BACKBONES[record.base], name=name)
-    model = FeatureExtractor(spec, module.net).to(memory_format=torch.channels_last).eval()
+    flip_average = bool(record.params.get("flip_average", False))  # networks refined before it existed: False
+    model = FeatureExtractor(spec, module.net, flip_average).to(memory_format=torch.channels_last).eval()
     model.requires_grad_(False)
     return model
 
