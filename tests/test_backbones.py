@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from image_similarity.features import backbones
+from image_similarity.pipeline.featurize import Featurizer
 from image_similarity.features.backbones import (
     BACKBONES,
     DEFAULT_BACKBONE,
@@ -105,6 +106,11 @@ def test_flip_average_is_the_mean_of_an_image_and_its_mirror_image(lite0: Featur
     torch.testing.assert_close(averaged, (plain + plain_mirrored) / 2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(averaged_mirrored, averaged, rtol=1e-4, atol=1e-5)  # a mirror image looks the same
     assert (plain - plain_mirrored).abs().mean() > 0.01 * plain.abs().mean()  # which the plain network does not
+    featurizer = Featurizer(extractor=averaging, device="cpu", precision="bf16")  # traced from the first batch's
+    featurizer.forward(batch[:1].numpy())  # first image: other batch sizes must still keep images apart
+    traced = torch.from_numpy(featurizer.forward(batch.numpy()))
+    assert featurizer.traced is not None
+    assert torch.nn.functional.cosine_similarity(traced, averaged).min() > 0.99
 
 
 def test_lite0_matches_reference_implementation(lite0: FeatureExtractor) -> None:

@@ -312,7 +312,7 @@ class FeatureExtractor(nn.Module):
         if not self.flip_average:
             return self.net.pooled(x)
         both = self.net.pooled(torch.cat([x, x.flip(3)]))
-        return (both[:len(x)] + both[len(x):]) / 2
+        return both.unflatten(0, (2, -1)).mean(0)  # no batch size in the graph: a trace takes any batch
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 (N, 1000) ImageNet logits."""
