@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 
 from image_similarity.features import backbones
-from image_similarity.pipeline.featurize import Featurizer
 from image_similarity.features.backbones import (
     BACKBONES,
     DEFAULT_BACKBONE,
@@ -20,6 +19,7 @@ from image_similarity.features.backbones import (
     load_backbone,
     prepare_image,
 )
+from image_similarity.pipeline.featurize import Featurizer
 
 DATA = Path(__file__).resolve().parents[1] / "Resources" / "fashion-texture"
 

@@ -11,8 +11,8 @@ from image_similarity.core import machine
 from image_similarity.pipeline.train import load_model
 from image_similarity.search import screen, searchers
 from image_similarity.search.catalogue import Catalogue
-from image_similarity.search.screen import SCREENING, screening_copy
 from image_similarity.search.methods import scoring_method
+from image_similarity.search.screen import SCREENING, screening_copy
 from image_similarity.search.searchers import SCREENED_METHODS, ExactSearcher, Searcher, searcher
 from image_similarity.store import SQLiteStore
 

@@ -18,8 +18,8 @@ from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann
 from .catalogue import Catalogue
-from .screen import BLOCK, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, screening_copy
 from .methods import FEATURE_METHODS, Method, scoring_method
+from .screen import BLOCK, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, screening_copy
 
 INDEXES = ("auto", "exact", "hnsw")
 """exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss; in a database with
