@@ -16,6 +16,7 @@ from tsql import Client, Server, SqlError, install, unquote
 from image_similarity import store as stores
 from image_similarity.contexts import inproc
 from image_similarity.entrypoints import cli
+from image_similarity.features.backbones import BACKBONES
 from image_similarity.pipeline import refine as refining
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.rank import rank
@@ -463,3 +464,10 @@ def test_a_refined_backbone_that_cannot_run_is_a_one_line_error(refined_db, dama
         assert "\n" not in str(err.value), proc
     assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (15,)
     assert sql.conn.execute("SELECT COUNT(*) FROM queries").fetchone() == (0,)
+
+
+def test_the_procedures_name_the_pretrained_backbones_the_engine_has():
+    lists = [re.findall(r"N'([a-z0-9_]+)'", match) for script in SCRIPTS
+             for match in re.findall(r"IN \((N'efficientnet_lite0'.*?)\)", script.read_text(), re.S)]
+    assert len(lists) == 2  # ResolveBackbone and RefineModel
+    assert all(names == list(BACKBONES) for names in lists)

@@ -59,10 +59,11 @@ class Featurizer:
                  extractor: FeatureExtractor | None = None) -> None:
         self.device = pick_device(device)
         self.precision = resolve(precision, self.device)
+        self.extractor: FeatureExtractor
         if extractor is not None:
             self.extractor = extractor
         elif backbone in BACKBONES or store is None:
-            self.extractor: FeatureExtractor = load_backbone(backbone, weights)
+            self.extractor = load_backbone(backbone, weights)
         else:
             from .refine import load_refined
 
