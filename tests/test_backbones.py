@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from image_similarity.features import backbones
@@ -48,6 +49,8 @@ def test_registry() -> None:
     assert DEFAULT_BACKBONE == "efficientnet_lite0"
     assert {name: spec.dim for name, spec in BACKBONES.items()} == {
         "efficientnet_lite0": 1280, "mobilenet_v2": 1280, "resnet18": 512, "resnet50": 2048, "resnet101": 2048}
+    assert {name: spec.feature_dim for name, spec in BACKBONES.items()} == {
+        "efficientnet_lite0": 1584, "mobilenet_v2": 1536, "resnet18": 512, "resnet50": 2048, "resnet101": 2048}
     assert all(spec.input_size == 224 and spec.resize >= spec.input_size for spec in BACKBONES.values())
     assert BACKBONES["efficientnet_lite0"].weights_file == "efficientnet-lite0-57934424.pth"
 
@@ -74,7 +77,7 @@ def test_pretrained_weights_are_real(fixture: str, request: pytest.FixtureReques
     leopard, striped = _batch("leopard", model.spec), _batch("striped", model.spec)
     with torch.no_grad():
         features = model(torch.cat([leopard, striped]))
-        logits = model.net.logits(features)
+        logits = model.classify(torch.cat([leopard, striped]))
     top1, top5 = logits.argmax(1).tolist(), logits.topk(5).indices.tolist()
     assert sum(label in GARMENTS for label in top1) >= 14, top1  # random weights: ~0.6 of 16 expected
     fur = [bool(FUR & set(row)) for row in top5]
@@ -89,7 +92,7 @@ def test_features_shape_and_batch_independence(lite0: FeatureExtractor) -> None:
     images = _batch("dotted", lite0.spec, count=3)
     with torch.no_grad():
         batch, single = lite0(images), lite0(images[1:2])
-    assert batch.shape == (3, 1280) and batch.dtype == torch.float32
+    assert batch.shape == (3, 1584) and batch.dtype == torch.float32
     assert torch.isfinite(batch).all() and not batch.requires_grad
     torch.testing.assert_close(single[0], batch[1], atol=1e-5, rtol=1e-5)
     assert lite0.classify(images[:1]).shape == (1, 1000)
@@ -113,6 +116,22 @@ def test_flip_average_is_the_mean_of_an_image_and_its_mirror_image(lite0: Featur
     assert torch.nn.functional.cosine_similarity(traced, averaged).min() > 0.99
 
 
+@pytest.mark.parametrize("fixture", ["lite0", "mobilenet"])
+def test_multi_stage_features_are_each_stage_pooled_and_normalised(fixture: str, request: pytest.FixtureRequest) -> None:
+    model: FeatureExtractor = request.getfixturevalue(fixture)
+    images = _batch("striped", model.spec, count=2)
+    with torch.no_grad():
+        features = model(images)
+        x = (images.permute(0, 3, 1, 2).float() - model.mean) / model.std
+        maps = model.net.feature_maps(x)
+    assert [m.shape[1] for m in maps] == [model.spec.dim, *model.spec.tap_dims]
+    assert [m.shape[-1] for m in maps] == [7, 7, 14]  # the last map, the 7x7 stage's, the 14x14 stage's
+    expected = torch.cat([F.normalize(m.mean((2, 3)), dim=1) for m in maps], 1)
+    assert features.shape == (2, model.spec.feature_dim)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.net.pooled(x), maps[0].mean((2, 3)))  # refine's input: the last map alone
+
+
 def test_lite0_matches_reference_implementation(lite0: FeatureExtractor) -> None:
     from efficientnet_lite_pytorch import EfficientNet  # the reference, installed with the test extra
 
@@ -124,7 +143,8 @@ def test_lite0_matches_reference_implementation(lite0: FeatureExtractor) -> None
         inputs = (images.permute(0, 3, 1, 2).float() - 127.0) / 128.0  # TF EfficientNet-Lite preprocessing
         expected_features = reference.extract_features(inputs).mean((2, 3))
         expected_logits = reference(inputs)
-        torch.testing.assert_close(lite0(images), expected_features, atol=1e-5, rtol=1e-5)
+        features = lite0(images)
+        torch.testing.assert_close(features[:, :1280], F.normalize(expected_features, dim=1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lite0.classify(images), expected_logits, atol=1e-5, rtol=1e-5)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from image_similarity.errors import NotReady
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.store import SQLiteStore
@@ -20,7 +21,7 @@ def test_every_image_gets_one_finite_vector(small_store, featurizer):
     report = featurize(small_store, featurizer, batch_size=8, progress=False)
     assert (report.added, report.skipped) == (36, [])
     ids, X = small_store.features(featurizer.backbone)
-    assert X.shape == (36, featurizer.spec.dim) and X.dtype == np.float32 and np.isfinite(X).all()
+    assert X.shape == (36, featurizer.spec.feature_dim) and X.dtype == np.float32 and np.isfinite(X).all()
     assert list(ids) == [im.id for im in small_store.images()]
     assert featurize(small_store, featurizer, progress=False).added == 0
 
@@ -60,3 +61,13 @@ def test_corrupt_bytes_in_the_table_are_skipped_and_recorded(small_store, featur
     report = featurize(small_store, featurizer, progress=False)
     assert report.added == 35 and [i for i, _ in report.skipped] == [3]
     assert ("image id 3", "featurize") in {(n, s) for n, _, s, _ in small_store.rejected()}
+
+
+def test_features_of_another_dimension_are_refused_not_mixed(small_store, featurizer):
+    """Vectors an older version stored (1280-d pooled features) are never mixed with this version's."""
+    ids = [im.id for im in small_store.images()[:3]]
+    small_store.put_features(featurizer.backbone, ids, np.ones((3, 1280), dtype=np.float32))
+    with pytest.raises(NotReady, match=f"have 1280 dimensions and this version computes {featurizer.spec.feature_dim}"):
+        featurize(small_store, featurizer, progress=False)
+    assert small_store.feature_counts() == {featurizer.backbone: 3}
+    assert small_store.feature_dim(featurizer.backbone) == 1280 and small_store.feature_dim("mobilenet_v2") is None

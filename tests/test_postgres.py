@@ -149,7 +149,7 @@ def test_hnsw_index_recall_on_real_features(full_pg):
             assert store.has_index("efficientnet_lite0", method)
             with store.db.transaction():
                 store.db.query("SET LOCAL enable_seqscan = off")
-                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", 1280, method, True),
+                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", 1584, method, True),
                                       (X[0].tolist(), "efficientnet_lite0", [int(ids[0])], 10))
             assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
             assert recall_at_10(store, "efficientnet_lite0", X, method, range(0, 557, 11)) >= 0.95
@@ -174,6 +174,7 @@ def test_hnsw_on_a_refined_network(full_pg):
     with PostgresStore(full_pg) as store:
         ids, X = store.features("efficientnet_lite0")
         refined = store.create_network("efficientnet_lite0", {"epochs": 1}).name
+        X = X[:, :1280]  # a refined network's features have its base's last layer's size
         store.put_features(refined, ids, X[::-1].copy())
         name = store.create_index(refined, "cosine")
         assert name == f"features_{refined}_cosine_hnsw" and store.has_index(refined, "cosine")

@@ -17,7 +17,9 @@ from image_similarity.search.searchers import SCREENED_METHODS, ExactSearcher, S
 from image_similarity.store import SQLiteStore
 
 SCANNED = SCREENED_METHODS  # the methods whose big matrix the screening copy replaces
-TIGHTNESS = {"fp16": 0.004, "bf16": 0.015, "int8": 0.1}  # most a bound may be, relative to |v| |row|, to screen with
+# Most a bound may be, relative to |v| |row|, to screen with. int8 steps are per row (its largest entry / 127): on
+# multi-stage features, whose short unit-length parts have larger entries, its bound reaches 0.104 |v| |row|.
+TIGHTNESS = {"fp16": 0.004, "bf16": 0.015, "int8": 0.12}
 
 
 @pytest.fixture(params=SCREENING)

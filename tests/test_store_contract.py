@@ -135,6 +135,7 @@ def test_features_are_kept_exactly_and_read_by_id(store, sample_dir):
     assert some.tolist() == [ids[1], ids[4], ids[7]] and np.array_equal(subset, matrix[[1, 4, 7]])
     assert store.features(BACKBONE, [])[0].size == 0 and store.features("resnet50")[1].shape == (0, 0)
     assert store.feature_counts() == {BACKBONE: 9}
+    assert store.feature_dim(BACKBONE) == X.shape[1] and store.feature_dim("resnet50") is None
     assert store.feature_precisions(BACKBONE) == {"bf16": 5, "fp32": 4}
     assert store.catalogue_stamp(BACKBONE) == (0, 0, 9, ids[-1])
 

@@ -39,6 +39,10 @@ class SerialFeaturizer:
         return self.inner.device
 
     @property
+    def spec(self):
+        return self.inner.spec
+
+    @property
     def precision(self) -> str:
         return self.inner.precision
 

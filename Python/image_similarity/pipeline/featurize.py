@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..core.images import BadImageError, decode_image
-from ..errors import BadInput
+from ..errors import BadInput, NotReady
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from ..features.precision import autocast, resolve
 from ..store import Store
@@ -136,6 +136,10 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
     commits each batch on its own: an interrupted run loses at most one batch and resumes where it stopped.
     """
     featurizer = featurizer or Featurizer(backbone, store=store)
+    stored_dim, dim = store.feature_dim(featurizer.backbone), featurizer.spec.feature_dim
+    if stored_dim not in (None, dim):
+        raise NotReady(f"the stored {featurizer.backbone} features have {stored_dim} dimensions and this version "
+                       f"computes {dim} (multi-stage features): featurize into a new database")
     report = FeaturizeReport(featurizer.backbone, str(featurizer.device), featurizer.precision)
     todo = len(store.images()) - store.feature_counts().get(featurizer.backbone, 0)
     bar = tqdm(total=max(todo, 0), desc=f"featurize ({featurizer.backbone}, {featurizer.device}, "

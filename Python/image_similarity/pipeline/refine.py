@@ -173,7 +173,7 @@ def refined_extractor(record: NetworkRecord, weights: dict[str, tuple[str, str, 
         raise NotReady(f"network {name} is still training: run 'image-similarity refine' again to finish it")
     module = _build(record)
     _load_strict(name, module, _decode(name, "weights", weights))
-    spec = dataclasses.replace(BACKBONES[record.base], name=name)
+    spec = dataclasses.replace(BACKBONES[record.base], name=name, tap_dims=())  # trained on the last map alone
     flip_average = bool(record.params.get("flip_average", False))  # networks refined before it existed: False
     model = FeatureExtractor(spec, module.net, flip_average).to(memory_format=torch.channels_last).eval()
     model.requires_grad_(False)

@@ -179,6 +179,10 @@ class Store(abc.ABC):
         """(ids, float32 matrix) of stored features for this backbone, by id; only `ids` when given."""
 
     @abc.abstractmethod
+    def feature_dim(self, backbone: str) -> int | None:
+        """The dimension of the backbone's stored vectors (of the first one); None when none are stored."""
+
+    @abc.abstractmethod
     def feature_counts(self) -> dict[str, int]:
         """Number of featurized images per backbone."""
 

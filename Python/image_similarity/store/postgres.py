@@ -157,7 +157,7 @@ class PostgresStore(SQLStore):
     def _dim(self, backbone: str) -> int:
         """The feature dimension of a built-in backbone or of a stored refined network (its base's)."""
         if backbone in BACKBONES:
-            return BACKBONES[backbone].dim
+            return BACKBONES[backbone].feature_dim
         if any(record.name == backbone for record in self.networks()):
             return BACKBONES[self.network(backbone).base].dim
         raise BadInput(f"unknown backbone {backbone!r}: a built-in one ({', '.join(BACKBONES)}) or a refined network")

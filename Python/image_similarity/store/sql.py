@@ -264,6 +264,11 @@ class SQLStore(Store):
             return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
         return np.array([r[0] for r in rows], dtype=np.int64), self.d.vectors([r[2] for r in rows], int(rows[0][1]))
 
+    def feature_dim(self, backbone: str) -> int | None:
+        sql = self.d.sql("SELECT dim FROM {features} WHERE backbone = ?")
+        rows = self.db.query(*self.d.limit(sql, (backbone,), 1))
+        return int(rows[0][0]) if rows else None
+
     def feature_counts(self) -> dict[str, int]:
         return {b: int(n) for b, n in self._rows("SELECT backbone, COUNT(*) FROM {features} GROUP BY backbone")}
 
