@@ -171,6 +171,9 @@ def test_refined_backbone_ranks_through_the_cli_python_and_web_service(few_dir, 
     out = capsys.readouterr().out
     name = f"{BASE}_refined_1"
     assert f"refine: {name}" in out and out.count("accuracy: train") == 2
+    frozen_plot, refined_plot = tmp_path / "plots" / "confusion.png", tmp_path / "plots" / name / "confusion.png"
+    assert f"plot confusion: {frozen_plot}" in out and f"plot confusion: {refined_plot}" in out
+    assert frozen_plot.stat().st_mtime_ns < refined_plot.stat().st_mtime_ns  # the frozen network's plot kept
     query = sorted((few_dir / "leopard").iterdir())[-1]
     assert cli.main(["rank", str(query), "--db", db, "--top", "3"]) == 0
     assert f"{name}, model version 2)" in capsys.readouterr().out

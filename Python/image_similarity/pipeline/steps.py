@@ -76,7 +76,10 @@ def _train(run: Run):
 def _evaluate(run: Run) -> dict[str, Any]:
     from .evaluate import evaluate
 
-    run.summary = evaluate(run.store, run.model, out_dir=run.out, seed=run.seed)
+    out = run.out
+    if out is not None and run.summary is not None:  # a later evaluation of the run (the refined network's)
+        out = out / run.model.backbone  # keeps the earlier one's plots: its own go into a folder of its name
+    run.summary = evaluate(run.store, run.model, out_dir=out, seed=run.seed)
     return run.summary
 
 
