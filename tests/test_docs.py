@@ -3,6 +3,7 @@ in docs/ is reachable from the README."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -92,3 +93,33 @@ def test_the_checker_finds_broken_links_and_anchors(tmp_path):
     )
     assert broken_links(page) == ["missing.md: no such file or folder",
                                   "a.md#not-a-heading: no such heading"]
+
+
+def section(page: Path, heading: str) -> str:
+    """The text under a heading, up to the next heading of the same or a higher level."""
+    lines = prose_lines(page.read_text(encoding="utf-8"))
+    starts = [i for i, line in enumerate(lines) if (m := HEADING.match(line)) and m.group(2) == heading]
+    assert starts, f"no section {heading!r} in {page.name}"
+    level = len(HEADING.match(lines[starts[0]]).group(1))
+    end = next((i for i in range(starts[0] + 1, len(lines))
+                if (m := HEADING.match(lines[i])) and len(m.group(1)) <= level), len(lines))
+    return "\n".join(lines[starts[0] + 1:end])
+
+
+def test_the_repository_layout_names_every_module_script_and_helper():
+    layout = section(ROOT / "docs" / "architecture.md", "Repository layout")
+    package = ROOT / "Python" / "image_similarity"
+    modules = [p.stem for p in package.rglob("*.py") if p.stem != "__init__"]
+    scripts = [p.name for p in (ROOT / "benchmarks").glob("*.py")]
+    helpers = [p.name for p in (ROOT / "tests").rglob("*.py")
+               if not p.name.startswith("test_") and p.name not in ("conftest.py", "__init__.py")]
+    assert modules and scripts and helpers
+    named = set(re.findall(r"`([\w.]+?)(?:\.py)?`", layout))
+    assert [name for name in modules + scripts + helpers if name.removesuffix(".py") not in named] == []
+
+
+def test_the_readme_layout_names_every_top_level_folder():
+    layout = section(ROOT / "README.md", "Layout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    folders = {line.split("/", 1)[0] for line in tracked.splitlines() if "/" in line}
+    assert folders and [f for f in sorted(folders) if f"`{f}/" not in layout] == []
