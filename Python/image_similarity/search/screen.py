@@ -104,8 +104,13 @@ class Float32Rows:
         """Inner products of `vector` with every row, and a bound on each one's error."""
         vector = np.asarray(vector, dtype=np.float32)
         approx = torch.mv(self.rows, torch.from_numpy(vector)).numpy()
-        size = np.float32(_up(np.linalg.norm(vector.astype(np.float64))))
-        return approx, self.row_slack * size + self.floor + FLOAT32_TINY
+        return approx, self.error(vector)
+
+    def error(self, vector: np.ndarray) -> np.ndarray:
+        """A bound on the error of each row's float32 inner product with `vector`, in any summation order (so for
+        a matrix product's row as well as a mat-vec)."""
+        size = np.float32(_up(np.linalg.norm(np.asarray(vector, dtype=np.float64))))
+        return self.row_slack * size + self.floor + FLOAT32_TINY
 
 
 INT8 = Kernel("int8", torch.int8, 2.0 ** -24, 0.0)
