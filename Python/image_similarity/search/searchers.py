@@ -146,8 +146,11 @@ class ExactSearcher(Searcher):
         as `search` re-scores: each answer is the same whichever rows are asked together."""
         vectors = self.method.row_vectors(self.matrix[positions])
         products = vectors @ self.matrix.T
-        return [self._best_bounded(vector, dots + self.float32_rows.error(vector), top, excluded)
-                for vector, dots, excluded in zip(vectors, products, exclude)]
+        best = []
+        for vector, dots, excluded in zip(vectors, products, exclude):
+            dots += self.float32_rows.largest_error(vector)  # in place: one pass over the row
+            best.append(self._best_bounded(vector, dots, top, excluded))
+        return best
 
     def _best_bounded(self, vector: np.ndarray, upper: np.ndarray, top: int,
                       exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
