@@ -88,6 +88,18 @@ def test_interrupted_run_resumes_and_a_rerun_adds_nothing(full_copy, monkeypatch
         assert stored(store, "cosine") == expected
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_tables_are_the_same_whatever_the_block_size(full_copy, method):
+    """One row per block, 7, 100 and all 557 in one: the same neighbours, order and scores, bit for bit (the
+    float32 product that screens them rounds differently for each block size on some CPUs, e.g. AVX2 kernels)."""
+    tables = []
+    with SQLiteStore(full_copy) as store:
+        for rows in (1, 7, 100, 557):
+            neighbors(store, BACKBONE, method, k=4, memory=rows * 557 * 24, refresh=True, progress=False)
+            tables.append(stored(store, method))
+    assert len(tables[0]) == 4 * 557 and all(table == tables[0] for table in tables[1:])
+
+
 def test_cli_web_and_errors(full_copy, featurizer, capsys):
     assert cli.main(["neighbors", "--db", str(full_copy), "--method", "l2", "--top", "4", "-q"]) == 0
     assert "top 4 by l2 (efficientnet_lite0) for 557 images, 0 already stored" in capsys.readouterr().out

@@ -148,7 +148,7 @@ def test_hnsw_index_recall_on_real_features(full_pg):
             name = store.create_index("efficientnet_lite0", method)
             assert store.has_index("efficientnet_lite0", method)
             with store.db.transaction():
-                store.db.query("SET LOCAL enable_seqscan = off")
+                store.through_index(10)  # as `nearest` plans it
                 plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", 1584, method, True),
                                       (X[0].tolist(), "efficientnet_lite0", [int(ids[0])], 10))
             assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)

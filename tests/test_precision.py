@@ -50,6 +50,26 @@ def test_auto_on_cpu_follows_the_measured_speedup_once(fresh_choices, monkeypatc
     assert machine.machine_key() in fresh_choices.read_text()
 
 
+def test_choices_are_measured_again_when_the_kernels_are_capped(fresh_choices, monkeypatch):
+    """Forcing another CPU's kernels (oneDNN's or OpenBLAS's cap, or torch's ATEN_CPU_CAPABILITY, which shows in
+    its reported capability) is another machine for the cached choices: a bf16 choice made with AVX-512 kernels
+    is not reused with AVX2 ones."""
+    for name in machine.KERNEL_CAPS:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+    monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: calls.append(1) or (2.8 if len(calls) == 1 else 0.5))
+    plain = machine.machine_key()
+    assert torch.backends.cpu.get_cpu_capability() in plain
+    assert precision.resolve("auto", CPU) == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    machine.forget()
+    assert machine.machine_key() != plain and precision.resolve("auto", CPU) == "fp32" and len(calls) == 2
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    machine.forget()
+    assert precision.resolve("auto", CPU) == "bf16" and len(calls) == 2  # the first machine's choice, from the file
+
+
 def test_cpu_without_bf16_kernels_is_fp32_without_measuring(fresh_choices, monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_supported", lambda: False)
     monkeypatch.setattr(precision, "bf16_speedup", lambda: pytest.fail("measured a CPU without bf16 kernels"))

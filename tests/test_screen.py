@@ -141,9 +141,9 @@ def test_rows_beyond_the_candidates_are_rescored_when_bounds_overlap(kernel, mon
     rng = np.random.default_rng(2)
     catalogue.features[:300] = catalogue.features[0] + rng.standard_normal((300, 128)).astype(np.float32) * 0.05
     scored = []
-    rescored = ExactSearcher.rescored
-    monkeypatch.setattr(ExactSearcher, "rescored", lambda self, q, rows: scored.append(len(rows)) or rescored(
-        self, q, rows))
+    exact = ExactSearcher._exact  # every exact re-scoring goes through it
+    monkeypatch.setattr(ExactSearcher, "_exact", lambda self, v, rows: scored.append(len(rows)) or exact(
+        self, v, rows))
     assert_same(*search_both(both_ways(monkeypatch, catalogue, "l2"), catalogue.features[0] + 1e-3, 10))
     assert scored[:3] == [110, scored[1], 110] and scored[1] >= 300  # float32 bounds are tight: no second pass
 

@@ -48,11 +48,19 @@ def describe() -> dict:
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+KERNEL_CAPS = ("ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
+"""Environment variables that cap or pick the kernels oneDNN and OpenBLAS run (torch's own cap,
+ATEN_CPU_CAPABILITY, shows in its reported CPU capability)."""
+
+
 def machine_key() -> str:
-    """What a measured choice depends on: CPU model and flags, torch version and thread count."""
+    """What a measured choice depends on: CPU model and flags, the kernels torch, oneDNN and OpenBLAS are allowed
+    to run, torch version and thread count."""
     model, flags = cpu_info()
     flags_digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
-    return f"{model} (flags {flags_digest}) | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    caps = "".join(f" | {name}={os.environ[name]}" for name in KERNEL_CAPS if os.environ.get(name))
+    return (f"{model} (flags {flags_digest}, {torch.backends.cpu.get_cpu_capability()}{caps}) | "
+            f"torch {torch.__version__} | {torch.get_num_threads()} threads")
 
 
 def _cache_file() -> Path | None:

@@ -1,8 +1,9 @@
 """Neighbors: the top k most similar catalogue images of every catalogue image, stored for one-query reads.
 
 The same methods and the same exclusion of an image's own near duplicates as `rank`, computed exactly in blocks
-of query rows: each block scores its rows against the whole catalogue at once, keeps each row's best k, and is
-stored in one transaction. Memory is bounded by the catalogue held in memory (its features and the method's
+of query rows: each block bounds its rows' scores against the whole catalogue by one float32 matrix product,
+re-scores each row's candidates in float64 as `rank` does (so a table is the same, bit for bit, whatever the block
+size, resume point or compute context), keeps each row's best k, and is stored in one transaction. Memory is bounded by the catalogue held in memory (its features and the method's
 matrix: search.searchers.scorer) plus one block of scores (`BYTES_PER_PAIR` bytes per query row and catalogue
 image, at most `memory` bytes). Images whose neighbours are already stored are skipped, so an interrupted run
 resumes and a re-run adds nothing.
@@ -19,7 +20,7 @@ from ..core.dedup import NEAR_DUPLICATE_DISTANCE, _distances, _signs
 from ..errors import BadInput, NotReady
 from ..search.catalogue import Catalogue
 from ..search.methods import FEATURE_METHODS, METHODS
-from ..search.searchers import ExactSearcher, best_positions, scorer
+from ..search.searchers import ExactSearcher, scorer
 from ..store import Store
 from .rank import latest_model
 from .train import SimilarityModel
@@ -71,14 +72,12 @@ def block_rows(n: int, memory: int = DEFAULT_MEMORY) -> int:
 
 def neighbor_rows(searcher: ExactSearcher, twins: Twins, positions: np.ndarray,
                   k: int) -> list[tuple[int, int, int, float]]:
-    """(image id, rank, neighbour id, score) of the best k of each catalogue row in `positions`."""
-    catalogue = searcher.catalogue
-    scores = searcher.similarity(catalogue.features[positions])
-    scores[twins.of(positions)] = -np.inf
+    """(image id, rank, neighbour id, score) of the best k of each catalogue row in `positions`: rank's exact
+    search (float64 re-scoring, ties to the earlier row), so the rows do not depend on which rows share a block."""
+    ids = searcher.catalogue.ids
     rows = []
-    for query, row in zip(catalogue.ids[positions], scores):
-        best = best_positions(row, k)
-        rows += [(int(query), r + 1, int(catalogue.ids[b]), float(row[b])) for r, b in enumerate(best)]
+    for query, (best, scores) in zip(ids[positions], searcher.best_of_rows(positions, k, twins.of(positions))):
+        rows += [(int(query), r + 1, int(ids[b]), float(s)) for r, (b, s) in enumerate(zip(best, scores))]
     return rows
 
 

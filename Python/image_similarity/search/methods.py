@@ -49,15 +49,23 @@ class Method:
             return np.hstack([self.model.probabilities(queries), TIE_BREAK * l2_normalize(queries)])
         return l2_normalize(self.model.embed(queries))
 
+    def row_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The query vectors of catalogue images given their rows of `matrix`: what `vectors` gives for their
+        features, made row by row from the stored rows (the same whichever rows are asked together)."""
+        if self.name != "scores":
+            return rows
+        classes = len(self.model.classes)
+        return np.hstack([rows[:, :classes], TIE_BREAK * rows[:, classes:]])
+
     def row_terms(self, matrix: np.ndarray) -> np.ndarray | None:
         """What `similarities` needs of each row besides its inner products: squared norms for l2, else None."""
         return np.einsum("ij,ij->i", matrix, matrix) if self.name == "l2" else None
 
-    def similarities(self, queries: np.ndarray, dots: np.ndarray, row_terms: np.ndarray | None) -> np.ndarray:
+    def similarities(self, vectors: np.ndarray, dots: np.ndarray, row_terms: np.ndarray | None) -> np.ndarray:
         """Similarities (higher is more similar; l2: minus the distance) from the inner products `dots` of the
-        query vectors with some rows, given those rows' `row_terms`."""
+        query vectors (`vectors`) with some rows, given those rows' `row_terms`."""
         if self.name == "l2":
-            sq = np.einsum("ij,ij->i", queries, queries)[:, None] + row_terms - 2 * dots
+            sq = np.einsum("ij,ij->i", vectors, vectors)[:, None] + row_terms - 2 * dots
             return -np.sqrt(np.maximum(sq, 0))
         return dots
 

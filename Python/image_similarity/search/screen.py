@@ -99,13 +99,22 @@ class Float32Rows:
         gamma = dim * FP32.unit / (1 - dim * FP32.unit)
         self.row_slack = _up(SAFETY * gamma * np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64)))
         self.floor = np.float32(SAFETY * (2 * dim + 1) * FP32.tiny)
+        self.largest_slack = self.row_slack.max(initial=0)
 
     def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner products of `vector` with every row, and a bound on each one's error."""
         vector = np.asarray(vector, dtype=np.float32)
         approx = torch.mv(self.rows, torch.from_numpy(vector)).numpy()
-        size = np.float32(_up(np.linalg.norm(vector.astype(np.float64))))
-        return approx, self.row_slack * size + self.floor + FLOAT32_TINY
+        return approx, self.error(vector)
+
+    def error(self, vector: np.ndarray) -> np.ndarray:
+        """A bound on the error of each row's float32 inner product with `vector`, in any summation order (so for
+        a matrix product's row as well as a mat-vec)."""
+        return self.row_slack * _size(vector) + self.floor + FLOAT32_TINY
+
+    def largest_error(self, vector: np.ndarray) -> np.float32:
+        """One bound for every row's error (the largest of `error`'s): adding it keeps the order of the products."""
+        return self.largest_slack * _size(vector) + self.floor + FLOAT32_TINY
 
 
 INT8 = Kernel("int8", torch.int8, 2.0 ** -24, 0.0)
@@ -163,6 +172,11 @@ class Int8Matrix:
                           + np.float32(6 * 2.0 ** -24) * np.abs(approx))
         unlift = np.float32(1 / lift)
         return approx * unlift, bound * unlift + FLOAT32_TINY
+
+
+def _size(vector: np.ndarray) -> np.float32:
+    """A vector's norm as float32, rounded up."""
+    return np.float32(_up(np.linalg.norm(np.asarray(vector, dtype=np.float64))))
 
 
 def _up(values: np.ndarray | float) -> np.ndarray:

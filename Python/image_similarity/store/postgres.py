@@ -147,12 +147,18 @@ class PostgresStore(SQLStore):
             approximate = self.has_index(backbone, method)
         params = (np.asarray(vector, dtype=np.float32).tolist(), backbone, [int(i) for i in exclude], int(top))
         with self.db.transaction():
-            if approximate:  # the index, even where the planner would scan a small table instead
-                self.db.query("SELECT set_config('enable_seqscan', 'off', true), "
-                              "set_config('hnsw.ef_search', %s, true)", (str(max(40, 2 * int(top))),))
+            if approximate:
+                self.through_index(top)
             dim = self._dim(backbone) if approximate else 0  # the exact scan reads `embedding` as it is
             rows = self.db.query(nearest_statement(backbone, dim, method, approximate), params)
         return [(int(i), -float(d) if method == "l2" else 1.0 - float(d)) for i, d in rows]
+
+    def through_index(self, top: int) -> None:
+        """For the rest of the current transaction, ORDER BY a distance goes through the HNSW index even where the
+        planner would rather scan a small table, or read it through another index and sort (pgvector's cost
+        estimates make either look cheaper below a few thousand rows): scans and sorts are priced out."""
+        self.db.query("SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off', true), "
+                      "set_config('hnsw.ef_search', %s, true)", (str(max(40, 2 * int(top))),))
 
     def _dim(self, backbone: str) -> int:
         """The feature dimension of a built-in backbone or of a stored refined network (its base's)."""
