@@ -29,3 +29,15 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
     assert [r["n"] for r in result["ranking"]] == [1_000, 5_000]
     assert set(result["peak_rss_mib"]) == {"8", "16"}
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_neighbors_benchmark_compares_the_step_with_float32_only():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "neighbors.py"), "--vectors", "2000", "--rows",
+                           "40", "--blocks", "2", "--json"], capture_output=True, text=True, env=env, timeout=300,
+                          check=True)
+    result = json.loads(done.stdout)
+    assert (result["vectors"], result["rows_per_block"], result["blocks"]) == (2000, 40, 2)
+    assert result["ratio"] == result["step_s"] / result["float32_s"] and result["ratio"] > 0
+    # the same ids: these seeded vectors' top-11 scores are at least 3.4e-6 apart, far above float32's rounding
+    assert result["blocks_with_the_same_ids"] == 2
