@@ -1,5 +1,5 @@
 """One contract, every store: the same behaviours on SQLite, on a live PostgreSQL (skipped with the reason where
-PostgreSQL 15 with pgvector is missing, failing under CI) and on SQL Server through the emulation of tests/tsql.py
+PostgreSQL 15 with pgvector is missing, failing under CI) and on SQL Server through the emulation of tests/support/tsql.py
 (SQLR/02_Tables.sql's tables, every statement run as T-SQL); and SQLR/02_Tables.sql checked against the schema
 declared once in store/schema.py."""
 from __future__ import annotations
@@ -11,9 +11,8 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import pgserver
 import pytest
-import tsql
+from support import tsql
 
 from image_similarity.errors import NotFound, NotReady
 from image_similarity.store import (
@@ -45,12 +44,6 @@ from image_similarity.store.schema import (
 TABLES_SQL = Path(__file__).resolve().parents[1] / "SQLR" / "02_Tables.sql"
 BACKBONE = "efficientnet_lite0"
 STORES = ("sqlite", "postgresql", "sqlserver")
-
-
-@pytest.fixture(scope="module")
-def pg_server():
-    """The admin URL of a PostgreSQL server with pgvector (started on first use)."""
-    yield from pgserver.admin_url()
 
 
 def sql_server() -> tsql.Server:

@@ -23,7 +23,7 @@ import image_similarity
 
 PG_BIN = Path(os.environ.get("IMAGE_SIMILARITY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SHARE = Path("/usr/share/postgresql/15/extension")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROUTINES = sorted((REPO / "SQLR" / "postgres").glob("*.sql"))
 
 
@@ -120,7 +120,7 @@ def admin_url() -> Iterator[str]:
     if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
         yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
         return
-    import needs
+    from . import needs
 
     needs.postgres()
     cluster = Cluster()
@@ -154,7 +154,7 @@ def wait_until(condition, timeout: float = 60.0, every: float = 0.05) -> bool:
     return False
 
 
-if __name__ == "__main__":  # a server to try things by hand: python tests/pgserver.py
+if __name__ == "__main__":  # a server to try things by hand: python tests/support/pgserver.py
     cluster = Cluster()
     print(create_database(cluster.url(), "image_similarity"), file=sys.stderr)
     try:
