@@ -2,7 +2,6 @@
 run pipeline, and one throwaway PostgreSQL server for the whole run (started when a test first needs it)."""
 from __future__ import annotations
 
-import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -89,4 +88,4 @@ def pg_server() -> Iterator[str]:
 @pytest.fixture
 def database(pg_server, request) -> str:
     """A new database on the server with the extensions and routines of SQLR/postgres/, named after the test."""
-    return pgserver.create_database(pg_server, re.sub(r"\W", "_", request.node.name)[:60].lower())
+    return pgserver.create_database(pg_server, pgserver.database_name(request.node.name))

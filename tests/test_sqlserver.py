@@ -1,6 +1,7 @@
 """SQL Server scripts (SQLR/) without a SQL Server: a real T-SQL grammar, and a strict emulation
-(tests/support/tsql.py) that runs the scripts and procedures themselves on SQLite under SQL Server's documented rules, with the
-engine inside sp_execute_external_script, and compares the results with the engine's own (SQLite store)."""
+(tests/support/tsql.py) that runs the scripts and procedures themselves on SQLite under SQL Server's documented
+rules, with the engine inside sp_execute_external_script, and compares the results with the engine's own (SQLite
+store)."""
 from __future__ import annotations
 
 import json

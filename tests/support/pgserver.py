@@ -9,6 +9,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -115,8 +116,9 @@ class Cluster:
 
 
 def admin_url() -> Iterator[str]:
-    """For a module fixture (`yield from`): the admin URL of the server IMAGE_SIMILARITY_TEST_PG names, or of a
-    throwaway cluster, stopped afterwards; where none can start the test is skipped with the reason (failed in CI)."""
+    """For the session fixture of tests/conftest.py (`yield from`): the admin URL of the server
+    IMAGE_SIMILARITY_TEST_PG names, or of a throwaway cluster, stopped afterwards; where none can start the test is
+    skipped with the reason (failed in CI)."""
     if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
         yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
         return
@@ -130,17 +132,23 @@ def admin_url() -> Iterator[str]:
         cluster.stop()
 
 
-def create_database(admin_url: str, name: str) -> str:
-    """A new empty database with the extensions and routines of SQLR/postgres/; its URL."""
+def database_name(test: str) -> str:
+    """A database name made of a test's name (its first 60 word characters)."""
+    return re.sub(r"\W", "_", test)[:60].lower()
+
+
+def create_database(admin_url: str, name: str, routines: bool = True) -> str:
+    """A new empty database, with the extensions and routines of SQLR/postgres/ unless `routines` is false; its URL."""
     import psycopg
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     url = admin_url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(url, autocommit=True) as conn:
-        for script in ROUTINES:
-            conn.execute(script.read_text())
+    if routines:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for script in ROUTINES:
+                conn.execute(script.read_text())
     return url
 
 
