@@ -1,20 +1,21 @@
-"""Shared fixtures: the bundled real photos, one pretrained featurizer, and one fully run pipeline."""
+"""Shared fixtures: the bundled real photos (all, or the first n of each class), one pretrained featurizer, one fully
+run pipeline, and one throwaway PostgreSQL server for the whole run (started when a test first needs it)."""
 from __future__ import annotations
 
 import shutil
-import sqlite3
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import pgserver
+from support.catalogues import whole_job
 
 from image_similarity.core import machine
-from image_similarity.pipeline.evaluate import evaluate
-from image_similarity.pipeline.featurize import Featurizer, featurize
-from image_similarity.pipeline.ingest import ingest
-from image_similarity.pipeline.split import split
-from image_similarity.pipeline.train import train
+from image_similarity.pipeline.featurize import Featurizer
 from image_similarity.resources import SAMPLE_DATASET
 from image_similarity.store import SQLiteStore
+
+LABELS = ("dotted", "leopard", "striped")
 
 
 @pytest.fixture(scope="session")
@@ -23,14 +24,27 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def small_dir(tmp_path_factory, sample_dir) -> Path:
-    """A copy of 12 real photos per class, for tests that run whole steps quickly."""
-    root = tmp_path_factory.mktemp("small")
-    for label in ("dotted", "leopard", "striped"):
-        (root / label).mkdir()
-        for path in sorted((sample_dir / label).iterdir())[:12]:
-            shutil.copy(path, root / label / path.name)
-    return root
+def photo_dirs(tmp_path_factory, sample_dir) -> Callable[[int], Path]:
+    """`photo_dirs(n)`: a folder with a copy of the first n real photos of each class, made once per n."""
+    made: dict[int, Path] = {}
+
+    def photos(n: int) -> Path:
+        if n not in made:
+            root = tmp_path_factory.mktemp(f"photos{n}")
+            for label in LABELS:
+                (root / label).mkdir()
+                for path in sorted((sample_dir / label).iterdir())[:n]:
+                    shutil.copy(path, root / label / path.name)
+            made[n] = root
+        return made[n]
+
+    return photos
+
+
+@pytest.fixture(scope="session")
+def small_dir(photo_dirs) -> Path:
+    """12 real photos per class, for tests that run whole steps quickly."""
+    return photo_dirs(12)
 
 
 @pytest.fixture(scope="session")
@@ -43,25 +57,6 @@ def full_db(tmp_path_factory, sample_dir, featurizer) -> tuple[Path, dict]:
     """The whole job on all 557 bundled photos: (database file, evaluation summary). Do not modify it."""
     path = tmp_path_factory.mktemp("full") / "full.sqlite"
     return path, whole_job(path, sample_dir, featurizer)
-
-
-def whole_job(path: Path, folder: Path, featurizer: Featurizer) -> dict:
-    """Ingest `folder` into a new SQLite file, featurize, split, train and evaluate; the evaluation summary."""
-    with SQLiteStore(path) as store:
-        ingest(store, folder, progress=False)
-        featurize(store, featurizer, progress=False)
-        split(store, seed=0)
-        train(store, featurizer.backbone)
-        summary = evaluate(store, out_dir=path.parent / "plots")
-        store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    return summary
-
-
-def copy_database(source: Path, path: Path) -> Path:
-    """A consistent copy of a SQLite database (its WAL included) at `path`, read through SQLite's backup."""
-    with sqlite3.connect(f"file:{source}?mode=ro", uri=True) as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
-    return path
 
 
 @pytest.fixture
@@ -81,3 +76,16 @@ def fresh_choices(tmp_path, monkeypatch):
     machine.forget()
     yield tmp_path / "choices.json"
     machine.forget()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The admin URL of one PostgreSQL server with PL/Python and pgvector for the whole run, started when a test
+    first asks for it (skipped with the reason where none can start, failed under CI)."""
+    yield from pgserver.admin_url()
+
+
+@pytest.fixture
+def database(pg_server, request) -> str:
+    """A new database on the server with the extensions and routines of SQLR/postgres/, named after the test."""
+    return pgserver.create_database(pg_server, pgserver.database_name(request.node.name))

@@ -28,8 +28,8 @@ from image_similarity.pipeline.train import train
 from image_similarity.store import SQLiteStore
 from image_similarity.store.sqlite import CRASH_AFTER_ENV
 
-STEP = Path(__file__).with_name("crash_step.py")
-BATCH = 4  # tests/crash_step.py featurizes in batches of 4
+STEP = Path(__file__).parent / "support" / "crash_step.py"
+BATCH = 4  # tests/support/crash_step.py featurizes in batches of 4
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,9 @@
 status of its kind); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 from fastapi.testclient import TestClient
+from support.catalogues import copy_database
 
 from image_similarity.contexts import inproc, plpython
 from image_similarity.entrypoints.cli import main
@@ -60,9 +59,7 @@ def test_cli_turns_what_the_user_names_into_one_line(full_copy, sample_dir, tmp_
 
 @pytest.fixture(scope="module")
 def web_store(full_db, tmp_path_factory):
-    path = tmp_path_factory.mktemp("errors") / "web.sqlite"
-    with sqlite3.connect(f"file:{full_db[0]}?mode=ro", uri=True) as src, sqlite3.connect(path) as dst:
-        src.backup(dst)
+    path = copy_database(full_db[0], tmp_path_factory.mktemp("errors") / "web.sqlite")
     with SQLiteStore(path) as store:
         yield store
 

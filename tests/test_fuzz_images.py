@@ -11,14 +11,14 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
-from fuzzing import EXAMPLES, HANG_SECONDS, decode_or_refuse, run_atheris, seeds
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from support.fuzzing import EXAMPLES, HANG_SECONDS, decode_or_refuse, run_atheris
+from support.strategies import damaged
 
 from image_similarity.core.images import inspect_image
 
-SEEDS = seeds()
 FUZZ = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=HANG_SECONDS),
                 suppress_health_check=[HealthCheck.too_slow])
 
@@ -35,24 +35,6 @@ def check(data: bytes) -> None:
 @given(st.binary(max_size=4096))
 def test_any_bytes(data):
     check(data)
-
-
-@st.composite
-def damaged(draw) -> bytes:
-    """A seed file with bytes overwritten, inserted or cut, or a garbage tail."""
-    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))] or b"\0")
-    for _ in range(draw(st.integers(0, 12))):
-        at = draw(st.integers(0, len(data) - 1))
-        edit = draw(st.sampled_from(["set", "insert", "delete"]))
-        if edit == "set":
-            data[at] = draw(st.integers(0, 255))
-        elif edit == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=16))
-        elif len(data) > 1:
-            del data[at]
-    if draw(st.booleans()):
-        data[draw(st.integers(0, len(data))):] = draw(st.binary(max_size=512))
-    return bytes(data)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

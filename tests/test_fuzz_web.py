@@ -15,12 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import copy_database
 from fastapi.testclient import TestClient
-from fuzzing import EXAMPLES, HANG_SECONDS, check_reason, run_atheris
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_fuzz_images import damaged
+from support.catalogues import copy_database
+from support.fuzzing import EXAMPLES, HANG_SECONDS, check_reason, run_atheris
+from support.strategies import damaged
 
 from image_similarity.entrypoints.web import create_app
 from image_similarity.search.methods import METHODS

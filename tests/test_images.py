@@ -5,37 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import struct
 import warnings
-import zlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from support.images import DATA, PHOTO, encode, png_claiming_size
 
 from image_similarity.core import images
 from image_similarity.core.dedup import dhash
 from image_similarity.core.images import BadImageError, decode_image, inspect_image
-
-DATA = Path(__file__).resolve().parents[1] / "Resources" / "fashion-texture"
-PHOTO = DATA / "dotted" / "1004.jpg"  # 224x299 JPEG
-
-
-def encode(image: Image.Image, format: str, **params) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format, **params)
-    return buffer.getvalue()
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose IHDR (with a correct CRC) claims ``width`` x ``height``."""
-    data = bytearray(encode(Image.new("RGB", (1, 1)), "PNG"))
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))
-    return bytes(data)
 
 
 def bad_reason(data: bytes) -> str:

@@ -13,8 +13,8 @@ import traceback
 from collections.abc import Callable, Iterator
 
 import mssql_python  # noqa: F401 - the `mssql` extra: CI installs it, so a missing driver fails, never skips
-import needs
 import pytest
+from support import needs
 
 from image_similarity.store import StoreError
 from image_similarity.store.mssql import (

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlglot
+from support.sqlserver import Recorder
 
 from image_similarity import store as stores
 from image_similarity.contexts.sql import PROCEDURES, call
@@ -48,41 +49,6 @@ def test_missing_driver_is_a_clear_error(monkeypatch):
     with pytest.raises(StoreError, match=r"pip install .image-similarity\[mssql\]") as err:
         connect("mssql://app@sql01/Images")
     assert SECRET not in str(err.value)
-
-
-class Recorder:
-    """A DB-API connection and cursor that records statements and answers with `rows`."""
-
-    def __init__(self, rows: list[tuple]) -> None:
-        self.rows, self.sent, self.commits, self.autocommit = rows, [], 0, True
-        self.description = [("featurized",), ("backbone",)] if rows else None
-
-    def cursor(self):
-        return self
-
-    def execute(self, sql, *params):
-        self.sent.append((sql, params))
-
-    def executemany(self, sql, rows):
-        self.sent += [(sql, tuple(r)) for r in rows]
-
-    def fetchall(self):
-        return self.rows
-
-    def nextset(self):
-        return False
-
-    def fetchone(self):
-        return (7,)
-
-    def commit(self):
-        self.commits += 1
-
-    def rollback(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def test_every_statement_is_tsql_with_bound_values():

@@ -1,4 +1,4 @@
-"""The skip logic of tests that need a system package (tests/needs.py), on a machine made to lack them all: a
+"""The skip logic of tests that need a system package (tests/support/needs.py), on a machine made to lack them all: a
 tiny test file that asks for each package runs in a child pytest with the packages hidden (PATH points at an
 empty folder, the PostgreSQL folder at a missing one, the library under a name the loader cannot find).
 Without CI every test is skipped with its reason; with CI set every one fails with it."""
@@ -12,13 +12,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import needs
-import pgserver
 import pytest
+from support import needs, pgserver
 
 TESTS = Path(__file__).resolve().parent
 TINY = '''
-import needs
+from support import needs
 
 
 def test_chromium():

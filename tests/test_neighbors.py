@@ -6,11 +6,10 @@ import numpy as np
 import psycopg
 import pytest
 import sqlglot
-import test_sqlserver
 from fastapi.testclient import TestClient
-from test_mssql_store import Recorder
-from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
-from tsql import SqlError
+from support import sqlserver
+from support.sqlserver import Recorder
+from support.tsql import SqlError
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.web import create_app
@@ -124,8 +123,8 @@ def test_sql_server_procedure_equals_the_engine(full_copy):
         best = store.evaluation().summary["best_method"]
         neighbors(store, BACKBONE, best, k=4, progress=False)
         expected = stored(store, best)
-    sql = test_sqlserver.server(full_copy)
-    test_sqlserver.copy_model(sql)
+    sql = sqlserver.server(full_copy)
+    sqlserver.copy_model(sql)
     sql.conn.executemany(  # half the images already done: the procedure computes only the others
         "INSERT INTO neighbors (image_id, backbone, method, model_version, rank, neighbor_id, score)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)", [(i, BACKBONE, best, v, r, n, s) for i, r, n, s, v in expected if i <= 300])
@@ -138,7 +137,7 @@ def test_sql_server_procedure_equals_the_engine(full_copy):
     sql.call("ComputeNeighbors", method=best, top=4)  # everything stored: nothing added
     assert sql.conn.execute("SELECT COUNT(*) FROM neighbors").fetchone()[0] == len(expected)
     with pytest.raises(SqlError, match="ComputeNeighbors: .*run TrainModel first"):
-        test_sqlserver.server(full_copy).call("ComputeNeighbors", method="learned")
+        sqlserver.server(full_copy).call("ComputeNeighbors", method="learned")
 
 
 def test_postgres_routine_equals_the_engine(database, small_dir, featurizer, tmp_path):

@@ -11,9 +11,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import pgserver
 import psycopg
 import pytest
+from support import pgserver
 
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
@@ -29,23 +29,12 @@ from image_similarity.store.postgres import PostgresStore, nearest_statement
 
 
 @pytest.fixture(scope="module")
-def server():
-    """The admin URL of a server with PL/Python and pgvector."""
-    yield from pgserver.admin_url()
-
-
-@pytest.fixture
-def database(server, request) -> str:
-    """A new database with the extensions and routines of SQLR/postgres/, named after the test."""
-    return pgserver.create_database(server, re.sub(r"\W", "_", request.node.name)[:60].lower())
-
-
-@pytest.fixture(scope="module")
-def contexts(server, small_dir, tmp_path_factory) -> dict[str, str]:
+def contexts(pg_server, small_dir, tmp_path_factory) -> dict[str, str]:
     """`image-similarity run` on 36 real photos three ways: local on SQLite, local on PostgreSQL, and with
     --context sql on PostgreSQL (featurize, split, train and evaluate inside the server)."""
     urls = {"sqlite": str(tmp_path_factory.mktemp("ctx") / "local.sqlite"),
-            "local": pgserver.create_database(server, "ctx_local"), "sql": pgserver.create_database(server, "ctx_sql")}
+            "local": pgserver.create_database(pg_server, "ctx_local"),
+            "sql": pgserver.create_database(pg_server, "ctx_sql")}
     for name, url in urls.items():
         context = "sql" if name == "sql" else "local"
         assert cli.main(["run", str(small_dir), "--db", url, "--context", context, "-q",
@@ -103,9 +92,9 @@ def test_sql_context_cli_rank_is_the_servers(contexts, small_dir, featurizer, ca
 
 
 @pytest.fixture(scope="module")
-def full_pg(server, full_db) -> str:
+def full_pg(pg_server, full_db) -> str:
     """The 557 photos and their features copied from the full SQLite run into PostgreSQL."""
-    url = pgserver.create_database(server, "full_copy")
+    url = pgserver.create_database(pg_server, "full_copy")
     with SQLiteStore(full_db[0]) as src, PostgresStore(url) as dst:
         for row in src.conn.execute("SELECT id, name, label, format, width, height, mode, size_bytes, sha256,"
                                     " dhash, data FROM images ORDER BY id"):

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pgserver
 import pytest
 import sqlglot
 from fastapi.testclient import TestClient
-from test_mssql_store import Recorder
-from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL fixture
-from test_sqlserver import procedures
+from support import pgserver
+from support.sqlserver import Recorder, procedures
 
 from image_similarity.contexts import inproc
 from image_similarity.entrypoints import cli
@@ -39,14 +37,9 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(scope="module")
-def few_dir(tmp_path_factory, sample_dir) -> Path:
+def few_dir(photo_dirs) -> Path:
     """6 real photos per class."""
-    root = tmp_path_factory.mktemp("few")
-    for label in ("dotted", "leopard", "striped"):
-        (root / label).mkdir()
-        for path in sorted((sample_dir / label).iterdir())[:6]:
-            shutil.copy(path, root / label / path.name)
-    return root
+    return photo_dirs(6)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +200,8 @@ def test_sql_server_procedure_calls_the_engine_that_refines_hex_rows(split_db):
     assert [name for name, _, _ in json.loads(rejected)] == [rows[0][1]]  # the damaged training image
 
 
-def test_refine_and_rank_inside_postgresql(server, few_dir, tmp_path, capsys):
-    url = pgserver.create_database(server, "refine_sql")
+def test_refine_and_rank_inside_postgresql(pg_server, few_dir, tmp_path, capsys):
+    url = pgserver.create_database(pg_server, "refine_sql")
     assert cli.main(["ingest", str(few_dir), "--db", url, "-q"]) == 0
     assert cli.main(["split", "--db", url, "--context", "sql"]) == 0
     assert cli.main(["refine", "--db", url, "--context", "sql", "--epochs", "1"]) == 0

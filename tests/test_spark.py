@@ -10,10 +10,9 @@ import importlib
 import shutil
 from pathlib import Path
 
-import needs
 import numpy as np
 import pytest
-from test_postgres import database, server  # noqa: F401 - the live PostgreSQL fixtures
+from support import needs
 
 from image_similarity.contexts import spark
 from image_similarity.entrypoints import cli

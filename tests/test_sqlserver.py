@@ -1,6 +1,7 @@
-"""SQL Server scripts (SQLR/) without a SQL Server: a real T-SQL grammar, and a strict emulation (tests/tsql.py)
-that runs the scripts and procedures themselves on SQLite under SQL Server's documented rules, with the
-engine inside sp_execute_external_script, and compares the results with the engine's own (SQLite store)."""
+"""SQL Server scripts (SQLR/) without a SQL Server: a real T-SQL grammar, and a strict emulation
+(tests/support/tsql.py) that runs the scripts and procedures themselves on SQLite under SQL Server's documented
+rules, with the engine inside sp_execute_external_script, and compares the results with the engine's own (SQLite
+store)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 import sqlfluff
 from sqlfluff.api import APIParsingError
-from tsql import Client, Server, SqlError, install, unquote
+from support.sqlserver import SCRIPTS, copy_model, procedures, server
+from support.tsql import Client, Server, SqlError, install, unquote
 
 from image_similarity import store as stores
 from image_similarity.contexts import inproc
@@ -24,35 +26,6 @@ from image_similarity.pipeline.split import split
 from image_similarity.pipeline.train import load_model, train
 from image_similarity.store import SQLiteStore
 from image_similarity.store.mssql import MSSQLStore
-
-SQLR = Path(__file__).resolve().parents[1] / "SQLR"
-SCRIPTS = sorted(SQLR.glob("[0-9][0-9]_*.sql"))
-COPIED = ("images (id, name, label, format, width, height, mode, size_bytes, sha256, dhash, data)",
-          "features (image_id, backbone, dim, vector)")
-
-
-def procedures() -> dict[str, str]:
-    """Every CREATE OR ALTER PROCEDURE batch of every numbered script, by name (other helpers' files too)."""
-    found = {}
-    for path in SCRIPTS:
-        for batch in re.split(r"(?im)^\s*GO\s*$", path.read_text()):
-            name = re.search(r"CREATE OR ALTER PROCEDURE dbo\.(\w+)", batch)
-            if name:
-                found[name.group(1)] = batch
-    return found
-
-
-def server(db: Path, vector_type: bool = False, without_features: int = 0) -> Server:
-    """An emulated server with SQLR/ installed and the images (and features of ids above `without_features`)
-    of a SQLite store."""
-    sql = Server(vector_type=vector_type)
-    install(sql, SCRIPTS)
-    sql.conn.execute("ATTACH DATABASE ? AS src", (str(db),))
-    for table in COPIED:
-        columns = table[table.index("("):]
-        where = f" WHERE image_id > {without_features}" if table.startswith("features") else ""
-        sql.conn.execute(f"INSERT INTO {table} SELECT {columns[1:-1]} FROM src.{table.split()[0]}{where}")
-    return sql
 
 
 def stored_split(sql: Server) -> dict[int, str]:
@@ -120,13 +93,6 @@ def query(full_copy, featurizer):
         expected = {m: rank(store, data, featurizer, model=model, method=m, save=False) for m in ("l2", "cosine")}
         expected[""] = rank(store, data, featurizer, model=model, save=False)
     return test_id, data, expected
-
-
-def copy_model(sql: Server) -> None:
-    for table in ("splits", "models (version, backbone, classes, params)",
-                  "model_arrays", "evaluations (id, model_version, summary)"):
-        columns = table[table.index("(") + 1:-1] if "(" in table else "*"
-        sql.conn.execute(f"INSERT INTO {table} SELECT {columns} FROM src.{table.split()[0]}")
 
 
 @pytest.mark.parametrize("vector_type", [False, True])
@@ -350,19 +316,14 @@ def copy_networks(sql: Server, source: str, target: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def refined_db(tmp_path_factory, small_dir) -> tuple[Path, str]:
+def refined_db(tmp_path_factory, photo_dirs) -> tuple[Path, str]:
     """6 real photos per class, split; refined for one epoch by RefineModel inside the emulated server; then, by the
     engine, featurized with the refined network and a model trained on those features: (database, network name)."""
     from image_similarity.pipeline.ingest import ingest
 
     path = tmp_path_factory.mktemp("refined") / "refined.sqlite"
-    few = path.parent / "few"
-    for folder in sorted(small_dir.iterdir()):
-        (few / folder.name).mkdir(parents=True)
-        for photo in sorted(folder.iterdir())[:6]:
-            (few / folder.name / photo.name).write_bytes(photo.read_bytes())
     with SQLiteStore(path) as store:
-        ingest(store, few, progress=False)
+        ingest(store, photo_dirs(6), progress=False)
         split(store, seed=0)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     sql = server(path, without_features=10 ** 9)

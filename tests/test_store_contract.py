@@ -1,7 +1,7 @@
 """One contract, every store: the same behaviours on SQLite, on a live PostgreSQL (skipped with the reason where
-PostgreSQL 15 with pgvector is missing, failing under CI) and on SQL Server through the emulation of tests/tsql.py
-(SQLR/02_Tables.sql's tables, every statement run as T-SQL); and SQLR/02_Tables.sql checked against the schema
-declared once in store/schema.py."""
+PostgreSQL 15 with pgvector is missing, failing under CI) and on SQL Server through the emulation of
+tests/support/tsql.py (SQLR/02_Tables.sql's tables, every statement run as T-SQL); and SQLR/02_Tables.sql checked
+against the schema declared once in store/schema.py."""
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +11,8 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import pgserver
 import pytest
-import tsql
+from support import pgserver, tsql
 
 from image_similarity.errors import NotFound, NotReady
 from image_similarity.store import (
@@ -47,12 +46,6 @@ BACKBONE = "efficientnet_lite0"
 STORES = ("sqlite", "postgresql", "sqlserver")
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    """The admin URL of a PostgreSQL server with pgvector (started on first use)."""
-    yield from pgserver.admin_url()
-
-
 def sql_server() -> tsql.Server:
     server = tsql.Server()
     tsql.install(server, [TABLES_SQL])
@@ -65,14 +58,9 @@ def opener(request, tmp_path):
     if request.param == "sqlite":
         yield lambda: SQLiteStore(tmp_path / "contract.sqlite")
     elif request.param == "postgresql":
-        import psycopg
-
-        admin = request.getfixturevalue("pg_server")
-        name = re.sub(r"\W", "_", request.node.name)[:60].lower()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-        yield lambda: PostgresStore(admin.rsplit("/", 1)[0] + "/" + name)
+        url = pgserver.create_database(request.getfixturevalue("pg_server"), pgserver.database_name(request.node.name),
+                                       routines=False)
+        yield lambda: PostgresStore(url)
     else:
         server = sql_server()
         yield lambda: MSSQLStore("mssql://emulated/ImageSimilarity", connection=tsql.Client(server))

@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import needs
 import pytest
-from conftest import copy_database
 from fastapi.testclient import TestClient
-from liveserver import load_benchmark, serve_command, serving
+from support import needs
+from support.catalogues import copy_database
+from support.liveserver import load_benchmark, serve_command, serving
 
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.service import without

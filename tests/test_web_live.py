@@ -15,12 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import httpx
-import pgserver
 import pytest
-from conftest import whole_job
 from fastapi.testclient import TestClient
-from liveserver import load_benchmark, serve_command, serving
-from test_postgres import server  # noqa: F401 - the throwaway PostgreSQL server (skipped or failed without one)
+from support import pgserver
+from support.catalogues import whole_job
+from support.liveserver import load_benchmark, serve_command, serving
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.web import API_KEY_ENV, create_app
@@ -282,8 +281,8 @@ def test_load_while_featurize_grows_the_served_catalogue(db, featurizer, tmp_pat
     assert min(sizes) == 36 and max(sizes) == 48 and len({v for v, _ in busy.versions}) == 2, (sizes, busy.versions)
 
 
-def test_load_while_featurize_and_train_write_postgres(server, small_dir, featurizer, tmp_path):  # noqa: F811
-    url = pgserver.create_database(server, "web_live")
+def test_load_while_featurize_and_train_write_postgres(pg_server, small_dir, featurizer, tmp_path):
+    url = pgserver.create_database(pg_server, "web_live")
     assert cli.main(["run", str(small_dir), "--db", url, "-q", "--out", str(tmp_path / "plots")]) == 0
     with connect(url) as store:
         load_while_writing(create_app(store, featurizer, reload_interval=0.2, db=url), url)

@@ -1,7 +1,7 @@
 """Coverage-guided fuzz targets (atheris, libFuzzer), run as their own process by the fuzz tests:
 
-    python tests/fuzz_targets.py decode [libFuzzer options] CORPUS...
-    python tests/fuzz_targets.py upload DB [libFuzzer options] CORPUS...
+    python tests/support/fuzz_targets.py decode [libFuzzer options] CORPUS...
+    python tests/support/fuzz_targets.py upload DB [libFuzzer options] CORPUS...
 
 `decode`: image_similarity.core.images.inspect_image on the input bytes (Pillow's and our code instrumented).
 `upload`: POST /api/rank of the service on the catalogue in DB; the input's first byte picks the ranking method
@@ -19,12 +19,11 @@ from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the support package
 
 with atheris.instrument_imports(include=["PIL", "image_similarity"]):
-    from fuzzing import check_reason, decode_or_refuse
-
     from image_similarity.core.images import inspect_image
+    from support.fuzzing import check_reason, decode_or_refuse
 
 METHODS = (None, "l2", "cosine", "scores", "learned")
 TYPES = ("image/jpeg", "image/png", "application/octet-stream", "text/plain", "")

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_images import DATA, PHOTO, encode, png_claiming_size
 
 from image_similarity.core.images import BadImageError
+
+from .images import DATA, PHOTO, encode, png_claiming_size
 
 SECONDS = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_SECONDS", "20"))
 EXAMPLES = int(os.environ.get("IMAGE_SIMILARITY_FUZZ_EXAMPLES", "150"))
@@ -93,9 +94,9 @@ def libfuzzer_stats(output: str) -> dict[str, int]:
 
 
 def run_atheris(tmp_path: Path, target: list[str], rss_limit_mb: int, prefix: bytes = b"") -> dict[str, int]:
-    """Run a target of tests/fuzz_targets.py for SECONDS from the seeds (each after `prefix`); fail on any crash,
-    hang or memory blow-up, with the fuzzer's report; return its final statistics."""
-    import needs
+    """Run a target of tests/support/fuzz_targets.py for SECONDS from the seeds (each after `prefix`); fail on any
+    crash, hang or memory blow-up, with the fuzzer's report; return its final statistics."""
+    from . import needs
 
     needs.require("atheris (pip install atheris: a wheel for Linux on x86-64)",
                   None if importlib.util.find_spec("atheris") else "not installed")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import image_similarity
 
 PG_BIN = Path(os.environ.get("IMAGE_SIMILARITY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SHARE = Path("/usr/share/postgresql/15/extension")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ROUTINES = sorted((REPO / "SQLR" / "postgres").glob("*.sql"))
 
 
@@ -115,12 +116,13 @@ class Cluster:
 
 
 def admin_url() -> Iterator[str]:
-    """For a module fixture (`yield from`): the admin URL of the server IMAGE_SIMILARITY_TEST_PG names, or of a
-    throwaway cluster, stopped afterwards; where none can start the test is skipped with the reason (failed in CI)."""
+    """For the session fixture of tests/conftest.py (`yield from`): the admin URL of the server
+    IMAGE_SIMILARITY_TEST_PG names, or of a throwaway cluster, stopped afterwards; where none can start the test is
+    skipped with the reason (failed in CI)."""
     if os.environ.get("IMAGE_SIMILARITY_TEST_PG"):
         yield os.environ["IMAGE_SIMILARITY_TEST_PG"]
         return
-    import needs
+    from . import needs
 
     needs.postgres()
     cluster = Cluster()
@@ -130,17 +132,23 @@ def admin_url() -> Iterator[str]:
         cluster.stop()
 
 
-def create_database(admin_url: str, name: str) -> str:
-    """A new empty database with the extensions and routines of SQLR/postgres/; its URL."""
+def database_name(test: str) -> str:
+    """A database name made of a test's name (its first 60 word characters)."""
+    return re.sub(r"\W", "_", test)[:60].lower()
+
+
+def create_database(admin_url: str, name: str, routines: bool = True) -> str:
+    """A new empty database, with the extensions and routines of SQLR/postgres/ unless `routines` is false; its URL."""
     import psycopg
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
     url = admin_url.rsplit("/", 1)[0] + "/" + name
-    with psycopg.connect(url, autocommit=True) as conn:
-        for script in ROUTINES:
-            conn.execute(script.read_text())
+    if routines:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for script in ROUTINES:
+                conn.execute(script.read_text())
     return url
 
 
@@ -154,7 +162,7 @@ def wait_until(condition, timeout: float = 60.0, every: float = 0.05) -> bool:
     return False
 
 
-if __name__ == "__main__":  # a server to try things by hand: python tests/pgserver.py
+if __name__ == "__main__":  # a server to try things by hand: python tests/support/pgserver.py
     cluster = Cluster()
     print(create_database(cluster.url(), "image_similarity"), file=sys.stderr)
     try:

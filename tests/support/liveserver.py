@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """One step of the job on a SQLite file, called as the CLI calls it, for tests/test_crash_safety.py to kill:
 
-    python tests/crash_step.py ingest|featurize|train|evaluate DB [FOLDER]
+    python tests/support/crash_step.py ingest|featurize|train|evaluate DB [FOLDER]
 
 (FOLDER: the images for ingest, the plots for evaluate). Imports only what the step needs, so that many killed
 runs stay cheap; prints "ready" when it starts the step. Featurize uses batches of 4.

@@ -51,7 +51,7 @@ def libltdl() -> None:
 
 def postgres() -> None:
     """A throwaway PostgreSQL 15 server with PL/Python and pgvector that can import this checkout."""
-    import pgserver
+    from . import pgserver
 
     require("PostgreSQL 15 with PL/Python and pgvector (bash .ci/postgres installs them)", pgserver.missing())
 
