@@ -44,7 +44,8 @@ TABLES = {"images": "id, name, label, sha256, dhash", "rejected_files": "name, l
 def pool(sample_dir) -> list[Image.Image]:
     """Small distinct photos: the first PHOTOS_PER_CLASS of each bundled class, downscaled."""
     return [decode_image(path.read_bytes()).resize((SIDE, SIDE), Image.Resampling.LANCZOS)
-            for label in ("dotted", "leopard", "striped") for path in sorted((sample_dir / label).iterdir())[:PHOTOS_PER_CLASS]]
+            for label in ("dotted", "leopard", "striped")
+            for path in sorted((sample_dir / label).iterdir())[:PHOTOS_PER_CLASS]]
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

@@ -186,8 +186,8 @@ def test_sql_server_procedures_apply_the_same_rule(db):
     sql.call("PrepareData")
     with pytest.raises(SqlError) as err:
         sql.call("TrainModel")
-    assert str(err.value) == ("Msg 50035: TrainModel: train needs 2 classes with at least 2 distinct photos each in the "
-                              "training split, only dotted (6 images) has that many; too few: striped (1 image)")
+    assert str(err.value) == ("Msg 50035: TrainModel: train needs 2 classes with at least 2 distinct photos each in "
+                              "the training split, only dotted (6 images) has that many; too few: striped (1 image)")
 
 
 @pytest.fixture(scope="module")

@@ -83,7 +83,8 @@ NOT_LEARNT = f"left out of train and refine (fewer than {MIN_TRAIN_PHOTOS} disti
 NOT_MEASURED = "not measured by evaluate (no test image)"
 
 
-def split_notes(labels: Sequence[str], dhashes: Sequence[str], subsets: Sequence[str]) -> dict[str, dict[str, ClassCount]]:
+def split_notes(labels: Sequence[str], dhashes: Sequence[str],
+                subsets: Sequence[str]) -> dict[str, dict[str, ClassCount]]:
     """What a split means for the later steps: {NOT_LEARNT: classes, NOT_MEASURED: learnt classes}, each class
     with its count of images (no entry when every class is learnt and measured)."""
     counts = class_counts(labels, dhashes)

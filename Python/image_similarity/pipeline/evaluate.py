@@ -142,9 +142,9 @@ def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.n
     """(record, classification results per subset, ROC curves) of a model on 'train' and 'test' (ids, X, labels):
     on the images of the classes it learnt; the summary's `not_measured` says why each other class is not."""
     data, not_measured = measurable(model, data)
-    summary: dict[str, Any] = {"not_measured": not_measured, "model_version": model.version, "backbone": model.backbone, "classes": model.classes,
+    summary: dict[str, Any] = {"model_version": model.version, "backbone": model.backbone, "classes": model.classes,
                                "C": model.params.get("C"), "n_train": len(data["train"][0]),
-                               "n_test": len(data["test"][0])}
+                               "n_test": len(data["test"][0]), "not_measured": not_measured}
     metrics: list[tuple[str, str, str, float]] = []
     confusion: list[tuple[str, str, str, int]] = []
     results = {}
