@@ -224,10 +224,11 @@ def evaluate_model(frame: pd.DataFrame, backbone: str, classes: str, params: str
     model = _model(frame, backbone, classes, params, version)
     images = _images(frame)
     data = {}
-    for subset in ("train", "test"):
+    _require(images, f"no featurized images for {backbone!r}")
+    for subset in ("train", "test"):  # a subset without images: evaluate_data names what it cannot measure
         rows = images[images["subset"] == subset]
-        _require(rows, f"no featurized {subset} images for {backbone!r}")
-        data[subset] = (rows["image_id"].to_numpy(), _vectors(rows["data"]), rows["label"].to_numpy(dtype=str))
+        X = _vectors(rows["data"]) if len(rows) else np.zeros((0, model.coef.shape[1]), dtype=np.float32)
+        data[subset] = (rows["image_id"].to_numpy(), X, rows["label"].to_numpy(dtype=str))
     record, _, _ = evaluate_data(model, data, dict(zip(images["image_id"], images["dhash"])), seed)
     figures = [("evaluation_metrics", *row) for row in record.metrics if finite(row[-1]) is not None]
     figures += [("evaluation_confusion", *row) for row in record.confusion]

@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
-from ..pipeline.reports import percent, print_evaluation, print_ranking
+from ..pipeline.reports import percent, print_class_notes, print_evaluation, print_left_out, print_ranking
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 from ..search.methods import METHODS
 from ..search.searchers import ANN_THRESHOLD, INDEXES
@@ -211,10 +211,11 @@ def print_featurize(report, where: str = "") -> None:
 
 
 def cmd_split(store, args) -> None:
-    from ..pipeline.split import split
+    from ..pipeline.split import notes, split
 
     counts = split(store, args.test_fraction, args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
+    print_class_notes(notes(store))
 
 
 def cmd_train(store, args) -> None:
@@ -223,6 +224,7 @@ def cmd_train(store, args) -> None:
     model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
     print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
           f"C={model.params['C']:g}, cross-validated accuracy {percent(model.params['cv_accuracy'])}")
+    print_left_out(model.params)
 
 
 def cmd_evaluate(store, args) -> None:
@@ -399,6 +401,12 @@ def cmd_sql(store, args) -> None:
         print("  " + "  ".join(columns))
         for row in rows:
             print("  " + "  ".join(str(v) for v in row))
+    if args.command == "split":
+        from ..pipeline.split import notes
+
+        print_class_notes(notes(store))
+    if args.command == "train":
+        print_left_out(store.model().params)
     if args.command == "run":
         print_evaluation(store.evaluation().summary)
         if args.refine:  # refine inside the server too, then the same job on the refined network's features

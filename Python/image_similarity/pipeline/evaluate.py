@@ -14,11 +14,12 @@ import numpy as np
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_curve
 
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
-from ..errors import NotReady
+from ..errors import BadInput, NotReady
 from ..search.catalogue import Catalogue
 from ..search.methods import METHODS
 from ..search.searchers import scorer
 from ..store import EvaluationRecord, Store
+from .classes import MIN_TEST_IMAGES, MIN_TRAIN_PHOTOS, from_params
 from .train import SimilarityModel, load_model
 
 N_NEGATIVES = 100
@@ -116,12 +117,15 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
     model = model or load_model(store)
     subsets = store.split()
     rows = {im.id: im for im in store.images()}
+    if not subsets:
+        raise NotReady("no train/test split: run 'image-similarity split' first")
     data = {}
     for subset in ("train", "test"):
-        ids, X = store.features(model.backbone, [i for i, s in subsets.items() if s == subset and i in rows])
-        if len(ids) == 0:
-            raise NotReady(f"no featurized {subset} images for {model.backbone!r}: run split and featurize first")
-        data[subset] = (ids, X, np.array([rows[int(i)].label for i in ids]))
+        wanted = [i for i, s in subsets.items() if s == subset and i in rows]
+        ids, X = store.features(model.backbone, wanted)
+        if wanted and len(ids) == 0:
+            raise NotReady(f"no featurized {subset} images for {model.backbone!r}: run featurize first")
+        data[subset] = (ids, X, np.array([rows[int(i)].label for i in ids], dtype=str))
     record, results, curves = evaluate_data(model, data, {i: r.dhash for i, r in rows.items()}, seed)
     summary = record.summary
     summary["evaluation_id"] = store.put_evaluation(record)
@@ -135,10 +139,12 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
 
 def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
                   dhashes: dict[int, str], seed: int = 0) -> tuple[EvaluationRecord, dict[str, Any], dict]:
-    """(record, classification results per subset, ROC curves) of a model on 'train' and 'test' (ids, X, labels)."""
+    """(record, classification results per subset, ROC curves) of a model on 'train' and 'test' (ids, X, labels):
+    on the images of the classes it learnt; the summary's `not_measured` says why each other class is not."""
+    data, not_measured = measurable(model, data)
     summary: dict[str, Any] = {"model_version": model.version, "backbone": model.backbone, "classes": model.classes,
                                "C": model.params.get("C"), "n_train": len(data["train"][0]),
-                               "n_test": len(data["test"][0])}
+                               "n_test": len(data["test"][0]), "not_measured": not_measured}
     metrics: list[tuple[str, str, str, float]] = []
     confusion: list[tuple[str, str, str, int]] = []
     results = {}
@@ -186,6 +192,24 @@ def evaluate_data(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.n
         (ranking[m]["top1"], ranking[m]["top10"], -ranking[m]["mean_rank"]), nan=-np.inf)))
     record = EvaluationRecord(model_version=model.version, summary=summary, metrics=metrics, confusion=confusion)
     return record, results, curves
+
+
+def measurable(model: SimilarityModel, data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], dict[str, str]]:
+    """(the subsets' images of the classes the model learnt, {class not measured: why}); BadInput when no test or
+    no training image of them is left (classes.py's rule)."""
+    left_out = from_params(model.params)
+    kept = {subset: tuple(a[np.isin(y, model.classes)] for a in (ids, X, y)) for subset, (ids, X, y) in data.items()}
+    present = set().union(*(y.tolist() for _, _, y in data.values()))
+    reasons = {c: "not learnt" + (f" ({left_out[c]})" if c in left_out else "") for c in present - set(model.classes)}
+    test_labels = kept["test"][2]
+    reasons.update({c: "no test image" for c in model.classes if np.sum(test_labels == c) < MIN_TEST_IMAGES})
+    for subset, (ids, _, _) in kept.items():
+        if len(ids) == 0:
+            raise BadInput(f"evaluate: no {subset} image of the classes model version {model.version} learnt "
+                           f"({', '.join(model.classes)}): a class needs {MIN_TRAIN_PHOTOS + MIN_TEST_IMAGES} distinct "
+                           "photos to be learnt and measured; add photos and run split and train again")
+    return kept, dict(sorted(reasons.items()))
 
 
 def _catalogue(subset: tuple[np.ndarray, np.ndarray, np.ndarray], dhashes: list[str]) -> Catalogue:

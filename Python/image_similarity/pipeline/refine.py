@@ -31,6 +31,7 @@ from ..features import precision as precisions
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, build_network, load_backbone
 from ..store import Store, StoreError
 from ..store.base import NetworkRecord
+from .classes import ClassCount, as_params, learnable
 from .split import split_images
 
 CACHE_RATIO = 256 / 224  # cached short side per input pixel, as the backbones' resize/crop
@@ -180,16 +181,15 @@ def refined_extractor(record: NetworkRecord, weights: dict[str, tuple[str, str, 
     return model
 
 
-def _training_images(store: Store) -> tuple[list, list[str]]:
-    """(image rows of the training split, sorted class names)."""
+def _training_images(store: Store) -> tuple[list, list[str], dict[str, ClassCount]]:
+    """(image rows of the training split's classes with enough photos, their sorted names, the classes left out
+    with their counts): the rule of classes.py, as train applies it."""
     subsets = store.split()
     if not subsets:
         raise NotReady("no train/test split: run 'image-similarity split' first")
     rows = [im for im in store.images() if subsets.get(im.id) == "train"]
-    classes = sorted({im.label for im in rows})
-    if len(classes) < 2:
-        raise BadInput(f"need at least 2 classes in the training split to refine, found {len(classes)}")
-    return rows, classes
+    classes, left_out = learnable([im.label for im in rows], [im.dhash for im in rows], "refine")
+    return [im for im in rows if im.label not in left_out], classes, left_out
 
 
 def _decode_images(store: Store, rows: Sequence, classes: list[str], size: int, resample: Image.Resampling,
@@ -282,9 +282,10 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
         settings = dataclasses.replace(settings, epochs=epochs)
     if settings.epochs < 1:
         raise BadInput(f"epochs must be at least 1, got {settings.epochs}")
-    rows, classes = _training_images(store)
+    rows, classes, left_out = _training_images(store)
     params = {"base": base, "seed": seed, "classes": classes, "training_images": len(rows),
-              "training_fingerprint": _fingerprint(rows), **dataclasses.asdict(settings)}
+              "training_fingerprint": _fingerprint(rows), **dataclasses.asdict(settings),
+              **({"left_out": as_params(left_out)} if left_out else {})}
     for record in reversed(store.networks()):
         if record.base == base and record.params == params:
             if record.status == "ready":

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .classes import NOT_LEARNT, ClassCount, from_params, named
+
 CNTK_CLASSES = {"dotted", "leopard", "striped"}
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
 """The CNTK image-similarity tutorial's figures on its 3 texture classes (test split accuracy; top-1 under the original
@@ -29,8 +31,21 @@ def print_evaluation(summary: dict[str, Any]) -> None:
         print("  ranking, catalogue (test images against the training images; R@k, mAP, P@10 and look-alike over all):")
         _print_ranking_table(summary["catalogue_ranking"], "",
                              ("recall@1", "recall@5", "recall@10", "map", "precision@10", "look_alike@10"))
+    if summary.get("not_measured"):
+        print("  not measured: " + "; ".join(f"{c}: {why}" for c, why in summary["not_measured"].items()))
     for name, path in summary.get("plots", {}).items():
         print(f"  plot {name}: {path}")
+
+
+def print_class_notes(notes: dict[str, dict[str, ClassCount]]) -> None:
+    """The classes a step leaves out, one line per reason (classes.py)."""
+    for reason, counts in notes.items():
+        print(f"  {reason}: {named(counts)}")
+
+
+def print_left_out(params: dict[str, Any]) -> None:
+    """The classes a model or refined network was not trained on (its params' `left_out`)."""
+    print_class_notes({NOT_LEARNT: left_out} if (left_out := from_params(params)) else {})
 
 
 RANKING_COLUMNS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map": "mAP", "precision@10": "P@10",

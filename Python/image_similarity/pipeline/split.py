@@ -9,6 +9,7 @@ import numpy as np
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
 from ..errors import BadInput, NotReady
 from ..store import ImageRow, Store
+from .classes import MIN_TRAIN_PHOTOS, ClassCount, split_notes
 
 
 def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: int = 0,
@@ -17,7 +18,8 @@ def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: 
 
     Near-duplicate groups (dhash within `max_distance`) are the unit of assignment, so no test image has a
     twin in training. Groups are stratified by their majority label: each class gets about `test_fraction`
-    of its images in test, and keeps at least one group in training.
+    of its images in test, and keeps at least MIN_TRAIN_PHOTOS groups (or all it has) in training, so that a class
+    too small to be both learnt and measured is learnt (classes.py).
     """
     if not 0 < test_fraction < 1:
         raise BadInput(f"test fraction must be between 0 and 1, got {test_fraction}")
@@ -37,8 +39,8 @@ def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: 
         target, n_test = round(test_fraction * total), 0
         for i, group in enumerate(class_groups):
             size = len(members[group])
-            last = i == len(class_groups) - 1
-            to_test = not last and abs(n_test + size - target) < abs(n_test - target)
+            reserved = i >= len(class_groups) - MIN_TRAIN_PHOTOS
+            to_test = not reserved and abs(n_test + size - target) < abs(n_test - target)
             n_test += size if to_test else 0
             for row in members[group]:
                 subsets[row.id] = "test" if to_test else "train"
@@ -53,3 +55,10 @@ def split(store: Store, test_fraction: float = 0.25, seed: int = 0) -> dict[str,
     subsets = split_images(images, test_fraction, seed)
     store.put_split(subsets, seed, test_fraction)
     return dict(Counter(subsets.values()))
+
+
+def notes(store: Store) -> dict[str, dict[str, ClassCount]]:
+    """The stored split's classes that a later step leaves out (classes.split_notes)."""
+    subsets = store.split()
+    images = [im for im in store.images() if im.id in subsets]
+    return split_notes([im.label for im in images], [im.dhash for im in images], [subsets[im.id] for im in images])

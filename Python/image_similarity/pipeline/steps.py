@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
 from ..features.backbones import DEFAULT_BACKBONE
-from .reports import CNTK_ACCURACY, CNTK_CLASSES, CNTK_TOP1, percent, print_evaluation, print_ranking
+from .reports import (
+    CNTK_ACCURACY,
+    CNTK_CLASSES,
+    CNTK_TOP1,
+    percent,
+    print_class_notes,
+    print_evaluation,
+    print_left_out,
+    print_ranking,
+)
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -117,12 +126,16 @@ def _print_featurize(run: Run, report) -> None:
 
 
 def _print_split(run: Run, counts: dict[str, int]) -> None:
+    from .split import notes
+
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
+    print_class_notes(notes(run.store))
 
 
 def _print_train(run: Run, model) -> None:
     print(f"train: model version {model.version}, C={model.params['C']:g}, "
           f"cross-validated accuracy {percent(model.params['cv_accuracy'])}")
+    print_left_out(model.params)
 
 
 def print_refine(run: Run | None, record) -> None:
@@ -134,6 +147,7 @@ def print_refine(run: Run | None, record) -> None:
           f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
           f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
           f"on {record.metrics['device']} ({record.metrics['precision']})")
+    print_left_out(record.params)
 
 
 def _print_rank(run: Run, result) -> None:

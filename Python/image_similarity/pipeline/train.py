@@ -16,6 +16,7 @@ from sklearn.svm import LinearSVC
 from ..core.dedup import near_duplicate_groups
 from ..errors import BadInput, NotReady
 from ..store import ModelRecord, Store
+from .classes import as_params, learnable
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 SHRINKAGE = 1.0
@@ -94,10 +95,13 @@ def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: S
     classes = np.unique(y)
     if len(classes) < 2:
         raise BadInput(f"need at least 2 classes to train, found {len(classes)}")
-    min_count = min(np.sum(y == c) for c in classes)
-    folds = max(2, min(folds, min_count))
     groups = groups if groups is not None else np.arange(len(y))
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    folds = max(2, min(folds, min(len(np.unique(groups[y == c])) for c in classes)))
+    cv = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, groups))
+    missing = sorted({str(c) for fit, _ in cv for c in np.setdiff1d(classes, y[fit])})
+    if missing:  # only near duplicates labelled differently can tie a class to one fold
+        raise BadInput(f"cannot cross-validate {', '.join(missing)}: their photos are near duplicates of photos in "
+                       "other classes; give each photo one class")
     search = GridSearchCV(LinearSVC(dual="auto", max_iter=20000, random_state=seed), {"C": list(C)}, cv=cv, n_jobs=1)
     search.fit(X, y, groups=groups)
     svm = search.best_estimator_
@@ -159,16 +163,21 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
 
 def fit_model(backbone: str, X: np.ndarray, y: np.ndarray, dhashes: Sequence[str], C: Sequence[float] = C_GRID,
               seed: int = 0) -> SimilarityModel:
-    """Fit the SVM and its calibration (near-duplicate groups kept within one fold) and the embedding."""
+    """Fit the SVM and its calibration (near-duplicate groups kept within one fold) and the embedding on the classes
+    with enough photos (classes.learnable); the classes left out are kept in the params."""
     if not C or min(C) <= 0:
         raise BadInput(f"C values must be positive, got {' '.join(f'{c:g}' for c in C)}")
+    kept, left_out = learnable(y, dhashes, "train")
+    mask = np.isin(y, kept)
+    X, y, dhashes = X[mask], y[mask], [h for h, m in zip(dhashes, mask) if m]
     coef, intercept, best_c, cv_score, temperature = fit_svm(X, y, near_duplicate_groups(list(dhashes)), C, seed=seed)
     embedding, mean = fit_embedding(X, y)
     return SimilarityModel(
         backbone=backbone, classes=sorted(set(y.tolist())), coef=coef, intercept=intercept,
         temperature=temperature, embedding=embedding, embedding_mean=mean,
         params={"C": best_c, "cv_accuracy": cv_score, "C_grid": list(C), "n_train": len(y), "seed": seed,
-                "normalize": "l2", "temperature": temperature, "embedding_shrinkage": SHRINKAGE},
+                "normalize": "l2", "temperature": temperature, "embedding_shrinkage": SHRINKAGE,
+                "left_out": as_params(left_out)},
     )
 
 
