@@ -22,8 +22,10 @@ from image_similarity.errors import BadInput
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
+from image_similarity.pipeline.train import load_model
 from image_similarity.search.catalogue import Catalogue
-from image_similarity.search.searchers import searcher
+from image_similarity.search.searchers import searcher, store_searcher
+from image_similarity.search.stored import store_method_vectors
 from image_similarity.store import SQLiteStore, StoreError, connect
 from image_similarity.store.postgres import PostgresStore, nearest_statement
 
@@ -149,7 +151,7 @@ def test_hnsw_index_recall_on_real_features(full_pg):
             assert store.has_index("efficientnet_lite0", method)
             with store.db.transaction():
                 store.db.query("SET LOCAL enable_seqscan = off")
-                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", 1584, method, True),
+                plan = store.db.query("EXPLAIN " + nearest_statement(1584, method, True),
                                       (X[0].tolist(), "efficientnet_lite0", [int(ids[0])], 10))
             assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
             assert recall_at_10(store, "efficientnet_lite0", X, method, range(0, 557, 11)) >= 0.95
@@ -183,6 +185,51 @@ def test_hnsw_on_a_refined_network(full_pg):
         assert recall_at_10(store, refined, X[::-1], "cosine", range(0, len(ids), 29)) >= 0.9
         with pytest.raises(BadInput, match="unknown backbone 'efficientnet_lite0_refined_99'"):
             store.create_index("efficientnet_lite0_refined_99", "l2")
+
+
+def test_the_database_ranks_scores_and_learned_as_the_engine(full_pg, full_db, featurizer):
+    """Issue 30: the model's rows of scores and learned are stored as vectors and ranked by pgvector's inner
+    product: the exact scan gives the engine's exact top 10 and scores, the HNSW index most of it; featurize adds
+    the rows of new images; the rows go with their model version."""
+    with SQLiteStore(full_db[0]) as src, PostgresStore(full_pg) as store:
+        version = store.put_model(src.model())
+        model = load_model(store, version)
+        assert not store.searchable("efficientnet_lite0", "scores", version)
+        assert store_method_vectors(store, model) == 2 * 557 and store_method_vectors(store, model) == 0
+        ids, X = store.features("efficientnet_lite0")
+        catalogue = Catalogue.from_store(store, "efficientnet_lite0")
+        for method in ("scores", "learned"):
+            db = store_searcher(store, "efficientnet_lite0", method, model, index="exact")
+            assert db.strategy == "database" and store.searchable("efficientnet_lite0", method, version)
+            engine = searcher(catalogue, method, model, index="exact")
+            for q in range(0, len(ids), 37):
+                exclude = np.zeros(len(ids), dtype=bool)
+                exclude[q] = True
+                want, got = engine.search(X[q], 10, exclude), db.search(X[q], 10, exclude)
+                assert [m.image_id for m in got] == [m.image_id for m in want], (method, q)
+                np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=0, atol=2e-6)
+            name = store.create_index("efficientnet_lite0", method, version)
+            with store.db.transaction():
+                store.db.query("SET LOCAL enable_seqscan = off")
+                plan = store.db.query("EXPLAIN " + nearest_statement(int(db.method.matrix(X[:1]).shape[1]), method,
+                                                                     True),
+                                      (db.method.vectors(X[:1])[0].tolist(), version, method, [], 10))
+            assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
+            approximate = store_searcher(store, "efficientnet_lite0", method, model, index="hnsw")
+            hits = sum(len({m.image_id for m in approximate.search(X[q], 10)} & {m.image_id for m in
+                                                                                 db.search(X[q], 10)})
+                       for q in range(0, len(ids), 11))
+            assert hits / (10 * len(range(0, len(ids), 11))) >= 0.9, method
+        gone = [int(i) for i in ids[:3]]
+        store.db.query("DELETE FROM method_vectors WHERE image_id = ANY(%s)", (gone,))
+        assert not store.searchable("efficientnet_lite0", "scores", version)  # then rank reads them into memory
+        assert store_searcher(store, "efficientnet_lite0", "scores", model).strategy == "exact"
+        store.db.query("DELETE FROM features WHERE image_id = ANY(%s)", (gone,))
+        assert featurize(store, featurizer, progress=False).added == 3
+        assert store.method_vector_ids(version, "learned") >= set(gone)
+        assert store.searchable("efficientnet_lite0", "learned", version)
+        store.db.query("DELETE FROM models WHERE version = %s", (version,))
+        assert store.db.query("SELECT COUNT(*) FROM method_vectors") == [(0,)]
 
 
 def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):
