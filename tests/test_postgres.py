@@ -18,6 +18,7 @@ import pytest
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
+from image_similarity.entrypoints.service import Service
 from image_similarity.errors import BadInput
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
@@ -198,16 +199,18 @@ def test_the_database_ranks_scores_and_learned_as_the_engine(full_pg, full_db, f
         assert store_method_vectors(store, model) == 2 * 557 and store_method_vectors(store, model) == 0
         ids, X = store.features("efficientnet_lite0")
         catalogue = Catalogue.from_store(store, "efficientnet_lite0")
+        served = Service(store, featurizer, interval=0, featurize_added=False).current  # the web service's
         for method in ("scores", "learned"):
             db = store_searcher(store, "efficientnet_lite0", method, model, index="exact")
-            assert db.strategy == "database" and store.searchable("efficientnet_lite0", method, version)
+            assert db.strategy == served.searcher(method).strategy == "database"
             engine = searcher(catalogue, method, model, index="exact")
             for q in range(0, len(ids), 37):
                 exclude = np.zeros(len(ids), dtype=bool)
                 exclude[q] = True
-                want, got = engine.search(X[q], 10, exclude), db.search(X[q], 10, exclude)
-                assert [m.image_id for m in got] == [m.image_id for m in want], (method, q)
-                np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=0, atol=2e-6)
+                want = engine.search(X[q], 10, exclude)
+                for got in (db.search(X[q], 10, exclude), served.searcher(method).search(X[q], 10, exclude)):
+                    assert [m.image_id for m in got] == [m.image_id for m in want], (method, q)
+                    np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=0, atol=2e-6)
             name = store.create_index("efficientnet_lite0", method, version)
             with store.db.transaction():
                 store.db.query("SET LOCAL enable_seqscan = off")

@@ -5,6 +5,7 @@ copy or graph); the in-memory ones also score whole query matrices (`similarity`
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -180,9 +181,11 @@ class DatabaseSearcher(Searcher):
     strategy = "database"
 
     def __init__(self, store: Store, backbone: str, scoring: Method, approximate: bool | None,
-                 catalogue: Catalogue | None = None) -> None:
+                 catalogue: Catalogue | None = None, lock: AbstractContextManager | None = None) -> None:
         super().__init__(catalogue or Catalogue.from_records(store.images()), scoring)
         self.store, self.backbone, self.approximate = store, backbone, approximate
+        self.lock = lock or nullcontext()
+        """Held while the store's connection is used (one connection shared by threads: the web service)."""
         self.positions = {int(i): k for k, i in enumerate(self.catalogue.ids)}
         self.version = scoring.model.version if scoring.name not in FEATURE_METHODS else 0
 
@@ -190,10 +193,11 @@ class DatabaseSearcher(Searcher):
         excluded = [] if exclude is None else self.catalogue.ids[exclude].tolist()
         query = np.asarray(query, dtype=np.float32)
         vector = query if self.method.name in FEATURE_METHODS else self.method.vectors(query[None])[0]
-        found = self.store.nearest(self.backbone, vector, self.method.name, top, excluded, self.approximate,
-                                   self.version)
-        if not found and not self.store.feature_counts().get(self.backbone):
-            raise NotReady(f"empty catalogue: no images featurized with {self.backbone!r}; run featurize first")
+        with self.lock:
+            found = self.store.nearest(self.backbone, vector, self.method.name, top, excluded, self.approximate,
+                                       self.version)
+            if not found and not self.store.feature_counts().get(self.backbone):
+                raise NotReady(f"empty catalogue: no images featurized with {self.backbone!r}; run featurize first")
         found = [(i, score) for i, score in found if i in self.positions]
         return self._matches([self.positions[i] for i, _ in found], [score for _, score in found])
 

@@ -298,8 +298,9 @@ class Store(abc.ABC):
 
     def searchable(self, backbone: str, method: str, model_version: int = 0) -> bool:
         """Whether `nearest` can rank every featurized image of the backbone by this method now (its vectors
-        are all stored); False for stores without VECTOR_SEARCH."""
-        return False
+        are all stored): l2 and cosine in a store with VECTOR_SEARCH (the features are its vectors) unless it says
+        otherwise; never without VECTOR_SEARCH."""
+        return VECTOR_SEARCH in self.capabilities and method not in STORED_METHODS
 
     def put_method_vectors(self, model_version: int, method: str, ids: Sequence[int], rows: np.ndarray) -> None:
         """Store the catalogue rows of a STORED_METHODS method under a model version, one per image id, in one
