@@ -5,6 +5,7 @@ with the reason, except in CI, where they fail.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import threading
@@ -15,6 +16,7 @@ import pgserver
 import psycopg
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
@@ -24,6 +26,7 @@ from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.train import load_model
+from image_similarity.search.methods import METHODS
 from image_similarity.search.catalogue import Catalogue
 from image_similarity.search.searchers import searcher, store_searcher
 from image_similarity.search.stored import store_method_vectors
@@ -233,6 +236,23 @@ def test_the_database_ranks_scores_and_learned_as_the_engine(full_pg, full_db, f
         assert store.searchable("efficientnet_lite0", "learned", version)
         store.db.query("DELETE FROM models WHERE version = %s", (version,))
         assert store.db.query("SELECT COUNT(*) FROM method_vectors") == [(0,)]
+
+
+def test_the_database_search_benchmark_measures_every_method(server, full_db):
+    """benchmarks/database_search.py at a small generated size: the database's exact scan answers as the engine for
+    every method at both sizes, and the HNSW figures are there."""
+    spec = importlib.util.spec_from_file_location("database_search", REPO / "benchmarks" / "database_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(full_db[0], pgserver.create_database(server, "benchmark"), 1500, 4)
+    assert list(result["sizes"]) == ["557", "2057"] and result["queries"] == 4
+    for size, figures in result["sizes"].items():
+        assert set(figures) == set(METHODS) and all(row["db_exact_equals_memory"] for row in figures.values())
+        assert all(row["memory_ms"] > 0 and row["db_exact_ms"] > 0 for row in figures.values())
+        indexed = {m for m, row in figures.items() if "recall@10" in row}
+        assert indexed == (set(METHODS) if size == "557" else {"scores", "learned"})
+        assert all(0 < figures[m]["recall@10"] <= 1 for m in indexed)
+        assert figures["scores"]["row_bytes"] > 4 * 1584 > 4 * figures["learned"]["row_bytes"]
 
 
 def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):

@@ -279,6 +279,8 @@ class MSSQLStore(SQLStore):
                 approximate: bool | None = None, model_version: int = 0) -> list[tuple[int, float]]:
         """(image id, score) of the `top` best matches by VECTOR_DISTANCE, exactly (`approximate` True is refused:
         the DiskANN index is a preview feature this store does not query)."""
+        if VECTOR_SEARCH not in self.capabilities:
+            return super().nearest(backbone, vector, method, top, exclude, approximate, model_version)
         if method not in SCORES:
             raise BadInput(f"the database ranks by {', '.join(SCORES)}, not {method!r}")
         if approximate:
