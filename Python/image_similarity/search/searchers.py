@@ -1,7 +1,8 @@
 """Searchers: the best matches of a query among catalogue images by one scoring method, in one way chosen once when
 the searcher is made (`strategy`): an exact float32 scan, an exact scan screened through a low-precision copy, an HNSW
-graph, or the database's own vector search (any method, where the database keeps its vectors). Each holds only what its way needs (one method's matrix, its screening
-copy or graph); the in-memory ones also score whole query matrices (`similarity`) for evaluation and neighbours."""
+graph, or the database's own vector search (any method whose vectors the database keeps). Each holds only what its
+way needs (one method's matrix, its screening copy or graph); the in-memory ones also score whole query matrices
+(`similarity`) for evaluation and neighbours."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -24,8 +25,8 @@ from .screen import BLOCK, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, scr
 
 INDEXES = ("auto", "exact", "hnsw")
 """exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss; in a database with
-vector search, its index, for any method); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when faiss is
-installed, in a database its index when it has one, else exact."""
+vector search, its index, for any method); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when
+faiss is installed, in a database its index when it has one, else exact."""
 ANN_THRESHOLD = 200_000
 SCREEN_THRESHOLD = 20_000
 """Exact l2 and cosine search over at least this many images scans a screening copy of the matrix (float16,
@@ -182,12 +183,12 @@ class DatabaseSearcher(Searcher):
 
     def __init__(self, store: Store, backbone: str, scoring: Method, approximate: bool | None,
                  catalogue: Catalogue | None = None, lock: AbstractContextManager | None = None) -> None:
-        super().__init__(catalogue or Catalogue.from_records(store.images()), scoring)
+        super().__init__(catalogue if catalogue is not None else Catalogue.from_records(store.images()), scoring)
         self.store, self.backbone, self.approximate = store, backbone, approximate
         self.lock = lock or nullcontext()
         """Held while the store's connection is used (one connection shared by threads: the web service)."""
         self.positions = {int(i): k for k, i in enumerate(self.catalogue.ids)}
-        self.version = scoring.model.version if scoring.name not in FEATURE_METHODS else 0
+        self.version = model_version(scoring)
 
     def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
         excluded = [] if exclude is None else self.catalogue.ids[exclude].tolist()
@@ -237,11 +238,15 @@ def scorer(catalogue: Catalogue, method: str, model: SimilarityModel | None = No
     return ExactSearcher(catalogue, scoring_method(method, model))
 
 
+def model_version(scoring: Method) -> int:
+    """The model version whose stored rows a method ranks in a database: 0 for l2 and cosine (the features)."""
+    return 0 if scoring.name in FEATURE_METHODS else scoring.model.version or 0
+
+
 def in_database(store: Store, backbone: str, scoring: Method) -> bool:
     """Whether the store's database ranks this method over the backbone's images itself (VECTOR_SEARCH, and the
     vectors it needs are all stored: for scores and learned, the model version's rows)."""
-    version = scoring.model.version if scoring.name not in FEATURE_METHODS else 0
-    return VECTOR_SEARCH in store.capabilities and store.searchable(backbone, scoring.name, version or 0)
+    return VECTOR_SEARCH in store.capabilities and store.searchable(backbone, scoring.name, model_version(scoring))
 
 
 def store_searcher(store: Store, backbone: str, method: str, model: SimilarityModel | None = None,
