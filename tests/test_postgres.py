@@ -26,8 +26,8 @@ from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.train import load_model
-from image_similarity.search.methods import METHODS
 from image_similarity.search.catalogue import Catalogue
+from image_similarity.search.methods import METHODS
 from image_similarity.search.searchers import searcher, store_searcher
 from image_similarity.search.stored import store_method_vectors
 from image_similarity.store import SQLiteStore, StoreError, connect
