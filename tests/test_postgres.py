@@ -16,7 +16,6 @@ import pgserver
 import psycopg
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
@@ -32,6 +31,8 @@ from image_similarity.search.searchers import searcher, store_searcher
 from image_similarity.search.stored import store_method_vectors
 from image_similarity.store import SQLiteStore, StoreError, connect
 from image_similarity.store.postgres import PostgresStore, nearest_statement
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
