@@ -68,6 +68,8 @@ ORDER BY i.id',
     INSERT INTO dbo.model_arrays (version, name, dtype, shape, data)
     SELECT @model_version, a.name, a.dtype, a.shape, CONVERT(varbinary(max), a.data, 2) FROM #arrays AS a;
     COMMIT TRANSACTION;
+    IF OBJECT_ID(N'dbo.StoreMethodVectors', N'P') IS NOT NULL  -- SQL Server 2025: SQLR/12_Vectors.sql
+        EXEC dbo.StoreMethodVectors @model_version = @model_version;
     SELECT @model_version AS model_version, @backbone AS backbone, @model_params AS params;
 END;
 GO

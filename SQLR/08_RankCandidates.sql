@@ -1,8 +1,8 @@
 -- RankCandidates: the catalogue images most similar to a query image (never the query or its near twins).
 -- Stores the query and its results in queries/rankings and returns them as one result set. It uses no
 -- INSERT ... EXEC itself (results come back through an OUTPUT parameter), so a caller may
--- INSERT ... EXEC dbo.RankCandidates. On SQL Server 2025 (SQLR/12_Vectors.sql) l2 and cosine rank in T-SQL
--- with VECTOR_DISTANCE. The model's backbone may be a refined network: its weights cross as @network (see
+-- INSERT ... EXEC dbo.RankCandidates. On SQL Server 2025 (SQLR/12_Vectors.sql) every method ranks in T-SQL
+-- with VECTOR_DISTANCE when its vectors are stored. The model's backbone may be a refined network: its weights cross as @network (see
 -- ResolveBackbone in SQLR/04_FeaturizeImages.sql). Conventions: see SQLR/04_FeaturizeImages.sql.
 CREATE OR ALTER PROCEDURE dbo.RankCandidates
     @query varbinary(max),
@@ -40,9 +40,9 @@ BEGIN
     EXEC dbo.ResolveBackbone @backbone = @backbone, @caller = N'RankCandidates', @network = @network OUTPUT;
     CREATE TABLE #ranked (rank int NOT NULL, image_id int NOT NULL, score float NOT NULL);
 
-    IF @used_method IN (N'l2', N'cosine') AND OBJECT_ID(N'dbo.RankByVector', N'P') IS NOT NULL
+    IF OBJECT_ID(N'dbo.RankByVector', N'P') IS NOT NULL
         EXEC dbo.RankByVector @query_hex = @query_hex, @backbone = @backbone, @method = @used_method, @top = @top,
-                              @network = @network;
+                              @network = @network, @model_version = @model_version;
     IF NOT EXISTS (SELECT 1 FROM #ranked)
     BEGIN
         CREATE TABLE #step (backbone nvarchar(64) NOT NULL, model_version int NOT NULL);

@@ -5,6 +5,7 @@ with the reason, except in CI, where they fail.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import threading
@@ -18,14 +19,20 @@ from support import pgserver
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
+from image_similarity.entrypoints.service import Service
 from image_similarity.errors import BadInput
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
+from image_similarity.pipeline.train import load_model
 from image_similarity.search.catalogue import Catalogue
-from image_similarity.search.searchers import searcher
+from image_similarity.search.methods import METHODS
+from image_similarity.search.searchers import searcher, store_searcher
+from image_similarity.search.stored import store_method_vectors
 from image_similarity.store import SQLiteStore, StoreError, connect
 from image_similarity.store.postgres import PostgresStore, nearest_statement
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +145,7 @@ def test_hnsw_index_recall_on_real_features(full_pg):
             assert store.has_index("efficientnet_lite0", method)
             with store.db.transaction():
                 store.through_index(10)  # as `nearest` plans it
-                plan = store.db.query("EXPLAIN " + nearest_statement("efficientnet_lite0", 1584, method, True),
+                plan = store.db.query("EXPLAIN " + nearest_statement(1584, method, True),
                                       (X[0].tolist(), "efficientnet_lite0", [int(ids[0])], 10))
             assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
             assert recall_at_10(store, "efficientnet_lite0", X, method, range(0, 557, 11)) >= 0.95
@@ -172,6 +179,70 @@ def test_hnsw_on_a_refined_network(full_pg):
         assert recall_at_10(store, refined, X[::-1], "cosine", range(0, len(ids), 29)) >= 0.9
         with pytest.raises(BadInput, match="unknown backbone 'efficientnet_lite0_refined_99'"):
             store.create_index("efficientnet_lite0_refined_99", "l2")
+
+
+def test_the_database_ranks_scores_and_learned_as_the_engine(full_pg, full_db, featurizer):
+    """Issue 30: the model's rows of scores and learned are stored as vectors and ranked by pgvector's inner
+    product: the exact scan gives the engine's exact top 10 and scores, the HNSW index most of it; featurize adds
+    the rows of new images; the rows go with their model version."""
+    with SQLiteStore(full_db[0]) as src, PostgresStore(full_pg) as store:
+        version = store.put_model(src.model())
+        model = load_model(store, version)
+        assert not store.searchable("efficientnet_lite0", "scores", version)
+        assert store_method_vectors(store, model) == 2 * 557 and store_method_vectors(store, model) == 0
+        ids, X = store.features("efficientnet_lite0")
+        catalogue = Catalogue.from_store(store, "efficientnet_lite0")
+        served = Service(store, featurizer, interval=0, featurize_added=False).current  # the web service's
+        for method in ("scores", "learned"):
+            db = store_searcher(store, "efficientnet_lite0", method, model, index="exact")
+            assert db.strategy == served.searcher(method).strategy == "database"
+            engine = searcher(catalogue, method, model, index="exact")
+            for q in range(0, len(ids), 37):
+                exclude = np.zeros(len(ids), dtype=bool)
+                exclude[q] = True
+                want = engine.search(X[q], 10, exclude)
+                for got in (db.search(X[q], 10, exclude), served.searcher(method).search(X[q], 10, exclude)):
+                    assert [m.image_id for m in got] == [m.image_id for m in want], (method, q)
+                    np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=0, atol=2e-6)
+            name = store.create_index("efficientnet_lite0", method, version)
+            with store.db.transaction():
+                store.through_index(10)  # as `nearest` plans it
+                plan = store.db.query("EXPLAIN " + nearest_statement(int(db.method.matrix(X[:1]).shape[1]), method,
+                                                                     True),
+                                      (db.method.vectors(X[:1])[0].tolist(), version, method, [], 10))
+            assert f"Index Scan using {name}" in "\n".join(r[0] for r in plan)
+            approximate = store_searcher(store, "efficientnet_lite0", method, model, index="hnsw")
+            hits = sum(len({m.image_id for m in approximate.search(X[q], 10)} & {m.image_id for m in
+                                                                                 db.search(X[q], 10)})
+                       for q in range(0, len(ids), 11))
+            assert hits / (10 * len(range(0, len(ids), 11))) >= 0.9, method
+        gone = [int(i) for i in ids[:3]]
+        store.db.query("DELETE FROM method_vectors WHERE image_id = ANY(%s)", (gone,))
+        assert not store.searchable("efficientnet_lite0", "scores", version)  # then rank reads them into memory
+        assert store_searcher(store, "efficientnet_lite0", "scores", model).strategy == "exact"
+        store.db.query("DELETE FROM features WHERE image_id = ANY(%s)", (gone,))
+        assert featurize(store, featurizer, progress=False).added == 3
+        assert store.method_vector_ids(version, "learned") >= set(gone)
+        assert store.searchable("efficientnet_lite0", "learned", version)
+        store.db.query("DELETE FROM models WHERE version = %s", (version,))
+        assert store.db.query("SELECT COUNT(*) FROM method_vectors") == [(0,)]
+
+
+def test_the_database_search_benchmark_measures_every_method(pg_server, full_db):
+    """benchmarks/database_search.py at a small generated size: the database's exact scan answers as the engine for
+    every method at both sizes, and the HNSW figures are there."""
+    spec = importlib.util.spec_from_file_location("database_search", REPO / "benchmarks" / "database_search.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.run(full_db[0], pgserver.create_database(pg_server, "benchmark"), 1500, 4)
+    assert list(result["sizes"]) == ["557", "2057"] and result["queries"] == 4
+    for size, figures in result["sizes"].items():
+        assert set(figures) == set(METHODS) and all(row["db_exact_equals_memory"] for row in figures.values())
+        assert all(row["memory_ms"] > 0 and row["db_exact_ms"] > 0 for row in figures.values())
+        indexed = {m for m, row in figures.items() if "recall@10" in row}
+        assert indexed == (set(METHODS) if size == "557" else {"scores", "learned"})
+        assert all(0 < figures[m]["recall@10"] <= 1 for m in indexed)
+        assert figures["scores"]["row_bytes"] > 4 * 1584 > 4 * figures["learned"]["row_bytes"]
 
 
 def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):

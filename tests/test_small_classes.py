@@ -8,11 +8,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pgserver
 import pytest
-from conftest import copy_database
 from fastapi.testclient import TestClient
-from tsql import Server, SqlError, install
+from support import pgserver
+from support.catalogues import copy_database
+from support.tsql import Server, SqlError, install
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.web import create_app
@@ -190,13 +190,8 @@ def test_sql_server_procedures_apply_the_same_rule(db):
                               "the training split, only dotted (6 images) has that many; too few: striped (1 image)")
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    yield from pgserver.admin_url()
-
-
-def test_postgres_routines_apply_the_same_rule(pg_server, lopsided, tmp_path, capsys):
-    url = pgserver.create_database(pg_server, "small_classes")
+def test_postgres_routines_apply_the_same_rule(database, lopsided, tmp_path, capsys):
+    url = database
     assert cli.main(["ingest", str(lopsided), "--db", url, "-q"]) == 0
     for step in ("featurize", "split", "train", "evaluate"):
         assert cli.main([step, "--db", url, "--context", "sql", "-q"]) == 0, step

@@ -24,6 +24,8 @@ from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.split import split
 from image_similarity.pipeline.train import load_model, train
+from image_similarity.search.searchers import store_searcher
+from image_similarity.search.stored import store_method_vectors
 from image_similarity.store import SQLiteStore
 from image_similarity.store.mssql import MSSQLStore
 
@@ -116,6 +118,38 @@ def test_rank_candidates_top10_equals_the_engine(full_copy, query, vector_type):
         on_vectors = vector_type and method in ("l2", "cosine")
         script = "vector_query" if on_vectors else "rank_candidates"
         assert sql.external_calls == before + 1, script  # the vector path never loads the catalogue into Python
+
+
+def test_sql_server_2025_ranks_scores_and_learned_in_tsql(full_copy, featurizer):
+    """Issue 30: the model's rows of scores and learned become VECTOR(1998) rows (FeaturizeImages through
+    StoreVectors, TrainModel, or a client's train), and RankCandidates and the client store rank them with
+    VECTOR_DISTANCE('dot', ...): the engine's top 10 and scores, without loading the catalogue into Python."""
+    with SQLiteStore(full_copy) as store:
+        model = load_model(store)
+        data = store.image_bytes(min(i for i, s in store.split().items() if s == "test"))
+        expected = {m: rank(store, data, featurizer, model=model, method=m, save=False) for m in ("scores", "learned")}
+    sql = server(full_copy, vector_type=True, without_features=40)
+    copy_model(sql)
+    sql.call("FeaturizeImages")  # the 40 new images, then every image's VECTOR rows under the latest model
+    counts = dict(sql.conn.execute("SELECT method, COUNT(*) FROM method_vectors GROUP BY method").fetchall())
+    assert counts == {"learned": 557, "scores": 557}
+    client = MSSQLStore("mssql://sql01/Images", connection=Client(sql))
+    sql.conn.execute("DELETE FROM method_vectors WHERE image_id <= 5 AND method = 'learned'")
+    assert not client.searchable(model.backbone, "learned", model.version)
+    assert store_method_vectors(client, load_model(client)) == 5 and client.searchable(model.backbone, "learned", 1)
+    for method, want in expected.items():
+        before = sql.external_calls
+        (ranked,), _ = sql.call("RankCandidates", query=data, method=method, query_name="q")
+        assert sql.external_calls == before + 1  # vector_query: the catalogue stays in T-SQL
+        assert ranked["image_id"].tolist() == [m.image_id for m in want.matches]
+        np.testing.assert_allclose(ranked["score"], [m.score for m in want.matches], rtol=0, atol=1e-6)
+        mine = rank(client, data, featurizer, method=method, save=False)
+        assert store_searcher(client, model.backbone, method, load_model(client)).strategy == "database"
+        assert [(m.image_id, m.name) for m in mine.matches] == [(m.image_id, m.name) for m in want.matches]
+        np.testing.assert_allclose([m.score for m in mine.matches], [m.score for m in want.matches], atol=1e-6)
+    sql.conn.execute("DELETE FROM evaluations")
+    sql.conn.execute("DELETE FROM models")
+    assert sql.conn.execute("SELECT COUNT(*) FROM method_vectors").fetchone() == (0,)  # gone with their version
 
 
 def test_vector_index_needs_preview_features(full_copy):

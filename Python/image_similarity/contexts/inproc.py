@@ -37,16 +37,24 @@ from ..pipeline.rank import rank_with
 from ..pipeline.split import split_images
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
 from ..search.catalogue import Catalogue
+from ..search.methods import Method
 from ..search.searchers import scorer, searcher
-from ..store.base import ImageRow, ModelRecord, NetworkRecord, decode_array, encode_array, finite, strict_json
+from ..store.base import (
+    STORED_METHODS,
+    ImageRow,
+    ModelRecord,
+    NetworkRecord,
+    decode_array,
+    encode_array,
+    finite,
+    strict_json,
+)
+from ..store.mssql import VECTOR_DIMENSIONS, padded_json
 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
 METRIC_COLUMNS = ["table_name", "scope", "metric", "class", "value"]
 RANK_COLUMNS = ["rank", "image_id", "name", "label", "score"]
-VECTOR_DIMENSIONS = 1998
-"""SQL Server 2025's VECTOR(n) holds float32 values up to n = 1998: shorter features are zero-padded to it
-(l2 and cosine distances are unchanged), longer ones (ResNet-50/101: 2048) stay varbinary and rank in Python."""
 WEIGHTS_DIR = Path(sys.prefix) / "share" / "image-similarity" / "weights"
 """Where SQL Server's Python finds backbone weights that no installed package ships: the Launchpad sandbox has
 no network and a working folder and profile of its own, so the torch hub cache of any user is out of reach."""
@@ -164,16 +172,8 @@ def featurize_images(images: pd.DataFrame, backbone: str, network: str | None = 
 def vector_json(vectors: pd.DataFrame) -> pd.DataFrame:
     """Rows (image_id, vector hex) -> (image_id, embedding): JSON arrays for VECTOR(1998) columns, zero-padded;
     NULL for features longer than VECTOR_DIMENSIONS."""
-    return pd.DataFrame([(int(i), _padded(np.frombuffer(unhex(v), dtype="<f4")))
+    return pd.DataFrame([(int(i), padded_json(np.frombuffer(unhex(v), dtype="<f4")))
                          for i, v in zip(vectors["image_id"], vectors["vector"])], columns=["image_id", "embedding"])
-
-
-def _padded(vector: np.ndarray) -> str | None:
-    if len(vector) > VECTOR_DIMENSIONS:
-        return None
-    padded = np.zeros(VECTOR_DIMENSIONS, dtype=np.float32)
-    padded[:len(vector)] = vector
-    return json.dumps([float(x) for x in padded])
 
 
 def prepare_data(images: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> pd.DataFrame:
@@ -253,19 +253,38 @@ def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes:
                        for m in result.matches], allow_nan=False), result.method
 
 
-def vector_query(images: pd.DataFrame, query_hex: str, backbone: str, network: str | None = None) -> tuple[str, str]:
-    """Catalogue rows (image_id, sha256, dhash) and a query image -> (its feature vector as VECTOR(1998) JSON,
-    a JSON list of the ids never to return: the query itself and its near twins). `network`: a refined backbone's
-    JSON text (see `featurizer`)."""
+def vector_query(frame: pd.DataFrame, query_hex: str, backbone: str, network: str | None = None, method: str = "l2",
+                 classes: str | None = None, params: str | None = None,
+                 version: int | None = None) -> tuple[str, str]:
+    """Catalogue rows (image_id, sha256, dhash) and, for scores and learned, the model's arrays, and a query image
+    -> (the method's query vector as VECTOR(1998) JSON: its features for l2 and cosine, Method.vectors for scores
+    and learned; a JSON list of the ids never to return: the query itself and its near twins). `network`: a
+    refined backbone's JSON text (see `featurizer`)."""
     data = unhex(query_hex)
     image, sha = decode_image(data), hashlib.sha256(data).hexdigest()
-    vector = featurizer(backbone, network).features([image])[0]
+    vector = featurizer(backbone, network).features([image])[:1]
+    if method in STORED_METHODS:
+        vector = Method(method, _model(frame, backbone, classes, params, version)).vectors(vector)
+    images = _images(frame)
     near = hamming_to(dhash(image), packed_hashes(images["dhash"].tolist())) <= NEAR_DUPLICATE_DISTANCE
     excluded = [int(i) for i, s, twin in zip(images["image_id"], images["sha256"], near) if twin or s == sha]
-    padded = _padded(np.asarray(vector, dtype=np.float32))
+    padded = padded_json(np.asarray(vector[0], dtype=np.float32))
     if padded is None:
-        raise BadInput(f"{backbone} features have {len(vector)} values; VECTOR holds {VECTOR_DIMENSIONS} at most")
+        raise BadInput(f"{method} vectors of {backbone} have {vector.shape[1]} values; VECTOR holds"
+                       f" {VECTOR_DIMENSIONS} at most")
     return padded, json.dumps(excluded)
+
+
+def method_vectors_json(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int) -> pd.DataFrame:
+    """Feature rows (image_id, data hex) and the model's arrays -> (image_id, method, embedding): each image's rows
+    of scores and learned (Method.matrix) as VECTOR(1998) JSON, zero-padded (inner products are unchanged); NULL
+    for a row longer than VECTOR_DIMENSIONS."""
+    model = _model(frame, backbone, classes, params, version)
+    images = _images(frame)
+    features = _vectors(images["data"])
+    return pd.DataFrame([(int(i), method, padded_json(row)) for method in STORED_METHODS
+                         for i, row in zip(images["image_id"], Method(method, model).matrix(features))],
+                        columns=["image_id", "method", "embedding"])
 
 
 def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int, method: str,

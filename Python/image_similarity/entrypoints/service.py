@@ -16,8 +16,9 @@ from ..pipeline.featurize import featurize
 from ..pipeline.rank import default_method, latest_model
 from ..pipeline.train import SimilarityModel
 from ..search.catalogue import Catalogue
-from ..search.searchers import Searcher, searcher
-from ..store import Store, StoreError, connect
+from ..search.methods import scoring_method
+from ..search.searchers import DatabaseSearcher, Searcher, in_database, searcher
+from ..store import VECTOR_SEARCH, Store, StoreError, connect
 
 log = logging.getLogger("image_similarity.entrypoints.service")
 
@@ -72,21 +73,36 @@ class Snapshot:
     evaluation: dict[str, Any] | None
     searchers: dict[str, Searcher] = field(default_factory=dict, repr=False, compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    database: tuple[Store, str, threading.Lock] | None = field(default=None, repr=False, compare=False)
+    """(store, backbone, the lock its connection is used under) of a store with vector search: methods whose
+    vectors it holds are ranked there (search.searchers.DatabaseSearcher)."""
 
     @property
     def model_version(self) -> int | None:
         return self.model.version if self.model else None
 
     def searcher(self, method: str) -> Searcher:
-        """The searcher of `method` over this catalogue and model (HNSW for l2/cosine on large catalogues)."""
+        """The searcher of `method` over this catalogue and model: in the database when it ranks the method itself,
+        else in memory (HNSW for l2/cosine on large catalogues)."""
         with self.lock:
             if method not in self.searchers:
-                self.searchers[method] = searcher(self.catalogue, method, self.model)
+                self.searchers[method] = self._searcher(method)
             return self.searchers[method]
 
+    def _searcher(self, method: str) -> Searcher:
+        scoring = scoring_method(method, self.model)
+        if self.database is not None:
+            store, backbone, lock = self.database
+            with lock:
+                here = in_database(store, backbone, scoring)
+            if here:
+                return DatabaseSearcher(store, backbone, scoring, None, self.catalogue, lock)
+        return searcher(self.catalogue, method, self.model)
 
-def load_snapshot(store: Store, backbone: str) -> Snapshot:
-    """The latest model, its evaluation and default method, and the catalogue, from one read transaction."""
+
+def load_snapshot(store: Store, backbone: str, lock: threading.Lock | None = None) -> Snapshot:
+    """The latest model, its evaluation and default method, and the catalogue, from one read transaction; with
+    the `lock` the store is used under, a store with vector search ranks the methods it can (Snapshot.database)."""
     with store.reading():
         stamp = store.catalogue_stamp(backbone)
         model = latest_model(store)
@@ -97,12 +113,14 @@ def load_snapshot(store: Store, backbone: str) -> Snapshot:
         evaluation = store.evaluation(model.version) if model else None
         method = default_method(store, model)
     summary = {k: v for k, v in evaluation.summary.items() if k != "plots"} if evaluation else None
-    return Snapshot(stamp, catalogue, model, method, summary)
+    database = (store, backbone, lock) if lock is not None and VECTOR_SEARCH in store.capabilities else None
+    return Snapshot(stamp, catalogue, model, method, summary, database=database)
 
 
 def without(snapshot: Snapshot, image_id: int) -> Snapshot:
     """The snapshot less one catalogue image (stamp None, so the next poll reloads it from the database)."""
-    return Snapshot(None, snapshot.catalogue.without([image_id]), snapshot.model, snapshot.method, snapshot.evaluation)
+    return Snapshot(None, snapshot.catalogue.without([image_id]), snapshot.model, snapshot.method, snapshot.evaluation,
+                    database=snapshot.database)
 
 
 class Service:
@@ -119,7 +137,7 @@ class Service:
         self.db = db or store.url
         """What the background featurizer connects to (a URL with the user name, which store.url leaves out)."""
         self.store_lock, self.swap_lock = threading.Lock(), threading.Lock()
-        self.current = load_snapshot(store, featurizer.backbone)
+        self.current = load_snapshot(store, featurizer.backbone, self.store_lock)
         self.reload_error: str | None = None
         self.featurize_added = featurize_added
         self.featurizing = threading.Event()
@@ -134,7 +152,7 @@ class Service:
                 stamp = self.store.catalogue_stamp(self.featurizer.backbone)
                 if stamp == self.current.stamp:
                     return False
-                snapshot = load_snapshot(self.store, self.featurizer.backbone)
+                snapshot = load_snapshot(self.store, self.featurizer.backbone, self.store_lock)
             self.current = snapshot
         log.info("serving model version %s on %d images", snapshot.model_version, len(snapshot.catalogue))
         return True

@@ -16,7 +16,9 @@ from ..core.images import BadImageError, decode_image
 from ..errors import BadInput, NotReady
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from ..features.precision import autocast, resolve
-from ..store import Store
+from ..search.stored import store_method_vectors
+from ..store import VECTOR_SEARCH, Store
+from .rank import latest_model
 
 # The backbones compute their padding from the input size in Python: a constant for the fixed input size, so the
 # trace's warnings about it are noise. A filter for the process (not catch_warnings, which the decode threads race).
@@ -164,4 +166,7 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
     if pending:
         finish(pending)
     bar.close()
+    latest = latest_model(store) if report.added and VECTOR_SEARCH in store.capabilities else None
+    if latest is not None and latest.backbone == featurizer.backbone:
+        store_method_vectors(store, latest)
     return report

@@ -142,7 +142,8 @@ def fit_embedding(X: np.ndarray, y: np.ndarray, shrinkage: float = SHRINKAGE) ->
 
 
 def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID, seed: int = 0) -> SimilarityModel:
-    """Train on the training split's features and store the model as a new version."""
+    """Train on the training split's features and store the model as a new version (in a database with vector
+    search, with its rows of scores and learned for every featurized image: search/stored.py)."""
     subsets = store.split()
     if not subsets:
         raise NotReady("no train/test split: run 'image-similarity split' first")
@@ -158,6 +159,9 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
         raise NotReady(f"no features for backbone {backbone!r} in the training split: run featurize first")
     model = fit_model(backbone, X, np.array([rows[i].label for i in ids]), [rows[i].dhash for i in ids], C, seed)
     model.version = store.put_model(model.to_record())
+    from ..search.stored import store_method_vectors  # here: search.methods imports this module
+
+    store_method_vectors(store, model)
     return model
 
 

@@ -1,10 +1,12 @@
 """Searchers: the best matches of a query among catalogue images by one scoring method, in one way chosen once when
 the searcher is made (`strategy`): an exact float32 scan, an exact scan screened through a low-precision copy, an HNSW
-graph, or the database's own vector search. Each holds only what its way needs (one method's matrix, its screening
-copy or graph); the in-memory ones also score whole query matrices (`similarity`) for evaluation and neighbours."""
+graph, or the database's own vector search (any method whose vectors the database keeps). Each holds only what its
+way needs (one method's matrix, its screening copy or graph); the in-memory ones also score whole query matrices
+(`similarity`) for evaluation and neighbours."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -23,8 +25,8 @@ from .screen import BLOCK, FP32, Float32Rows, HalfMatrix, Int8Matrix, scan_kerne
 
 INDEXES = ("auto", "exact", "hnsw")
 """exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss; in a database with
-vector search, its index); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when faiss is
-installed, in a database its index when it has one, else exact."""
+vector search, its index, for any method); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when
+faiss is installed, in a database its index when it has one, else exact."""
 ANN_THRESHOLD = 200_000
 SCREEN_THRESHOLD = 20_000
 """Exact l2 and cosine search over at least this many images scans a screening copy of the matrix (float16,
@@ -202,32 +204,43 @@ class GraphSearcher(ExactSearcher):
 
 
 class DatabaseSearcher(Searcher):
-    """l2/cosine ranked by the store's database (VECTOR_SEARCH): the vectors stay there; the catalogue holds the
-    stored images' rows, to leave out a query's twins and name the matches. `approximate` as in Store.nearest."""
+    """Any method ranked by the store's database (VECTOR_SEARCH): the vectors stay there (the features for l2 and
+    cosine, the model version's rows for scores and learned); the catalogue holds the stored images' rows, to
+    leave out a query's twins and name the matches (matches the database has and the catalogue lacks, images
+    featurized since it was read, are left out). `approximate` as in Store.nearest."""
 
     strategy = "database"
 
-    def __init__(self, store: Store, backbone: str, scoring: Method, approximate: bool | None) -> None:
-        super().__init__(Catalogue.from_records(store.images()), scoring)
+    def __init__(self, store: Store, backbone: str, scoring: Method, approximate: bool | None,
+                 catalogue: Catalogue | None = None, lock: AbstractContextManager | None = None) -> None:
+        super().__init__(catalogue if catalogue is not None else Catalogue.from_records(store.images()), scoring)
         self.store, self.backbone, self.approximate = store, backbone, approximate
+        self.lock = lock or nullcontext()
+        """Held while the store's connection is used (one connection shared by threads: the web service)."""
         self.positions = {int(i): k for k, i in enumerate(self.catalogue.ids)}
+        self.version = model_version(scoring)
 
     def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
         excluded = [] if exclude is None else self.catalogue.ids[exclude].tolist()
-        found = self.store.nearest(self.backbone, query, self.method.name, top, excluded, self.approximate)
-        if not found and not self.store.feature_counts().get(self.backbone):
-            raise NotReady(f"empty catalogue: no images featurized with {self.backbone!r}; run featurize first")
+        query = np.asarray(query, dtype=np.float32)
+        vector = query if self.method.name in FEATURE_METHODS else self.method.vectors(query[None])[0]
+        with self.lock:
+            found = self.store.nearest(self.backbone, vector, self.method.name, top, excluded, self.approximate,
+                                       self.version)
+            if not found and not self.store.feature_counts().get(self.backbone):
+                raise NotReady(f"empty catalogue: no images featurized with {self.backbone!r}; run featurize first")
+        found = [(i, score) for i, score in found if i in self.positions]
         return self._matches([self.positions[i] for i, _ in found], [score for _, score in found])
 
 
 def strategy(method: str, index: str = "auto", size: int = 0, in_database: bool = False) -> str:
-    """The way a searcher answers a method, chosen here only: "database" for l2/cosine when the store ranks vectors
-    itself (`in_database`, told before any image row is read); else, over `size` images in memory, "hnsw" as
-    `index` (one of INDEXES) says, "screened" for l2/cosine from SCREEN_THRESHOLD images when this machine
+    """The way a searcher answers a method, chosen here only: "database" when the store ranks the method's
+    vectors itself (`in_database`, told before any image row is read); else, over `size` images in memory, "hnsw"
+    as `index` (one of INDEXES) says, "screened" for l2/cosine from SCREEN_THRESHOLD images when this machine
     has a screening kernel faster than float32, or "exact"."""
     if index not in INDEXES:
         raise BadInput(f"unknown index {index!r}: choose from {', '.join(INDEXES)}")
-    if method in FEATURE_METHODS and in_database:
+    if in_database:
         return "database"
     if index == "hnsw" and not ann.available():
         raise Unavailable(ann.MISSING)
@@ -255,11 +268,22 @@ def scorer(catalogue: Catalogue, method: str, model: SimilarityModel | None = No
     return ExactSearcher(catalogue, scoring_method(method, model))
 
 
+def model_version(scoring: Method) -> int:
+    """The model version whose stored rows a method ranks in a database: 0 for l2 and cosine (the features)."""
+    return 0 if scoring.name in FEATURE_METHODS else scoring.model.version or 0
+
+
+def in_database(store: Store, backbone: str, scoring: Method) -> bool:
+    """Whether the store's database ranks this method over the backbone's images itself (VECTOR_SEARCH, and the
+    vectors it needs are all stored: for scores and learned, the model version's rows)."""
+    return VECTOR_SEARCH in store.capabilities and store.searchable(backbone, scoring.name, model_version(scoring))
+
+
 def store_searcher(store: Store, backbone: str, method: str, model: SimilarityModel | None = None,
                    index: str = "auto") -> Searcher:
-    """A searcher of `method` over a store's images featurized with `backbone`: in the database when it has
-    vector search (the database's index as `index` says), else over the catalogue read into memory."""
+    """A searcher of `method` over a store's images featurized with `backbone`: in the database when it ranks the
+    method itself (the database's index as `index` says), else over the catalogue read into memory."""
     scoring = scoring_method(method, model)
-    if strategy(method, index, in_database=VECTOR_SEARCH in store.capabilities) == "database":
+    if strategy(method, index, in_database=in_database(store, backbone, scoring)) == "database":
         return DatabaseSearcher(store, backbone, scoring, {"exact": False, "hnsw": True}.get(index))
     return searcher(Catalogue.from_store(store, backbone), method, model, index)

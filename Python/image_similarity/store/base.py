@@ -18,7 +18,11 @@ import numpy as np
 from ..errors import NotReady, StoreError
 
 VECTOR_SEARCH = "vector search"
-"""Capability: the store's `nearest` ranks by l2 or cosine inside the database."""
+"""Capability: the store's `nearest` ranks inside the database: by l2 or cosine on the features, and by scores or
+learned on the catalogue rows of those methods stored per model version (`put_method_vectors`)."""
+STORED_METHODS = ("scores", "learned")
+"""The methods whose catalogue matrix (search.methods.Method.matrix) a store with VECTOR_SEARCH keeps per model
+version, so that the database ranks them by one inner product."""
 PROCEDURES = "stored procedures"
 """Capability: the store runs the SQLR procedures or PL/Python routines (`run_procedure`)."""
 
@@ -284,11 +288,28 @@ class Store(abc.ABC):
         raise NotReady(f"no network named {name!r}: run 'image-similarity refine' first")
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
-                approximate: bool | None = None) -> list[tuple[int, float]]:
-        """(image id, score) of the `top` best l2 or cosine matches, ranked by the database itself (stores with
-        VECTOR_SEARCH; StoreError elsewhere). Scores as in rank.Match. `approximate`: through the database's
-        vector index (True), by an exact scan (False), or through the index if there is one."""
+                approximate: bool | None = None, model_version: int = 0) -> list[tuple[int, float]]:
+        """(image id, score) of the `top` best matches, ranked by the database itself (stores with VECTOR_SEARCH;
+        StoreError elsewhere). Scores as in rank.Match. l2 and cosine: `vector` is the query's features; scores
+        and learned: the method's query vector (Method.vectors), scored by its inner product with the rows stored
+        for `model_version`. `approximate`: through the database's vector index (True), by an exact scan (False),
+        or through the index if there is one."""
         raise StoreError(f"{type(self).__name__} has no {VECTOR_SEARCH} in the database: rank in the engine")
+
+    def searchable(self, backbone: str, method: str, model_version: int = 0) -> bool:
+        """Whether `nearest` can rank every featurized image of the backbone by this method now (its vectors
+        are all stored): l2 and cosine in a store with VECTOR_SEARCH (the features are its vectors) unless it says
+        otherwise; never without VECTOR_SEARCH."""
+        return VECTOR_SEARCH in self.capabilities and method not in STORED_METHODS
+
+    def put_method_vectors(self, model_version: int, method: str, ids: Sequence[int], rows: np.ndarray) -> None:
+        """Store the catalogue rows of a STORED_METHODS method under a model version, one per image id, in one
+        transaction (rows already stored are kept); stores without VECTOR_SEARCH keep none."""
+        raise StoreError(f"{type(self).__name__} has no {VECTOR_SEARCH} in the database")
+
+    def method_vector_ids(self, model_version: int, method: str) -> set[int]:
+        """Ids of the images whose row of the method is stored under the model version."""
+        raise StoreError(f"{type(self).__name__} has no {VECTOR_SEARCH} in the database")
 
     def run_procedure(self, procedure: str, values: dict[str, Any]) -> tuple[list[str], list[tuple]]:
         """Run a step's stored procedure (SQLR/) or PL/Python routine, by its SQL Server name, with named values

@@ -3,18 +3,25 @@
 URL: `mssql://[user@]host[:port]/database[?encrypt=yes&trust_server_certificate=no&login_timeout=15]`. With a
 user, the password comes from the environment variable IMAGE_SIMILARITY_DB_PASSWORD (never from the URL, never
 printed); without one, Windows authentication (Trusted_Connection). `login_timeout` bounds, in seconds, how long
-the driver may spend reaching the server and logging in.
+the driver may spend reaching the server and logging in. On SQL Server 2025 with SQLR/12_Vectors.sql installed the
+store has VECTOR_SEARCH: `nearest` ranks with VECTOR_DISTANCE over feature_vectors (l2, cosine) and method_vectors
+(scores, learned: 'dot'), exactly (VECTOR_DISTANCE never uses a vector index).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import cached_property
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .base import PROCEDURES, StoreError
+import numpy as np
+
+from ..errors import BadInput
+from .base import PROCEDURES, STORED_METHODS, VECTOR_SEARCH, StoreError
 from .schema import SCHEMA, TIME
 from .sql import Dialect, SQLStore
 
@@ -24,6 +31,27 @@ OPTIONS = {"encrypt": "Encrypt", "trust_server_certificate": "TrustServerCertifi
 LOGIN_TIMEOUT = 15  # seconds, ODBC's own default
 MAX_PARAMETERS = 2000  # per statement; SQL Server allows 2100
 MAX_ROWS = 1000  # per VALUES list, SQL Server's limit
+VECTOR_DIMENSIONS = 1998
+"""SQL Server 2025's VECTOR(n) holds float32 values up to n = 1998: shorter vectors are zero-padded to it (l2 and
+cosine distances and inner products are unchanged), longer ones (ResNet-50/101 features: 2048) are not stored and
+rank in Python."""
+SCORES = {"l2": "-VECTOR_DISTANCE('euclidean', v.embedding, CAST(? AS VECTOR(1998)))",
+          "cosine": "1 - VECTOR_DISTANCE('cosine', v.embedding, CAST(? AS VECTOR(1998)))",
+          "scores": "-VECTOR_DISTANCE('dot', v.embedding, CAST(? AS VECTOR(1998)))",
+          "learned": "-VECTOR_DISTANCE('dot', v.embedding, CAST(? AS VECTOR(1998)))"}
+"""The engine's score of each method as T-SQL (as in RankByVector, SQLR/12_Vectors.sql)."""
+ROWS = {False: "SELECT image_id, embedding FROM dbo.feature_vectors WHERE backbone = ?",
+        True: "SELECT image_id, embedding FROM dbo.method_vectors WHERE model_version = ? AND method = ?"}
+"""The vectors a method ranks (True: scores and learned), by their key values."""
+
+
+def padded_json(vector: np.ndarray) -> str | None:
+    """A float32 vector as VECTOR(1998) JSON, zero-padded; None when it is longer."""
+    if len(vector) > VECTOR_DIMENSIONS:
+        return None
+    padded = np.zeros(VECTOR_DIMENSIONS, dtype=np.float32)
+    padded[:len(vector)] = vector
+    return json.dumps([float(x) for x in padded])
 
 
 def _odbc_value(value: str) -> str:
@@ -225,7 +253,6 @@ class MSSQLStore(SQLStore):
 
     d = TSQL()
     server = "SQL Server"
-    capabilities = frozenset({PROCEDURES})
 
     def __init__(self, url: str, connection: Any = None) -> None:
         parts = urlsplit(url)
@@ -241,6 +268,54 @@ class MSSQLStore(SQLStore):
             raise StoreError(f"cannot connect to SQL Server at {parts.hostname}:{parts.port or 1433}"
                              f" (database {unquote(parts.path.lstrip('/'))!r}): {failure}")
         self.db = Session(self.conn)
+
+    @cached_property
+    def capabilities(self) -> frozenset[str]:
+        """PROCEDURES; VECTOR_SEARCH where SQLR/12_Vectors.sql made its tables (SQL Server 2025), asked once."""
+        vectors = self.db.first("SELECT OBJECT_ID(N'dbo.method_vectors', N'U')")
+        return frozenset({PROCEDURES} | ({VECTOR_SEARCH} if vectors and vectors[0] is not None else set()))
+
+    def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
+                approximate: bool | None = None, model_version: int = 0) -> list[tuple[int, float]]:
+        """(image id, score) of the `top` best matches by VECTOR_DISTANCE, exactly (`approximate` True is refused:
+        the DiskANN index is a preview feature this store does not query)."""
+        if VECTOR_SEARCH not in self.capabilities:
+            return super().nearest(backbone, vector, method, top, exclude, approximate, model_version)
+        if method not in SCORES:
+            raise BadInput(f"the database ranks by {', '.join(SCORES)}, not {method!r}")
+        if approximate:
+            raise StoreError("SQL Server ranks exactly (VECTOR_DISTANCE): use --index exact or auto")
+        query = padded_json(np.asarray(vector, dtype=np.float32))
+        if query is None:
+            raise BadInput(f"{method} vectors of {len(vector)} values: VECTOR holds {VECTOR_DIMENSIONS} at most")
+        key = (int(model_version), method) if method in STORED_METHODS else (backbone,)
+        rows = self.db.query(f"SELECT TOP (?) v.image_id, {SCORES[method]} AS score FROM"
+                             f" ({ROWS[method in STORED_METHODS]}) AS v WHERE v.image_id NOT IN"
+                             " (SELECT id FROM OPENJSON(?) WITH (id int '$')) ORDER BY score DESC, v.image_id",
+                             (int(top), query, *key, json.dumps([int(i) for i in exclude])))
+        return [(int(i), float(score)) for i, score in rows]
+
+    def searchable(self, backbone: str, method: str, model_version: int = 0) -> bool:
+        if VECTOR_SEARCH not in self.capabilities:
+            return False
+        key = (int(model_version), method) if method in STORED_METHODS else (backbone,)
+        stored, featurized = self.db.first(f"SELECT (SELECT COUNT(*) FROM ({ROWS[method in STORED_METHODS]}) AS v),"
+                                           " (SELECT COUNT(*) FROM dbo.features WHERE backbone = ?)", (*key, backbone))
+        return stored == featurized > 0
+
+    def put_method_vectors(self, model_version: int, method: str, ids: Sequence[int], rows: np.ndarray) -> None:
+        values = [(int(model_version), method, int(i), padded_json(r))
+                  for i, r in zip(ids, np.asarray(rows, np.float32))]
+        self.db.query_many("INSERT INTO dbo.method_vectors (model_version, method, image_id, embedding)"
+                           " SELECT v.model_version, v.method, v.image_id, CAST(v.embedding AS VECTOR(1998))"
+                           " FROM (VALUES {rows}) AS v (model_version, method, image_id, embedding) WHERE NOT EXISTS"
+                           " (SELECT 1 FROM dbo.method_vectors AS o WITH (UPDLOCK, HOLDLOCK) WHERE o.model_version ="
+                           " v.model_version AND o.method = v.method AND o.image_id = v.image_id)",
+                           [v for v in values if v[3] is not None])
+
+    def method_vector_ids(self, model_version: int, method: str) -> set[int]:
+        return {int(i) for (i,) in self.db.query("SELECT image_id FROM dbo.method_vectors WHERE model_version = ?"
+                                                 " AND method = ?", (int(model_version), method))}
 
     def run_procedure(self, procedure: str, values: dict[str, Any]) -> tuple[list[str], list[tuple]]:
         """EXEC dbo.procedure @name = ?, ... with every value bound (names are plain identifiers)."""
