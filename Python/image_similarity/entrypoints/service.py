@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..pipeline.audit import relabel
 from ..pipeline.featurize import featurize
 from ..pipeline.rank import default_method, latest_model
 from ..pipeline.train import SimilarityModel
@@ -147,6 +148,15 @@ class Service:
             if removed:
                 self.current = without(self.current, image_id)
         return removed
+
+    def relabel(self, image_id: int, label: str, new_class: bool = False) -> tuple[str, str]:
+        """Relabel an image in the store (audit.relabel) and serve the catalogue with its new label at once;
+        (old label, new label)."""
+        with self.swap_lock:
+            with self.store_lock:
+                change = relabel(self.store, image_id, label, new_class)
+                self.current = load_snapshot(self.store, self.featurizer.backbone)
+        return change
 
     def waiting(self) -> tuple[int, int]:
         """(stored images, of them featurized with the service's backbone)."""

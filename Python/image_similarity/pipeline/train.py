@@ -86,29 +86,42 @@ class SimilarityModel:
                    params=record.params, version=record.version)
 
 
-def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
-            folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """(coef, intercept, best C, its cross-validated accuracy, temperature) of a LinearSVC on normalised
-    features; the temperature calibrates the best C's cross-validated scores (see `fit_temperature`)."""
+def group_folds(y: np.ndarray, folds: int = 5, seed: int = 0) -> StratifiedGroupKFold:
+    """Stratified, shuffled folds that keep each group (of near duplicates) whole: `folds` of them, fewer when the
+    smallest class has fewer images, and at least 2."""
+    min_count = min(np.sum(y == c) for c in np.unique(y))
+    return StratifiedGroupKFold(n_splits=max(2, min(folds, min_count)), shuffle=True, random_state=seed)
+
+
+def cross_validated_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
+                        folds: int = 5, seed: int = 0) -> tuple[LinearSVC, float, float, np.ndarray]:
+    """(LinearSVC of the best C fitted on all images, that C, its cross-validated accuracy, its held-out class
+    scores (n, n_classes): each image scored by the SVM of the folds without it) on normalised features."""
     X = l2_normalize(X)
     classes = np.unique(y)
     if len(classes) < 2:
         raise BadInput(f"need at least 2 classes to train, found {len(classes)}")
-    min_count = min(np.sum(y == c) for c in classes)
-    folds = max(2, min(folds, min_count))
     groups = groups if groups is not None else np.arange(len(y))
-    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    cv = group_folds(y, folds, seed)
     search = GridSearchCV(LinearSVC(dual="auto", max_iter=20000, random_state=seed), {"C": list(C)}, cv=cv, n_jobs=1)
     search.fit(X, y, groups=groups)
     svm = search.best_estimator_
     held_out = cross_val_predict(svm, X, y, groups=groups, cv=cv, method="decision_function")
-    coef, intercept = svm.coef_, svm.intercept_
-    if len(classes) == 2:  # LinearSVC keeps one row for two classes; make it one row per class
-        coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+    if len(classes) == 2:  # LinearSVC keeps one score for two classes; make it one per class
         held_out = np.column_stack([-held_out, held_out])
-    temperature = fit_temperature(held_out, np.searchsorted(classes, y))
-    return coef.astype(np.float32), intercept.astype(np.float32), float(search.best_params_["C"]), \
-        float(search.best_score_), temperature
+    return svm, float(search.best_params_["C"]), float(search.best_score_), held_out
+
+
+def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
+            folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """(coef, intercept, best C, its cross-validated accuracy, temperature) of a LinearSVC on normalised
+    features; the temperature calibrates the best C's cross-validated scores (see `fit_temperature`)."""
+    svm, best_c, cv_score, held_out = cross_validated_svm(X, y, groups, C, folds, seed)
+    coef, intercept = svm.coef_, svm.intercept_
+    if len(coef) == 1:  # two classes: one row per class
+        coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+    temperature = fit_temperature(held_out, np.searchsorted(np.unique(y), y))
+    return coef.astype(np.float32), intercept.astype(np.float32), best_c, cv_score, temperature
 
 
 def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:
