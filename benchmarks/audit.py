@@ -15,7 +15,6 @@ labels, on the labels after relabelling every suspect to its suggestion, and on 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from image_similarity.core.images import decode_image
-from image_similarity.pipeline.audit import CUTOFF, AuditReport, apply_suggestions, audit
+from image_similarity.pipeline.audit import CUTOFF, apply_suggestions, at_cutoff, audit
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.ingest import ingest, ingest_bytes
 from image_similarity.pipeline.split import split
@@ -50,11 +49,6 @@ def cached_store(folder: Path, cache: Path, featurizer: Featurizer) -> Path:
         featurize(store, featurizer, progress=False)
         store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return path
-
-
-def flagged(report: AuditReport, cutoff: float) -> set[int]:
-    """The suspects of `report` at a cut-off at or above the report's own."""
-    return {s.id for s in report.suspects if s.probability >= cutoff or "twin under another label" in s.reasons}
 
 
 def plant(store: Store, featurizer: Featurizer, share: float, duplicates: int, seed: int) -> tuple[set[int], set[int]]:
@@ -109,7 +103,7 @@ def measure(folder: Path, cache: Path, featurizer: Featurizer, share: float, dup
             own_ids = {s.id for s in own.suspects}
             at = {}
             for cutoff in CUTOFFS:
-                found = flagged(report, cutoff)
+                found = {s.id for s in at_cutoff(report, cutoff).suspects}
                 hits = len(found & planted)
                 at[f"{cutoff:g}"] = {"flagged": len(found), "planted_found": hits,
                                      "precision": hits / len(found) if found else float("nan"),
@@ -117,8 +111,8 @@ def measure(folder: Path, cache: Path, featurizer: Featurizer, share: float, dup
                                      else float("nan"),
                                      "recall": hits / len(planted), "recall_flips": len(found & flipped) / len(flipped),
                                      "recall_copies": len(found & copies) / len(copies) if copies else float("nan")}
-            chosen = flagged(report, CUTOFF)
-            fixed = dataclasses.replace(report, suspects=[s for s in report.suspects if s.id in chosen])
+            fixed = at_cutoff(report, CUTOFF)
+            chosen = {s.id for s in fixed.suspects}
             apply_suggestions(store, fixed)
             labels_now = {im.id: im.label for im in store.images()}
             right = sum(labels_now[i] == truth[i] for i in chosen if i in truth)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.web import create_app
-from image_similarity.pipeline.audit import audit
+from image_similarity.errors import BadInput
+from image_similarity.pipeline.audit import at_cutoff, audit
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest, ingest_bytes
 from image_similarity.pipeline.split import split
@@ -167,3 +168,11 @@ def test_rest_audit_relabel_and_remove_need_the_key(db, featurizer, planted):
             page = client.get("/").text
             assert 'id="audit-run"' in page and "/api/audit" in page
         assert {im.id: im.label for im in store.images()}[victim] == truth
+
+
+def test_a_report_filtered_to_a_higher_cutoff_is_the_audit_at_that_cutoff(planted):
+    with SQLiteStore(planted[0]) as store:
+        low, high = audit(store, cutoff=0.3), audit(store, cutoff=0.9)
+    assert at_cutoff(low, 0.9) == high and len(high.suspects) < len(low.suspects)
+    with pytest.raises(BadInput, match="from 0.3 to 1"):
+        at_cutoff(low, 0.2)

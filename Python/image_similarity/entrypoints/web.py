@@ -24,11 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady, Unavailable
-from ..pipeline.audit import CUTOFF, audit
+from ..pipeline.audit import CUTOFF
 from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import rank_with
 from ..search.methods import FEATURE_METHODS, METHODS
-from ..store import Store, connect
+from ..store import Store
 from .service import SerialFeaturizer, Service, Snapshot
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -354,12 +354,12 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         return LabelOut(id=image_id, label=label, previous=previous)
 
     @app.get("/api/audit", response_model=AuditOut, dependencies=reads,
-             summary="Catalogue images that are probably mislabelled (image-similarity audit), likeliest first")
-    def audit_labels(cutoff: Annotated[float, Query(gt=0, le=1, description="least probability of another class")]
+             summary="Catalogue images that are probably mislabelled (image-similarity audit), likeliest first",
+             responses={409: {"description": "too few images or classes to audit"}})
+    def audit_labels(cutoff: Annotated[float, Query(ge=0.01, le=1, description="least probability of another class")]
                      = CUTOFF, top: Annotated[int, Query(ge=1, le=1000, description="most suspects listed")] = 24
                      ) -> AuditOut:
-        with connect(service.db) as own:  # a connection of its own: the store lock is not held while it computes
-            report = audit(own, featurizer.backbone, cutoff)
+        report = service.audit(cutoff)
         found = report.to_dict()
         found["suspects"] = [SuspectOut(**s, url=f"/api/images/{s['id']}") for s in found["suspects"][:top]]
         return AuditOut(**found, total_suspects=len(report.suspects))

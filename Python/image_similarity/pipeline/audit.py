@@ -4,7 +4,7 @@ classes too small to learn; then relabel or remove them."""
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -116,6 +116,15 @@ def audit(store: Store, backbone: str | None = None, cutoff: float = CUTOFF, fol
     suspects.sort(key=lambda s: (-s.probability, s.label_probability, s.id))
     return AuditReport(backbone, len(images), counts, cutoff, folds, best_c, suspects, small,
                        [[Twin(images[n].id, images[n].name, images[n].label) for n in ns] for ns in conflicts])
+
+
+def at_cutoff(report: AuditReport, cutoff: float) -> AuditReport:
+    """The report as `audit` makes it at a cut-off at or above the report's own, without computing it again."""
+    if not report.cutoff <= cutoff <= 1:
+        raise BadInput(f"the cut-off must be from {report.cutoff:g} to 1, got {cutoff}")
+    suspects = [replace(s, reasons=reasons) for s in report.suspects
+                if (reasons := [r for r in s.reasons if r != "disputed" or s.probability >= cutoff])]
+    return replace(report, cutoff=cutoff, suspects=suspects)
 
 
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = FOLDS,
