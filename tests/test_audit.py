@@ -8,9 +8,12 @@ import json
 import shutil
 from pathlib import Path
 
+import needs
 import pytest
 from fastapi.testclient import TestClient
+from liveserver import serving
 from PIL import Image
+from test_web import CHROMIUM_FLAGS
 
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.web import create_app
@@ -176,3 +179,42 @@ def test_a_report_filtered_to_a_higher_cutoff_is_the_audit_at_that_cutoff(plante
     assert at_cutoff(low, 0.9) == high and len(high.suspects) < len(low.suspects)
     with pytest.raises(BadInput, match="from 0.3 to 1"):
         at_cutoff(low, 0.2)
+
+
+def test_page_shows_the_suspects_and_relabels_with_the_key(db, featurizer, planted):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    needs.chromium()
+    _, flips, copy = planted
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    with SQLiteStore(db) as store, serving(create_app(store, featurizer, api_key=KEY, featurize_added=False)) as url:
+        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+        try:
+            driver.get(f"{url}/")
+            wait = WebDriverWait(driver, 120)
+            driver.find_element(By.ID, "audit-run").click()
+            wait.until(lambda d: d.execute_script(
+                "const imgs = [...document.querySelectorAll('#suspects img')];"
+                "return imgs.length >= 3 && imgs.every(i => i.complete && i.naturalWidth > 0);"))
+            cards = {int(e.text.split()[0][1:]): e for e in driver.find_elements(By.CSS_SELECTOR, "#suspects li")}
+            assert {*flips, copy} <= set(cards)
+            victim, truth = next(iter(flips.items()))
+            assert f"striped → {truth}" in cards[victim].text
+            button = cards[victim].find_element(By.TAG_NAME, "button")
+            button.click()  # no key yet: refused, nothing changes
+            message = driver.find_element(By.ID, "audit-message")
+            wait.until(lambda d: message.get_attribute("class") == "error" and "API key" in message.text)
+            driver.find_element(By.ID, "key").send_keys(KEY)
+            button.click()
+            wait.until(lambda d: f"Image {victim}: striped → {truth}" in message.text)
+            assert victim not in [int(e.text.split()[0][1:])
+                                  for e in driver.find_elements(By.CSS_SELECTOR, "#suspects li")]
+        finally:
+            driver.quit()
+        assert {im.id: im.label for im in store.images()}[victim] == truth
