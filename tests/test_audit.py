@@ -110,7 +110,8 @@ def test_relabel_then_train_and_evaluate_use_the_new_label(db, capsys, tmp_path)
     with SQLiteStore(db) as store:
         confusion = store.evaluation().confusion
         labels = {im.id: im.label for im in store.images()}
-    test_counts = {true: sum(n for s, t, _, n in confusion if s == "test" and t == true) for true in ("dotted", "leopard")}
+    test_counts = {true: sum(n for s, t, _, n in confusion if s == "test" and t == true)
+                   for true in ("dotted", "leopard")}
     expected = {c: sum(1 for i, s in subsets.items() if s == "test" and labels[i] == c) for c in test_counts}
     assert test_counts == expected and labels[test_image.id] == "leopard"
 

@@ -172,14 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
                        description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/images/ID/neighbors, "
-                                   "/api/health, /api/model, /api/catalogue; OpenAPI schema at /openapi.json) and a "
-                                   "page at / to try it, on the latest model. A new model or newly featurized images "
-                                   "are picked up without a restart; uploads are limited to 10 MB. Catalogue writes "
-                                   "(POST and DELETE /api/images) need an API key.")
+                                   "/api/health, /api/model, /api/catalogue, /api/audit; OpenAPI schema at "
+                                   "/openapi.json) and a page at / to try it, on the latest model. A new model or newly featurized "
+                                   "images are picked up without a restart; uploads are limited to 10 MB. Catalogue "
+                                   "writes (POST and DELETE /api/images, PUT /api/images/ID/label) need an API key.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key-file", type=Path, metavar="FILE",
-                   help="file holding the API key that catalogue writes (POST/DELETE /api/images) need as "
+                   help="file holding the API key that catalogue writes (POST/DELETE /api/images, PUT .../label) "
+                        "need as "
                         "'Authorization: Bearer KEY' (default: the IMAGE_SIMILARITY_API_KEY environment variable; "
                         "with neither, writes answer 403)")
     p.add_argument("--protect-reads", action="store_true", help="reads need the API key too (not /api/health)")
