@@ -128,6 +128,7 @@ def measure(folder: Path, cache: Path, featurizer: Featurizer, share: float, dup
             "accuracy_true_labels": clean,
             "own_suspects": [{"id": s.id, "name": s.name, "label": s.label, "suggested": s.suggested,
                               "probability": round(s.probability, 3), "reasons": s.reasons} for s in own.suspects],
+            "own_conflicts": [[f"{t.id} {t.name} ({t.label})" for t in group] for group in own.conflicts],
             "seconds": time.perf_counter() - start}
 
 
@@ -147,6 +148,8 @@ def print_result(r: dict[str, Any]) -> None:
     for s in r["own_suspects"]:
         print(f"    {s['id']:>5} {s['name']}: {s['label']} -> {s['suggested']} ({s['probability']:.3f}) "
               f"[{'; '.join(s['reasons'])}]")
+    for group in r["own_conflicts"]:
+        print(f"  its near duplicates under different labels: {', '.join(group)}")
 
 
 def main(argv: list[str] | None = None) -> int:
