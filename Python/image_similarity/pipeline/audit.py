@@ -13,7 +13,7 @@ from scipy.special import softmax
 from ..core.dedup import near_duplicate_groups
 from ..errors import BadInput, NotFound, NotReady
 from ..store import Store
-from .train import C_GRID, cross_validated_svm, fit_temperature
+from .train import C_GRID, cross_validated_svm, fit_temperature, group_folds
 
 CUTOFF = 0.5
 """Flag an image when the out-of-fold probability of another class is at least this: the calibrated model finds
@@ -114,7 +114,8 @@ def audit(store: Store, backbone: str | None = None, cutoff: float = CUTOFF, fol
             suspects.append(Suspect(image.id, image.name, image.label, classes[top], float(pooled[n, top]), own,
                                     reasons, twins))
     suspects.sort(key=lambda s: (-s.probability, s.label_probability, s.id))
-    return AuditReport(backbone, len(images), counts, cutoff, folds, best_c, suspects, small,
+    used_folds = group_folds(labels[judged], folds).get_n_splits()  # fewer when a judged class is smaller
+    return AuditReport(backbone, len(images), counts, cutoff, used_folds, best_c, suspects, small,
                        [[Twin(images[n].id, images[n].name, images[n].label) for n in ns] for ns in conflicts])
 
 
