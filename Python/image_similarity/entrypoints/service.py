@@ -168,8 +168,10 @@ class Service:
                    hash(tuple((im.id, im.label) for im in self.store.images())))
         with self.audit_lock:
             if self._audit is None or self._audit[0] != key:
-                with connect(self.db) as own:
-                    self._audit = key, audit(own, self.featurizer.backbone, cutoff=AUDIT_FLOOR)
+                model = self.current.model
+                with connect(self.db) as own:  # the served model's C: no grid search while a client waits
+                    self._audit = key, audit(own, self.featurizer.backbone, cutoff=AUDIT_FLOOR,
+                                             C=model.params.get("C") if model else None)
             return at_cutoff(self._audit[1], cutoff)
 
     def waiting(self) -> tuple[int, int]:

@@ -103,13 +103,22 @@ def cross_validated_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None 
         raise BadInput(f"need at least 2 classes to train, found {len(classes)}")
     groups = groups if groups is not None else np.arange(len(y))
     cv = group_folds(y, folds, seed)
-    search = GridSearchCV(LinearSVC(dual="auto", max_iter=20000, random_state=seed), {"C": list(C)}, cv=cv, n_jobs=1)
+    search = GridSearchCV(linear_svm(seed), {"C": list(C)}, cv=cv, n_jobs=1)
     search.fit(X, y, groups=groups)
     svm = search.best_estimator_
+    return svm, float(search.best_params_["C"]), float(search.best_score_), held_out_scores(svm, X, y, groups, cv)
+
+
+def linear_svm(seed: int = 0, C: float = 1.0) -> LinearSVC:
+    """The SVM every model is fitted with."""
+    return LinearSVC(C=C, dual="auto", max_iter=20000, random_state=seed)
+
+
+def held_out_scores(svm: LinearSVC, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                    cv: StratifiedGroupKFold) -> np.ndarray:
+    """Each image's class scores (n, n_classes) from `svm` fitted on the folds without it."""
     held_out = cross_val_predict(svm, X, y, groups=groups, cv=cv, method="decision_function")
-    if len(classes) == 2:  # LinearSVC keeps one score for two classes; make it one per class
-        held_out = np.column_stack([-held_out, held_out])
-    return svm, float(search.best_params_["C"]), float(search.best_score_), held_out
+    return np.column_stack([-held_out, held_out]) if held_out.ndim == 1 else held_out  # two classes: one score
 
 
 def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
