@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import needs
@@ -219,3 +222,17 @@ def test_page_shows_the_suspects_and_relabels_with_the_key(db, featurizer, plant
         finally:
             driver.quit()
         assert {im.id: im.label for im in store.images()}[victim] == truth
+
+
+def test_the_benchmark_measures_planted_mistakes_on_real_photos(small_dir, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "Python"), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, str(root / "benchmarks" / "audit.py"), str(small_dir), "--flip", "0.06",
+               "--duplicates", "1", "--cache", str(tmp_path), "--json"]
+    (result,) = json.loads(subprocess.run(command, capture_output=True, text=True, env=env, timeout=900,
+                                          check=True).stdout)
+    assert (result["images"], result["flipped"], result["copies"]) == (36, 2, 1)
+    at = result["at_cutoff"]
+    assert at["flagged"] >= at["planted_found"] >= 2 and at["recall"] == at["planted_found"] / 3
+    assert set(result["by_cutoff"]) == {"0.34", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9"}
+    assert all(0 < result[k] <= 1 for k in ("accuracy_planted", "accuracy_corrected", "accuracy_true_labels"))
