@@ -177,6 +177,18 @@ def test_remove_image_takes_what_names_it(store, sample_dir):
     assert store.catalogue_stamp(BACKBONE) != before
 
 
+def test_relabel_image_changes_only_the_label(store, sample_dir):
+    ids = [store.add_image(im) for im in photos(sample_dir, 1)]
+    store.put_features(BACKBONE, ids, vectors(3))
+    store.put_split({i: "train" for i in ids}, 0, 0.0)
+    before = store.catalogue_stamp(BACKBONE)
+    assert store.relabel_image(ids[0], "striped") and not store.relabel_image(ids[-1] + 1, "striped")
+    assert [(r.id, r.label) for r in store.images()] == list(zip(ids, ["striped", "leopard", "striped"]))
+    assert store.find_sha256(store.images()[0].sha256).label == "striped"
+    assert store.split() == {i: "train" for i in ids} and store.feature_counts() == {BACKBONE: 3}
+    assert store.catalogue_stamp(BACKBONE) == before
+
+
 def test_neighbors_and_networks(store, sample_dir):
     ids = [store.add_image(im) for im in photos(sample_dir, 1)]
     rows = [(ids[0], 1, ids[2], 0.75), (ids[0], 2, ids[1], 0.5), (ids[1], 1, ids[0], 0.25)]

@@ -12,18 +12,13 @@ import pytest
 from fastapi.testclient import TestClient
 from support import needs
 from support.catalogues import copy_database
-from support.liveserver import load_benchmark, serve_command, serving
+from support.liveserver import CHROMIUM_FLAGS, load_benchmark, serve_command, serving
 
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.service import without
 from image_similarity.entrypoints.web import MAX_UPLOAD_BYTES, create_app
 from image_similarity.pipeline.rank import rank
 from image_similarity.store import SQLiteStore
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-first-run", "--window-size=1200,1100"]
-
 
 @pytest.fixture(scope="module")
 def web_db(full_db, tmp_path_factory) -> Path:

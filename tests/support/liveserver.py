@@ -1,5 +1,5 @@
-"""Helpers for the web tests: an app served by uvicorn from a thread on a free loopback port, and the load
-benchmark as a module."""
+"""Helpers for the web tests: an app served by uvicorn from a thread on a free loopback port, headless Chromium's
+flags, and the load benchmark as a module."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,6 +16,9 @@ import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--no-first-run", "--window-size=1200,1100"]
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
-from ..pipeline.reports import percent, print_class_notes, print_evaluation, print_left_out, print_ranking
+from ..pipeline.reports import percent, print_audit, print_class_notes, print_evaluation, print_left_out, print_ranking
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 from ..search.methods import METHODS
 from ..search.searchers import ANN_THRESHOLD, INDEXES
@@ -131,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true",
                    help="first remove the stored neighbours of this backbone and method (after images changed)")
 
+    p = sub.add_parser("audit", parents=[common], help="images that are probably mislabelled or duplicated",
+                       description="List the labelled images whose label the model disputes, from out-of-fold "
+                                   "class probabilities (each image judged by a model trained without it and its "
+                                   "near duplicates), near duplicates stored under different labels, and classes "
+                                   "too small to learn; likeliest mistakes first. Act on it with 'relabel' and "
+                                   "'remove' (or --apply), then train and evaluate again.")
+    p.add_argument("--backbone", metavar="NAME", help="features to judge by (default: the latest model's)")
+    p.add_argument("--cutoff", type=float, default=None, metavar="P",
+                   help="flag an image when another class has at least this out-of-fold probability "
+                        "(default: 0.5, more likely than its own label and the rest together)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds (default: 0)")
+    p.add_argument("--top", type=int, default=20, help="suspects printed in the table and drawn (default: 20)")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    p.add_argument("--sheet", type=Path, metavar="PNG", help="also draw the top suspects into this PNG")
+    p.add_argument("--apply", action="store_true",
+                   help="relabel every suspect to the class the model suggests (review the report first)")
+
+    p = sub.add_parser("relabel", parents=[common], help="give a stored image another label",
+                       description="Set the label of image ID; the next train and evaluate use it.")
+    p.add_argument("id", type=int, help="image id (see 'audit')")
+    p.add_argument("label", help="one of the stored classes")
+    p.add_argument("--new-class", action="store_true", help="allow a label that no stored image has yet")
+
+    p = sub.add_parser("remove", parents=[common], help="remove a stored image",
+                       description="Remove image ID with its features, split row, neighbours and the stored "
+                                   "rankings that name it.")
+    p.add_argument("id", type=int, help="image id (see 'audit')")
+
     p = sub.add_parser("run", parents=[common, net], help="every step, then rank a sample query",
                        description="Ingest DIR (default: the bundled sample), featurize, split, train, evaluate, "
                                    "print a summary, and rank one test image.")
@@ -144,14 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", parents=[common, net], help="web service and page: upload an image, see the top 10",
                        description="Serve a REST API (POST /api/rank, GET /api/images/ID, /api/images/ID/neighbors, "
-                                   "/api/health, /api/model, /api/catalogue; OpenAPI schema at /openapi.json) and a "
-                                   "page at / to try it, on the latest model. A new model or newly featurized images "
-                                   "are picked up without a restart; uploads are limited to 10 MB. Catalogue writes "
-                                   "(POST and DELETE /api/images) need an API key.")
+                                   "/api/health, /api/model, /api/catalogue, /api/audit; OpenAPI schema at "
+                                   "/openapi.json) and a page at / to try it, on the latest model. A new model or newly featurized "
+                                   "images are picked up without a restart; uploads are limited to 10 MB. Catalogue "
+                                   "writes (POST and DELETE /api/images, PUT /api/images/ID/label) need an API key.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key-file", type=Path, metavar="FILE",
-                   help="file holding the API key that catalogue writes (POST/DELETE /api/images) need as "
+                   help="file holding the API key that catalogue writes (POST/DELETE /api/images, PUT .../label) "
+                        "need as "
                         "'Authorization: Bearer KEY' (default: the IMAGE_SIMILARITY_API_KEY environment variable; "
                         "with neither, writes answer 403)")
     p.add_argument("--protect-reads", action="store_true", help="reads need the API key too (not /api/health)")
@@ -251,17 +280,57 @@ def cmd_rank(store, args) -> None:
     else:
         print_ranking(result)
     if args.plot:
-        from ..pipeline.plots import plt, ranking_plot
+        from ..pipeline.plots import ranking_plot
 
-        figure = ranking_plot(store, data, result)
-        try:
-            figure.savefig(args.plot, dpi=100)
-        except OSError as err:
-            raise BadInput(f"cannot write the plot {args.plot}: {err.strerror or err}") from None
-        finally:
-            plt.close(figure)
+        save_figure(ranking_plot(store, data, result), args.plot)
         if not args.json:
             print(f"  plot: {args.plot}")
+
+
+def save_figure(figure, path: Path) -> None:
+    """Write a figure as PNG and close it; BadInput, in one line, when the file cannot be written."""
+    from ..pipeline.plots import plt
+
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as err:
+        raise BadInput(f"cannot write the plot {path}: {err.strerror or err}") from None
+    finally:
+        plt.close(figure)
+
+
+def cmd_audit(store, args) -> None:
+    from ..pipeline.audit import CUTOFF, apply_suggestions, audit
+    from ..pipeline.plots import audit_sheet
+
+    if args.top < 1:
+        raise BadInput(f"--top must be at least 1, got {args.top}")
+    report = audit(store, args.backbone, CUTOFF if args.cutoff is None else args.cutoff, seed=args.seed)
+    if args.sheet:
+        save_figure(audit_sheet(store, report, args.top), args.sheet)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print_audit(report, args.top)
+        if args.sheet:
+            print(f"  contact sheet: {args.sheet}")
+    if args.apply:
+        print(f"relabelled {apply_suggestions(store, report)} images to the suggested class: "
+              "run train and evaluate again", file=sys.stderr if args.json else sys.stdout)
+
+
+def cmd_relabel(store, args) -> None:
+    from ..pipeline.audit import relabel
+
+    old, new = relabel(store, args.id, args.label, args.new_class)
+    print(f"image {args.id}: {old} -> {new} (run train and evaluate again)")
+
+
+def cmd_remove(store, args) -> None:
+    from ..pipeline.audit import remove
+
+    remove(store, args.id)
+    print(f"removed image {args.id} with its features, split row and neighbours")
 
 
 def neighbor_options(store, args) -> tuple[Any, str, str]:
@@ -419,7 +488,8 @@ def cmd_sql(store, args) -> None:
 
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
             "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run, "refine": cmd_refine,
-            "serve": cmd_serve, "neighbors": cmd_neighbors}
+            "serve": cmd_serve, "neighbors": cmd_neighbors, "audit": cmd_audit, "relabel": cmd_relabel,
+            "remove": cmd_remove}
 SPARK_STEPS = ("featurize", "neighbors")
 """--context spark: the commands that run on Spark."""
 

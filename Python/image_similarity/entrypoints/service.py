@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..pipeline.audit import AuditReport, at_cutoff, audit, relabel
 from ..pipeline.featurize import featurize
 from ..pipeline.rank import default_method, latest_model
 from ..pipeline.train import SimilarityModel
@@ -21,6 +22,8 @@ from ..search.searchers import DatabaseSearcher, Searcher, in_database, searcher
 from ..store import VECTOR_SEARCH, Store, StoreError, connect
 
 log = logging.getLogger("image_similarity.entrypoints.service")
+AUDIT_FLOOR = 1e-6
+"""The cut-off the service audits at, once per catalogue; each request's higher one filters that report."""
 
 
 class SerialFeaturizer:
@@ -136,7 +139,8 @@ class Service:
         self.store, self.featurizer, self.interval = store, featurizer, interval
         self.db = db or store.url
         """What the background featurizer connects to (a URL with the user name, which store.url leaves out)."""
-        self.store_lock, self.swap_lock = threading.Lock(), threading.Lock()
+        self.store_lock, self.swap_lock, self.audit_lock = threading.Lock(), threading.Lock(), threading.Lock()
+        self._audit: tuple[tuple, AuditReport] | None = None
         self.current = load_snapshot(store, featurizer.backbone, self.store_lock)
         self.reload_error: str | None = None
         self.featurize_added = featurize_added
@@ -165,6 +169,28 @@ class Service:
             if removed:
                 self.current = without(self.current, image_id)
         return removed
+
+    def relabel(self, image_id: int, label: str, new_class: bool = False) -> tuple[str, str]:
+        """Relabel an image in the store (audit.relabel) and serve the catalogue with its new label at once;
+        (old label, new label)."""
+        with self.swap_lock, self.store_lock:
+            change = relabel(self.store, image_id, label, new_class)
+            self.current = load_snapshot(self.store, self.featurizer.backbone)
+        return change
+
+    def audit(self, cutoff: float) -> AuditReport:
+        """The label audit of the catalogue at `cutoff`, computed on a connection of its own (the store lock is not
+        held meanwhile), one at a time, and again only when the features, model or labels changed."""
+        with self.store_lock:
+            key = (self.store.catalogue_stamp(self.featurizer.backbone),
+                   hash(tuple((im.id, im.label) for im in self.store.images())))
+        with self.audit_lock:
+            if self._audit is None or self._audit[0] != key:
+                model = self.current.model
+                with connect(self.db) as own:  # the served model's C: no grid search while a client waits
+                    self._audit = key, audit(own, self.featurizer.backbone, cutoff=AUDIT_FLOOR,
+                                             C=model.params.get("C") if model else None)
+            return at_cutoff(self._audit[1], cutoff)
 
     def waiting(self) -> tuple[int, int]:
         """(stored images, of them featurized with the service's backbone)."""

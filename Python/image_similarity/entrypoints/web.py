@@ -18,11 +18,13 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel
+from pydantic import Field as PydanticField
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady, Unavailable
+from ..pipeline.audit import CUTOFF
 from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import rank_with
 from ..search.methods import FEATURE_METHODS, METHODS
@@ -83,6 +85,47 @@ class AddedOut(BaseModel):
 class RemovedOut(BaseModel):
     id: int
     catalogue_size: int
+
+
+class LabelIn(BaseModel):
+    label: Annotated[str, PydanticField(min_length=1, max_length=MAX_LABEL, pattern=LABEL_PATTERN)]
+    new_class: bool = False
+    """Allow a label that no stored image has yet."""
+
+
+class LabelOut(BaseModel):
+    id: int
+    label: str
+    previous: str
+
+
+class TwinOut(BaseModel):
+    id: int
+    name: str
+    label: str
+
+
+class SuspectOut(TwinOut):
+    suggested: str
+    probability: float
+    label_probability: float
+    reasons: list[str]
+    twins: list[TwinOut]
+    url: str
+
+
+class AuditOut(BaseModel):
+    backbone: str
+    images: int
+    classes: dict[str, int]
+    cutoff: float
+    folds: int
+    C: float
+    suspects: list[SuspectOut]
+    """The likeliest label mistakes first (at most `top` of them)."""
+    total_suspects: int
+    small_classes: dict[str, int]
+    conflicts: list[list[TwinOut]]
 
 
 class CatalogueOut(BaseModel):
@@ -302,6 +345,24 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         if not removed:
             raise HTTPException(404, f"no image with id {image_id}")
         return RemovedOut(id=image_id, catalogue_size=len(service.current.catalogue))
+
+    @app.put("/api/images/{image_id}/label", response_model=LabelOut, dependencies=[Depends(can_write)],
+             summary="Give a catalogue image another label (needs the API key); the next train uses it",
+             responses={400: {"description": "unknown label"}, 404: {"description": "no such image"}, **denied})
+    def relabel_image(image_id: Annotated[int, Path(ge=1, le=MAX_ID)], body: LabelIn) -> LabelOut:
+        previous, label = service.relabel(image_id, body.label, body.new_class)
+        return LabelOut(id=image_id, label=label, previous=previous)
+
+    @app.get("/api/audit", response_model=AuditOut, dependencies=reads,
+             summary="Catalogue images that are probably mislabelled (image-similarity audit), likeliest first",
+             responses={409: {"description": "too few images or classes to audit"}})
+    def audit_labels(cutoff: Annotated[float, Query(ge=0.01, le=1, description="least probability of another class")]
+                     = CUTOFF, top: Annotated[int, Query(ge=1, le=1000, description="most suspects listed")] = 24
+                     ) -> AuditOut:
+        report = service.audit(cutoff)
+        found = report.to_dict()
+        found["suspects"] = [SuspectOut(**s, url=f"/api/images/{s['id']}") for s in found["suspects"][:top]]
+        return AuditOut(**found, total_suspects=len(report.suspects))
 
     @app.get("/api/catalogue", response_model=CatalogueOut, dependencies=reads,
              summary="The catalogue: stored images, how many wait to be featurized, the snapshot in use")

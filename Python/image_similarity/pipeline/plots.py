@@ -149,3 +149,31 @@ def ranking_plot(store: Store, query_data: bytes, result: RankResult) -> plt.Fig
     title = f"Top {len(result.matches)} for {result.query} by {result.method} ({result.backbone})"
     return ranking_grid_figure(decode_image(query_data), result.matches, images, known.label if known else None,
                                title)
+
+
+def audit_sheet_figure(suspects: list, images: dict[int, Image.Image], title: str = "") -> plt.Figure:
+    """A contact sheet of audit suspects: each image framed red with its id, its label and the suggested one."""
+    cols = min(6, max(1, len(suspects)))
+    rows = max(1, -(-len(suspects) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.8 * rows + 0.6), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for ax, s in zip(axes.ravel(), suspects):
+        ax.set_axis_on()
+        ax.imshow(_thumbnail(images[s.id]))
+        ax.set(xticks=[], yticks=[])
+        for spine in ax.spines.values():
+            spine.set(color=WRONG, linewidth=3)
+        ax.set_xlabel(f"#{s.id} {s.label}\n\u2192 {s.suggested} ({s.probability:.0%})", fontsize=9)
+    fig.suptitle(title or f"{len(suspects)} likeliest label mistakes: label \u2192 suggested (probability)",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def audit_sheet(store: Store, report, top: int = 24) -> plt.Figure:
+    """`audit_sheet_figure` of a report's `top` likeliest mistakes, images read from the store."""
+    suspects = report.suspects[:top]
+    return audit_sheet_figure(suspects, {s.id: decode_image(store.image_bytes(s.id)) for s in suspects},
+                              f"Audit of {report.images} images ({report.backbone}): the {len(suspects)} likeliest "
+                              f"label mistakes of {len(report.suspects)}, label \u2192 suggested (probability)")

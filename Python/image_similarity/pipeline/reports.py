@@ -69,3 +69,20 @@ def print_ranking(result) -> None:
     print(f"  {'rank':>4} {'id':>6} {'label':<12} {'score':>9}  name")
     for m in result.matches:
         print(f"  {m.rank:>4} {m.image_id:>6} {m.label:<12} {m.score:>9.4f}  {m.name}")
+
+
+def print_audit(report, top: int) -> None:
+    """The audit as a table: the `top` likeliest mistakes, then cross-label duplicates and small classes."""
+    print(f"audit of {report.images} images ({report.backbone}, {report.folds}-fold out-of-fold probabilities, "
+          f"C={report.C:g}): {len(report.suspects)} suspects at cut-off {report.cutoff:g}, "
+          f"{len(report.conflicts)} groups of near duplicates under different labels")
+    if report.suspects:
+        print(f"  {'id':>6}  {'label':<12} {'suggested':<12} {'p(sugg.)':>8} {'p(label)':>8}  name  [reasons; twins]")
+    for s in report.suspects[:top]:
+        twins = ", ".join(f"{t.id} {t.label}" for t in s.twins)
+        print(f"  {s.id:>6}  {s.label:<12} {s.suggested:<12} {s.probability:>8.3f} {s.label_probability:>8.3f}  "
+              f"{s.name}  [{'; '.join(s.reasons)}{'; twins: ' + twins if twins else ''}]")
+    if len(report.suspects) > top:
+        print(f"  ... {len(report.suspects) - top} more (--top, or --json for all)")
+    for c, n in report.small_classes.items():
+        print(f"  class {c!r} has only {n} images: too small to learn (not judged)")

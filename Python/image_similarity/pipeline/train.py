@@ -87,32 +87,59 @@ class SimilarityModel:
                    params=record.params, version=record.version)
 
 
-def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
-            folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, float, float]:
-    """(coef, intercept, best C, its cross-validated accuracy, temperature) of a LinearSVC on normalised
-    features; the temperature calibrates the best C's cross-validated scores (see `fit_temperature`)."""
+def group_folds(y: np.ndarray, groups: np.ndarray, folds: int = 5, seed: int = 0) -> list[tuple[np.ndarray,
+                                                                                           np.ndarray]]:
+    """(fit, held-out) positions of stratified, shuffled folds that keep each group (of near duplicates) whole:
+    `folds` of them, fewer when a class has fewer distinct groups, and at least 2. One line when a class would be
+    missing from a fold's fitting side (only near duplicates labelled differently can tie a class to one fold)."""
+    classes = np.unique(y)
+    folds = max(2, min(folds, min(len(np.unique(groups[y == c])) for c in classes)))
+    cv = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(y, y, groups))
+    missing = sorted({str(c) for fit, _ in cv for c in np.setdiff1d(classes, y[fit])})
+    if missing:
+        raise BadInput(f"cannot cross-validate {', '.join(missing)}: their photos are near duplicates of photos in "
+                       "other classes; give each photo one class")
+    return cv
+
+
+def cross_validated_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
+                        folds: int = 5, seed: int = 0) -> tuple[LinearSVC, float, float, np.ndarray]:
+    """(LinearSVC of the best C fitted on all images, that C, its cross-validated accuracy, its held-out class
+    scores (n, n_classes): each image scored by the SVM of the folds without it) on normalised features."""
     X = l2_normalize(X)
     classes = np.unique(y)
     if len(classes) < 2:
         raise BadInput(f"need at least 2 classes to train, found {len(classes)}")
     groups = groups if groups is not None else np.arange(len(y))
-    folds = max(2, min(folds, min(len(np.unique(groups[y == c])) for c in classes)))
-    cv = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(X, y, groups))
-    missing = sorted({str(c) for fit, _ in cv for c in np.setdiff1d(classes, y[fit])})
-    if missing:  # only near duplicates labelled differently can tie a class to one fold
-        raise BadInput(f"cannot cross-validate {', '.join(missing)}: their photos are near duplicates of photos in "
-                       "other classes; give each photo one class")
-    search = GridSearchCV(LinearSVC(dual="auto", max_iter=20000, random_state=seed), {"C": list(C)}, cv=cv, n_jobs=1)
+    cv = group_folds(y, groups, folds, seed)
+    search = GridSearchCV(linear_svm(seed), {"C": list(C)}, cv=cv, n_jobs=1)
     search.fit(X, y, groups=groups)
     svm = search.best_estimator_
+    return svm, float(search.best_params_["C"]), float(search.best_score_), held_out_scores(svm, X, y, groups, cv)
+
+
+def linear_svm(seed: int = 0, C: float = 1.0) -> LinearSVC:
+    """The SVM every model is fitted with."""
+    return LinearSVC(C=C, dual="auto", max_iter=20000, random_state=seed)
+
+
+def held_out_scores(svm: LinearSVC, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                    cv: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each image's class scores (n, n_classes) from `svm` fitted on the folds without it."""
     held_out = cross_val_predict(svm, X, y, groups=groups, cv=cv, method="decision_function")
+    return np.column_stack([-held_out, held_out]) if held_out.ndim == 1 else held_out  # two classes: one score
+
+
+def fit_svm(X: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None, C: Sequence[float] = C_GRID,
+            folds: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+    """(coef, intercept, best C, its cross-validated accuracy, temperature) of a LinearSVC on normalised
+    features; the temperature calibrates the best C's cross-validated scores (see `fit_temperature`)."""
+    svm, best_c, cv_score, held_out = cross_validated_svm(X, y, groups, C, folds, seed)
     coef, intercept = svm.coef_, svm.intercept_
-    if len(classes) == 2:  # LinearSVC keeps one row for two classes; make it one row per class
+    if len(coef) == 1:  # two classes: one row per class
         coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
-        held_out = np.column_stack([-held_out, held_out])
-    temperature = fit_temperature(held_out, np.searchsorted(classes, y))
-    return coef.astype(np.float32), intercept.astype(np.float32), float(search.best_params_["C"]), \
-        float(search.best_score_), temperature
+    temperature = fit_temperature(held_out, np.searchsorted(np.unique(y), y))
+    return coef.astype(np.float32), intercept.astype(np.float32), best_c, cv_score, temperature
 
 
 def fit_temperature(scores: np.ndarray, y: np.ndarray) -> float:

@@ -233,6 +233,11 @@ class Store(abc.ABC):
         transaction; False when there is no such image."""
 
     @abc.abstractmethod
+    def relabel_image(self, image_id: int, label: str) -> bool:
+        """Set an image's label (issue 31); False when there is no such image. Train and evaluate read labels from
+        here, so the next model learns the new one; the split, features and neighbours stay."""
+
+    @abc.abstractmethod
     def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:
         """(latest model version, latest evaluation id, number and largest image id of the backbone's features),
         0 for none: cheap to read, and it changes whenever train, evaluate, featurize or a removal changes what

@@ -225,6 +225,10 @@ class SQLStore(Store):
             self._run("DELETE FROM {neighbors} WHERE neighbor_id = ?", int(image_id))
             return self.db.count(self.d.sql("DELETE FROM {images} WHERE id = ?"), (int(image_id),)) == 1
 
+    def relabel_image(self, image_id: int, label: str) -> bool:
+        with self.db.transaction():
+            return self.db.count(self.d.sql("UPDATE {images} SET label = ? WHERE id = ?"), (label, int(image_id))) == 1
+
     def catalogue_stamp(self, backbone: str) -> tuple[int, int, int, int]:
         row = self._rows("SELECT (SELECT MAX(version) FROM {models}), (SELECT MAX(id) FROM {evaluations}),"
                          " COUNT(*), MAX(image_id) FROM {features} WHERE backbone = ?", backbone)[0]
