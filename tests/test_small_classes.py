@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import pgserver
 from support.catalogues import copy_database
 from support.tsql import Server, SqlError, install
 

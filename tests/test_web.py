@@ -20,6 +20,7 @@ from image_similarity.entrypoints.web import MAX_UPLOAD_BYTES, create_app
 from image_similarity.pipeline.rank import rank
 from image_similarity.store import SQLiteStore
 
+
 @pytest.fixture(scope="module")
 def web_db(full_db, tmp_path_factory) -> Path:
     """A private copy of the full database (images, features, model, evaluation)."""
