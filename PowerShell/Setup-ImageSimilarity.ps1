@@ -85,9 +85,13 @@ function Invoke-Batch([string]$Catalog, [string]$Sql, [hashtable]$Parameters = @
 }
 
 function Get-Scalar([string]$Catalog, [string]$Sql) {
+    # A SQL NULL read from a DataTable is [DBNull]::Value, which PowerShell does not treat as $null
+    # (PowerShell PR #11584, reverted; issue #11604): give callers $null for it.
     $table = Invoke-Batch $Catalog $Sql
     if ($table.Rows.Count -eq 0) { return $null }
-    return $table.Rows[0][0]
+    $value = $table.Rows[0][0]
+    if ($value -is [DBNull]) { return $null }
+    return $value
 }
 
 function Invoke-Step([string]$Name, [scriptblock]$Action) {
@@ -126,15 +130,29 @@ function Get-ServiceNames([string]$Instance) {
     return @("MSSQL`$$Instance", "MSSQLLaunchpad`$$Instance")
 }
 
+function Invoke-Native([string]$FilePath, [string[]]$Arguments, [switch]$AllowFailure) {
+    # The only place a native command runs. Windows PowerShell 5.1 and PowerShell 7.0-7.1 turn each line a
+    # native command writes to stderr into an error record, which $ErrorActionPreference = 'Stop' makes a
+    # terminating error (PowerShell PR #13361, issue #14273); 7.3+ can also stop on a non-zero exit code
+    # ($PSNativeCommandUseErrorActionPreference). Here stderr is plain text and the exit code alone decides.
+    $ErrorActionPreference = 'Continue'
+    $PSNativeCommandUseErrorActionPreference = $false
+    $output = @(& $FilePath @Arguments 2>&1 | ForEach-Object { "$_" })
+    $code = $LASTEXITCODE
+    if ($code -ne 0 -and -not $AllowFailure) {
+        $last = if ($output.Count) { $output[-1] } else { 'no output' }
+        throw "$(Split-Path -Leaf $FilePath) exited with code ${code}: $last"
+    }
+    return [pscustomobject]@{ ExitCode = $code; Output = $output }
+}
+
 function Get-PythonVersion([string]$Python) {
-    $version = & $Python -c "import sys; print('%d.%d' % sys.version_info[:2])"
-    if ($LASTEXITCODE -ne 0) { throw "$Python does not run." }
-    return [version]$version
+    $result = Invoke-Native $Python @('-c', "import sys; print('%d.%d' % sys.version_info[:2])")
+    return [version]$result.Output[-1]
 }
 
 function Test-PythonImport([string]$Python, [string]$Module) {
-    & $Python -c "import $Module" 2>$null
-    return $LASTEXITCODE -eq 0
+    return (Invoke-Native $Python @('-c', "import $Module") -AllowFailure).ExitCode -eq 0
 }
 
 $identity = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()
@@ -162,7 +180,7 @@ Invoke-Check "SQL Server version of instance $Instance" {
 Invoke-Step "install Python 3.10 into $PythonHome" {
     if (Test-Path -LiteralPath $Python) { Write-Host '    already installed'; return }
     if (-not $PythonInstaller) {
-        throw "no Python in $PythonHome: install Python 3.10 (64-bit, for all users) there, or pass -PythonInstaller."
+        throw "no Python in ${PythonHome}: install Python 3.10 (64-bit, for all users) there, or pass -PythonInstaller."
     }
     $process = Start-Process -FilePath $PythonInstaller -Wait -PassThru -ArgumentList @(
         '/quiet', 'InstallAllUsers=1', 'PrependPath=0', 'Include_test=0', "TargetDir=`"$PythonHome`"")
@@ -182,15 +200,13 @@ Invoke-Step 'install revoscalepy into the runtime' {
     if (-not $RevoscalepyWheel) {
         throw 'revoscalepy is missing: download the revoscalepy 10.0.1 wheel for Python 3.10 named in Microsoft''s SQL Server 2022 installation guide and pass -RevoscalepyWheel.'
     }
-    & $Python -m pip install --no-input dill 'numpy==1.22.0' pandas patsy python-dateutil
-    if ($LASTEXITCODE -ne 0) { throw "pip could not install revoscalepy's dependencies (exit code $LASTEXITCODE)." }
-    & $Python -m pip install --no-input $RevoscalepyWheel
-    if ($LASTEXITCODE -ne 0) { throw "pip could not install $RevoscalepyWheel (exit code $LASTEXITCODE)." }
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', 'dill', 'numpy==1.22.0', 'pandas', 'patsy',
+            'python-dateutil'))
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', $RevoscalepyWheel))
 }
 
 Invoke-Step 'install image_similarity into the runtime' {
-    & $Python -m pip install --no-input $RepoRoot
-    if ($LASTEXITCODE -ne 0) { throw "pip install into $Python failed (exit code $LASTEXITCODE)." }
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', $RepoRoot))
     if (-not (Test-PythonImport $Python 'image_similarity.contexts.inproc')) { throw 'image_similarity does not import.' }
     if ($WeightsFile) {
         $weights = Join-Path $PythonHome 'share\image-similarity\weights'
@@ -201,15 +217,15 @@ Invoke-Step 'install image_similarity into the runtime' {
 
 Invoke-Step 'grant the Launchpad sandbox read access and register the runtime' {
     foreach ($account in @("NT Service\$($Services[1])", '*S-1-15-2-1')) {
-        & icacls $PythonHome /grant "${account}:(OI)(CI)RX" /T /Q | Out-Null
-        if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account read access to $PythonHome." }
+        [void](Invoke-Native 'icacls' @($PythonHome, '/grant', "${account}:(OI)(CI)RX", '/T', '/Q'))
     }
-    $registerRext = Join-Path $script:Folder.SqlPath 'Binn\RegisterRext.exe'
+    # Install SQL Server 2022 Machine Learning Services on Windows: revoscalepy's wheel puts RegisterRext.exe in
+    # <PythonHome>\Lib\site-packages\revoscalepy\rxLibs, and the page runs it from there.
+    $registerRext = Join-Path $PythonHome 'Lib\site-packages\revoscalepy\rxLibs\RegisterRext.exe'
     if (-not (Test-Path -LiteralPath $registerRext)) {
-        throw "no $registerRext: add the Machine Learning Services and Language Extensions feature with SQL Server Setup."
+        throw "no ${registerRext}: install revoscalepy into $PythonHome (-RevoscalepyWheel), which ships it."
     }
-    & $registerRext /configure /pythonhome:"$PythonHome" /instance:"$Instance"
-    if ($LASTEXITCODE -ne 0) { throw "RegisterRext.exe failed (exit code $LASTEXITCODE)." }
+    [void](Invoke-Native $registerRext @('/configure', "/pythonhome:$PythonHome", "/instance:$Instance"))
 }
 
 Invoke-Step 'enable external scripts and restart the engine and Launchpad' {
