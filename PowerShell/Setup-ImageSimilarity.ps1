@@ -47,6 +47,8 @@ Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
 $RepoRoot = Split-Path -Parent $PSScriptRoot
 $SqlDir = Join-Path $RepoRoot 'SQLR'
+# The versions resolved for win_amd64 / Python 3.10 with revoscalepy's numpy 1.22.0 (docs/sqlserver-setup.md).
+$Constraints = Join-Path $PSScriptRoot 'constraints-sqlserver.txt'
 $SqlServerKey = 'HKLM:\SOFTWARE\Microsoft\Microsoft SQL Server'
 
 function Get-ConnectionString([string]$Catalog) {
@@ -200,13 +202,14 @@ Invoke-Step 'install revoscalepy into the runtime' {
     if (-not $RevoscalepyWheel) {
         throw 'revoscalepy is missing: download the revoscalepy 10.0.1 wheel for Python 3.10 named in Microsoft''s SQL Server 2022 installation guide and pass -RevoscalepyWheel.'
     }
-    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', 'dill', 'numpy==1.22.0', 'pandas', 'patsy',
-            'python-dateutil'))
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', '-c', $Constraints, 'dill', 'numpy==1.22.0',
+            'pandas', 'patsy', 'python-dateutil'))
     [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', $RevoscalepyWheel))
 }
 
 Invoke-Step 'install image_similarity into the runtime' {
-    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', $RepoRoot))
+    # -c keeps numpy at revoscalepy's 1.22.0 and every other package at the version resolved with it.
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', '-c', $Constraints, $RepoRoot))
     if (-not (Test-PythonImport $Python 'image_similarity.contexts.inproc')) { throw 'image_similarity does not import.' }
     if ($WeightsFile) {
         $weights = Join-Path $PythonHome 'share\image-similarity\weights'

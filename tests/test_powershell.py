@@ -92,6 +92,11 @@ def test_old_versions_fail_early_and_the_package_installs_the_supported_way():
     assert "--upgrade" not in text and re.search(r"Invoke-Native \$Python @\('-m', 'pip', 'install', '--no-input'.*"
                                                   r"\$RepoRoot\)", text)
     assert "$version.Minor -ne 10" in text and "Test-PythonImport $Python 'revoscalepy'" in text
+    # issue 27, defect 2: both pip steps hold numpy at revoscalepy's 1.22.0 and the rest at the resolved versions
+    installs = re.findall(r"Invoke-Native \$Python @\('-m', 'pip', 'install', '--no-input', '-c', \$Constraints", text)
+    assert len(installs) == 2 and "$Constraints = Join-Path $PSScriptRoot 'constraints-sqlserver.txt'" in text
+    pins = (ROOT / "PowerShell" / "constraints-sqlserver.txt").read_text()
+    assert re.search(r"^numpy==1\.22\.0$", pins, re.MULTILINE) and re.search(r"^torch==2\.13\.0$", pins, re.MULTILINE)
 
 
 def test_enabling_external_scripts_restarts_and_checks_value_in_use():
