@@ -14,11 +14,10 @@
       3. Installs the image_similarity package (with torch) into that runtime with pip, as the guide installs
          packages into it; -WeightsFile copies backbone weights no package ships to where the sandbox reads them.
       4. Enables 'external scripts enabled', restarts the engine and Launchpad, and checks value_in_use.
-      5. Checks from T-SQL that Python runs and imports the package (sp_execute_external_script).
-      6. Runs SQLR\NN_*.sql in order (those marked '-- requires: vector' only where the VECTOR type exists),
-         checking that each script's tables and procedures exist afterwards.
-      7. Loads every image under -ImageFolder (one sub-folder per class) with dbo.AddImage.
-      8. Runs dbo.Initial_Run_Once and prints its summary.
+      5. Runs 'image-similarity sqlserver deploy' with the runtime's Python: it checks that Python 3.10 and the
+         package answer from sp_execute_external_script, runs SQLR\NN_*.sql in order (those marked
+         '-- requires: vector' only where the VECTOR type exists) checking what each creates, loads every image
+         under -ImageFolder with dbo.AddImage and runs dbo.Initial_Run_Once, printing each step.
     Safe to re-run: every step checks first and skips what is already there. Stops at the first error with a
     message naming the step. -WhatIf shows the changing steps without making them (the checks still run).
 
@@ -209,7 +208,7 @@ Invoke-Step 'install revoscalepy into the runtime' {
 
 Invoke-Step 'install image_similarity into the runtime' {
     # -c keeps numpy at revoscalepy's 1.22.0 and every other package at the version resolved with it.
-    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', '-c', $Constraints, $RepoRoot))
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', '-c', $Constraints, "$RepoRoot[mssql]"))
     if (-not (Test-PythonImport $Python 'image_similarity.contexts.inproc')) { throw 'image_similarity does not import.' }
     if ($WeightsFile) {
         $weights = Join-Path $PythonHome 'share\image-similarity\weights'
@@ -241,55 +240,20 @@ Invoke-Step 'enable external scripts and restart the engine and Launchpad' {
     if ($inUse -ne 1) { throw "'external scripts enabled' is still not in use after the restart." }
 }
 
-Invoke-Check 'SQL Server runs Python 3.10 with image_similarity' {
-    $check = Invoke-Batch 'master' @'
-EXEC sp_execute_external_script @language = N'Python', @script = N'
-import sys, pandas as pd, image_similarity.contexts.inproc
-OutputDataSet = pd.DataFrame([("%d.%d" % sys.version_info[:2], sys.executable)])'
-WITH RESULT SETS ((python nvarchar(16), executable nvarchar(400)));
-'@
-    if ($check.Rows.Count -ne 1 -or $check.Rows[0]['python'] -ne '3.10') {
-        throw 'sp_execute_external_script does not run Python 3.10 with image_similarity; see the README''s SQL Server section.'
+Invoke-Step "deploy into $Database with image-similarity sqlserver deploy" {
+    # Everything that talks to SQL Server is one Python command, run by the runtime's own Python (which has the
+    # package): the checks, SQLR\ in order with what each script creates, the images, dbo.Initial_Run_Once, and
+    # whether Python 3.10 and the package answer from sp_execute_external_script (docs/sqlserver-setup.md).
+    $UserAt = if ($Authentication -eq 'Sql') { "$($Credential.UserName)@" } else { '' }
+    if ($Authentication -eq 'Sql') { $env:IMAGE_SIMILARITY_DB_PASSWORD = $Credential.GetNetworkCredential().Password }
+    $Images = (Resolve-Path -LiteralPath $ImageFolder).Path
+    try {
+        $deploy = Invoke-Native $Python @('-m', 'image_similarity.entrypoints.cli', 'sqlserver', 'deploy', '--db',
+            "mssql://$UserAt$Server/$Database", '--images', "$Images", '--backbone', "$Backbone", '--sqlr', "$SqlDir")
+        $deploy.Output | ForEach-Object { Write-Host "    $_" }
+    } finally {
+        Remove-Item -LiteralPath Env:IMAGE_SIMILARITY_DB_PASSWORD -ErrorAction SilentlyContinue
     }
-    Write-Host "    Python $($check.Rows[0]['python']) at $($check.Rows[0]['executable'])"
-}
-
-# -Filter goes to the file-system API, which knows only * and ?: the numbered-name test is a regex after it.
-$scripts = Get-ChildItem -LiteralPath $SqlDir -Filter '*.sql' -File | Where-Object Name -match '^\d\d_' | Sort-Object Name
-foreach ($file in $scripts) {
-    $text = Get-Content -Raw -LiteralPath $file.FullName
-    if ($text.StartsWith('-- requires: vector') -and $null -eq (Get-Scalar 'master' "SELECT TYPE_ID(N'vector');")) {
-        Write-Host "    skipping SQLR\$($file.Name): this server has no VECTOR type"
-        continue
-    }
-    Invoke-Step "run SQLR\$($file.Name)" {
-        # The database script runs in master with the sqlcmd variable DatabaseName; the others in the database.
-        $catalog = if ($file.Name -like '01_*') { 'master' } else { $Database }
-        foreach ($batch in [regex]::Split($text.Replace('$(DatabaseName)', $Database), '(?im)^\s*GO\s*$')) {
-            if ($batch.Trim()) { [void](Invoke-Batch $catalog $batch) }
-        }
-        $objects = [regex]::Matches($text, '(?i)CREATE (?:OR ALTER PROCEDURE|TABLE) dbo\.(\w+)') | ForEach-Object { $_.Groups[1].Value }
-        foreach ($object in $objects) {
-            if ($null -eq (Get-Scalar $Database "SELECT OBJECT_ID(N'dbo.$object');")) { throw "dbo.$object was not created." }
-        }
-    }
-}
-
-Invoke-Step "load images from $ImageFolder" {
-    $folder = (Resolve-Path $ImageFolder).Path
-    foreach ($class in Get-ChildItem -LiteralPath $folder -Directory | Sort-Object Name) {
-        foreach ($image in Get-ChildItem -LiteralPath $class.FullName -File -Recurse | Sort-Object FullName) {
-            $name = $image.FullName.Substring($folder.Length + 1).Replace('\', '/')
-            [void](Invoke-Batch $Database 'EXEC dbo.AddImage @name = @name, @label = @label, @data = @data;' @{
-                    name = $name; label = $class.Name; data = [System.IO.File]::ReadAllBytes($image.FullName)
-                })
-        }
-    }
-}
-
-Invoke-Step 'run dbo.Initial_Run_Once' {
-    $summary = Invoke-Batch $Database 'EXEC dbo.Initial_Run_Once @backbone = @backbone;' @{ backbone = $Backbone }
-    $summary | Format-Table -AutoSize | Out-String | Write-Host
 }
 
 Write-Host "Done: $Database on $Server. Rank a query with: EXEC dbo.RankCandidates @query = <varbinary(max)>;"

@@ -30,43 +30,18 @@ def commands(name: str) -> list[str]:
             if n.children and n.children[0].text.decode().lower() == name.lower()]
 
 
-def file_system_filter(pattern: str, name: str) -> bool:
-    """Get-ChildItem -Filter: passed to the file-system API, whose only wildcards are * and ? (brackets are
-    literal characters there, unlike PowerShell's -Include/-Like patterns); case-insensitive."""
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, name, re.IGNORECASE | re.DOTALL) is not None
-
-
-def sql_listing(names: list[str]) -> list[str]:
-    """The SQLR\\ files the script's listing picks, with the documented semantics of each pipeline stage."""
-    (listing,) = [c for c in commands("Get-ChildItem") if "$SqlDir" in c]
-    line = next(line for line in SCRIPT.read_text().splitlines() if listing in line)
-    pattern = re.search(r"-Filter '([^']*)'", listing).group(1)
-    chosen = [n for n in names if file_system_filter(pattern, n)]
-    for match in re.findall(r"Where-Object Name -match '([^']*)'", line):  # -match: case-insensitive regex
-        chosen = [n for n in chosen if re.search(match, n, re.IGNORECASE)]
-    assert re.search(r"\|\s*Sort-Object Name\s*$", line)
-    return sorted(chosen, key=str.lower)
-
-
 def test_setup_script_parses_without_errors():
     source = SCRIPT.read_bytes()
     assert not parse(source).has_error
-    assert parse(source.replace(b"if ($batch.Trim()) {", b"if ($batch.Trim() {")).has_error  # the grammar bites
+    assert parse(source.replace(b"if ($code -ne 0 -and", b"if ($code -ne 0 -and (")).has_error  # the grammar bites
 
 
-def test_no_wildcard_the_file_system_cannot_read_goes_to_filter():
-    """Defect 1: -Filter '[0-9][0-9]_*.sql' matched nothing, so no SQL script ran."""
-    filters = re.findall(r"-Filter\s+'([^']*)'", SCRIPT.read_text())
-    assert filters and not any(set(f) & set("[]") for f in filters)
-
-
-def test_the_listing_finds_every_numbered_script_in_order():
-    names = [p.name for p in (ROOT / "SQLR").iterdir() if p.is_file()]
-    numbered = sorted(n for n in names if re.fullmatch(r"\d\d_.*\.sql", n))
-    assert sql_listing(names) == numbered and len(numbered) >= 10  # other helpers' 10_, 11_ files too
-    assert "FileTable_Optional.sql" not in sql_listing(names)
-    assert sql_listing(["01_a.sql", "1_b.sql", "02_c.SQL", "03_d.sql.bak", "x_04_e.sql"]) == ["01_a.sql", "02_c.SQL"]
+def test_sql_server_work_is_left_to_the_deploy_command():
+    """Issue 27: the setup runs no SQLR\\ script, loads no image and runs no procedure itself: it calls
+    `image-similarity sqlserver deploy` (tests/test_sqlserver_deploy.py runs that call on the emulated server)."""
+    text = SCRIPT.read_text()
+    assert "$SqlDir" not in " ".join(commands("Get-ChildItem")) and "Invoke-Batch $Database" not in text
+    assert re.search(r"Invoke-Native \$Python @\('-m', 'image_similarity.entrypoints.cli', 'sqlserver', 'deploy'", text)
 
 
 def test_python_runtime_is_found_for_the_named_instance_per_version():
@@ -87,10 +62,10 @@ def test_old_versions_fail_early_and_the_package_installs_the_supported_way():
     """Defect 3: SQL Server 2019's Python 3.7 cannot host the package; pip --upgrade under revoscalepy."""
     text = SCRIPT.read_text()
     gate = text.index("$script:MajorVersion -in 14, 15")
-    first_change = min(text.index(f"Invoke-Step \"{s}") for s in ("install Python", "run SQLR"))
+    first_change = min(text.index(f"Invoke-Step \"{s}") for s in ("install Python", "deploy into"))
     assert gate < first_change and "Python 3.5/3.7" in text[gate:first_change] and "2022 or 2025" in text[gate:]
     assert "--upgrade" not in text and re.search(r"Invoke-Native \$Python @\('-m', 'pip', 'install', '--no-input'.*"
-                                                  r"\$RepoRoot\)", text)
+                                                  r"\"\$RepoRoot\[mssql\]\"\)", text)
     assert "$version.Minor -ne 10" in text and "Test-PythonImport $Python 'revoscalepy'" in text
     # issue 27, defect 2: both pip steps hold numpy at revoscalepy's 1.22.0 and the rest at the resolved versions
     installs = re.findall(r"Invoke-Native \$Python @\('-m', 'pip', 'install', '--no-input', '-c', \$Constraints", text)
@@ -115,8 +90,7 @@ def test_setup_script_supports_whatif_and_guards_every_step():
     assert "$ErrorActionPreference = 'Stop'" in text and "IsInRole" in text
     steps = re.findall(r"^\s*Invoke-(Step|Check) ['\"]([^'\"]+)", text, re.MULTILINE)
     assert [s.split()[0] for _, s in steps] == ["SQL", "install", "the", "install", "install", "grant", "enable",
-                                                "SQL", "run", "load", "run"]
-    assert "dbo.Initial_Run_Once" in text and "sp_execute_external_script" in text  # the Python check
+                                                "deploy"]
     # what it prints or throws never contains the credential or the connection string
     printed = [re.split(r"Write-\w+|throw ", line, maxsplit=1)[-1] for line in text.splitlines()
                if re.search(r"Write-(Host|Output|Verbose)|throw ", line)]
@@ -179,8 +153,7 @@ def test_sql_nulls_read_from_a_data_table_become_null_before_any_null_test():
     scalar = functions()["Get-Scalar"].text.decode()
     convert = re.search(r"if \(\$value -is \[DBNull\]\) \{ return \$null \}", scalar)
     assert convert and scalar.index("$value = $table.Rows[0][0]") < convert.start() < scalar.rindex("return $value")
-    null_tests = re.findall(r"\$null -eq \(([^)]*)", text)
-    assert null_tests and all(t.startswith("Get-Scalar ") for t in null_tests)
+    assert all(t.startswith("Get-Scalar ") for t in re.findall(r"\$null -eq \(([^)]*)", text))
     assert not re.search(r"Rows\[\d\]\[[^\]]+\]\s*-eq\s*\$null|\$null\s*-eq\s*\$\w+\.Rows", text)
 
 

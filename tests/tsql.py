@@ -498,6 +498,8 @@ class Server:
         self.conn.executemany("INSERT INTO database_scoped_configurations VALUES (?, 0)",
                               [("PREVIEW_FEATURES",), ("ALLOW_STALE_VECTOR_INDEX",)])
         self.conn.execute("CREATE TABLE indexes (name TEXT)")
+        self.conn.execute("CREATE TABLE configurations (name TEXT, value_in_use INTEGER)")
+        self.conn.execute("INSERT INTO configurations VALUES ('external scripts enabled', 1)")
         for name, arity, fn in [
             ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
             ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
@@ -511,6 +513,8 @@ class Server:
             ("DB_ID", 1, lambda name: 1), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
             ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
+            ("SERVERPROPERTY", 1, lambda name: {"productmajorversion": "17" if self.vector_type else "16"}.get(
+                name.lower())),
             ("DATABASE_PRINCIPAL_ID", 1, lambda name: 1 if name.lower() in self.principals else None),
             ("tsql_vector_index_read_only", 1, self._read_only),
         ]:
@@ -1073,7 +1077,12 @@ class ClientCursor:
         text = "".join(part if k % 2 else re.sub(r"\?", lambda _: f"@p{next(numbers)}", part)
                        for k, part in enumerate(parts))
         values = {f"p{k}": v for k, v in enumerate(params, 1)}
-        if text.split()[0].upper() in ("EXEC", "EXECUTE"):
+        called = text.split()[1].split(".")[-1].rstrip(";").lower() if len(text.split()) > 1 else ""
+        if not params and (text.split()[0].upper() not in ("SELECT", "EXEC", "EXECUTE")
+                           or called not in server.procedures):  # a batch: scripts, external scripts
+            results = server.run_batch(text)
+            self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
+        elif text.split()[0].upper() in ("EXEC", "EXECUTE"):
             name, _, rest = text.split(None, 1)[1].partition(" ")
             arguments = {n: values[p] for n, p in re.findall(r"@(\w+)\s*=\s*@(p\d+)", rest)}
             results, _ = server.call(name.split(".")[-1], **arguments)

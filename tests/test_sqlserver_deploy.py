@@ -1,0 +1,69 @@
+"""Issue 27: `image-similarity sqlserver deploy`, end to end on the emulated server (tests/tsql.py), called the
+way PowerShell/Setup-ImageSimilarity.ps1 calls it."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from test_powershell import SCRIPT
+from tsql import Client, Server
+
+from image_similarity.entrypoints import cli
+from image_similarity.store import mssql
+
+PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}"  # the emulation runs scripts here; a server must say 3.10
+
+
+def deploy_arguments(values: dict[str, str]) -> list[str]:
+    """The arguments the setup passes to `image-similarity sqlserver deploy`, read from its Invoke-Native call,
+    with the script's variables replaced by `values`."""
+    (call,) = re.findall(r"Invoke-Native \$Python @\(([^)]*'deploy'[^)]*)\)", SCRIPT.read_text())
+    items = [item.strip() for item in call.split(",")]
+    return [item[1:-1] if item.startswith("'") else re.sub(r"\$(\w+)", lambda m: values[m.group(1)], item.strip('"'))
+            for item in items]
+
+
+def test_deploy_runs_end_to_end_from_the_setups_calling_convention(monkeypatch, capsys, small_dir):
+    sql = Server()
+    monkeypatch.setattr(mssql, "open_connection", lambda url: Client(sql))
+    args = deploy_arguments({"UserAt": "", "Server": "sql01", "Database": "Images", "Images": str(small_dir),
+                             "Backbone": "efficientnet_lite0", "SqlDir": str(Path(__file__).parents[1] / "SQLR")})
+    assert args[:5] == ["-m", "image_similarity.entrypoints.cli", "sqlserver", "deploy", "--db"]
+    assert cli.main([*args[2:], "--python", PYTHON]) == 0
+    out = capsys.readouterr().out.splitlines()
+    steps = [line.split(":")[0] for line in out]
+    assert steps[:4] == ["SQL Server version", "external scripts enabled",
+                         f"Python {PYTHON} and image_similarity answer", "database Images"]
+    assert [s for s in steps if s.startswith("SQLR/")][:2] == ["SQLR/02_Tables.sql", "SQLR/03_AddImage.sql"]
+    assert "skipped SQLR/12_Vectors.sql" in "\n".join(out) and out[-1] == "deployed: Images"
+    assert f"images from {small_dir}: 36 files sent to dbo.AddImage" in out
+    assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (36,)
+    assert sql.conn.execute("SELECT COUNT(*) FROM evaluations").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("old", "deploy stopped at SQL Server version: major version 15"),
+    ("disabled", "deploy stopped at external scripts enabled: not in use"),
+    ("python", "deploy stopped at the Python check: sp_execute_external_script runs Python"),
+    ("script", "deploy stopped at SQLR/06_TrainModel.sql: lost_table not created"),
+])
+def test_deploy_stops_with_one_line_at_the_first_failure(monkeypatch, capsys, tmp_path, damage, message):
+    sql = Server()
+    monkeypatch.setattr(mssql, "open_connection", lambda url: Client(sql))
+    sqlr = tmp_path / "SQLR"
+    sqlr.mkdir()
+    for path in (Path(__file__).parents[1] / "SQLR").glob("*.sql"):
+        text = path.read_text()
+        lost = "\n-- a server that did not create it: CREATE TABLE dbo.lost_table\n" if damage == "script" else ""
+        (sqlr / path.name).write_text(text + lost if path.name.startswith("06_") else text)
+    if damage == "old":
+        sql.conn.create_function("SERVERPROPERTY", 1, lambda name: "15")
+    if damage == "disabled":
+        sql.conn.execute("UPDATE configurations SET value_in_use = 0")
+    python = "3.10" if damage == "python" else PYTHON
+    assert cli.main(["sqlserver", "deploy", "--db", "mssql://sql01/Images", "--sqlr", str(sqlr),
+                     "--python", python]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"image-similarity: error: {message}") and err.count("\n") == 1
