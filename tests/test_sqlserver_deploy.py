@@ -67,3 +67,26 @@ def test_deploy_stops_with_one_line_at_the_first_failure(monkeypatch, capsys, tm
                      "--python", python]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"image-similarity: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("vector_type", [False, True])
+def test_check_deploys_ranks_refines_runs_as_a_user_that_is_not_sysadmin_and_drops(monkeypatch, capsys, small_dir,
+                                                                                   vector_type):
+    """Issue 27, item 5: the command for the first real server, run here on the emulated one (CI runs it)."""
+    sql = Server(vector_type=vector_type)
+    monkeypatch.setattr(mssql, "open_connection", lambda url: Client(sql))
+    seen = []
+    real = sql.call
+    monkeypatch.setattr(sql, "call", lambda procedure, /, **kw: seen.append((procedure, sql.user))
+                        or real(procedure, **kw))
+    assert cli.main(["sqlserver", "check", "--db", "mssql://sql01/ImageSimilarityCheck", "--images", str(small_dir),
+                     "--per-class", "4", "--python", PYTHON]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^dbo\.RankCandidates: top 3: \w+/\S+ \(-?\d\.\d{3}\)", out, re.MULTILINE)
+    assert ("dbo.RankCandidates by VECTOR_DISTANCE: top 3:" in out) == vector_type
+    assert ("skipped the VECTOR path" in out) != vector_type
+    assert re.search(r"^dbo\.RefineModel, 1 epoch: network efficientnet_lite0_refined_1$", out, re.MULTILINE)
+    assert "--context sql as image_similarity_check (not sysadmin): RankCandidates gave 3 rows" in out
+    assert out.splitlines()[-2:] == ["dropped database ImageSimilarityCheck", "checked: ImageSimilarityCheck"]
+    assert ("RankCandidates", "image_similarity_check") in seen and sql.user is None
+    assert sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (12,)

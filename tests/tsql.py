@@ -491,6 +491,7 @@ class Server:
         self.errors: list[SqlError] = []
         self.caught: list[SqlError] = []
         self.external_calls = 0
+        self.databases = {"master"}
         self.user: str | None = None  # None: a sysadmin (dbo); else a database user, checked against `grants`
         self.principals: dict[str, set[str]] = {}  # user or role -> the roles it is a member of
         self.grants: set[tuple[str, str, str]] = set()  # (permission, securable, principal)
@@ -510,7 +511,7 @@ class Server:
             ("ERROR_NUMBER", 0, lambda: self.caught[-1].number if self.caught else None),
             ("XACT_STATE", 0, lambda: -1 if self.doomed else int(self.trancount > 0)),
             ("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts)),
-            ("DB_ID", 1, lambda name: 1), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
+            ("DB_ID", 1, lambda name: 1 if name.lower() in self.databases else None), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
             ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
             ("SERVERPROPERTY", 1, lambda name: {"productmajorversion": "17" if self.vector_type else "16"}.get(
@@ -793,7 +794,20 @@ class Server:
     def simple(self, text: str, frame: Frame, results: list) -> None:
         words = text.split()
         head = " ".join(w.upper() for w in words[:2])
-        if head.startswith(("SET NOCOUNT", "PRINT", "CREATE DATABASE")) or self.security(text):
+        if head in ("CREATE DATABASE", "DROP DATABASE"):  # one SQLite file holds them all; DB_ID knows the names
+            name = words[2].strip("[];").lower()
+            self.databases.add(name) if head == "CREATE DATABASE" else self.databases.discard(name)
+            return
+        if head.startswith(("SET NOCOUNT", "PRINT")) or self.security(text):
+            return
+        if head == "EXECUTE AS" or head == "EXEC AS":  # EXECUTE AS USER = N'name': the session runs as that user
+            name = unquote(text.split("=", 1)[1].strip()).lower()
+            if name not in self.principals:
+                raise SqlError(15517, f"Cannot execute as the database principal '{name}'.", True)
+            self.user = name
+            return
+        if words[0].upper() == "REVERT":
+            self.user = None
             return
         if head == "ALTER DATABASE":
             found = re.fullmatch(r"ALTER DATABASE SCOPED CONFIGURATION SET (\w+) = (ON|OFF)", " ".join(words),
@@ -1081,6 +1095,7 @@ class ClientCursor:
         if not params and (text.split()[0].upper() not in ("SELECT", "EXEC", "EXECUTE")
                            or called not in server.procedures):  # a batch: scripts, external scripts
             results = server.run_batch(text)
+            self.client.user = server.user  # EXECUTE AS / REVERT last for the session
             self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
         elif text.split()[0].upper() in ("EXEC", "EXECUTE"):
             name, _, rest = text.split(None, 1)[1].partition(" ")

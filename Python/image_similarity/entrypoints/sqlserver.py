@@ -1,4 +1,4 @@
-"""`image-similarity sqlserver deploy`: every step of the SQL Server setup that talks to the server, so a DBA on
+"""`image-similarity sqlserver deploy` (and `check`): every step of the SQL Server setup that talks to the server, so a DBA on
 Windows (PowerShell/Setup-ImageSimilarity.ps1 calls it), Linux or a workstation runs the same one. The PowerShell
 keeps what only Windows can do (the runtime, its packages, icacls, RegisterRext, the services).
 
@@ -142,6 +142,65 @@ class Deploy:
         return f"{rows[-1]}" if rows else "done"
 
 
+class Check(Deploy):
+    """`sqlserver check`: deploy into a new database with a few images per class, rank, rank on the VECTOR path
+    where the server has it, refine, run a step through `--context sql` as a database user that is not sysadmin
+    (EXECUTE AS USER, a member of image_similarity_user), then drop the database."""
+
+    CHECK_USER = "image_similarity_check"
+
+    def check(self, images: Path, per_class: int, backbone: str) -> None:
+        import shutil
+        import tempfile
+
+        master = self._open("master")
+        if self._scalar(master, "SELECT DB_ID(?);", self.database) is not None:
+            raise DeployError(f"check: database {self.database} exists; name a new one (check drops it at the end)")
+        with tempfile.TemporaryDirectory() as tmp:
+            few = Path(tmp)
+            for label in sorted(p for p in images.iterdir() if p.is_dir()):
+                (few / label.name).mkdir()
+                for path in sorted(p for p in label.iterdir() if p.is_file())[:per_class]:
+                    shutil.copy(path, few / label.name / path.name)
+            query = next(path for _, path in _photos(few)).read_bytes()
+            try:
+                self.run(few, backbone)
+                db = self._open(self.database)
+                self._step("dbo.RankCandidates", lambda: self._rank(db, query, ""))
+                if self._scalar(db, "SELECT TYPE_ID(N'vector');") is None:
+                    self.say("skipped the VECTOR path: this server has no VECTOR type")
+                else:
+                    self._step("dbo.RankCandidates by VECTOR_DISTANCE", lambda: self._rank(db, query, "cosine"))
+                self._step("dbo.RefineModel, 1 epoch", lambda: self._refine(db))
+                self._step(f"--context sql as {self.CHECK_USER} (not sysadmin)", lambda: self._as_user(db, query))
+                db.close()
+            finally:
+                self._rows(master, f"DROP DATABASE [{self.database}];")  # a checked identifier, never user text
+                self.say(f"dropped database {self.database}")
+
+    def _rank(self, conn: Any, query: bytes, method: str) -> str:
+        rows = self._rows(conn, "EXEC dbo.RankCandidates @query = ?, @top = ?, @method = ?;", query, 3, method)
+        return "top 3: " + ", ".join(f"{row[2]} ({row[4]:.3f})" for row in rows)
+
+    def _refine(self, conn: Any) -> str:
+        rows = self._rows(conn, "DECLARE @network nvarchar(128); EXEC dbo.RefineModel @epochs = 1, "
+                                "@network = @network OUTPUT; SELECT @network AS network;")
+        return f"network {rows[-1][0]}" if rows else "done"
+
+    def _as_user(self, conn: Any, query: bytes) -> str:
+        from ..contexts.sql import call
+        from ..store.mssql import MSSQLStore
+
+        self._rows(conn, f"CREATE USER {self.CHECK_USER} WITHOUT LOGIN; "
+                         f"ALTER ROLE image_similarity_user ADD MEMBER {self.CHECK_USER};")
+        self._rows(conn, f"EXECUTE AS USER = N'{self.CHECK_USER}';")
+        store = MSSQLStore(with_database(self.url, self.database), connection=conn)
+        _, rows = call(store, "RankCandidates", query=query, top=3)
+        conn.autocommit = True
+        self._rows(conn, "REVERT;")
+        return f"RankCandidates gave {len(rows)} rows"
+
+
 def _photos(folder: Path) -> Iterator[tuple[str, Path]]:
     for label in sorted(p for p in folder.iterdir() if p.is_dir()):
         for path in sorted(p for p in label.rglob("*") if p.is_file()):
@@ -149,7 +208,7 @@ def _photos(folder: Path) -> Iterator[tuple[str, Path]]:
 
 
 def main(argv: list[str]) -> int:
-    """`image-similarity sqlserver deploy --db mssql://host/Database [--images DIR] [--backbone NAME]`."""
+    """`image-similarity sqlserver deploy|check --db mssql://host/Database [--images DIR] [--backbone NAME]`."""
     import argparse
     import sys
 
@@ -165,12 +224,23 @@ def main(argv: list[str]) -> int:
     deploy.add_argument("--images", type=Path, default=None, help="a folder with one sub-folder per class")
     deploy.add_argument("--backbone", choices=list(BACKBONES), default=DEFAULT_BACKBONE)
     deploy.add_argument("--python", default="3.10", help="the Python version the server must run (default 3.10)")
+    check = sub.add_parser("check", parents=[], help="deploy into a NEW database with a few images, rank, refine, "
+                                                     "run as a user that is not sysadmin, then drop the database")
+    for action in deploy._actions[1:]:
+        if action.dest != "images":
+            check._add_action(action)
+    check.add_argument("--images", type=Path, required=True, help="a folder with one sub-folder per class")
+    check.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
     args = parser.parse_args(argv)
     try:
-        deploy = Deploy(args.db, open_connection, sqlr=args.sqlr, python=args.python)
-        deploy.run(args.images, args.backbone)
+        deploy = (Check if args.command == "check" else Deploy)(args.db, open_connection, sqlr=args.sqlr,
+                                                                python=args.python)
+        if args.command == "check":
+            deploy.check(args.images, args.per_class, args.backbone)
+        else:
+            deploy.run(args.images, args.backbone)
     except ImageSimilarityError as err:
         print(f"image-similarity: error: {err}", file=sys.stderr)
         return 1
-    print(f"deployed: {deploy.database}")
+    print(f"{'checked' if args.command == 'check' else 'deployed'}: {deploy.database}")
     return 0
