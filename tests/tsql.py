@@ -13,6 +13,10 @@ themselves (T-SQL control flow, transactions, TRY/CATCH) and enforces the docume
   OPENJSON without WITH gives SQL Server's (key, value, type) rows; FOR JSON PATH leaves NULL properties out,
   writes binary as base64, embeds JSON_QUERY values and nested FOR JSON results as JSON, and gives NULL for no rows;
   VECTOR(n) holds exactly n float32 values (n <= 1998) and VECTOR_DISTANCE computes cosine/euclidean/dot.
+- issue 27: Msg 39004 then 39019 for a script error; OUTPUT variables the script must set; bigint as float64; no
+  all-None or NaN OutputDataSet column; a vector index makes its table read-only unless ALLOW_STALE_VECTOR_INDEX
+  is ON and needs 100 vectors; permissions (EXECUTE, SELECT, EXECUTE ANY EXTERNAL SCRIPT) for users that are not
+  sysadmin, roles, GRANT, EXECUTE AS USER. Each rule and its Microsoft page: SQLR/README.md.
 """
 from __future__ import annotations
 
