@@ -14,11 +14,10 @@
       3. Installs the image_similarity package (with torch) into that runtime with pip, as the guide installs
          packages into it; -WeightsFile copies backbone weights no package ships to where the sandbox reads them.
       4. Enables 'external scripts enabled', restarts the engine and Launchpad, and checks value_in_use.
-      5. Checks from T-SQL that Python runs and imports the package (sp_execute_external_script).
-      6. Runs SQLR\NN_*.sql in order (those marked '-- requires: vector' only where the VECTOR type exists),
-         checking that each script's tables and procedures exist afterwards.
-      7. Loads every image under -ImageFolder (one sub-folder per class) with dbo.AddImage.
-      8. Runs dbo.Initial_Run_Once and prints its summary.
+      5. Runs 'image-similarity sqlserver deploy' with the runtime's Python: it checks that Python 3.10 and the
+         package answer from sp_execute_external_script, runs SQLR\NN_*.sql in order (those marked
+         '-- requires: vector' only where the VECTOR type exists) checking what each creates, loads every image
+         under -ImageFolder with dbo.AddImage and runs dbo.Initial_Run_Once, printing each step.
     Safe to re-run: every step checks first and skips what is already there. Stops at the first error with a
     message naming the step. -WhatIf shows the changing steps without making them (the checks still run).
 
@@ -47,6 +46,8 @@ Set-StrictMode -Version Latest
 $ErrorActionPreference = 'Stop'
 $RepoRoot = Split-Path -Parent $PSScriptRoot
 $SqlDir = Join-Path $RepoRoot 'SQLR'
+# The versions resolved for win_amd64 / Python 3.10 with revoscalepy's numpy 1.22.0 (docs/sqlserver-setup.md).
+$Constraints = Join-Path $PSScriptRoot 'constraints-sqlserver.txt'
 $SqlServerKey = 'HKLM:\SOFTWARE\Microsoft\Microsoft SQL Server'
 
 function Get-ConnectionString([string]$Catalog) {
@@ -85,9 +86,13 @@ function Invoke-Batch([string]$Catalog, [string]$Sql, [hashtable]$Parameters = @
 }
 
 function Get-Scalar([string]$Catalog, [string]$Sql) {
+    # A SQL NULL read from a DataTable is [DBNull]::Value, which PowerShell does not treat as $null
+    # (PowerShell PR #11584, reverted; issue #11604): give callers $null for it.
     $table = Invoke-Batch $Catalog $Sql
     if ($table.Rows.Count -eq 0) { return $null }
-    return $table.Rows[0][0]
+    $value = $table.Rows[0][0]
+    if ($value -is [DBNull]) { return $null }
+    return $value
 }
 
 function Invoke-Step([string]$Name, [scriptblock]$Action) {
@@ -126,15 +131,29 @@ function Get-ServiceNames([string]$Instance) {
     return @("MSSQL`$$Instance", "MSSQLLaunchpad`$$Instance")
 }
 
+function Invoke-Native([string]$FilePath, [string[]]$Arguments, [switch]$AllowFailure) {
+    # The only place a native command runs. Windows PowerShell 5.1 and PowerShell 7.0-7.1 turn each line a
+    # native command writes to stderr into an error record, which $ErrorActionPreference = 'Stop' makes a
+    # terminating error (PowerShell PR #13361, issue #14273); 7.3+ can also stop on a non-zero exit code
+    # ($PSNativeCommandUseErrorActionPreference). Here stderr is plain text and the exit code alone decides.
+    $ErrorActionPreference = 'Continue'
+    $PSNativeCommandUseErrorActionPreference = $false
+    $output = @(& $FilePath @Arguments 2>&1 | ForEach-Object { "$_" })
+    $code = $LASTEXITCODE
+    if ($code -ne 0 -and -not $AllowFailure) {
+        $last = if ($output.Count) { $output[-1] } else { 'no output' }
+        throw "$(Split-Path -Leaf $FilePath) exited with code ${code}: $last"
+    }
+    return [pscustomobject]@{ ExitCode = $code; Output = $output }
+}
+
 function Get-PythonVersion([string]$Python) {
-    $version = & $Python -c "import sys; print('%d.%d' % sys.version_info[:2])"
-    if ($LASTEXITCODE -ne 0) { throw "$Python does not run." }
-    return [version]$version
+    $result = Invoke-Native $Python @('-c', "import sys; print('%d.%d' % sys.version_info[:2])")
+    return [version]$result.Output[-1]
 }
 
 function Test-PythonImport([string]$Python, [string]$Module) {
-    & $Python -c "import $Module" 2>$null
-    return $LASTEXITCODE -eq 0
+    return (Invoke-Native $Python @('-c', "import $Module") -AllowFailure).ExitCode -eq 0
 }
 
 $identity = [Security.Principal.WindowsPrincipal][Security.Principal.WindowsIdentity]::GetCurrent()
@@ -162,7 +181,7 @@ Invoke-Check "SQL Server version of instance $Instance" {
 Invoke-Step "install Python 3.10 into $PythonHome" {
     if (Test-Path -LiteralPath $Python) { Write-Host '    already installed'; return }
     if (-not $PythonInstaller) {
-        throw "no Python in $PythonHome: install Python 3.10 (64-bit, for all users) there, or pass -PythonInstaller."
+        throw "no Python in ${PythonHome}: install Python 3.10 (64-bit, for all users) there, or pass -PythonInstaller."
     }
     $process = Start-Process -FilePath $PythonInstaller -Wait -PassThru -ArgumentList @(
         '/quiet', 'InstallAllUsers=1', 'PrependPath=0', 'Include_test=0', "TargetDir=`"$PythonHome`"")
@@ -182,15 +201,14 @@ Invoke-Step 'install revoscalepy into the runtime' {
     if (-not $RevoscalepyWheel) {
         throw 'revoscalepy is missing: download the revoscalepy 10.0.1 wheel for Python 3.10 named in Microsoft''s SQL Server 2022 installation guide and pass -RevoscalepyWheel.'
     }
-    & $Python -m pip install --no-input dill 'numpy==1.22.0' pandas patsy python-dateutil
-    if ($LASTEXITCODE -ne 0) { throw "pip could not install revoscalepy's dependencies (exit code $LASTEXITCODE)." }
-    & $Python -m pip install --no-input $RevoscalepyWheel
-    if ($LASTEXITCODE -ne 0) { throw "pip could not install $RevoscalepyWheel (exit code $LASTEXITCODE)." }
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', '-c', $Constraints, 'dill', 'numpy==1.22.0',
+            'pandas', 'patsy', 'python-dateutil'))
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', $RevoscalepyWheel))
 }
 
 Invoke-Step 'install image_similarity into the runtime' {
-    & $Python -m pip install --no-input $RepoRoot
-    if ($LASTEXITCODE -ne 0) { throw "pip install into $Python failed (exit code $LASTEXITCODE)." }
+    # -c keeps numpy at revoscalepy's 1.22.0 and every other package at the version resolved with it.
+    [void](Invoke-Native $Python @('-m', 'pip', 'install', '--no-input', '-c', $Constraints, "$RepoRoot[mssql]"))
     if (-not (Test-PythonImport $Python 'image_similarity.contexts.inproc')) { throw 'image_similarity does not import.' }
     if ($WeightsFile) {
         $weights = Join-Path $PythonHome 'share\image-similarity\weights'
@@ -201,15 +219,15 @@ Invoke-Step 'install image_similarity into the runtime' {
 
 Invoke-Step 'grant the Launchpad sandbox read access and register the runtime' {
     foreach ($account in @("NT Service\$($Services[1])", '*S-1-15-2-1')) {
-        & icacls $PythonHome /grant "${account}:(OI)(CI)RX" /T /Q | Out-Null
-        if ($LASTEXITCODE -ne 0) { throw "icacls could not grant $account read access to $PythonHome." }
+        [void](Invoke-Native 'icacls' @($PythonHome, '/grant', "${account}:(OI)(CI)RX", '/T', '/Q'))
     }
-    $registerRext = Join-Path $script:Folder.SqlPath 'Binn\RegisterRext.exe'
+    # Install SQL Server 2022 Machine Learning Services on Windows: revoscalepy's wheel puts RegisterRext.exe in
+    # <PythonHome>\Lib\site-packages\revoscalepy\rxLibs, and the page runs it from there.
+    $registerRext = Join-Path $PythonHome 'Lib\site-packages\revoscalepy\rxLibs\RegisterRext.exe'
     if (-not (Test-Path -LiteralPath $registerRext)) {
-        throw "no $registerRext: add the Machine Learning Services and Language Extensions feature with SQL Server Setup."
+        throw "no ${registerRext}: install revoscalepy into $PythonHome (-RevoscalepyWheel), which ships it."
     }
-    & $registerRext /configure /pythonhome:"$PythonHome" /instance:"$Instance"
-    if ($LASTEXITCODE -ne 0) { throw "RegisterRext.exe failed (exit code $LASTEXITCODE)." }
+    [void](Invoke-Native $registerRext @('/configure', "/pythonhome:$PythonHome", "/instance:$Instance"))
 }
 
 Invoke-Step 'enable external scripts and restart the engine and Launchpad' {
@@ -222,55 +240,20 @@ Invoke-Step 'enable external scripts and restart the engine and Launchpad' {
     if ($inUse -ne 1) { throw "'external scripts enabled' is still not in use after the restart." }
 }
 
-Invoke-Check 'SQL Server runs Python 3.10 with image_similarity' {
-    $check = Invoke-Batch 'master' @'
-EXEC sp_execute_external_script @language = N'Python', @script = N'
-import sys, pandas as pd, image_similarity.contexts.inproc
-OutputDataSet = pd.DataFrame([("%d.%d" % sys.version_info[:2], sys.executable)])'
-WITH RESULT SETS ((python nvarchar(16), executable nvarchar(400)));
-'@
-    if ($check.Rows.Count -ne 1 -or $check.Rows[0]['python'] -ne '3.10') {
-        throw 'sp_execute_external_script does not run Python 3.10 with image_similarity; see the README''s SQL Server section.'
+Invoke-Step "deploy into $Database with image-similarity sqlserver deploy" {
+    # Everything that talks to SQL Server is one Python command, run by the runtime's own Python (which has the
+    # package): the checks, SQLR\ in order with what each script creates, the images, dbo.Initial_Run_Once, and
+    # whether Python 3.10 and the package answer from sp_execute_external_script (docs/sqlserver-setup.md).
+    $UserAt = if ($Authentication -eq 'Sql') { "$($Credential.UserName)@" } else { '' }
+    if ($Authentication -eq 'Sql') { $env:IMAGE_SIMILARITY_DB_PASSWORD = $Credential.GetNetworkCredential().Password }
+    $Images = (Resolve-Path -LiteralPath $ImageFolder).Path
+    try {
+        $deploy = Invoke-Native $Python @('-m', 'image_similarity.entrypoints.cli', 'sqlserver', 'deploy', '--db',
+            "mssql://$UserAt$Server/$Database", '--images', "$Images", '--backbone', "$Backbone", '--sqlr', "$SqlDir")
+        $deploy.Output | ForEach-Object { Write-Host "    $_" }
+    } finally {
+        Remove-Item -LiteralPath Env:IMAGE_SIMILARITY_DB_PASSWORD -ErrorAction SilentlyContinue
     }
-    Write-Host "    Python $($check.Rows[0]['python']) at $($check.Rows[0]['executable'])"
-}
-
-# -Filter goes to the file-system API, which knows only * and ?: the numbered-name test is a regex after it.
-$scripts = Get-ChildItem -LiteralPath $SqlDir -Filter '*.sql' -File | Where-Object Name -match '^\d\d_' | Sort-Object Name
-foreach ($file in $scripts) {
-    $text = Get-Content -Raw -LiteralPath $file.FullName
-    if ($text.StartsWith('-- requires: vector') -and $null -eq (Get-Scalar 'master' "SELECT TYPE_ID(N'vector');")) {
-        Write-Host "    skipping SQLR\$($file.Name): this server has no VECTOR type"
-        continue
-    }
-    Invoke-Step "run SQLR\$($file.Name)" {
-        # The database script runs in master with the sqlcmd variable DatabaseName; the others in the database.
-        $catalog = if ($file.Name -like '01_*') { 'master' } else { $Database }
-        foreach ($batch in [regex]::Split($text.Replace('$(DatabaseName)', $Database), '(?im)^\s*GO\s*$')) {
-            if ($batch.Trim()) { [void](Invoke-Batch $catalog $batch) }
-        }
-        $objects = [regex]::Matches($text, '(?i)CREATE (?:OR ALTER PROCEDURE|TABLE) dbo\.(\w+)') | ForEach-Object { $_.Groups[1].Value }
-        foreach ($object in $objects) {
-            if ($null -eq (Get-Scalar $Database "SELECT OBJECT_ID(N'dbo.$object');")) { throw "dbo.$object was not created." }
-        }
-    }
-}
-
-Invoke-Step "load images from $ImageFolder" {
-    $folder = (Resolve-Path $ImageFolder).Path
-    foreach ($class in Get-ChildItem -LiteralPath $folder -Directory | Sort-Object Name) {
-        foreach ($image in Get-ChildItem -LiteralPath $class.FullName -File -Recurse | Sort-Object FullName) {
-            $name = $image.FullName.Substring($folder.Length + 1).Replace('\', '/')
-            [void](Invoke-Batch $Database 'EXEC dbo.AddImage @name = @name, @label = @label, @data = @data;' @{
-                    name = $name; label = $class.Name; data = [System.IO.File]::ReadAllBytes($image.FullName)
-                })
-        }
-    }
-}
-
-Invoke-Step 'run dbo.Initial_Run_Once' {
-    $summary = Invoke-Batch $Database 'EXEC dbo.Initial_Run_Once @backbone = @backbone;' @{ backbone = $Backbone }
-    $summary | Format-Table -AutoSize | Out-String | Write-Host
 }
 
 Write-Host "Done: $Database on $Server. Rank a query with: EXEC dbo.RankCandidates @query = <varbinary(max)>;"

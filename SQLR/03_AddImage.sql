@@ -37,6 +37,9 @@ error = report.error
     BEGIN CATCH
         SET @error = ERROR_MESSAGE();
     END CATCH;
+    -- the engine sends '' and 0 for what is absent (no NULL or NaN in OutputDataSet: their mapping is undocumented)
+    UPDATE #info SET format = NULLIF(format, N''), width = NULLIF(width, 0), height = NULLIF(height, 0),
+        mode = NULLIF(mode, N''), sha256 = NULLIF(sha256, ''), dhash = NULLIF(dhash, ''), reason = NULLIF(reason, N'');
     IF @error IS NULL AND (SELECT COUNT(*) FROM #info WHERE sha256 IS NOT NULL OR reason IS NOT NULL) <> 1
         SET @error = N'the engine did not return one result for the image';
     IF @error IS NOT NULL

@@ -70,6 +70,8 @@ ORDER BY i.id',
             SET @error = CONCAT(N'FeaturizeImages: ', @error, N' (images up to id ', @last, N' are kept)');
             THROW 50014, @error, 1;
         END;
+        -- the engine sends '' and 0 for what is absent (no NULL or NaN in OutputDataSet: their mapping is undocumented)
+        UPDATE #vectors SET dim = NULLIF(dim, 0), vector = NULLIF(vector, ''), reason = NULLIF(reason, N'');
         IF (SELECT COUNT(*) FROM #vectors) <> @expected
             OR EXISTS (SELECT 1 FROM #vectors WHERE (vector IS NULL AND reason IS NULL) OR LEN(vector) <> 8 * dim)
             THROW 50015, N'FeaturizeImages: the engine did not return one vector or one reason per image; nothing of this batch was stored.', 1;

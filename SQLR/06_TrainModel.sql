@@ -28,6 +28,8 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
+# output variables are set on every path (Known issues for Python and R)
+classes = model_params = None
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet, classes, model_params = inproc.train_model(InputDataSet, backbone, c_grid, seed)

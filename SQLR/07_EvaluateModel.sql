@@ -27,6 +27,8 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
+# output variables are set on every path (Known issues for Python and R)
+summary = None
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet, summary = inproc.evaluate_model(InputDataSet, backbone, classes, model_params, model_version,

@@ -51,6 +51,8 @@ BEGIN
             EXEC sp_execute_external_script
                 @language = N'Python',
                 @script = N'
+# output variables are set on every path (Known issues for Python and R)
+ranked = used_method = None
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
     ranked, used_method = inproc.rank_candidates(InputDataSet, query_hex, backbone, classes, model_params,

@@ -33,6 +33,8 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
+# output variables are set on every path (Known issues for Python and R)
+network_params = metrics = rejected = None
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
     OutputDataSet, network_params, metrics, rejected = inproc.refine_model(InputDataSet, backbone, epochs, seed)

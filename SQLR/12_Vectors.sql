@@ -210,6 +210,8 @@ BEGIN
         EXEC sp_execute_external_script
             @language = N'Python',
             @script = N'
+# output variables are set on every path (Known issues for Python and R)
+query_vector = excluded = None
 from image_similarity.contexts import inproc
 with inproc.reported() as report:
     query_vector, excluded = inproc.vector_query(InputDataSet, query_hex, backbone, network, method, classes,
@@ -268,6 +270,10 @@ GO
 -- CreateVectorIndex: an approximate DiskANN index on the vectors, for the operator to create once the
 -- catalogue is loaded (a preview feature of SQL Server 2025: the database needs PREVIEW_FEATURES = ON). The
 -- exact ranking above does not use it (VECTOR_DISTANCE never does); VECTOR_SEARCH queries can.
+-- On SQL Server 2025 such an index makes its table read-only (CREATE VECTOR INDEX, "Earlier vector index version
+-- limitations"), so FeaturizeImages (StoreVectors) and deleting an image would fail afterwards: the procedure
+-- needs ALLOW_STALE_VECTOR_INDEX = ON, which lets writes go on (VECTOR_SEARCH may then miss new rows; the exact
+-- ranking never does), and the 100 vectors the index needs at least.
 CREATE OR ALTER PROCEDURE dbo.CreateVectorIndex
     @metric nvarchar(16) = N'cosine'
 AS
@@ -279,8 +285,13 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM sys.database_scoped_configurations
                    WHERE name = N'PREVIEW_FEATURES' AND CAST(value AS int) = 1)
         THROW 50076, N'CreateVectorIndex: DiskANN indexes are a preview feature; run ALTER DATABASE SCOPED CONFIGURATION SET PREVIEW_FEATURES = ON first.', 1;
+    IF NOT EXISTS (SELECT 1 FROM sys.database_scoped_configurations
+                   WHERE name = N'ALLOW_STALE_VECTOR_INDEX' AND CAST(value AS int) = 1)
+        THROW 50077, N'CreateVectorIndex: on SQL Server 2025 a vector index makes its table read-only, so featurizing and deleting images would fail; run ALTER DATABASE SCOPED CONFIGURATION SET ALLOW_STALE_VECTOR_INDEX = ON first.', 1;
     IF EXISTS (SELECT 1 FROM sys.indexes WHERE name = N'ix_feature_vectors_embedding')
         RETURN;
+    IF (SELECT COUNT(*) FROM dbo.feature_vectors) < 100
+        THROW 50078, N'CreateVectorIndex: a vector index needs at least 100 stored vectors; featurize more images first.', 1;
     IF @metric = N'cosine'
         CREATE VECTOR INDEX ix_feature_vectors_embedding ON dbo.feature_vectors (embedding)
         WITH (METRIC = 'cosine', TYPE = 'DiskANN');

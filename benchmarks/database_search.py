@@ -6,7 +6,7 @@
 The catalogue: the bundled 557 photos (their features and model from --source, a SQLite database of a finished
 `image-similarity run`; by default the run is made first, in a temporary folder), and --size generated images
 (mixes of two random bundled feature vectors plus noise, scored by the same model). Both go into a PostgreSQL
-database (--db, an empty database; by default a throwaway server from tests/pgserver.py) with their rows of scores
+database (--db, an empty database; by default a throwaway server from tests/support/pgserver.py) with their rows of scores
 and learned (search/stored.py). For each size and method, over --queries held-out photos (the test split's
 features; each left out of its own answer): the median latency of one query by the in-memory exact searcher, the
 database's exact scan, and its HNSW index; whether the exact scan gave the in-memory top 10 (scores to 1e-5, the
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         source = args.source or source_db(Path(folder))
         server = None
         if args.db is None:
-            import pgserver
+            from support import pgserver  # tests/ on PYTHONPATH, as the usage line says
 
             server = pgserver.admin_url()
             url = pgserver.create_database(next(server), "database_search")

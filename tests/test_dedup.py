@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,18 @@ def test_hamming_matrix_agrees_with_hamming(bits):
     assert matrix.tolist() == [[hamming(a, b) for b in hashes] for a in hashes]
     assert hamming_matrix(hashes, others).tolist() == [[hamming(a, b) for b in others] for a in hashes]
     assert hamming_matrix([], others).shape == (0, 5)
+
+
+@pytest.mark.parametrize("bits", [256, 64, 9])
+def test_hamming_to_runs_on_the_numpy_sql_servers_runtime_has(bits, monkeypatch):
+    """Defect 2 (issue 27): SQL Server's Python runs revoscalepy with numpy 1.22.0, which has no
+    np.bitwise_count (numpy 2): the package supports numpy 1.22.0 (pyproject) and counts bits without it."""
+    hashes = random_hashes(np.random.default_rng(bits), 40, bits)
+    expected = [hamming(hashes[0], h) for h in hashes]
+    monkeypatch.delattr(np, "bitwise_count", raising=False)
+    assert dedup.hamming_to(hashes[0], dedup.packed_hashes(hashes)).tolist() == expected
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^\s*"numpy>=1\.22\.0",', pyproject, re.MULTILINE)
 
 
 def test_hamming_matrix_rejects_mixed_lengths():

@@ -160,7 +160,7 @@ def test_web_service_shows_what_was_left_out(db, lopsided, featurizer, tmp_path)
 
 
 def sql_server(db: str) -> Server:
-    """An emulated SQL Server (tests/tsql.py) with SQLR/ installed and the images and features of a SQLite store."""
+    """An emulated SQL Server (tests/support/tsql.py) with SQLR/ installed and the images and features of a SQLite store."""
     sql = Server()
     install(sql, sorted(SQLR.glob("[0-9][0-9]_*.sql")))
     sql.conn.execute("ATTACH DATABASE ? AS src", (db,))

@@ -13,6 +13,10 @@ themselves (T-SQL control flow, transactions, TRY/CATCH) and enforces the docume
   OPENJSON without WITH gives SQL Server's (key, value, type) rows; FOR JSON PATH leaves NULL properties out,
   writes binary as base64, embeds JSON_QUERY values and nested FOR JSON results as JSON, and gives NULL for no rows;
   VECTOR(n) holds exactly n float32 values (n <= 1998) and VECTOR_DISTANCE computes cosine/euclidean/dot.
+- issue 27: Msg 39004 then 39019 for a script error; OUTPUT variables the script must set; bigint as float64; no
+  all-None or NaN OutputDataSet column; a vector index makes its table read-only unless ALLOW_STALE_VECTOR_INDEX
+  is ON and needs 100 vectors; permissions (EXECUTE, SELECT, EXECUTE ANY EXTERNAL SCRIPT) for users that are not
+  sysadmin, roles, GRANT, EXECUTE AS USER. Each rule and its Microsoft page: SQLR/README.md.
 """
 from __future__ import annotations
 
@@ -74,6 +78,16 @@ class Continue(Exception):
 
 class Return(Exception):
     pass
+
+
+def script_error(detail: str) -> SqlError:
+    """A failed external script: Msg 39004, which is all a CATCH block sees, followed by Msg 39019 with the
+    detail (Known issues for Python and R: the two messages come together)."""
+    error = SqlError(39004, "A 'Python' script error occurred during execution of 'sp_execute_external_script' "
+                            "with HRESULT 0x80004004.")
+    error.detail = SqlError(39019, f"An external script error occurred: {detail}")
+    error.args = (f"{error.args[0]} Msg 39019: {error.detail.message}",)
+    return error
 
 
 # ---------------------------------------------------------------- parsing
@@ -481,9 +495,16 @@ class Server:
         self.errors: list[SqlError] = []
         self.caught: list[SqlError] = []
         self.external_calls = 0
+        self.databases = {"master"}
+        self.user: str | None = None  # None: a sysadmin (dbo); else a database user, checked against `grants`
+        self.principals: dict[str, set[str]] = {}  # user or role -> the roles it is a member of
+        self.grants: set[tuple[str, str, str]] = set()  # (permission, securable, principal)
         self.conn.execute("CREATE TABLE database_scoped_configurations (name TEXT, value INTEGER)")
-        self.conn.execute("INSERT INTO database_scoped_configurations VALUES ('PREVIEW_FEATURES', 0)")
+        self.conn.executemany("INSERT INTO database_scoped_configurations VALUES (?, 0)",
+                              [("PREVIEW_FEATURES",), ("ALLOW_STALE_VECTOR_INDEX",)])
         self.conn.execute("CREATE TABLE indexes (name TEXT)")
+        self.conn.execute("CREATE TABLE configurations (name TEXT, value_in_use INTEGER)")
+        self.conn.execute("INSERT INTO configurations VALUES ('external scripts enabled', 1)")
         for name, arity, fn in [
             ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
             ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
@@ -494,9 +515,13 @@ class Server:
             ("ERROR_NUMBER", 0, lambda: self.caught[-1].number if self.caught else None),
             ("XACT_STATE", 0, lambda: -1 if self.doomed else int(self.trancount > 0)),
             ("CONCAT", -1, lambda *parts: "".join("" if p is None else str(p) for p in parts)),
-            ("DB_ID", 1, lambda name: 1), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
+            ("DB_ID", 1, lambda name: 1 if name.lower() in self.databases else None), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
             ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
+            ("SERVERPROPERTY", 1, lambda name: {"productmajorversion": "17" if self.vector_type else "16"}.get(
+                name.lower())),
+            ("DATABASE_PRINCIPAL_ID", 1, lambda name: 1 if name.lower() in self.principals else None),
+            ("tsql_vector_index_read_only", 1, self._read_only),
         ]:
             self.conn.create_function(name, arity, self._guarded(fn))
         self.conn.create_function("tsql_json_object", -1, self._guarded(json_object))
@@ -521,6 +546,78 @@ class Server:
 
     def _identity(self) -> int | None:
         return self._last_id
+
+    def _read_only(self, table: str) -> None:
+        (stale,) = self.conn.execute(
+            "SELECT value FROM database_scoped_configurations WHERE name = 'ALLOW_STALE_VECTOR_INDEX'").fetchone()
+        if not stale:
+            raise SqlError(42230, f"The table '{table}' has a vector index and is read-only: data modification "
+                                  "statements fail unless ALLOW_STALE_VECTOR_INDEX is ON.")
+
+    # permissions
+    def roles_of(self, principal: str) -> set[str]:
+        """The principal, its roles and theirs; every user is in public."""
+        found, todo = {"public"}, [principal]
+        while todo:
+            name = todo.pop()
+            if name not in found:
+                found.add(name)
+                todo += self.principals.get(name, set())
+        return found
+
+    def require(self, permission: str, securables: tuple[str, ...], what: str) -> None:
+        """Refuse the current user `permission` unless granted on one of `securables` (an object, its schema,
+        the database) to the user or one of its roles. A sysadmin (user None) has every permission."""
+        if self.user is None:
+            return
+        held = self.roles_of(self.user)
+        if not any((permission, s, p) in self.grants for s in securables for p in held):
+            number, text = (297, "The user does not have permission to perform this action.") \
+                if permission == "EXECUTE ANY EXTERNAL SCRIPT" else \
+                (229, f"The {permission} permission was denied on the object '{what}', schema 'dbo'.")
+            raise SqlError(number, f"{text} ({permission} for user {self.user})", True)
+
+    def require_on_object(self, permission: str, name: str) -> None:
+        shown = name.split(".")[-1].strip("[]")
+        bare = shown.lower()
+        if not bare.startswith(("#", "tmp_")):
+            self.require(permission, (f"object::dbo.{bare}", "schema::dbo", "database"), shown)
+
+    def require_statement(self, text: str) -> None:
+        """A client's own statement: its verb on the table it writes, SELECT on every other table it names."""
+        tree = sqlglot.parse_one(text, read="tsql")
+        verb = {exp.Insert: "INSERT", exp.Update: "UPDATE", exp.Delete: "DELETE"}.get(type(tree), "SELECT")
+        target = tree.find(exp.Table) if verb != "SELECT" else None
+        for table in tree.find_all(exp.Table):
+            self.require_on_object(verb if table is target else "SELECT", table.name)
+
+    def security(self, text: str) -> bool:
+        """CREATE ROLE, CREATE USER ... WITHOUT LOGIN, ALTER ROLE ... ADD MEMBER, GRANT; True when `text` is one."""
+        words = re.sub(r"\s*:\s*:\s*", "::", text).split()  # the tokenizer splits SCHEMA::dbo
+        head = " ".join(w.upper() for w in words[:2])
+        if head in ("CREATE ROLE", "CREATE USER"):
+            name = words[2].strip("[]").lower()
+            if name in self.principals:
+                raise SqlError(15023, f"User, group, or role '{name}' already exists in the current database.", True)
+            self.principals[name] = set()
+        elif head == "ALTER ROLE":
+            found = re.fullmatch(r"ALTER ROLE \[?(\w+)\]? ADD MEMBER \[?(\w+)\]?", " ".join(words), re.IGNORECASE)
+            role, member = found.group(1).lower(), found.group(2).lower()
+            if role not in self.principals or member not in self.principals:
+                raise SqlError(15151, f"Cannot alter the role '{role}': it or '{member}' does not exist.", True)
+            self.principals[member].add(role)
+        elif words[0].upper() == "GRANT":
+            found = re.fullmatch(r"GRANT (.+?)(?: ON (\S+))? TO \[?(\w+)\]?", " ".join(words), re.IGNORECASE)
+            permissions, securable, principal = found.groups()
+            if principal.lower() not in self.principals:
+                raise SqlError(15151, f"Cannot find the user or role '{principal}'.", True)
+            target = "database" if securable is None else securable.lower() if "::" in securable \
+                else f"object::dbo.{securable.split('.')[-1].strip('[]').lower()}"
+            for permission in permissions.split(","):
+                self.grants.add((" ".join(permission.split()).upper(), target, principal.lower()))
+        else:
+            return False
+        return True
 
     def _object_id(self, name: str, kind: str | None) -> int | None:
         bare = name.split(".")[-1].strip("[]").lower()
@@ -558,6 +655,7 @@ class Server:
 
         def run(frame: Frame, results: list) -> None:
             procedure = self.procedures[name.lower()]
+            self.require_on_object("EXECUTE", name)  # the client's call; nested calls chain ownership (dbo)
             for key, value in params.items():
                 (sql_type,) = [t for n, t, _, _ in procedure.params if n == key.lower()]
                 frame.values[key.lower()], frame.types[key.lower()] = check_value(sql_type, value, f"@{key}"), sql_type
@@ -700,9 +798,28 @@ class Server:
     def simple(self, text: str, frame: Frame, results: list) -> None:
         words = text.split()
         head = " ".join(w.upper() for w in words[:2])
-        if head.startswith(("SET NOCOUNT", "PRINT", "CREATE DATABASE")):
+        if head in ("CREATE DATABASE", "DROP DATABASE"):  # one SQLite file holds them all; DB_ID knows the names
+            name = words[2].strip("[];").lower()
+            self.databases.add(name) if head == "CREATE DATABASE" else self.databases.discard(name)
             return
-        if head == "SET XACT_ABORT":
+        if head.startswith(("SET NOCOUNT", "PRINT")) or self.security(text):
+            return
+        if head == "EXECUTE AS" or head == "EXEC AS":  # EXECUTE AS USER = N'name': the session runs as that user
+            name = unquote(text.split("=", 1)[1].strip()).lower()
+            if name not in self.principals:
+                raise SqlError(15517, f"Cannot execute as the database principal '{name}'.", True)
+            self.user = name
+            return
+        if words[0].upper() == "REVERT":
+            self.user = None
+            return
+        if head == "ALTER DATABASE":
+            found = re.fullmatch(r"ALTER DATABASE SCOPED CONFIGURATION SET (\w+) = (ON|OFF)", " ".join(words),
+                                 re.IGNORECASE)
+            self.require("ALTER ANY DATABASE SCOPED CONFIGURATION", ("database",), "database")
+            self.conn.execute("UPDATE database_scoped_configurations SET value = ? WHERE name = ?",
+                              (int(found.group(2).upper() == "ON"), found.group(1).upper()))
+        elif head == "SET XACT_ABORT":
             self.xact_abort = words[2].upper() == "ON"
         elif words[0].upper() == "SET":
             found = re.match(r"SET\s+@(\w+)\s*=\s*(.*)", text, re.IGNORECASE | re.DOTALL)
@@ -833,6 +950,7 @@ class Server:
         """sp_execute_external_script for Python, with the documented data-type rules."""
         literal = {k: unquote(arguments.pop(k)) for k in ("language", "script", "input_data_1", "params")
                    if k in arguments}
+        self.require("EXECUTE ANY EXTERNAL SCRIPT", ("database",), "database")
         if literal.get("language") != "Python":
             raise SqlError(39004, "only @language = N'Python' is emulated", True)
         declared = declarations(literal.get("params", "")) if literal.get("params", "").strip() else []
@@ -849,7 +967,9 @@ class Server:
                 if not found:
                     raise SqlError(39004, f"@{name} is declared OUTPUT but not passed as OUTPUT")
                 targets[name] = found.group(1).lower()
-            scope[name] = None if output else self.scalar(source, frame)
+            if not output:  # OUTPUT variables start unset: the script must set them (see external_script)
+                value = self.scalar(source, frame)
+                scope[name] = float(value) if base_type(sql_type) == "bigint" and value is not None else value
         if arguments:
             raise SqlError(8145, f"{', '.join(arguments)} is not declared in @params.", True)
         frame_in = pd.DataFrame()
@@ -857,6 +977,8 @@ class Server:
             query = literal["input_data_1"]
             if re.search(r"(?<!@)@\w+", re.sub(r"N?'(?:[^']|'')*'", "", query)):
                 raise SqlError(137, "@input_data_1 runs in its own scope: it cannot use the procedure's variables.")
+            for table in sqlglot.parse_one(query, read="tsql").find_all(exp.Table):
+                self.require_on_object("SELECT", table.name)  # the input query runs as the caller
             columns, rows = self.query(query, Frame())
             for k, column in enumerate(columns):
                 if any(isinstance(r[k], bytes) for r in rows):
@@ -867,11 +989,12 @@ class Server:
         self.external_calls += 1
         try:
             exec(compile(literal["script"], "@script", "exec"), scope)  # noqa: S102 - the external script runtime
-        except Exception as err:  # noqa: BLE001 - every Python error is Msg 39004 to the caller
-            raise SqlError(39004, "A 'Python' script error occurred during execution of 'sp_execute_external_script'"
-                                  f" with HRESULT 0x80004004. ({type(err).__name__}: {err})") from None
+        except Exception as err:  # noqa: BLE001 - every Python error is Msg 39004 (then 39019) to the caller
+            raise script_error(f"{type(err).__name__}: {err}") from None
         for name, sql_type, _, output in declared:
             if output:
+                if name not in scope:
+                    raise script_error(f"BxlServer: the script did not set the output variable {name}")
                 value = scope[name]
                 if value is not None and base_type(sql_type) in ("varchar", "nvarchar", "char", "nchar") \
                         and not isinstance(value, str):
@@ -886,6 +1009,11 @@ class Server:
             raise SqlError(39004, "OutputDataSet must be a pandas DataFrame")
         if len(data.columns) == 0:
             return data
+        for column in data.columns:  # the Python mapping documents neither; R's maps both to NA
+            if len(data) and data[column].isna().all():
+                raise script_error(f"OutputDataSet column {column!r} holds only None/NaN (its type is undefined)")
+            if data[column].dtype.kind == "f" and data[column].isna().any():
+                raise script_error(f"OutputDataSet column {column!r} holds NaN")
         out = data.astype(object).where(pd.notna(data), None)
         for column in out.columns:  # what the Python mapping cannot carry comes back NULL
             if any(isinstance(v, (bytes, bytearray, memoryview)) for v in out[column]):
@@ -906,7 +1034,14 @@ class Server:
         if base_type(self.tables[table].get(found.group(3).lower(), "")) != "vector" \
                 or options.get("METRIC") not in ("cosine", "euclidean", "dot") or options.get("TYPE", "DiskANN").lower() != "diskann":
             raise SqlError(42223, f"CREATE VECTOR INDEX: not a vector column or unknown options: {text}")
+        (rows,) = self.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {found.group(3)} IS NOT NULL").fetchone()
+        if rows < 100:
+            raise SqlError(42266, f"Cannot create a vector index. The table contains only {rows} rows with non-null "
+                                  "vectors, but at least 100 are required for vector index creation.")
         self.conn.execute("INSERT INTO indexes (name) VALUES (?)", (found.group(1),))
+        for action in ("INSERT", "UPDATE", "DELETE"):  # SQL Server 2025's (earlier-version) index: read-only
+            self.conn.execute(f"CREATE TRIGGER read_only_{action.lower()}_{table} BEFORE {action} ON {table} "
+                              f"BEGIN SELECT tsql_vector_index_read_only('{table}'); END")
 
 
 def install(server: Server, scripts: list, database: str = "ImageSimilarity") -> None:
@@ -923,8 +1058,9 @@ class Client:
     """A DB-API connection to the server, as mssql-python gives one: `?` placeholders bound in order; with
     autocommit off the first statement opens a transaction that commit() or rollback() ends."""
 
-    def __init__(self, server: Server) -> None:
-        self.server, self.autocommit = server, True
+    def __init__(self, server: Server, user: str | None = None) -> None:
+        """`user`: the database user the login maps to (None: a sysadmin login)."""
+        self.server, self.autocommit, self.user = server, True, user
 
     def cursor(self) -> ClientCursor:
         return ClientCursor(self)
@@ -952,13 +1088,20 @@ class ClientCursor:
 
     def execute(self, sql: str, *params: Any) -> None:
         server, parts = self.client.server, re.split(r"(N?'(?:[^']|'')*')", sql)  # literals at odd places
+        server.user = self.client.user
         if sum(part.count("?") for part in parts[::2]) != len(params):
             raise SqlError(8178, f"the statement has not one placeholder per value: {sql}", True)
         numbers = iter(range(1, len(params) + 1))
         text = "".join(part if k % 2 else re.sub(r"\?", lambda _: f"@p{next(numbers)}", part)
                        for k, part in enumerate(parts))
         values = {f"p{k}": v for k, v in enumerate(params, 1)}
-        if text.split()[0].upper() in ("EXEC", "EXECUTE"):
+        called = text.split()[1].split(".")[-1].rstrip(";").lower() if len(text.split()) > 1 else ""
+        if not params and (text.split()[0].upper() not in ("SELECT", "EXEC", "EXECUTE")
+                           or called not in server.procedures):  # a batch: scripts, external scripts
+            results = server.run_batch(text)
+            self.client.user = server.user  # EXECUTE AS / REVERT last for the session
+            self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
+        elif text.split()[0].upper() in ("EXEC", "EXECUTE"):
             name, _, rest = text.split(None, 1)[1].partition(" ")
             arguments = {n: values[p] for n, p in re.findall(r"@(\w+)\s*=\s*@(p\d+)", rest)}
             results, _ = server.call(name.split(".")[-1], **arguments)
@@ -967,6 +1110,7 @@ class ClientCursor:
             if not self.client.autocommit and not server.trancount:
                 server.conn.execute("BEGIN")
                 server.trancount = 1
+            server.require_statement(text)
             columns, rows = server.query(text, Frame(values=values))
             self.rowcount = server.conn.execute("SELECT changes()").fetchone()[0]
             self.sets = [(columns, rows)] if columns else []

@@ -14,7 +14,11 @@ A refined network (refine.py) that a procedure runs on images crosses as one JSO
 Binary data crosses `sp_execute_external_script` only as hexadecimal text in varchar(max) (as sqlmlutils moves
 it): the procedures send `CONVERT(varchar(max), data, 2)` and store `CONVERT(varbinary(max), text, 2)`. Each
 script runs inside `with inproc.reported() as report:` and hands `report.error` (one line, or NULL) back through
-an OUTPUT parameter, which the procedure THROWs before it writes anything.
+an OUTPUT parameter, which the procedure THROWs before it writes anything (every OUTPUT variable is set before
+that block, as *Known issues for Python and R* requires).
+
+OutputDataSet never holds None or NaN (how they map is documented for R, not for Python): what is absent is ''
+or 0, which the procedure turns into NULL with NULLIF.
 """
 from __future__ import annotations
 
@@ -146,34 +150,37 @@ def _require(frame: pd.DataFrame, what: str) -> None:
 
 
 def inspect(data_hex: str) -> pd.DataFrame:
-    """One row (format, width, height, mode, sha256, dhash, reason): the engine's checks on uploaded bytes."""
+    """One row (format, width, height, mode, sha256, dhash, reason): the engine's checks on uploaded bytes; ''
+    and 0 for what is absent (OutputDataSet carries no None: see the module docstring)."""
     try:
         info, _ = inspect_image(unhex(data_hex))
     except BadImageError as err:
-        return pd.DataFrame([(None,) * 6 + (str(err),)], columns=INSPECT_COLUMNS)
-    return pd.DataFrame([(info.format, info.width, info.height, info.mode, info.sha256, info.dhash, None)],
+        return pd.DataFrame([("", 0, 0, "", "", "", str(err))], columns=INSPECT_COLUMNS)
+    return pd.DataFrame([(info.format, info.width, info.height, info.mode, info.sha256, info.dhash, "")],
                         columns=INSPECT_COLUMNS)
 
 
 def featurize_images(images: pd.DataFrame, backbone: str, network: str | None = None) -> pd.DataFrame:
     """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason): a float32 blob per good image,
-    a reason per bad one. The procedure loops over batches, so one call holds one batch of images. `network`:
+    a reason per bad one ('' and 0 for what is absent). The procedure loops over batches, so one call holds one batch of images. `network`:
     a refined backbone's JSON text (see `featurizer`)."""
     model = featurizer(backbone, network)
     items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
     ids, vectors, bad = finish_batch(model, model.submit(items))
-    out = [(i, None, None, reason) for i, reason in bad]
+    out = [(i, 0, "", reason) for i, reason in bad]
     if ids:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        out += [(i, vectors.shape[1], v.tobytes().hex(), None) for i, v in zip(ids, vectors)]
+        out += [(i, vectors.shape[1], v.tobytes().hex(), "") for i, v in zip(ids, vectors)]
     return pd.DataFrame(sorted(out, key=lambda r: r[0]), columns=["image_id", "dim", "vector", "reason"])
 
 
 def vector_json(vectors: pd.DataFrame) -> pd.DataFrame:
-    """Rows (image_id, vector hex) -> (image_id, embedding): JSON arrays for VECTOR(1998) columns, zero-padded;
-    NULL for features longer than VECTOR_DIMENSIONS."""
-    return pd.DataFrame([(int(i), padded_json(np.frombuffer(unhex(v), dtype="<f4")))
-                         for i, v in zip(vectors["image_id"], vectors["vector"])], columns=["image_id", "embedding"])
+    """Rows (image_id, vector hex) -> (image_id, embedding): JSON arrays for VECTOR(1998) columns, zero-padded."""
+    rows = [(int(i), padded_json(np.frombuffer(unhex(v), dtype="<f4")))
+            for i, v in zip(vectors["image_id"], vectors["vector"])]
+    if any(embedding is None for _, embedding in rows):
+        raise BadInput(f"features longer than VECTOR({VECTOR_DIMENSIONS}) cannot be stored as vectors")
+    return pd.DataFrame(rows, columns=["image_id", "embedding"])
 
 
 def prepare_data(images: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> pd.DataFrame:

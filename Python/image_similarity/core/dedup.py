@@ -118,8 +118,19 @@ def hamming_to(query: str, packed: np.ndarray) -> np.ndarray:
     if mine.shape[0] != packed.shape[0]:
         raise ValueError("the hash and the packed hashes differ in length")
     for word, own in zip(packed, mine[:, 0]):
-        distances += np.bitwise_count(word ^ own)
+        distances += popcount(word ^ own)
     return distances
+
+
+_BYTE_BITS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
+
+
+def popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64: np.bitwise_count on numpy 2, a byte table on numpy 1.x (SQL Server's runtime
+    has numpy 1.22.0, which revoscalepy needs)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    return _BYTE_BITS[np.ascontiguousarray(words).view(np.uint8)].reshape(len(words), 8).sum(axis=1, dtype=np.uint8)
 
 
 def _signs(hashes: Sequence[str]) -> np.ndarray:

@@ -501,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.images import BadImageError
     from ..store import DEFAULT_DB, connect
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sqlserver"]:  # issue 27: deploying to SQL Server, its own parser (entrypoints/sqlserver.py)
+        from .sqlserver import main as sqlserver_main
+
+        return sqlserver_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         with connect(args.db or DEFAULT_DB) as store:
