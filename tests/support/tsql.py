@@ -1098,7 +1098,8 @@ class ClientCursor:
         called = text.split()[1].split(".")[-1].rstrip(";").lower() if len(text.split()) > 1 else ""
         if not params and (text.split()[0].upper() not in ("SELECT", "EXEC", "EXECUTE")
                            or called not in server.procedures):  # a batch: scripts, external scripts
-            results = server.run_batch(text)
+            # T-SQL needs no terminator after a batch's last statement (the emulation's scripts end each one)
+            results = server.run_batch(text if text.rstrip().endswith(";") else text + ";")
             self.client.user = server.user  # EXECUTE AS / REVERT last for the session
             self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
         elif text.split()[0].upper() in ("EXEC", "EXECUTE"):

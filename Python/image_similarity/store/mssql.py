@@ -272,7 +272,7 @@ class MSSQLStore(SQLStore):
     @cached_property
     def capabilities(self) -> frozenset[str]:
         """PROCEDURES; VECTOR_SEARCH where SQLR/12_Vectors.sql made its tables (SQL Server 2025), asked once."""
-        vectors = self.db.first("SELECT OBJECT_ID(N'dbo.method_vectors', N'U')")
+        vectors = self.db.first("SELECT OBJECT_ID(N'dbo.method_vectors', N'U');")
         return frozenset({PROCEDURES} | ({VECTOR_SEARCH} if vectors and vectors[0] is not None else set()))
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
