@@ -200,10 +200,15 @@ def test_the_database_ranks_scores_and_learned_as_the_engine(full_pg, full_db, f
             for q in range(0, len(ids), 37):
                 exclude = np.zeros(len(ids), dtype=bool)
                 exclude[q] = True
-                want = engine.search(X[q], 10, exclude)
+                deeper = engine.search(X[q], 20, exclude)
+                want, exact = deeper[:10], {m.image_id: m.score for m in deeper}
                 for got in (db.search(X[q], 10, exclude), served.searcher(method).search(X[q], 10, exclude)):
-                    assert [m.image_id for m in got] == [m.image_id for m in want], (method, q)
                     np.testing.assert_allclose([m.score for m in got], [m.score for m in want], rtol=0, atol=2e-6)
+                    # the same images in the same order, but for images whose exact scores tie within pgvector's
+                    # float32 rounding (2e-6), which may trade places (seen with AVX2 kernels)
+                    for mine, theirs in zip(got, want):
+                        assert mine.image_id == theirs.image_id or abs(
+                            exact.get(mine.image_id, -np.inf) - theirs.score) <= 2e-6, (method, q)
             name = store.create_index("efficientnet_lite0", method, version)
             with store.db.transaction():
                 store.through_index(10)  # as `nearest` plans it
