@@ -26,6 +26,7 @@ def test_console_script_help_lists_the_steps():
                          check=True).stdout
     for command in STEPS:
         assert command in out
+    assert "'image-similarity sqlserver --help'" in " ".join(out.split())  # its own parser: named in the epilog
 
 
 def test_steps_one_by_one_on_real_photos(tmp_path, small_dir, capsys, sample_dir):

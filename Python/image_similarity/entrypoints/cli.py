@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="image-similarity",
         description="Find catalogue images similar to a query image: ingest labelled images into a database, "
                     "featurize them with a pretrained CNN, split, train a linear SVM, evaluate, and rank.",
-        epilog="Start with 'image-similarity run' to do every step on the bundled sample data.")
+        epilog="Start with 'image-similarity run' to do every step on the bundled sample data. To deploy into SQL "
+               "Server, or to check a server met for the first time: 'image-similarity sqlserver --help'.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
