@@ -13,7 +13,7 @@ import pytest
 from support.liveserver import serving
 
 from image_similarity.core.images import decode_image
-from image_similarity.entrypoints.batcher import BACKGROUND_CHUNK, Batcher, prepared
+from image_similarity.entrypoints.batcher import BACKGROUND_CHUNK, BATCH_LIMIT, Batcher, prepared
 from image_similarity.entrypoints.service import Service
 from image_similarity.entrypoints.web import create_app
 from image_similarity.errors import BadInput
@@ -65,18 +65,16 @@ def alone(featurizer, images) -> np.ndarray:
 def test_queued_queries_share_one_forward_pass_with_their_own_answers(featurizer, images, alone):
     recorder = Recorder(featurizer, hold=True)
     batcher = Batcher(recorder, window=0)
-    try:
-        with ThreadPoolExecutor(len(images)) as pool:
-            first = pool.submit(batcher.features, images[:1])
-            assert recorder.started.wait(60)  # the first query's pass is running (held): the others queue
-            rest = [pool.submit(batcher.features, [im]) for im in images[1:]]
-            while len(batcher.queries) < len(rest):
-                time.sleep(0.01)
-            recorder.release.set()
-            got = np.concatenate([first.result()] + [f.result() for f in rest])
-    finally:
-        batcher.close()
-    assert [len(b) for _, b in recorder.batches] == [1, len(images) - 1] and batcher.forwards == 2
+    with ThreadPoolExecutor(len(images)) as pool:
+        first = pool.submit(batcher.features, images[:1])
+        assert recorder.started.wait(60)  # the first query's pass is running (held): the others queue
+        rest = [pool.submit(batcher.features, [im]) for im in images[1:]]
+        while len(batcher.queries) < len(rest):
+            time.sleep(0.01)
+        recorder.release.set()
+        got = np.concatenate([first.result()] + [f.result() for f in rest])
+    queued = len(images) - 1  # queued while the first ran: taken in batches of at most BATCH_LIMIT, in order
+    assert [len(b) for _, b in recorder.batches] == [1, BATCH_LIMIT, queued - BATCH_LIMIT] and batcher.forwards == 3
     np.testing.assert_allclose(got, alone, atol=TOLERANCE)
 
 
@@ -84,53 +82,44 @@ def test_a_failure_stays_with_its_own_query(featurizer, images, alone):
     recorder = Recorder(featurizer, hold=True)
     batcher = Batcher(recorder, window=0)
     black = images[0].point(lambda _: 0)
-    try:
-        with ThreadPoolExecutor(4) as pool:
-            first = pool.submit(batcher.features, images[:1])
-            assert recorder.started.wait(60)
-            queued = [pool.submit(batcher.features, [im]) for im in (images[1], black, images[2])]
-            while len(batcher.queries) < 3:
-                time.sleep(0.01)
-            recorder.release.set()
-            with pytest.raises(BadInput, match="all-black"):
-                queued[1].result()
-            np.testing.assert_allclose(np.concatenate([first.result(), queued[0].result(), queued[2].result()]),
-                                       alone[:3], atol=TOLERANCE)
-    finally:
-        batcher.close()
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(batcher.features, images[:1])
+        assert recorder.started.wait(60)
+        queued = [pool.submit(batcher.features, [im]) for im in (images[1], black, images[2])]
+        while len(batcher.queries) < 3:
+            time.sleep(0.01)
+        recorder.release.set()
+        with pytest.raises(BadInput, match="all-black"):
+            queued[1].result()
+        np.testing.assert_allclose(np.concatenate([first.result(), queued[0].result(), queued[2].result()]),
+                                   alone[:3], atol=TOLERANCE)
     assert [len(b) for _, b in recorder.batches] == [1, 3, 1, 1, 1]  # the failed batch, then each alone
 
 
 def test_a_lone_query_never_waits_for_the_window(featurizer, images, alone):
     batcher = Batcher(featurizer, window=60)
-    try:
-        start = time.monotonic()
-        with batcher.query() as ticket:
-            got = ticket.features(images[:1])
-        assert time.monotonic() - start < 30  # the window (60 s) is for announced queries only; none was
-        np.testing.assert_allclose(got, alone[:1], atol=TOLERANCE)
-    finally:
-        batcher.close()
+    start = time.monotonic()
+    with batcher.query() as ticket:
+        got = ticket.features(images[:1])
+    assert time.monotonic() - start < 30  # the window (60 s) is for announced queries only; none was
+    np.testing.assert_allclose(got, alone[:1], atol=TOLERANCE)
 
 
 def test_an_announced_query_is_waited_for(featurizer, images, alone):
     """A query still decoding when another's pass could start joins that pass (within the window)."""
     batcher = Batcher(featurizer, window=60)
-    try:
-        with batcher.query() as late, ThreadPoolExecutor(1) as pool:
-            first = pool.submit(batcher.features, images[:1])
-            while not batcher.queries:
-                time.sleep(0.01)
-            time.sleep(0.2)  # the first waits for the announced one
-            got = late.features(images[1:2])
-        np.testing.assert_allclose(np.concatenate([first.result(), got]), alone[:2], atol=TOLERANCE)
-        assert batcher.forwards == 1
-        with batcher.query():
-            pass  # announced, then gone without features: nothing waits for it
-        batcher.features(images[2:3])
-        assert batcher.forwards == 2
-    finally:
-        batcher.close()
+    with batcher.query() as late, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(batcher.features, images[:1])
+        while not batcher.busy:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the first waits for the announced one
+        got = late.features(images[1:2])
+    np.testing.assert_allclose(np.concatenate([first.result(), got]), alone[:2], atol=TOLERANCE)
+    assert batcher.forwards == 1
+    with batcher.query():
+        pass  # announced, then gone without features: nothing waits for it
+    batcher.features(images[2:3])
+    assert batcher.forwards == 2
 
 
 def test_a_query_overtakes_a_running_background_featurize(photo_dirs, sample_dir, featurizer, tmp_path):

@@ -1,6 +1,6 @@
-"""The service's forward passes, all run by one thread: concurrent queries are gathered into one batch (whatever is
-queued when the network is free, up to a limit, waiting a short window only for queries already being decoded),
-and the background featurizing of new uploads runs in small chunks only while no query waits."""
+"""The service's forward passes, one at a time: concurrent queries are gathered into one batch (whatever is queued
+when the network is free, up to a limit, waiting a short window only for queries already being decoded), and the
+background featurizing of new uploads runs in small chunks only while no query waits."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -29,15 +29,9 @@ class Job:
     """Network inputs, uint8 (n, S, S, 3), waiting for their float32 (n, dim) features or the error."""
 
     batch: np.ndarray
-    done: threading.Event = field(default_factory=threading.Event)
+    done: bool = False
     result: np.ndarray | None = None
     error: BaseException | None = None
-
-    def wait(self) -> np.ndarray:
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 class Wrapped:
@@ -67,9 +61,10 @@ class Wrapped:
 
 
 class Batcher(Wrapped):
-    """A featurizer (the Featurizer API) whose forward passes one thread runs: `features` and `forward` (queries)
+    """A featurizer (the Featurizer API) whose forward passes run one at a time: `features` and `forward` (queries)
     batched together, `background.forward` (featurizing uploads) in chunks of BACKGROUND_CHUNK images, only while
-    no query is queued or announced (`query()`)."""
+    no query is queued or announced (`query()`). No thread of its own: a caller that finds the network free runs
+    the next pass itself (for whoever is queued), so a lone query runs in its own thread, with no hand-over."""
 
     def __init__(self, featurizer, limit: int = BATCH_LIMIT, window: float = WINDOW,
                  chunk: int = BACKGROUND_CHUNK) -> None:
@@ -80,10 +75,10 @@ class Batcher(Wrapped):
         self.chunks: deque[Job] = deque()
         self.announced = 0
         """Queries on their way (decoding), not queued yet: a gathered batch waits a little for them."""
+        self.busy = False
+        """A caller is gathering or running a forward pass."""
         self.forwards = 0
         """Forward passes run so far (queries' and the background's)."""
-        self.thread: threading.Thread | None = None
-        self.stopping = False
         self.background = Background(self)
 
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -92,7 +87,7 @@ class Batcher(Wrapped):
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, dim), as a query: gathered with the other queries queued."""
-        return self._put(Job(batch), self.queries).wait()
+        return self._done(self._put([Job(batch)], self.queries)[0])
 
     @contextmanager
     def query(self) -> Iterator[Ticket]:
@@ -106,28 +101,38 @@ class Batcher(Wrapped):
         finally:
             ticket.arrived()
 
-    def _put(self, job: Job, queue: deque[Job], arriving: bool = False) -> Job:
+    def _put(self, jobs: list[Job], queue: deque[Job], arriving: bool = False) -> list[Job]:
         with self.cond:
-            if self.thread is None:
-                self.stopping = False
-                self.thread = threading.Thread(target=self._run, name="forward-batcher", daemon=True)
-                self.thread.start()
             self.announced -= arriving
-            queue.append(job)
+            queue.extend(jobs)
             self.cond.notify_all()
-        return job
+        return jobs
 
-    def _run(self) -> None:
-        while True:
-            with self.cond:
-                self.cond.wait_for(self._ready)
-                if not self.queries and not self.chunks:
-                    return  # stopping, and nothing left to do
-                jobs = self._gather() if self.queries else [self.chunks.popleft()]
-            self._forward(jobs)
+    def _done(self, job: Job) -> np.ndarray:
+        """`job`'s features: run forward passes in this thread (the first queued first) whenever the network is
+        free and there is work that may run, until `job` is done."""
+        with self.cond:
+            while not job.done:
+                if self.busy or not self._ready():
+                    self.cond.wait()
+                    continue
+                self.busy = True
+                try:
+                    jobs = self._gather() if self.queries else [self.chunks.popleft()]
+                    self.cond.release()
+                    try:
+                        self._forward(jobs)
+                    finally:
+                        self.cond.acquire()
+                finally:
+                    self.busy = False
+                    self.cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        return job.result
 
     def _ready(self) -> bool:
-        return bool(self.queries) or (bool(self.chunks) and not self.announced) or self.stopping
+        return bool(self.queries) or (bool(self.chunks) and not self.announced)
 
     def _gather(self) -> list[Job]:
         """Queued queries up to the batch limit, after waiting up to the window for announced ones (under cond)."""
@@ -159,17 +164,7 @@ class Batcher(Wrapped):
             for job in jobs:
                 job.result, start = out[start:start + len(job.batch)], start + len(job.batch)
         for job in jobs:
-            job.done.set()
-
-    def close(self) -> None:
-        """Finish what is queued and stop the thread (a later call starts it again)."""
-        with self.cond:
-            thread, self.stopping = self.thread, True
-            self.cond.notify_all()
-        if thread is not None:
-            thread.join()
-        with self.cond:
-            self.thread = None
+            job.done = True
 
 
 class Ticket(Wrapped):
@@ -183,7 +178,7 @@ class Ticket(Wrapped):
         """As Batcher.features; the first call ends the announcement."""
         batch = prepared(images, self.spec)
         arriving, self.waiting = self.waiting, False
-        return self.batcher._put(Job(batch), self.batcher.queries, arriving).wait()
+        return self.batcher._done(self.batcher._put([Job(batch)], self.batcher.queries, arriving)[0])
 
     def arrived(self) -> None:
         """The query left without (more) features: no batch waits for it."""
@@ -202,9 +197,9 @@ class Background(Wrapped):
         self.batcher = batcher
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        jobs = [self.batcher._put(Job(batch[i:i + self.batcher.chunk]), self.batcher.chunks)
-                for i in range(0, len(batch), self.batcher.chunk)]
-        return np.concatenate([j.wait() for j in jobs])
+        chunk = self.batcher.chunk
+        jobs = self.batcher._put([Job(batch[i:i + chunk]) for i in range(0, len(batch), chunk)], self.batcher.chunks)
+        return np.concatenate([self.batcher._done(job) for job in jobs])
 
 
 def prepared(images: Sequence[Image.Image], spec) -> np.ndarray:

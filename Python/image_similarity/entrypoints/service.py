@@ -208,7 +208,6 @@ class Service:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
-        self.featurizer.close()
 
 
 def first_line(err: Exception) -> str:
