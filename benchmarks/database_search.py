@@ -43,6 +43,7 @@ from image_similarity.store.postgres import PostgresStore
 
 BACKBONE = "efficientnet_lite0"
 FIRST_GENERATED = 1_000_000  # ids of generated images start here
+MAINTENANCE_WORK_MEM = "2GB"
 
 
 def source_db(folder: Path) -> Path:
@@ -151,7 +152,16 @@ def measure(store: PostgresStore, model: SimilarityModel, queries: np.ndarray, q
                 "SELECT AVG(pg_column_size(embedding)) FROM method_vectors WHERE model_version = %s AND method = %s",
                 (model.version, method))[0][0])
         figures[method] = row
+        print(f"{len(ids)} images, {method}: {json.dumps(row)}", file=sys.stderr, flush=True)  # a partial result
     return figures
+
+
+def space(store: PostgresStore, images: int) -> dict[str, float]:
+    """Bytes per image of the features table and of method_vectors (both methods' rows), TOAST included, and of
+    method_vectors' primary key; HNSW indexes are measured on their own."""
+    features, rows, key = store.db.query("SELECT pg_table_size('features'), pg_table_size('method_vectors'),"
+                                         " pg_relation_size('method_vectors_pkey')")[0]
+    return {"features": features / images, "method_vectors": rows / images, "method_vectors_pkey": key / images}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for size, figures in results["sizes"].items():
             print(f"{size} images (writing scores + learned rows of the bundled catalogue: "
-                  f"{results['write_s']:.2f} s)" if size == str(results["bundled"]) else f"{size} images")
+                  f"{results['write_s']:.2f} s)" if size == str(results["bundled"]) else
+                  f"{size} images (generated ones loaded at {results['load_images_per_s']:.0f} a second)")
+            print("  bytes per image: " + " ".join(f"{k}={v:.0f}" for k, v in results["bytes_per_image"][size].items()))
             for method, row in figures.items():
                 print(f"  {method:8s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in row.items()))
@@ -192,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(source: Path, url: str, size: int, n_queries: int) -> dict:
     """Copy the bundled catalogue and model into PostgreSQL, measure, add `size` generated images, measure."""
     with SQLiteStore(source) as src, PostgresStore(url) as store:
+        # HNSW builds in memory while the graph fits in maintenance_work_mem, much more slowly on disk beyond it
+        # (100k rows of scores: about 1 GB); this connection's setting only, the connection is autocommit
+        store.db.query("SELECT set_config('maintenance_work_mem', %s, false)", (MAINTENANCE_WORK_MEM,))
         ids, X = src.features(BACKBONE)
         rows = {image.id: image for image in src.images()}
         for image_id in ids:
@@ -209,13 +224,18 @@ def run(source: Path, url: str, size: int, n_queries: int) -> dict:
         queries = src.features(BACKBONE, test)[1]
         results = {"bundled": len(ids), "write_s": write_s, "queries": len(queries), "sizes": {}}
         results["sizes"][str(len(ids))] = measure(store, model, queries, test, METHODS)
+        results["bytes_per_image"] = {str(len(ids)): space(store, len(ids))}
         if size:
+            for method in METHODS:  # the bundled size's indexes would answer for the larger catalogue, and every
+                # row COPY writes would go into each of them (about 30 images a second instead of thousands)
+                store.db.script(f"DROP INDEX IF EXISTS {store._index_name(BACKBONE, method, model.version)}")
             start = time.perf_counter()
             generate(store, model, X, size)
             results["generate_s"] = time.perf_counter() - start
-            for method in METHODS:  # the bundled size's indexes would answer for the larger catalogue
-                store.db.script(f"DROP INDEX IF EXISTS {store._index_name(BACKBONE, method, model.version)}")
+            results["load_images_per_s"] = size / results["generate_s"]
+            print(f"{size} generated images loaded in {results['generate_s']:.1f} s", file=sys.stderr, flush=True)
             results["sizes"][str(len(ids) + size)] = measure(store, model, queries, test, ("scores", "learned"))
+            results["bytes_per_image"][str(len(ids) + size)] = space(store, len(ids) + size)
     return results
 
 
