@@ -13,7 +13,9 @@ database's exact scan, and its HNSW index; whether the exact scan gave the in-me
 largest gap printed; the same images up to ties, and in how many queries in the same order); the HNSW index's
 recall@10 against the in-memory top 10 and its size; the bytes one image's row of scores or learned takes. At the
 generated size, HNSW indexes are built for scores and learned only (those of the features take as long again) and
-their build time is printed. Every figure comes from one run: compare ratios, as the CPU may be shared.
+their build time is printed; the generated images are loaded (binary COPY) with no index in place, and the load
+rate and each table's bytes per image are reported. Each method's figures go to stderr as they are measured, so
+an interrupted run still yields them. Every figure comes from one run: compare ratios, as the CPU may be shared.
 """
 from __future__ import annotations
 

@@ -248,6 +248,9 @@ def test_the_database_search_benchmark_measures_every_method(pg_server, full_db)
         assert indexed == (set(METHODS) if size == "557" else {"scores", "learned"})
         assert all(0 < figures[m]["recall@10"] <= 1 for m in indexed)
         assert figures["scores"]["row_bytes"] > 4 * 1584 > 4 * figures["learned"]["row_bytes"]
+        space = result["bytes_per_image"][size]  # features and both methods' rows: each more than 1584 float32s
+        assert space["features"] > 4 * 1584 and space["method_vectors"] > 4 * 1584 and space["method_vectors_pkey"] > 0
+    assert result["load_images_per_s"] == 1500 / result["generate_s"]
 
 
 def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):
