@@ -13,10 +13,11 @@ import pytest
 from support.liveserver import serving
 
 from image_similarity.core.images import decode_image
-from image_similarity.entrypoints.batcher import BACKGROUND_CHUNK, BATCH_LIMIT, Batcher, prepared
+from image_similarity.entrypoints.batcher import BACKGROUND_CHUNK, BATCH_LIMIT, Batcher
 from image_similarity.entrypoints.service import Service
 from image_similarity.entrypoints.web import create_app
 from image_similarity.errors import BadInput
+from image_similarity.features.backbones import prepare_image
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
@@ -139,7 +140,7 @@ def test_a_query_overtakes_a_running_background_featurize(photo_dirs, sample_dir
                 time.sleep(0.01)
             with service.featurizer.query() as ticket:
                 asked = time.monotonic()
-                query = prepared([image], featurizer.spec)
+                query = prepare_image(image, featurizer.spec)[None]
                 ticket.features([image])
             assert service.featurizing.is_set() and service.waiting()[1] < 90  # still featurizing
         finally:

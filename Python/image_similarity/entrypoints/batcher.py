@@ -35,29 +35,20 @@ class Job:
 
 
 class Wrapped:
-    """The Featurizer's facts and decode pool, of the featurizer `inner`."""
+    """A view of the featurizer `inner` whose forward passes go through a batcher: what it lacks (backbone, spec,
+    device, precision, the decode pool, whatever else a step reads of a featurizer) is `inner`'s."""
 
     def __init__(self, featurizer) -> None:
         self.inner = featurizer
 
-    @property
-    def backbone(self) -> str:
-        return self.inner.backbone
+    def __getattr__(self, name: str):
+        if name == "inner":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
-    @property
-    def device(self):
-        return self.inner.device
-
-    @property
-    def spec(self):
-        return self.inner.spec
-
-    @property
-    def precision(self) -> str:
-        return self.inner.precision
-
-    def submit(self, items):
-        return self.inner.submit(items)
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Feature vectors of decoded RGB images, prepared in the caller's thread as Featurizer.features does."""
+        return self.forward(np.stack([prepare_image(im, self.spec) for im in images]))
 
 
 class Batcher(Wrapped):
@@ -80,10 +71,6 @@ class Batcher(Wrapped):
         self.forwards = 0
         """Forward passes run so far (queries' and the background's)."""
         self.background = Background(self)
-
-    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Feature vectors of decoded RGB images (prepared in the caller's thread), batched with other queries."""
-        return self.forward(prepared(images, self.spec))
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) -> float32 (N, dim), as a query: gathered with the other queries queued."""
@@ -174,9 +161,8 @@ class Ticket(Wrapped):
         super().__init__(batcher.inner)
         self.batcher, self.waiting = batcher, True
 
-    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """As Batcher.features; the first call ends the announcement."""
-        batch = prepared(images, self.spec)
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        """As Batcher.forward; the first call ends the announcement."""
         arriving, self.waiting = self.waiting, False
         return self.batcher._done(self.batcher._put([Job(batch)], self.batcher.queries, arriving)[0])
 
@@ -201,7 +187,3 @@ class Background(Wrapped):
         jobs = self.batcher._put([Job(batch[i:i + chunk]) for i in range(0, len(batch), chunk)], self.batcher.chunks)
         return np.concatenate([self.batcher._done(job) for job in jobs])
 
-
-def prepared(images: Sequence[Image.Image], spec) -> np.ndarray:
-    """The network's uint8 input for decoded RGB images, as Featurizer.features makes it."""
-    return np.stack([prepare_image(im, spec) for im in images])
