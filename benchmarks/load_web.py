@@ -207,15 +207,16 @@ def served(*args: str, env: dict | None = None) -> Iterator[tuple[str, subproces
 def rounds(urls: dict[str, str], photos: list[Path], clients: tuple[int, ...] = (1, 8), requests: int = 100,
            repeats: int = 3) -> dict[str, dict[int, list[LoadReport]]]:
     """Reports of `repeats` rounds of `requests` checked requests from each number of `clients`, for each named
-    service; the rounds alternate between services and client counts, so they share the machine's noise."""
+    service; the rounds alternate between services and client counts, so they share the machine's noise, and the
+    services take turns going first."""
     rankers = {name: Ranker(url, photos) for name, url in urls.items()}
     references = {name: {} for name in urls}
     for name, ranker in rankers.items():
         ranker.references(references[name])
     out: dict[str, dict[int, list[LoadReport]]] = {name: {n: [] for n in clients} for name in urls}
-    for _ in range(repeats):
+    for turn in range(repeats):
         for n in clients:
-            for name, ranker in rankers.items():
+            for name, ranker in list(rankers.items())[::-1 if turn % 2 else 1]:
                 report = ranker.load(requests, n)
                 ranker.check(report, references[name])
                 out[name][n].append(report)
