@@ -17,7 +17,7 @@ from ..features.backbones import prepare_image
 
 BATCH_LIMIT = 4
 """At most this many query images in one forward pass: on 2 cores (an AMD EPYC, natively and with AVX2 kernels
-forced), 4 images cost the least time per image; 8 cost 15-35% more per image than 4 (docs/service.md)."""
+forced), 4 images cost the least time per image; 8 cost 19-37% more per image than 4 (docs/service.md)."""
 WINDOW = 0.005
 """Seconds a gathered batch waits, at most, for queries announced but still decoding (never when none is)."""
 BACKGROUND_CHUNK = 2
