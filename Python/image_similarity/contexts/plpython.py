@@ -70,10 +70,10 @@ def featurize_images(plpy: Any, backbone: str | None, batch_size: int) -> tuple[
 
 @_clear_errors
 def prepare_data(plpy: Any, test_fraction: float, seed: int) -> list[tuple[str, int]]:
-    """(subset, images) rows of a new train/test split."""
+    """(subset, images) rows of a new train/test split, and ('unlabelled', count) when it left any out."""
     from ..pipeline.split import split
 
-    return sorted(split(PostgresStore.in_server(plpy), test_fraction, seed).items())
+    return sorted((k, n) for k, n in split(PostgresStore.in_server(plpy), test_fraction, seed).items() if n)
 
 
 @_clear_errors

@@ -12,7 +12,15 @@ from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
 from ..features.precision import PRECISIONS
-from ..pipeline.reports import percent, print_audit, print_class_notes, print_evaluation, print_left_out, print_ranking
+from ..pipeline.reports import (
+    percent,
+    print_audit,
+    print_class_notes,
+    print_evaluation,
+    print_left_out,
+    print_ranking,
+    print_unlabelled,
+)
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 from ..search.methods import METHODS
 from ..search.searchers import ANN_THRESHOLD, INDEXES
@@ -245,6 +253,7 @@ def cmd_split(store, args) -> None:
 
     counts = split(store, args.test_fraction, args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
+    print_unlabelled(counts.get("unlabelled", 0))
     print_class_notes(notes(store))
 
 
