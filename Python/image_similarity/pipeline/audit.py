@@ -168,12 +168,13 @@ def default_backbone(store: Store) -> str:
         return max(counts, key=counts.get)
 
 
-def relabel(store: Store, image_id: int, label: str, new_class: bool = False) -> tuple[str, str]:
-    """Give an image another label; (old label, new label). The label must be a stored class unless `new_class`."""
+def relabel(store: Store, image_id: int, label: str, new_class: bool = False) -> tuple[str | None, str]:
+    """Give an image another label, or an unlabelled image its first (issue 29); (old label or None, new label).
+    The label must be a stored class unless `new_class`."""
     rows = {im.id: im for im in store.images()}
     if image_id not in rows:
         raise NotFound(f"no image with id {image_id}")
-    classes = sorted({im.label for im in rows.values()})
+    classes = sorted({im.label for im in rows.values() if im.label is not None})
     if not new_class and label not in classes:
         raise BadInput(f"unknown label {label!r}: use one of {', '.join(classes)} (or allow a new class)")
     if not label.strip() or "/" in label or "\\" in label or not label.isprintable():

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ..search.catalogue import Catalogue
 from ..search.searchers import Match
 from ..store import Store
 from .train import SimilarityModel
@@ -47,11 +48,23 @@ def suggestions(store: Store, model: SimilarityModel, ids: Sequence[int] | None 
             for i, (label, p) in zip(found, suggest(model, X))]
 
 
+def catalogue_suggestions(catalogue: Catalogue, model: SimilarityModel | None) -> dict[int, tuple[str, float]]:
+    """image id -> (suggested label, probability) of the catalogue's unlabelled rows (it holds their features)."""
+    rows = [k for k, label in enumerate(catalogue.labels) if label is None]
+    if not rows or catalogue.features is None:
+        return {}
+    return {int(catalogue.ids[k]): guess for k, guess in zip(rows, suggest(model, catalogue.features[rows]))}
+
+
+def with_suggestions(matches: list[Match], found: dict[int, tuple[str, float]]) -> list[Match]:
+    """The matches, those in `found` (image id -> (label, probability)) with the suggestion."""
+    return [replace(m, suggested=found[m.image_id][0], probability=found[m.image_id][1])
+            if m.label is None and m.image_id in found else m for m in matches]
+
+
 def suggest_matches(store: Store, model: SimilarityModel | None, matches: list[Match]) -> list[Match]:
-    """The matches, the unlabelled ones with the model's suggested label and probability."""
+    """The matches, the unlabelled ones with the model's suggested label and probability (features read now)."""
     wanted = [m.image_id for m in matches if m.label is None]
     if model is None or not wanted:
         return matches
-    found = {s.id: s for s in suggestions(store, model, wanted)}
-    return [replace(m, suggested=found[m.image_id].suggested, probability=found[m.image_id].probability)
-            if m.image_id in found else m for m in matches]
+    return with_suggestions(matches, {s.id: (s.suggested, s.probability) for s in suggestions(store, model, wanted)})

@@ -4,6 +4,7 @@ query's own near duplicates."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 
@@ -45,6 +46,16 @@ class Catalogue:
         if len(found) == 0:
             raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
         return cls.from_records([records[int(i)] for i in found], X)
+
+    @cached_property
+    def positions(self) -> dict[int, int]:
+        """image id -> its row."""
+        return {int(i): k for k, i in enumerate(self.ids)}
+
+    def item(self, image_id: int) -> tuple[str | None, dict | None]:
+        """(key, metadata) of an image; (None, None) when it is not in the catalogue."""
+        k = self.positions.get(int(image_id))
+        return (None, None) if k is None else (self.keys[k], self.metadata[k])
 
     def subset(self, rows: np.ndarray) -> Catalogue:
         """The catalogue of these rows only (positions, in this order)."""
