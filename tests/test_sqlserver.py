@@ -278,6 +278,24 @@ def test_add_image_inspects_with_the_engine(sample_dir, tmp_path):
     assert reason and sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (1,)
 
 
+def test_add_image_takes_unlabelled_items_with_keys_and_metadata(sample_dir):
+    """Issue 29: no label, a key and metadata; the same bytes under another key are a new item; a key sent again
+    with other bytes replaces its row and what names it; with the same bytes nothing changes."""
+    sql = Server()
+    install(sql, SCRIPTS)
+    first, second = (p.read_bytes() for p in sorted((sample_dir / "dotted").iterdir())[:2])
+    ids = [sql.call("AddImage", name=n, data=d, item_key=k, metadata=m)[1]["image_id"] for n, d, k, m in [
+        ("a.jpg", first, "sku-1", '{"title": "Scarf"}'), ("a.jpg", first, "sku-2", None),
+        ("a.jpg", first, "sku-1", '{"title": "Scarf"}')]]
+    assert ids == [1, 2, 1]
+    _, replaced = sql.call("AddImage", name="b.jpg", data=second, item_key="sku-1")
+    assert replaced["image_id"] == 3
+    assert sql.conn.execute("SELECT id, name, label, item_key, metadata FROM images ORDER BY id").fetchall() == [
+        (2, "a.jpg", None, "sku-2", None), (3, "b.jpg", None, "sku-1", None)]
+    with pytest.raises(SqlError, match="metadata must be a JSON object"):
+        sql.call("AddImage", name="c.jpg", data=second, metadata="[1]")
+
+
 @pytest.mark.parametrize("rule,tsql,message", [
     ("varbinary into Python", "SELECT data FROM dbo.images", "varbinary is not supported"),
     ("varbinary parameter", "@params = N'@d varbinary(max)', @d = 0x00", "Unsupported type varbinary"),
