@@ -1,20 +1,14 @@
 -- issue 29: upgrades the tables of a database set up by an older release in place, before 02_Tables.sql (which
--- creates what is missing) and the procedures that read the new columns. Version 1 is every database made before
--- dbo.schema_version existed; each step runs in one transaction and records the version it reached. A new
--- database (no dbo.images yet) is left to 02_Tables.sql. Safe to re-run. No name here comes from a user: the
--- one dynamic statement drops the constraint SQL Server named itself.
+-- creates what is missing, dbo.schema_version included, and records the version) and the procedures that read
+-- the new columns. Version 1 is every database made before dbo.schema_version existed: its images table has no
+-- item_key. Each step runs in one transaction. A new database (no dbo.images yet) is left to 02_Tables.sql.
+-- Safe to re-run. No name here comes from a user: the one dynamic statement drops the constraint SQL Server
+-- named itself.
 SET XACT_ABORT ON;
 GO
 IF OBJECT_ID(N'dbo.images', N'U') IS NOT NULL AND COL_LENGTH(N'dbo.images', N'item_key') IS NULL
 BEGIN
     BEGIN TRANSACTION;
-    IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
-        CREATE TABLE dbo.schema_version (
-            version int NOT NULL PRIMARY KEY,
-            applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
-        );
-    IF NOT EXISTS (SELECT 1 FROM dbo.schema_version)
-        INSERT INTO dbo.schema_version (version) VALUES (1);
     -- version 2: label nullable, sha256 no longer unique (indexed), the item's key and metadata
     DECLARE @unique sysname = (
         SELECT kc.name FROM sys.key_constraints AS kc
@@ -30,7 +24,6 @@ BEGIN
     ALTER TABLE dbo.images ADD item_key nvarchar(400) NULL, metadata nvarchar(max) NULL;
     EXEC sp_executesql N'CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
         CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
-    INSERT INTO dbo.schema_version (version) VALUES (2);
     COMMIT TRANSACTION;
 END
 GO
