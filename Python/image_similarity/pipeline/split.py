@@ -52,8 +52,10 @@ def split(store: Store, test_fraction: float = 0.25, seed: int = 0) -> dict[str,
     images left out ("unlabelled")."""
     images = store.images()
     labelled = [im for im in images if im.label is not None]
+    if not images:
+        raise NotReady("no images stored: run 'image-similarity ingest DIR' first")
     if not labelled:
-        raise NotReady("no labelled images stored: run 'image-similarity ingest' with class folders or labels first")
+        raise NotReady(f"no labelled images stored ({len(images)} unlabelled): ingest some with labels first")
     subsets = split_images(labelled, test_fraction, seed)
     store.put_split(subsets, seed, test_fraction)
     return {**Counter(subsets.values()), "unlabelled": unlabelled([im.label for im in images])}
