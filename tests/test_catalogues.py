@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.web import create_app
 from image_similarity.pipeline.evaluate import evaluate
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.manifest import ingest_manifest
 from image_similarity.pipeline.neighbors import neighbors
+from image_similarity.pipeline.plots import plt, ranking_plot
+from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.split import split
 from image_similarity.pipeline.suggest import suggestions
 from image_similarity.pipeline.train import train
@@ -113,6 +116,14 @@ def test_a_manifest_with_blank_labels_ingests_trains_ranks_and_suggests(catalogu
         bad = client.post("/api/images", headers={"Authorization": "Bearer k"},
                           files={"file": ("x.jpg", other, "image/jpeg")}, data={"metadata": "[1, 2]"})
         assert bad.status_code == 422 and "JSON object" in bad.text
+        # the notebook's cells: print_ranking and ranking_plot show keys and suggested labels
+        result = rank(store, query.read_bytes(), featurizer, top=15, save=False)
+        cli.print_ranking(result)
+        assert "sku-" in capsys.readouterr().out
+        figure = ranking_plot(store, query.read_bytes(), result)
+        captions = [ax.get_xlabel() for ax in figure.axes[1:]]
+        assert all("\nsku-" in c for c in captions) and any("unlabelled" not in c and "? 0." in c for c in captions)
+        plt.close(figure)
 
 
 def test_a_key_ingested_again_with_other_bytes_replaces_its_image(tmp_path, sample_dir, featurizer):
