@@ -94,7 +94,7 @@ def test_a_manifest_with_blank_labels_ingests_trains_ranks_and_suggests(catalogu
     assert all(m["suggested"] in LABELS for m in unlabelled) and result["matches"][0]["key"].startswith("sku-striped")
     assert main(["rank", str(query), "--db", str(db), "--top", "5"]) == 0
     printed = capsys.readouterr().out
-    assert "the model suggests striped" in printed and "sku-striped" in printed and "Striped fabric no." in printed
+    assert "; the model suggests striped (" in printed and "sku-striped" in printed and "Striped fabric no." in printed
 
     with SQLiteStore(db) as store:
         neighbors(store, featurizer.backbone, "cosine", 5, progress=False)

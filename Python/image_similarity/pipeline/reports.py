@@ -74,9 +74,8 @@ def _print_ranking_table(ranking: dict[str, dict[str, float]], best_method: str,
 
 def print_ranking(result) -> None:
     print(f"top {len(result.matches)} for {result.query} (method {result.method}, {result.backbone}"
-          + (f", model version {result.model_version})" if result.model_version else ")"))
-    if result.suggested:
-        print(f"  the model suggests {result.suggested} ({result.probability:.2f}) for the query")
+          + (f", model version {result.model_version})" if result.model_version else ")")
+          + (f"; the model suggests {result.suggested} ({result.probability:.2f})" if result.suggested else ""))
     keys = any(m.key is not None for m in result.matches)
     print(f"  {'rank':>4} {'id':>6} {'label':<20} {'score':>9}  " + ("key  " if keys else "") + "name")
     for m in result.matches:
