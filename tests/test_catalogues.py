@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from support import pgserver
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.cli import main
@@ -25,6 +26,7 @@ from image_similarity.pipeline.split import split
 from image_similarity.pipeline.suggest import suggestions
 from image_similarity.pipeline.train import train
 from image_similarity.store import SQLiteStore
+from image_similarity.store.postgres import PostgresStore
 
 LABELS = ("dotted", "leopard", "striped")
 
@@ -155,3 +157,22 @@ def test_json_lines_manifests_keep_any_metadata_and_record_bad_rows(tmp_path, sa
         assert [(im.key, im.label, im.metadata) for im in store.images()] == [
             ("a", "leopard", {"tags": ["spots", "gold"], "n": 3}), ("b", None, None)]
         assert len(store.rejected()) == 3
+
+
+def test_the_postgresql_routine_ranks_with_keys_metadata_and_suggestions(pg_server, tmp_path, sample_dir, featurizer):
+    """rank_candidates, inside the server: unlabelled items among the results, with key, metadata (jsonb) and
+    the model's suggested label."""
+    url = pgserver.create_database(pg_server, "catalogue_keys")
+    rows = catalogue_rows(sample_dir, 9)
+    with PostgresStore(url) as store:
+        ingest_manifest(store, write_csv(tmp_path / "items.csv", rows), progress=False)
+        featurize(store, featurizer, progress=False)
+        assert split(store, seed=0)["unlabelled"] == 9
+        train(store, featurizer.backbone)
+        query = sorted((sample_dir / "striped").iterdir())[20].read_bytes()
+        columns, found = store.run_procedure("RankCandidates", {"query": query, "top": 27})
+    assert columns[-4:] == ["item_key", "metadata", "suggested", "probability"] and len(found) == 27
+    titles = {r["key"]: r["title"] for r in rows}
+    assert all(row[7]["title"] == titles[row[6]] for row in found)
+    unlabelled = [row for row in found if row[3] is None]
+    assert len(unlabelled) == 9 and all(row[8] in LABELS and 0 < row[9] <= 1 for row in unlabelled)
