@@ -10,8 +10,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
-from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
-from ..features.precision import PRECISIONS
+from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS
 from ..pipeline.reports import (
     percent,
     print_audit,
@@ -218,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _refine_options(p: argparse.ArgumentParser) -> None:
-    from ..pipeline.refine import Settings
+    from ..pipeline.refine_settings import Settings
 
     defaults = Settings()
     p.add_argument("--epochs", type=int, help=f"most epochs (default: {defaults.epochs}; stops early after "

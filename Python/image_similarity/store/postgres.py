@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..errors import BadInput, NotReady
-from ..features.backbones import BACKBONES
+from ..features.specs import BACKBONES
 from .base import PROCEDURES, STORED_METHODS, VECTOR_SEARCH, StoreError
 from .migrations import POSTGRES_TO_2, upgrade, version_to_upgrade
 from .pgdrivers import Plpy, Psycopg
