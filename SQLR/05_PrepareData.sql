@@ -11,8 +11,10 @@ BEGIN
         THROW 50021, N'PrepareData: test fraction must be between 0 and 1.', 1;
     IF @seed IS NULL OR @seed < 0
         THROW 50022, N'PrepareData: seed must be 0 or more.', 1;
+    IF NOT EXISTS (SELECT 1 FROM dbo.images)
+        THROW 50023, N'PrepareData: no images stored; load images first.', 1;
     IF NOT EXISTS (SELECT 1 FROM dbo.images WHERE label IS NOT NULL)
-        THROW 50023, N'PrepareData: no labelled images stored; load images first.', 1;
+        THROW 50025, N'PrepareData: no labelled images stored; load some with labels first.', 1;
 
     DECLARE @error nvarchar(4000);
     CREATE TABLE #split (image_id int NOT NULL PRIMARY KEY, subset varchar(5) NOT NULL);
