@@ -144,7 +144,7 @@ def test_a_key_ingested_again_with_other_bytes_replaces_its_image(tmp_path, samp
 
 
 def test_json_lines_manifests_keep_any_metadata_and_record_bad_rows(tmp_path, sample_dir):
-    photo = sorted((sample_dir / "leopard").iterdir())[0]
+    photo = min((sample_dir / "leopard").iterdir())
     lines = [json.dumps({"path": str(photo), "key": "a", "label": "leopard", "tags": ["spots", "gold"], "n": 3}),
              "", "not json", json.dumps([1, 2]), json.dumps({"path": str(photo), "label": 7}),
              json.dumps({"path": str(photo), "key": "b"})]

@@ -29,8 +29,8 @@ from ..pipeline.audit import CUTOFF
 from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import rank_with
 from ..pipeline.suggest import with_suggestions
-from ..search.searchers import Match
 from ..search.methods import FEATURE_METHODS, METHODS
+from ..search.searchers import Match
 from ..store import Store
 from .service import SerialFeaturizer, Service, Snapshot
 
