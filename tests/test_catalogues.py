@@ -176,3 +176,27 @@ def test_the_postgresql_routine_ranks_with_keys_metadata_and_suggestions(pg_serv
     assert all(row[7]["title"] == titles[row[6]] for row in found)
     unlabelled = [row for row in found if row[3] is None]
     assert len(unlabelled) == 9 and all(row[8] in LABELS and 0 < row[9] <= 1 for row in unlabelled)
+
+
+def test_ingest_from_the_view_over_your_own_table(tmp_path, sample_dir, capsys):
+    """`ingest --from-view`: the rows of image_source (item_key, label, data), an empty label unlabelled; re-run
+    adds nothing; without the view, one line."""
+    db = tmp_path / "shop.sqlite"
+    assert main(["ingest", "--from-view", "--db", str(db), "-q"]) == 1
+    assert "cannot read the view image_source (item_key, label, data)" in capsys.readouterr().err
+    photos = [sorted((sample_dir / label).iterdir())[0] for label in LABELS]
+    with SQLiteStore(db) as store:
+        store.db.query("CREATE TABLE products (sku TEXT PRIMARY KEY, category TEXT, photo BLOB)")
+        store.db.query("CREATE VIEW image_source AS SELECT sku AS item_key, category AS label, photo AS data"
+                       " FROM products")
+        store.db.query_many("INSERT INTO products VALUES (?, ?, ?)",
+                            [(f"p{i}", "" if i == 2 else label, p.read_bytes())
+                             for i, (label, p) in enumerate(zip(LABELS, photos))])
+        store.conn.commit()
+    for out in ("added 3 images, 0 already stored, 0 skipped; 1 of those added unlabelled",
+                "added 0 images, 3 already stored, 0 skipped"):
+        assert main(["ingest", "--from-view", "--db", str(db), "-q"]) == 0
+        assert capsys.readouterr().out.startswith(out)
+    with SQLiteStore(db) as store:
+        assert [(im.name, im.key, im.label) for im in store.images()] == [
+            ("image_source/p0", "p0", "dotted"), ("image_source/p1", "p1", "leopard"), ("image_source/p2", "p2", None)]

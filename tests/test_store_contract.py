@@ -198,6 +198,23 @@ def test_items_with_keys_share_bytes_and_a_key_with_new_bytes_replaces_its_image
     assert store.neighbor_ids(BACKBONE, "l2", 0) == set() and store.find_key("nothing") is None
 
 
+def test_a_view_over_the_users_own_table_is_read_by_key(store, sample_dir):
+    """Issue 29: the view image_source (item_key, label, data) a DBA makes over their table, read in key order and
+    in batches; a store without it says so in one line."""
+    with pytest.raises(StoreError, match=r"^cannot read the view image_source \(item_key, label, data\): "):
+        next(store.source_rows())
+    rows = [(f"sku-{i}", im.label if i % 2 else None, im.data) for i, im in enumerate(photos(sample_dir, 1))]
+    prefix = "dbo." if store.server == "SQL Server" else ""
+    text, binary = {"SQLite": ("TEXT", "BLOB"), "PostgreSQL": ("text", "bytea")}.get(store.server,
+                                                                                    ("nvarchar(40)", "varbinary(max)"))
+    store.db.query(f"CREATE TABLE {prefix}products (sku {text} NOT NULL, category {text} NULL, photo {binary} NOT NULL)")
+    store.db.query(f"CREATE VIEW {prefix}image_source AS SELECT sku AS item_key, category AS label, photo AS data"
+                   f" FROM {prefix}products")
+    store.db.query_many(store.d.sql(f"INSERT INTO {prefix}products (sku, category, photo) VALUES (?, ?, ?)"),
+                        rows[::-1])
+    assert [row for batch in store.source_rows(batch_size=2) for row in batch] == rows
+
+
 def test_relabel_image_changes_only_the_label(store, sample_dir):
     ids = [store.add_image(im) for im in photos(sample_dir, 1)]
     store.put_features(BACKBONE, ids, vectors(3))

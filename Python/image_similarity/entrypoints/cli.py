@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("dir", type=Path, nargs="?", help="folder with one sub-folder per class")
     source.add_argument("--manifest", type=Path, metavar="FILE",
                         help="CSV or JSON-lines file of items: path, label, key and metadata columns (see below)")
+    source.add_argument("--from-view", action="store_true",
+                        help="the rows of the view image_source (item_key, label, data) made in the database over "
+                             "your own table (see docs/catalogues.md)")
 
     p = sub.add_parser("featurize", parents=[common, net, cluster], help="compute feature vectors for stored images",
                        description="Run the pretrained network over every stored image without features for "
@@ -243,11 +246,15 @@ def _featurizer(args: argparse.Namespace, backbone: str | None = None, store=Non
 
 
 def cmd_ingest(store, args) -> None:
-    from ..pipeline.ingest import ingest
+    from ..pipeline.ingest import ingest, ingest_view
     from ..pipeline.manifest import ingest_manifest
 
-    manifest = getattr(args, "manifest", None)
-    report = ingest_manifest(store, manifest, not args.quiet) if manifest else ingest(store, args.dir, not args.quiet)
+    if getattr(args, "from_view", False):
+        report = ingest_view(store, not args.quiet)
+    elif getattr(args, "manifest", None):
+        report = ingest_manifest(store, args.manifest, not args.quiet)
+    else:
+        report = ingest(store, args.dir, not args.quiet)
     print(f"added {report.added} images, {report.already_stored} already stored, {len(report.skipped)} skipped"
           + (f"; {report.unlabelled} of those added unlabelled" if report.unlabelled else "")
           + (f"; {report.replaced} replaced the image of their key" if report.replaced else ""))

@@ -128,7 +128,8 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
         data[subset] = (ids, X, np.array([rows[int(i)].label for i in ids], dtype=str))
     record, results, curves = evaluate_data(model, data, {i: r.dhash for i, r in rows.items()}, seed)
     summary = record.summary
-    summary["unlabelled"] = unlabelled([im.label for im in rows.values()])
+    if left := unlabelled([im.label for im in rows.values()]):  # only then: a summary as EvaluateModel's
+        summary["unlabelled"] = left
     summary["evaluation_id"] = store.put_evaluation(record)
     if out_dir is not None:
         from .plots import save_evaluation_plots

@@ -119,6 +119,14 @@ def ingest_items(store: Store, items: Iterable[Item], total: int | None = None, 
     return report
 
 
+def ingest_view(store: Store, progress: bool = True) -> IngestReport:
+    """Ingest every row of the view `image_source (item_key, label, data)` the database's owner created (issue 29):
+    the view's name and columns are fixed, so no SQL text or name from a user is ever run. Safe to re-run."""
+    items = (Item(f"image_source/{key}", label or None, data, key)
+             for batch in store.source_rows() for key, label, data in batch)
+    return ingest_items(store, items, None, progress)
+
+
 def ingest(store: Store, folder: str | Path, progress: bool = True) -> IngestReport:
     """Ingest every image under `folder` (sub-folders are classes; top-level files are unlabelled). Safe to re-run."""
     folder = Path(folder)

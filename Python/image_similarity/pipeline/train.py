@@ -185,7 +185,8 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
     if len(ids) == 0:
         raise NotReady(f"no features for backbone {backbone!r} in the training split: run featurize first")
     model = fit_model(backbone, X, np.array([rows[i].label for i in ids]), [rows[i].dhash for i in ids], C, seed)
-    model.params["unlabelled"] = unlabelled([im.label for im in rows.values()])
+    if left := unlabelled([im.label for im in rows.values()]):  # only then: params as SQL Server's TrainModel's
+        model.params["unlabelled"] = left
     model.version = store.put_model(model.to_record())
     from ..search.stored import store_method_vectors  # here: search.methods imports this module
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import NotFound, NotReady
+from ..errors import NotFound, NotReady, StoreError
 from .base import (
     EvaluationRecord,
     ImageRow,
@@ -230,6 +230,20 @@ class SQLStore(Store):
     def find_key(self, key: str) -> ImageRow | None:
         rows = self._image_rows(" WHERE item_key = ?", key)
         return rows[0] if rows else None
+
+    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes]]]:
+        sql = self.d.sql("SELECT item_key, label, data FROM image_source WHERE item_key > ? ORDER BY item_key")
+        last = ""
+        while True:
+            try:
+                batch = self.db.query(*self.d.limit(sql, (last,), int(batch_size)))
+            except Exception as err:  # noqa: BLE001 - each driver's error for a missing view or column
+                detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise StoreError(f"cannot read the view image_source (item_key, label, data): {detail}") from None
+            if not batch:
+                return
+            last = batch[-1][0]
+            yield [(str(k), label, bytes(data)) for k, label, data in batch]
 
     def record_rejected(self, name: str, label: str | None, reason: str, stage: str) -> None:
         with self.db.transaction():
