@@ -65,7 +65,7 @@ def test_a_manifest_with_blank_labels_ingests_trains_ranks_and_suggests(catalogu
     assert main(["ingest", "--manifest", str(manifest), "--db", str(db), "-q"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("added 36 images, 0 already stored, 2 skipped; 12 of those added unlabelled")
-    assert "skipped missing.jpg: cannot read file" in out and "skipped items.csv line 39: items.csv line 39: no path" in out
+    assert "skipped missing.jpg: cannot read file" in out and "skipped items.csv line 39: no path" in out
     assert main(["ingest", "--manifest", str(manifest), "--db", str(db), "-q"]) == 0  # safe to re-run
     assert capsys.readouterr().out.startswith("added 0 images, 36 already stored, 2 skipped")
     with SQLiteStore(db) as store:
@@ -152,8 +152,9 @@ def test_json_lines_manifests_keep_any_metadata_and_record_bad_rows(tmp_path, sa
     with SQLiteStore(tmp_path / "db.sqlite") as store:
         report = ingest_manifest(store, tmp_path / "items.jsonl", progress=False)
         assert (report.added, report.unlabelled) == (2, 1)
-        assert [reason.split(": ", 1)[1] for _, reason in report.skipped] == [
-            "not JSON: Expecting value", "not a JSON object", "the label is not text: 7"]
+        assert report.skipped == [("items.jsonl line 3", "not JSON: Expecting value"),
+                                  ("items.jsonl line 4", "not a JSON object"),
+                                  (str(photo), "items.jsonl line 5: the label is not text: 7")]
         assert [(im.key, im.label, im.metadata) for im in store.images()] == [
             ("a", "leopard", {"tags": ["spots", "gold"], "n": 3}), ("b", None, None)]
         assert len(store.rejected()) == 3

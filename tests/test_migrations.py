@@ -63,7 +63,8 @@ def test_an_old_database_is_migrated_in_place_and_keeps_working(old_database, sa
         a = store.add_image(new_image(before[0][2], "sku-1", None, {"title": "Spotted scarf", "price": 9.5}))
         b = store.add_image(new_image(before[0][2], "sku-2"))
         assert a == 7 and b == 8 and store.find_key("sku-1") == store.images()[6]
-        assert store.images()[6].label is None and store.images()[6].metadata == {"title": "Spotted scarf", "price": 9.5}
+        seventh = store.images()[6]
+        assert seventh.label is None and seventh.metadata == {"title": "Spotted scarf", "price": 9.5}
         assert store.add_image(new_image(before[0][2], None)) is None  # keyless: identical bytes stored already
         # the references still cascade: removing image 2 takes its features and the neighbour row naming it
         assert store.remove_image(2) and store.features("efficientnet_lite0")[0].tolist() == [1, 3, 4]

@@ -207,7 +207,8 @@ def test_a_view_over_the_users_own_table_is_read_by_key(store, sample_dir):
     prefix = "dbo." if store.server == "SQL Server" else ""
     text, binary = {"SQLite": ("TEXT", "BLOB"), "PostgreSQL": ("text", "bytea")}.get(store.server,
                                                                                     ("nvarchar(40)", "varbinary(max)"))
-    store.db.query(f"CREATE TABLE {prefix}products (sku {text} NOT NULL, category {text} NULL, photo {binary} NOT NULL)")
+    store.db.query(f"CREATE TABLE {prefix}products (sku {text} NOT NULL, category {text} NULL,"
+                   f" photo {binary} NOT NULL)")
     store.db.query(f"CREATE VIEW {prefix}image_source AS SELECT sku AS item_key, category AS label, photo AS data"
                    f" FROM {prefix}products")
     store.db.query_many(store.d.sql(f"INSERT INTO {prefix}products (sku, category, photo) VALUES (?, ?, ?)"),
@@ -308,7 +309,8 @@ def declared(conn: sqlite3.Connection, table: str) -> dict:
         columns = tuple(r[2] for r in conn.execute(f"PRAGMA index_info({index[1]})").fetchall())
         (where,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index[1],)).fetchone() or (None,)
         # SQL Server's UNIQUE allows one NULL: a nullable unique column is a unique index filtered on IS NOT NULL
-        filtered = index[4] and len(columns) == 1 and re.search(rf"WHERE (NOT {columns[0]} IS|{columns[0]} IS NOT) NULL$", where)
+        filtered = index[4] and len(columns) == 1 and re.search(
+            rf"WHERE (NOT {columns[0]} IS|{columns[0]} IS NOT) NULL$", where)
         if index[2] and (index[3] == "u" or filtered):
             uniques.add(columns)
     (text,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()

@@ -42,8 +42,9 @@ def fill(execute, sample_dir: Path, placeholder: str = "?") -> None:
     """Rows as the old code wrote them: two photos per class, features of the first four, neighbours, a ranking."""
     p = placeholder
     for name, label, data, sha in photos(sample_dir, 2):
-        execute(f"INSERT INTO images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data,"
-                f" added_at) VALUES ({p}, {p}, 'JPEG', 2, 1, 'RGB', {p}, {p}, {p}, {p}, '{AT}')", (name, label, len(data), sha, sha, data))
+        execute("INSERT INTO images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data,"
+                f" added_at) VALUES ({p}, {p}, 'JPEG', 2, 1, 'RGB', {p}, {p}, {p}, {p}, '{AT}')",
+                (name, label, len(data), sha, sha, data))
     for i in (1, 2, 3, 4):
         vector = [float(i), 0.5, -1.0] if p == "%s" else bytes(12)
         cast = "%s::float8[]::vector" if p == "%s" else "?"

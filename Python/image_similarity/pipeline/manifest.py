@@ -33,13 +33,12 @@ def _text(value: Any, what: str, limit: int) -> str | None:
 def item(row: dict[str, Any], folder: Path, where: str) -> Item:
     """The item of one manifest row (`where`: the row for people, e.g. 'items.csv line 7')."""
     path = row.get(PATH)
-    name = path if isinstance(path, str) and path.strip() else where
+    if not isinstance(path, str) or not path.strip():
+        return Item(where, None, None, problem=f"no {PATH}")
     try:
         label, key = _text(row.get(LABEL), "label", MAX_LABEL), _text(row.get(KEY), "key", MAX_KEY)
     except BadInput as err:
-        return Item(name, None, None, problem=f"{where}: {err}")
-    if not isinstance(path, str) or not path.strip():
-        return Item(name, label, None, key, problem=f"{where}: no {PATH}")
+        return Item(path.strip(), None, None, problem=f"{where}: {err}")
     metadata = {k: v for k, v in row.items() if k not in (PATH, LABEL, KEY) and v not in (None, "")}
     return Item(path.strip(), label, folder / path.strip(), key, metadata or None)
 
@@ -82,6 +81,6 @@ def ingest_manifest(store: Store, manifest: str | Path, progress: bool = True) -
     if not manifest.is_file():
         raise NotFound(f"no manifest file {manifest}")
     folder = manifest.resolve().parent
-    items = (Item(where, None, None, problem=f"{where}: {row}") if isinstance(row, str) else item(row, folder, where)
+    items = (Item(where, None, None, problem=row) if isinstance(row, str) else item(row, folder, where)
              for row, where in rows(manifest))
     return ingest_items(store, items, count_rows(manifest), progress)
