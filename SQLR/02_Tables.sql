@@ -157,3 +157,14 @@ IF OBJECT_ID(N'dbo.network_arrays', N'U') IS NULL
         PRIMARY KEY (network, kind, [key])
     );
 GO
+-- issue 28: what computed each feature vector: the runtime and a hash of the network's weights (docs/runtimes.md)
+IF OBJECT_ID(N'dbo.feature_runtimes', N'U') IS NULL
+    CREATE TABLE dbo.feature_runtimes (
+        image_id int NOT NULL,
+        backbone nvarchar(64) NOT NULL,
+        runtime nvarchar(16) NOT NULL CHECK (runtime IN (N'torch', N'onnxruntime')),
+        network_hash varchar(64) NOT NULL,
+        PRIMARY KEY (image_id, backbone),
+        FOREIGN KEY (image_id, backbone) REFERENCES dbo.features (image_id, backbone) ON DELETE CASCADE
+    );
+GO

@@ -50,6 +50,14 @@ class SerialFeaturizer:
     def precision(self) -> str:
         return self.inner.precision
 
+    @property
+    def runtime(self) -> str:
+        return self.inner.runtime
+
+    @property
+    def network_hash(self) -> str:
+        return self.inner.network_hash
+
     def features(self, images: Sequence[Image.Image]) -> np.ndarray:
         with self.lock:
             return self.inner.features(images)

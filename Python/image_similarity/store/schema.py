@@ -93,6 +93,10 @@ TABLES: tuple[Table, ...] = (
     Table("network_arrays", (Column("network", TEXT, references="networks"), Column("kind", TEXT),
                              Column("key", TEXT), Column("dtype", TEXT), Column("shape", TEXT), Column("data", BYTES)),
           ("network", "kind", "key")),
+    # issue 28: what computed each feature vector: the runtime and a hash of the network's weights (runtimes.py)
+    Table("feature_runtimes", (Column("image_id", ID), Column("backbone", TEXT),
+                               Column("runtime", TEXT, choices=("torch", "onnxruntime")), Column("network_hash", TEXT)),
+          ("image_id", "backbone"), foreign_keys=(ForeignKey(("image_id", "backbone"), "features"),)),
 )
 SCHEMA = {table.name: table for table in TABLES}
 
