@@ -124,7 +124,7 @@ def onnx_network(extractor: FeatureExtractor, digest: str) -> OnnxNetwork:
         raise Unavailable(f"ONNX Runtime cannot load the export of {extractor.spec.name} ({_line(err)})") from err
 
 
-def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
+def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Seconds of the fastest of `rounds` calls of each run, at the process's threads, after one warm-up call each.
     The runs take turns round after round, so they share the machine's noise, with a pause before every call."""
     best = {name: float("inf") for name in runs}
@@ -143,7 +143,7 @@ def faster(torch_forward: Callable[[torch.Tensor], object], onnx: OnnxNetwork, i
     """"onnxruntime" when it runs a batch of PROBE_BATCH images at least MIN_SPEEDUP times faster than torch."""
     images = torch.randint(0, 256, (PROBE_BATCH, input_size, input_size, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    times = best_of_rounds({"torch": lambda: torch_forward(images), "onnxruntime": lambda: onnx(images)})
+    times = best_of_rounds({"torch": lambda: torch_forward(images), "onnxruntime": lambda: onnx(images)}, ROUNDS)
     return "onnxruntime" if times["torch"] >= MIN_SPEEDUP * times["onnxruntime"] else "torch"
 
 
