@@ -8,16 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("fp32", "fp16", "bf16", "int8")
-KEYS = ("featurize_forward_speedup", "featurize_pipeline_vs_forward", "rank_100k_vs_loop", "rank_100k_vs_matvec",
+KEYS = ("featurize_forward_speedup", "featurize_pipeline_vs_forward", "featurize_chosen_vs_fastest",
+        "rank_100k_vs_loop", "rank_100k_vs_matvec",
         "query_ms_100k", "ann_recall_at_10_1m", "ann_speedup_1m")
 
 
+def package_env() -> dict[str, str]:
+    """The environment with this checkout's package first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--json", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=True)
+                           str(tmp_path)], capture_output=True, text=True, env=package_env(), timeout=300, check=True)
     result = json.loads(done.stdout)
     assert result["mode"] == "smoke"
     assert set(result["machine"]) >= {"cpu", "cpu_flags", "torch", "threads", "precision", "scan_kernel"}
@@ -29,13 +36,44 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
     assert [r["n"] for r in result["ranking"]] == [1_000, 5_000]
     assert set(result["peak_rss_mib"]) == {"8", "16"}
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    feats = result["featurize"][0]
+    assert {"torch fp32", "onnxruntime fp32"} <= set(feats["runtime_ips"]) and feats["chosen"] in feats["runtime_ips"]
+    assert feats["chosen_vs_fastest"] == feats["runtime_ips"][feats["chosen"]] / max(feats["runtime_ips"].values())
+    assert result["machine"]["onnxruntime"] and set(result["machine"]["kernel_caps"]) == {
+        "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE"}
+
+
+def run_without_onnxruntime(script: str, *args: str) -> subprocess.CompletedProcess:
+    """The script run as __main__ in a Python where `import onnxruntime` fails, as where it is not installed."""
+    code = ("import runpy, sys; sys.modules['onnxruntime'] = None; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, env=package_env(), timeout=120)
+
+
+def test_the_benchmark_refuses_to_report_ratios_without_its_peers():
+    done = run_without_onnxruntime("run.py", "--smoke")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("benchmarks/run.py: ONNX Runtime is not installed")
+    assert "installs nothing" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_the_gpu_check_says_when_there_is_no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: run benchmarks/gpu.py itself (minutes)")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True,
+                          env=package_env(), timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == (f"benchmarks/gpu.py: no CUDA GPU here (torch {torch.__version__}, built for CUDA "
+                                   f"{torch.version.cuda or 'none'}): nothing to check")
 
 
 def test_neighbors_benchmark_compares_the_step_with_float32_only():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "neighbors.py"), "--vectors", "2000", "--rows",
-                           "40", "--blocks", "2", "--json"], capture_output=True, text=True, env=env, timeout=300,
-                          check=True)
+                           "40", "--blocks", "2", "--json"], capture_output=True, text=True, env=package_env(),
+                          timeout=300, check=True)
     result = json.loads(done.stdout)
     assert (result["vectors"], result["rows_per_block"], result["blocks"]) == (2000, 40, 2)
     assert result["ratio"] == result["step_s"] / result["float32_s"] and result["ratio"] > 0
