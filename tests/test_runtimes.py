@@ -108,7 +108,7 @@ def test_the_measurement_times_both_runtimes_in_turns(fresh_choices, monkeypatch
     featurizer = Featurizer(device="cpu", precision="fp32", runtime="torch", extractor=extractor)
     session = runtimes.onnx_network(extractor, featurizer.network_hash)
     choice = runtimes.faster(lambda x: timed.append("torch") or featurizer.torch_forward(x),
-                             lambda x: timed.append("onnxruntime") or session(x), 224)
+                             lambda x: timed.append("onnxruntime") or session(x), 224, "fp32")
     assert choice in ("torch", "onnxruntime")
     assert timed == ["torch", "onnxruntime"] * (runtimes.ROUNDS + 1)
 
