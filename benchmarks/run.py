@@ -276,19 +276,7 @@ def table(result: dict) -> str:
     s, m = result["sizes"], result["machine"]
     lines = [f"mode: {result['mode']}" + ("" if result["mode"] == "full" else
              f" (smaller sizes: 'rank 100k' is {s['rank_catalogue']:,}, 'ANN 1m' is {s['ann_catalogue']:,} vectors)"),
-             f"machine: {m['cpu']}; flags {' '.join(m['cpu_flags']) or '-'}; torch {m['torch']} "
-             f"({m['cpu_capability']}), {m['threads']} threads",
-             f"chosen here: forward precision {m['precision']}, exact scan kernel {m['scan_kernel']}",
-             f"kernel caps: {' '.join(f'{k}={v}' for k, v in m['kernel_caps'].items() if v) or 'none'}; "
-             f"onnxruntime {m['onnxruntime']} (its MLAS kernels follow the CPU's flags: no cap)",
-             "", f"featurize on CPU, batch {BATCH_SIZE}, {s['featurize_images']} bundled photos (img/s of the forward "
-                 f"pass per runtime; the whole step with the chosen one):"]
-    for f in result["featurize"]:
-        per = "  ".join(f"{name} {ips:.1f}" for name, ips in f["runtime_ips"].items())
-        lines += [f"  {f['backbone']}: {per}",
-                  f"    chosen {f['chosen']}: {f['chosen_vs_fastest']:.2f}x the fastest ({f['fastest']}); "
-                  f"{f['forward_speedup']:.2f}x torch fp32; whole step {f['pipeline_ips']:.1f} img/s = "
-                  f"{f['ratio']:.2f}x the chosen forward"]
+             *machine_lines(m), "", *featurize_table(result)]
     lines.append("  goals: chosen >= 0.95x the fastest runtime for every backbone, whole step >= 0.80x its forward")
     rss = result["peak_rss_mib"]
     lines += ["  peak RSS: " + ", ".join(f"{int(n):,} images {v:.0f} MiB" for n, v in rss.items())
@@ -312,6 +300,38 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def peers_installed(script: str) -> bool:
+    """Whether the runtimes the chosen one is compared with are installed; one line on stderr when not."""
+    try:
+        onnxruntime_version()
+    except Unavailable as err:  # a ratio to the fastest runtime means nothing without the runtimes
+        print(f"{script}: {err}; it measures the network on every runtime and installs nothing: "
+              "install the package's dependencies (pip install -e .)", file=sys.stderr)
+        return False
+    return True
+
+
+def featurize_table(result: dict) -> list[str]:
+    """The featurize figures per backbone: each runtime's img/s, the chosen one's ratios, the whole step."""
+    lines = [f"featurize on CPU, batch {BATCH_SIZE}, {result['sizes']['featurize_images']} bundled photos (img/s of "
+             "the forward pass per runtime; the whole step with the chosen one):"]
+    for f in result["featurize"]:
+        per = "  ".join(f"{name} {ips:.1f}" for name, ips in f["runtime_ips"].items())
+        lines += [f"  {f['backbone']}: {per}",
+                  f"    chosen {f['chosen']}: {f['chosen_vs_fastest']:.2f}x the fastest ({f['fastest']}); "
+                  f"{f['forward_speedup']:.2f}x torch fp32; whole step {f['pipeline_ips']:.1f} img/s = "
+                  f"{f['ratio']:.2f}x the chosen forward"]
+    return lines
+
+
+def machine_lines(m: dict) -> list[str]:
+    return [f"machine: {m['cpu']}; flags {' '.join(m['cpu_flags']) or '-'}; torch {m['torch']} "
+            f"({m['cpu_capability']}), {m['threads']} threads",
+            f"chosen here: forward precision {m['precision']}, exact scan kernel {m['scan_kernel']}",
+            f"kernel caps: {' '.join(f'{k}={v}' for k, v in m['kernel_caps'].items() if v) or 'none'}; "
+            f"onnxruntime {m['onnxruntime']} (its MLAS kernels follow the CPU's flags: no cap)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark featurization and ranking; every figure is a ratio "
                                                  "to a baseline measured in the same run.")
@@ -321,11 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--out", type=Path, default=Path("benchmark-output"), help="folder for latency.png")
     args = parser.parse_args(argv)
-    try:
-        onnxruntime_version()
-    except Unavailable as err:  # a ratio to the fastest runtime means nothing without the runtimes
-        print(f"benchmarks/run.py: {err}; it measures the network on every runtime and installs nothing: "
-              "install the package's dependencies (pip install -e .)", file=sys.stderr)
+    if not peers_installed("benchmarks/run.py"):
         return 2
     result = run("smoke" if args.smoke else "quick" if args.quick else "full", args.out)
     print(json.dumps(result, indent=1) if args.json else table(result))

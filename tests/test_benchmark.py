@@ -51,10 +51,11 @@ def run_without_onnxruntime(script: str, *args: str) -> subprocess.CompletedProc
                           capture_output=True, text=True, env=package_env(), timeout=120)
 
 
-def test_the_benchmark_refuses_to_report_ratios_without_its_peers():
-    done = run_without_onnxruntime("run.py", "--smoke")
+@pytest.mark.parametrize("script", ["run.py", "runtimes.py"])
+def test_the_benchmarks_refuse_to_report_ratios_without_their_peers(script):
+    done = run_without_onnxruntime(script, "--json")
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith("benchmarks/run.py: ONNX Runtime is not installed")
+    assert done.stderr.startswith(f"benchmarks/{script}: ONNX Runtime is not installed")
     assert "installs nothing" in done.stderr and len(done.stderr.splitlines()) == 1
 
 

@@ -123,9 +123,9 @@ def test_explicit_choices_and_cuda(fresh_choices, monkeypatch):
     with pytest.raises(BadInput, match="float32 on the CPU"):
         Featurizer(device="cpu", precision="bf16", runtime="onnxruntime", extractor=extractor)
     cuda = torch.device("cuda")
-    assert runtimes.choose("auto", extractor, cuda, "fp16", False, lambda x: x) == ("torch", None)
+    assert runtimes.choose("auto", extractor, "0" * 16, cuda, "fp16", False, lambda x: x) == ("torch", None)
     with pytest.raises(BadInput, match="float32 on the CPU"):
-        runtimes.choose("onnxruntime", extractor, cuda, "fp16", False, lambda x: x)
+        runtimes.choose("onnxruntime", extractor, "0" * 16, cuda, "fp16", False, lambda x: x)
 
 
 def test_a_missing_onnxruntime_falls_back_to_torch_with_one_line(fresh_choices, monkeypatch, said, capsys):

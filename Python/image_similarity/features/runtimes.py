@@ -161,9 +161,10 @@ def structure(extractor: FeatureExtractor) -> str:
             f"flip={int(extractor.flip_average)}")
 
 
-def choose(requested: str, extractor: FeatureExtractor, device: torch.device, precision: str, fixed_precision: bool,
-           torch_forward: Callable[[torch.Tensor], object]) -> tuple[str, OnnxNetwork | None]:
-    """The runtime `requested` (one of RUNTIMES) means here, and its ONNX session when that is ONNX Runtime. "auto"
+def choose(requested: str, extractor: FeatureExtractor, digest: str, device: torch.device, precision: str,
+           fixed_precision: bool, torch_forward: Callable[[torch.Tensor], object]) -> tuple[str, OnnxNetwork | None]:
+    """The runtime `requested` (one of RUNTIMES) means here for the network `extractor` of hash `digest`, and its ONNX
+    session when that is ONNX Runtime. "auto"
     on a CPU measures torch at `precision` against ONNX Runtime (float32) once per machine and network structure;
     it is torch on CUDA and when a reduced precision was asked for (`fixed_precision`). A missing ONNX Runtime or a
     failed export falls back to torch with one line."""
@@ -173,7 +174,6 @@ def choose(requested: str, extractor: FeatureExtractor, device: torch.device, pr
         raise BadInput("the onnxruntime runtime runs float32 on the CPU: use --device cpu and --precision auto or fp32")
     if requested == "torch" or device.type != "cpu" or fixed_precision:
         return "torch", None
-    digest = network_hash(extractor)
     made: list[OnnxNetwork] = []
 
     def session() -> OnnxNetwork:

@@ -79,10 +79,10 @@ class Featurizer:
         self.extractor.to(self.device, memory_format=torch.channels_last)
         self.traced: torch.jit.ScriptModule | None = None
         self.network_hash = runtimes.network_hash(self.extractor)
-        self.runtime, self.onnx = runtimes.choose(runtime, self.extractor, self.device, self.precision,
-                                                  precision not in ("auto", "fp32"), self.torch_forward)
+        self.runtime, self.onnx = runtimes.choose(runtime, self.extractor, self.network_hash, self.device,
+                                                  self.precision, precision not in ("auto", "fp32"), self.torch_forward)
         if self.onnx is not None:
-            self.precision = "fp32"
+            self.precision, self.traced = "fp32", None  # a bfloat16 trace made to be measured is not kept
         self.pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
 
     @property
