@@ -45,8 +45,8 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
 
 def run_without_onnxruntime(script: str, *args: str) -> subprocess.CompletedProcess:
     """The script run as __main__ in a Python where `import onnxruntime` fails, as where it is not installed."""
-    code = ("import runpy, sys; sys.modules['onnxruntime'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    code = ("import os, runpy, sys; sys.modules['onnxruntime'] = None; sys.argv = sys.argv[1:]; "
+            "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
     return subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, env=package_env(), timeout=120)
 
