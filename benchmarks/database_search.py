@@ -6,14 +6,17 @@
 The catalogue: the bundled 557 photos (their features and model from --source, a SQLite database of a finished
 `image-similarity run`; by default the run is made first, in a temporary folder), and --size generated images
 (mixes of two random bundled feature vectors plus noise, scored by the same model). Both go into a PostgreSQL
-database (--db, an empty database; by default a throwaway server from tests/support/pgserver.py) with their rows of scores
-and learned (search/stored.py). For each size and method, over --queries held-out photos (the test split's
+database (--db, an empty database; by default a throwaway server from tests/support/pgserver.py) with their
+rows of scores and learned (search/stored.py). For each size and method, over --queries held-out photos (the test split's
 features; each left out of its own answer): the median latency of one query by the in-memory exact searcher, the
 database's exact scan, and its HNSW index; whether the exact scan gave the in-memory top 10 (scores to 1e-5, the
 largest gap printed; the same images up to ties, and in how many queries in the same order); the HNSW index's
-recall@10 against the in-memory top 10 and its size; the bytes one image's row of scores or learned takes. At the
-generated size, HNSW indexes are built for scores and learned only (those of the features take as long again) and
-their build time is printed. Every figure comes from one run: compare ratios, as the CPU may be shared.
+recall@10 against the in-memory top 10 (also with hnsw.ef_search at EF_SEARCH) and its size; the bytes one
+image's row of scores or learned takes. At the generated size, HNSW indexes are built for scores and learned only
+(those of the features take as long again) and their build time is printed; the generated images are loaded
+(binary COPY) with no index in place, and the load rate and each table's bytes per image are reported. Each
+method's figures go to stderr as they are measured, so an interrupted run still yields them. Every figure comes
+from one run: compare ratios, as the CPU may be shared.
 """
 from __future__ import annotations
 
@@ -43,6 +46,21 @@ from image_similarity.store.postgres import PostgresStore
 
 BACKBONE = "efficientnet_lite0"
 FIRST_GENERATED = 1_000_000  # ids of generated images start here
+MAINTENANCE_WORK_MEM = "2GB"
+EF_SEARCH = (100, 200)
+"""Besides the store's own choice, the HNSW searches are measured looking at this many candidates."""
+
+
+class Store(PostgresStore):
+    """The PostgreSQL store, whose HNSW searches look at `ef_search` candidates when it is set (the store's own
+    choice, max(40, 2 x top), when it is 0)."""
+
+    ef_search = 0
+
+    def through_index(self, top: int) -> None:
+        super().through_index(top)
+        if self.ef_search:
+            self.db.query("SELECT set_config('hnsw.ef_search', %s, true)", (str(self.ef_search),))
 
 
 def source_db(folder: Path) -> Path:
@@ -116,7 +134,7 @@ def same_top(got: list, want: list, tie: float = 1e-6) -> bool:
                for a, b in ((got, want), (want, got)))
 
 
-def measure(store: PostgresStore, model: SimilarityModel, queries: np.ndarray, query_ids: list[int],
+def measure(store: Store, model: SimilarityModel, queries: np.ndarray, query_ids: list[int],
             hnsw: tuple[str, ...]) -> dict:
     """Per method: latencies (ms) in memory, by the database's scan and its index; agreement and recall@10. Each
     query is a catalogue image, left out of its own answer (as rank leaves out a query's twins)."""
@@ -141,17 +159,29 @@ def measure(store: PostgresStore, model: SimilarityModel, queries: np.ndarray, q
             store.create_index(BACKBONE, method, model.version)
             row["hnsw_build_s"] = time.perf_counter() - start
             index = DatabaseSearcher(store, BACKBONE, scoring, True, catalogue)
-            hnsw_s, approx = timed(index.search, queries, masks)
-            hits = sum(len({m.image_id for m in a} & {m.image_id for m in w}) for a, w in zip(approx, want))
-            row |= {"db_hnsw_ms": 1e3 * hnsw_s, "recall@10": hits / (10 * len(queries)),
-                    "hnsw_MB": store.db.query("SELECT pg_relation_size(%s::regclass)", (
-                        store._index_name(BACKBONE, method, model.version),))[0][0] / 2 ** 20}
+            for ef, suffix in ((0, ""), *((ef, f"_ef{ef}") for ef in EF_SEARCH)):
+                store.ef_search = ef
+                hnsw_s, approx = timed(index.search, queries, masks)
+                hits = sum(len({m.image_id for m in a} & {m.image_id for m in w}) for a, w in zip(approx, want))
+                row |= {f"db_hnsw_ms{suffix}": 1e3 * hnsw_s, f"recall@10{suffix}": hits / (10 * len(queries))}
+            store.ef_search = 0
+            row["hnsw_MB"] = store.db.query("SELECT pg_relation_size(%s::regclass)", (
+                store._index_name(BACKBONE, method, model.version),))[0][0] / 2 ** 20
         if method in ("scores", "learned"):  # what one image's row takes in the table (TOAST included)
             row["row_bytes"] = float(store.db.query(
                 "SELECT AVG(pg_column_size(embedding)) FROM method_vectors WHERE model_version = %s AND method = %s",
                 (model.version, method))[0][0])
         figures[method] = row
+        print(f"{len(ids)} images, {method}: {json.dumps(row)}", file=sys.stderr, flush=True)  # a partial result
     return figures
+
+
+def space(store: PostgresStore, images: int) -> dict[str, float]:
+    """Bytes per image of the features table and of method_vectors (both methods' rows), TOAST included, and of
+    method_vectors' primary key; HNSW indexes are measured on their own."""
+    features, rows, key = store.db.query("SELECT pg_table_size('features'), pg_table_size('method_vectors'),"
+                                         " pg_relation_size('method_vectors_pkey')")[0]
+    return {"features": features / images, "method_vectors": rows / images, "method_vectors_pkey": key / images}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for size, figures in results["sizes"].items():
             print(f"{size} images (writing scores + learned rows of the bundled catalogue: "
-                  f"{results['write_s']:.2f} s)" if size == str(results["bundled"]) else f"{size} images")
+                  f"{results['write_s']:.2f} s)" if size == str(results["bundled"]) else
+                  f"{size} images (generated ones loaded at {results['load_images_per_s']:.0f} a second)")
+            print("  bytes per image: " + " ".join(f"{k}={v:.0f}" for k, v in results["bytes_per_image"][size].items()))
             for method, row in figures.items():
                 print(f"  {method:8s} " + " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                    for k, v in row.items()))
@@ -191,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(source: Path, url: str, size: int, n_queries: int) -> dict:
     """Copy the bundled catalogue and model into PostgreSQL, measure, add `size` generated images, measure."""
-    with SQLiteStore(source) as src, PostgresStore(url) as store:
+    with SQLiteStore(source) as src, Store(url) as store:
+        # HNSW builds in memory while the graph fits in maintenance_work_mem, much more slowly on disk beyond it
+        # (100k rows of scores: about 1 GB); this connection's setting only, the connection is autocommit
+        store.db.query("SELECT set_config('maintenance_work_mem', %s, false)", (MAINTENANCE_WORK_MEM,))
         ids, X = src.features(BACKBONE)
         rows = {image.id: image for image in src.images()}
         for image_id in ids:
@@ -209,13 +244,18 @@ def run(source: Path, url: str, size: int, n_queries: int) -> dict:
         queries = src.features(BACKBONE, test)[1]
         results = {"bundled": len(ids), "write_s": write_s, "queries": len(queries), "sizes": {}}
         results["sizes"][str(len(ids))] = measure(store, model, queries, test, METHODS)
+        results["bytes_per_image"] = {str(len(ids)): space(store, len(ids))}
         if size:
+            for method in METHODS:  # the bundled size's indexes would answer for the larger catalogue, and every
+                # row COPY writes would go into each of them (about 30 images a second instead of thousands)
+                store.db.script(f"DROP INDEX IF EXISTS {store._index_name(BACKBONE, method, model.version)}")
             start = time.perf_counter()
             generate(store, model, X, size)
             results["generate_s"] = time.perf_counter() - start
-            for method in METHODS:  # the bundled size's indexes would answer for the larger catalogue
-                store.db.script(f"DROP INDEX IF EXISTS {store._index_name(BACKBONE, method, model.version)}")
+            results["load_images_per_s"] = size / results["generate_s"]
+            print(f"{size} generated images loaded in {results['generate_s']:.1f} s", file=sys.stderr, flush=True)
             results["sizes"][str(len(ids) + size)] = measure(store, model, queries, test, ("scores", "learned"))
+            results["bytes_per_image"][str(len(ids) + size)] = space(store, len(ids) + size)
     return results
 
 

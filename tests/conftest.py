@@ -1,21 +1,24 @@
 """Shared fixtures: the bundled real photos (all, or the first n of each class), one pretrained featurizer, one fully
-run pipeline, and one throwaway PostgreSQL server for the whole run (started when a test first needs it)."""
+run pipeline, and one throwaway PostgreSQL server for the whole run (started when a test first needs it). Importable
+without torch (the featurizer's fixture imports it), for the tests SQL Server's runtime profile runs
+(.ci/sqlserver-profile)."""
 from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from support import pgserver
-from support.catalogues import whole_job
+from support.catalogues import first_photos, whole_job
 
 from image_similarity.core import machine
-from image_similarity.pipeline.featurize import Featurizer
 from image_similarity.resources import SAMPLE_DATASET
 from image_similarity.store import SQLiteStore
 
-LABELS = ("dotted", "leopard", "striped")
+if TYPE_CHECKING:
+    from image_similarity.pipeline.featurize import Featurizer
 
 
 @pytest.fixture(scope="session")
@@ -30,12 +33,7 @@ def photo_dirs(tmp_path_factory, sample_dir) -> Callable[[int], Path]:
 
     def photos(n: int) -> Path:
         if n not in made:
-            root = tmp_path_factory.mktemp(f"photos{n}")
-            for label in LABELS:
-                (root / label).mkdir()
-                for path in sorted((sample_dir / label).iterdir())[:n]:
-                    shutil.copy(path, root / label / path.name)
-            made[n] = root
+            made[n] = first_photos(sample_dir, tmp_path_factory.mktemp(f"photos{n}"), n)
         return made[n]
 
     return photos
@@ -49,6 +47,8 @@ def small_dir(photo_dirs) -> Path:
 
 @pytest.fixture(scope="session")
 def featurizer() -> Featurizer:
+    from image_similarity.pipeline.featurize import Featurizer
+
     return Featurizer(device="cpu")
 
 

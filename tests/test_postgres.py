@@ -246,8 +246,11 @@ def test_the_database_search_benchmark_measures_every_method(pg_server, full_db)
         assert all(row["memory_ms"] > 0 and row["db_exact_ms"] > 0 for row in figures.values())
         indexed = {m for m, row in figures.items() if "recall@10" in row}
         assert indexed == (set(METHODS) if size == "557" else {"scores", "learned"})
-        assert all(0 < figures[m]["recall@10"] <= 1 for m in indexed)
+        assert all(0 < figures[m][f"recall@10{ef}"] <= 1 for m in indexed for ef in ("", "_ef100", "_ef200"))
         assert figures["scores"]["row_bytes"] > 4 * 1584 > 4 * figures["learned"]["row_bytes"]
+        space = result["bytes_per_image"][size]  # features and both methods' rows: each more than 1584 float32s
+        assert space["features"] > 4 * 1584 and space["method_vectors"] > 4 * 1584 and space["method_vectors_pkey"] > 0
+    assert result["load_images_per_s"] == 1500 / result["generate_s"]
 
 
 def test_bad_query_empty_catalogue_and_missing_model_are_one_line_errors(database, small_dir, tmp_path, capsys):

@@ -360,6 +360,13 @@ def _type_text(node: exp.DataType) -> str:
     return node.sql(dialect="tsql").lower()
 
 
+def _branches(tree: exp.Expression) -> list[exp.Select]:
+    """The SELECTs whose rows a query returns: itself, or each branch of its UNIONs."""
+    if isinstance(tree, exp.Union):
+        return _branches(tree.left) + _branches(tree.right)
+    return [tree] if isinstance(tree, exp.Select) else []
+
+
 def _openjson(node: exp.OpenJSON) -> exp.Expression:
     """OPENJSON(x) WITH (...) as its typed columns; without WITH as SQL Server's (key, value, type) rows."""
     columns = ", ".join(f"{_column_from_json(col)} AS {col.this.sql()}" for col in node.expressions) or (
@@ -985,6 +992,12 @@ class Server:
                     raise SqlError(39004, f"Unsupported input data type in column '{column}': varbinary is not "
                                           "supported by the runtime for 'Python' script.")
             frame_in = pd.DataFrame(rows, columns=columns)
+            for column, sql_type in self.input_types(query):
+                if base_type(sql_type) not in PYTHON_TYPES:
+                    raise SqlError(39004, f"Unsupported input data type {sql_type} in column '{column}' for the "
+                                          "'Python' runtime.")
+                if base_type(sql_type) == "bigint":  # the mapping's float64, as for parameters
+                    frame_in[column] = frame_in[column].astype("float64")
         scope.update(InputDataSet=frame_in, OutputDataSet=pd.DataFrame())
         self.external_calls += 1
         try:
@@ -1002,6 +1015,26 @@ class Server:
                 self.assign(frame, targets[name], check_value(sql_type, value, f"@{name}"))
         data = self._output_data_set(scope["OutputDataSet"])
         return [data] if len(data) or len(data.columns) else []
+
+    def input_types(self, query: str) -> list[tuple[str, str]]:
+        """(column, T-SQL type) of each column of an @input_data_1 query whose type its text shows: a table's column,
+        CAST or CONVERT, a literal with a decimal point (SQL Server types it numeric); in every branch of a UNION."""
+        typed = []
+        tree = sqlglot.parse_one(query, read="tsql")
+        for select in _branches(tree):
+            tables = {t.alias_or_name.lower(): t.name.lower() for t in select.find_all(exp.Table)}
+            for column in select.expressions:
+                value, sql_type = column.unalias(), None
+                if isinstance(value, exp.Column) and (value.table or len(tables) == 1):
+                    table = tables.get(value.table.lower(), "") if value.table else next(iter(tables.values()))
+                    sql_type = (self.tables.get(table) or self.tables.get(f"tmp_{table}", {})).get(value.name.lower())
+                elif isinstance(value, (exp.Cast, exp.Convert)):
+                    sql_type = _type_text(value.to if isinstance(value, exp.Cast) else value.this)
+                elif isinstance(value, exp.Literal) and value.is_number and "." in value.this:
+                    sql_type = "numeric"
+                if sql_type:
+                    typed.append((column.alias_or_name, "int" if sql_type == "integer" else sql_type))
+        return typed
 
     @staticmethod
     def _output_data_set(data: Any) -> pd.DataFrame:

@@ -17,6 +17,11 @@ script runs inside `with inproc.reported() as report:` and hands `report.error` 
 an OUTPUT parameter, which the procedure THROWs before it writes anything (every OUTPUT variable is set before
 that block, as *Known issues for Python and R* requires).
 
+torch is imported only by the functions that run a network (featurize_images, rank_candidates, vector_query,
+refine_model): the procedures that compute on stored features (PrepareData, TrainModel, EvaluateModel,
+ComputeNeighbors, ...) run without it, which is how CI runs them on SQL Server's Python 3.10 / numpy 1.22.0 profile,
+where no CPU torch for Python 3.10 can be installed (docs/sqlserver-setup.md).
+
 OutputDataSet never holds None or NaN (how they map is documented for R, not for Python): what is absent is ''
 or 0, which the procedure turns into NULL with NULLIF.
 """
@@ -27,6 +32,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -34,9 +40,8 @@ import pandas as pd
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, dhash, hamming_to, packed_hashes
 from ..core.images import BadImageError, decode_image, inspect_image
 from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady
-from ..features.backbones import BACKBONES, WeightsNotFoundError
+from ..features.specs import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
-from ..pipeline.featurize import Featurizer, finish_batch
 from ..pipeline.rank import rank_with
 from ..pipeline.split import split_images
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
@@ -54,6 +59,9 @@ from ..store.base import (
     strict_json,
 )
 from ..store.mssql import VECTOR_DIMENSIONS, padded_json
+
+if TYPE_CHECKING:  # torch comes with the network: the procedures that run none import neither
+    from ..pipeline.featurize import Featurizer
 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
@@ -113,6 +121,8 @@ def featurizer(backbone: str, network: str | None = None) -> Featurizer:
     `network` is the JSON text dbo.ResolveBackbone builds for a refined backbone: {"base", "version", "status",
     "params" (its "classes" size the head), "weights": [{"key", "dtype", "shape", "data" (hexadecimal)}, ...]}.
     """
+    from ..pipeline.featurize import Featurizer  # here, not above: see the module docstring on torch
+
     if network:
         return _refined(backbone, network)
     spec = BACKBONES[backbone]
@@ -127,6 +137,7 @@ def featurizer(backbone: str, network: str | None = None) -> Featurizer:
 
 def _refined(name: str, network: str) -> Featurizer:
     """The refined network `name` built from its JSON text, strictly (refine.refined_extractor), once per process."""
+    from ..pipeline.featurize import Featurizer
     from ..pipeline.refine import refined_extractor
 
     key = (name, hashlib.sha256(network.encode()).hexdigest())
@@ -168,6 +179,8 @@ def featurize_images(images: pd.DataFrame, backbone: str, network: str | None = 
     network_hash): a float32 blob per good image and what computed it, a reason per bad one ('' and 0 for what is
     absent). The procedure loops over batches, so one call holds one batch of images. `network`: a refined
     backbone's JSON text (see `featurizer`)."""
+    from ..pipeline.featurize import finish_batch
+
     model = featurizer(backbone, network)
     items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
     ids, vectors, bad = finish_batch(model, model.submit(items))

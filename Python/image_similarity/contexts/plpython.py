@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ImageSimilarityError
-from ..features.backbones import DEFAULT_BACKBONE
+from ..features.specs import DEFAULT_BACKBONE
 from ..pipeline.featurize import Featurizer, featurize
 from ..pipeline.steps import JOB, STEPS, Run, choose_model, run_job
 from ..store.postgres import PostgresStore

@@ -1,5 +1,7 @@
 """What this machine is (CPU model and flags, torch version, threads) and choices measured on it once, cached per
-process and in a small JSON file keyed by all of that, so a speed-up is chosen by measurement, never assumed."""
+process and in a small JSON file keyed by all of that, so a speed-up is chosen by measurement, never assumed.
+torch is imported by the functions that describe or measure it, not above: searching needs only one_blas_thread, and
+the in-database procedures that run no network run without torch (docs/sqlserver-setup.md)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +16,6 @@ from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
-import torch
 from threadpoolctl import ThreadpoolController
 
 CACHE_ENV = "IMAGE_SIMILARITY_CACHE"
@@ -43,6 +44,8 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 
 def describe() -> dict:
     """Where code runs: CPU model, the speed-relevant CPU flags present, torch version, threads."""
+    import torch
+
     model, flags = cpu_info()
     return {"cpu": model, "cpu_flags": [f for f in REPORTED_FLAGS if f in flags], "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
@@ -56,6 +59,8 @@ ATEN_CPU_CAPABILITY, shows in its reported CPU capability)."""
 def machine_key() -> str:
     """What a measured choice depends on: CPU model and flags, the kernels torch, oneDNN and OpenBLAS are allowed
     to run, torch version and thread count."""
+    import torch
+
     model, flags = cpu_info()
     flags_digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
     caps = "".join(f" | {name}={os.environ[name]}" for name in KERNEL_CAPS if os.environ.get(name))
@@ -142,6 +147,8 @@ def best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[
     """Seconds of the fastest of `repeats` calls of each run after one warm-up, on one torch thread. The runs take
     turns, so they share the machine's noise; one thread and the minimum are what other load disturbs least (a
     multi-threaded kernel waits for its slowest thread, and on a busy machine that is a preempted one)."""
+    import torch
+
     best = {name: float("inf") for name in runs}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

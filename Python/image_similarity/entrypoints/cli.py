@@ -10,9 +10,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
-from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
-from ..features.precision import PRECISIONS
-from ..features.runtimes import RUNTIMES
+from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from ..pipeline.reports import percent, print_audit, print_class_notes, print_evaluation, print_left_out, print_ranking
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 from ..search.methods import METHODS
@@ -198,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _refine_options(p: argparse.ArgumentParser) -> None:
-    from ..pipeline.refine import Settings
+    from ..pipeline.refine_settings import Settings
 
     defaults = Settings()
     p.add_argument("--epochs", type=int, help=f"most epochs (default: {defaults.epochs}; stops early after "

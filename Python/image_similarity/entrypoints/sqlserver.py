@@ -212,7 +212,7 @@ def main(argv: list[str]) -> int:
     import argparse
     import sys
 
-    from ..features.backbones import BACKBONES, DEFAULT_BACKBONE
+    from ..features.specs import BACKBONES, DEFAULT_BACKBONE
     from ..store.mssql import PASSWORD_ENV, open_connection
 
     parser = argparse.ArgumentParser(prog="image-similarity sqlserver")

@@ -9,8 +9,8 @@ import torch
 
 from ..core.machine import best_times, measured_choice
 from ..errors import BadInput
+from .specs import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_SPEEDUP = 1.3
 """bfloat16 is chosen on a CPU only when it runs the probe network at least this many times faster than float32."""

@@ -18,8 +18,8 @@ from ..core.machine import cache_dir, measured_choice, write_atomically
 from ..errors import BadInput, Unavailable
 from .backbones import FeatureExtractor
 from .precision import MIN_SPEEDUP as REDUCED_PRECISION_SPEEDUP
+from .specs import RUNTIMES
 
-RUNTIMES = ("auto", "torch", "onnxruntime")
 MIN_SPEEDUP = 1.05
 """ONNX Runtime is chosen only when it runs the network at least this many times faster than torch (the reference)."""
 ROUNDS = 5

@@ -32,28 +32,11 @@ from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, 
 from ..store import Store, StoreError
 from ..store.base import NetworkRecord
 from .classes import ClassCount, as_params, learnable
+from .refine_settings import Settings
 from .split import split_images
 
 CACHE_RATIO = 256 / 224  # cached short side per input pixel, as the backbones' resize/crop
 MAX_ASPECT = 2.0  # the cache keeps at most this long side per short side (centre)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How refine trains. Every field is stored with the network; a rerun with equal settings resumes."""
-
-    epochs: int = 6
-    batch_size: int = 32
-    image_size: int = 160  # training crops; featurize still feeds the base network its own size (224)
-    head_lr: float = 3e-3
-    backbone_lr: float = 3e-4
-    weight_decay: float = 0.02
-    label_smoothing: float = 0.1
-    dropout: float = 0.2
-    freeze: float = 0.4  # share of the backbone's parameter tensors, from the input side, left as they are
-    val_fraction: float = 0.15
-    patience: int = 3  # epochs without a better validation score before stopping
-    flip_average: bool = True  # featurize as the mean of the image's and its mirror image's features
 
 
 class RefineNet(nn.Module):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
-from ..features.backbones import DEFAULT_BACKBONE
+from ..features.specs import DEFAULT_BACKBONE
 from .reports import (
     CNTK_ACCURACY,
     CNTK_CLASSES,

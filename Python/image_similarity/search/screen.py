@@ -9,7 +9,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # optional for searching: the float32 scan is then numpy's mat-vec (its bound holds in any
+    torch = None  # summation order) and no screening kernel is offered. SQL Server's procedures that rank run so in
+    # CI's Python 3.10 profile, which has no torch (docs/sqlserver-setup.md); every other install has torch.
 
 from ..core.machine import best_times, measured_choice
 
@@ -26,16 +31,16 @@ PROBE_SHAPE = (32_768, 1_024)  # 128 MiB in float32: larger than caches, like a 
 class Kernel:
     """A scan's storage type, by name ("fp32", "fp16", "bf16", "int8"): `unit` its unit roundoff, `tiny` the largest
     absolute rounding error of a number below its normal range (float16: its subnormal spacing; bfloat16 and
-    float32: their smallest normal, as a kernel may flush subnormals to zero)."""
+    float32: their smallest normal, as a kernel may flush subnormals to zero). `dtype`: torch's name of the type."""
 
     name: str
-    dtype: torch.dtype
+    dtype: str
     unit: float
     tiny: float
 
 
-KERNELS = {k.name: k for k in (Kernel("fp16", torch.float16, 2.0 ** -11, 2.0 ** -24),
-                               Kernel("bf16", torch.bfloat16, 2.0 ** -8, 2.0 ** -126))}
+KERNELS = {k.name: k for k in (Kernel("fp16", "float16", 2.0 ** -11, 2.0 ** -24),
+                               Kernel("bf16", "bfloat16", 2.0 ** -8, 2.0 ** -126))}
 """The 16-bit kernels; both mat-vecs accumulate in float32 on CPU (the measured choice checks the bound on a probe
 before using one)."""
 
@@ -55,10 +60,11 @@ class HalfMatrix:
         matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         norms = np.sqrt(np.einsum("ij,ij->i", matrix, matrix))
         self.scale = 2.0 ** math.ceil(math.log2(norms.max(initial=0.0) or 1.0))
-        self.half = torch.empty(matrix.shape, dtype=self.kernel.dtype)
+        self.dtype = getattr(torch, self.kernel.dtype)
+        self.half = torch.empty(matrix.shape, dtype=self.dtype)
         for start in range(0, len(matrix), BLOCK):
             block = torch.from_numpy(matrix[start:start + BLOCK]) * (1 / self.scale)
-            self.half[start:start + BLOCK] = block.to(self.kernel.dtype)
+            self.half[start:start + BLOCK] = block.to(self.dtype)
         dim, u = matrix.shape[1], self.kernel.unit
         accumulation = dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24)
         self.row_slack = (SAFETY * ((2 * u + u * u + accumulation) * norms / self.scale
@@ -71,20 +77,21 @@ class HalfMatrix:
         size = float(np.linalg.norm(vector))
         if size == 0:
             return np.zeros(len(self.row_slack), dtype=np.float32), np.zeros_like(self.row_slack)
-        unit = torch.from_numpy((vector / size).astype(np.float32)).to(self.kernel.dtype)
+        unit = torch.from_numpy((vector / size).astype(np.float32)).to(self.dtype)
         approx = torch.mv(self.half, unit).float().numpy()
         factor = np.float32(size * self.scale)
         # plus float32's smallest normal: the scaled results and bounds are float32, which may underflow
         return approx * factor, (self.row_slack + self.result_slack * np.abs(approx)) * factor + FLOAT32_TINY
 
 
-FP32 = Kernel("fp32", torch.float32, 2.0 ** -24, 2.0 ** -126)
+FP32 = Kernel("fp32", "float32", 2.0 ** -24, 2.0 ** -126)
 """The float32 matrix itself; `tiny` is float32's smallest normal (a kernel may flush subnormals to zero)."""
 
 
 class Float32Rows:
     """The float32 matrix itself (shared, not copied), scanned by torch's mat-vec: as fast as numpy's, and in the
-    thread pool the forward pass uses (numpy's BLAS threads spin after a product and slow the next forward pass).
+    thread pool the forward pass uses (numpy's BLAS threads spin after a product and slow the next forward pass);
+    numpy's where there is no torch (see the import).
 
     Error of one inner product of v with a row x, n = dim, in any summation order: gamma_n sum|v_i x_i| <=
     gamma_n |v| |x| with gamma_n = n u / (1 - n u), u = 2^-24, plus (2n + 1) tiny for numbers below the normal
@@ -94,7 +101,7 @@ class Float32Rows:
     kernel = FP32
 
     def __init__(self, matrix: np.ndarray) -> None:
-        self.rows = torch.from_numpy(np.require(matrix, np.float32, ["C", "W"]))
+        self.rows = np.require(matrix, np.float32, ["C", "W"])
         dim = matrix.shape[1]
         gamma = dim * FP32.unit / (1 - dim * FP32.unit)
         self.row_slack = _up(SAFETY * gamma * np.sqrt(np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64)))
@@ -104,8 +111,9 @@ class Float32Rows:
     def dot(self, vector: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Inner products of `vector` with every row, and a bound on each one's error."""
         vector = np.asarray(vector, dtype=np.float32)
-        approx = torch.mv(self.rows, torch.from_numpy(vector)).numpy()
-        return approx, self.error(vector)
+        if torch is None:
+            return self.rows @ vector, self.error(vector)
+        return torch.mv(torch.from_numpy(self.rows), torch.from_numpy(vector)).numpy(), self.error(vector)
 
     def error(self, vector: np.ndarray) -> np.ndarray:
         """A bound on the error of each row's float32 inner product with `vector`, in any summation order (so for
@@ -117,7 +125,7 @@ class Float32Rows:
         return self.largest_slack * _size(vector) + self.floor + FLOAT32_TINY
 
 
-INT8 = Kernel("int8", torch.int8, 2.0 ** -24, 0.0)
+INT8 = Kernel("int8", "int8", 2.0 ** -24, 0.0)
 """8-bit rows: `unit` is float32's, for the rounding of the scaled results; the integer products are exact."""
 SMALLEST_STEP = 6.1e-5
 """The smallest quantization step torch and fbgemm give an input (their SMALL_SCALE_THRESHOLD)."""
@@ -198,6 +206,8 @@ def screening_copy(matrix: np.ndarray, kernel: str) -> Float32Rows | HalfMatrix 
 
 def scan_kernel() -> str:
     """The exact-scan kernel for this machine ("fp32", "fp16", "bf16" or "int8"), measured once and cached."""
+    if torch is None:
+        return FP32.name
     # the candidates are part of the name: a cache measured before a kernel existed is measured again
     return measured_choice(f"exact scan kernel of fp32, {', '.join(SCREENING)}", choose_kernel)
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from ..errors import BadInput, NotReady
-from ..features.backbones import BACKBONES
+from ..features.specs import BACKBONES
 from .base import PROCEDURES, STORED_METHODS, VECTOR_SEARCH, StoreError
 from .pgdrivers import Plpy, Psycopg
 from .schema import BYTES, FLOAT, ID, INT, JSON, TABLES, TEXT, TIME, VECTOR, ddl
