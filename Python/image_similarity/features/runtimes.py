@@ -108,21 +108,19 @@ def onnxruntime_version() -> str:
     return onnxruntime.__version__
 
 
-def onnx_network(extractor: FeatureExtractor, digest: str, threads: int | None = None) -> OnnxNetwork:
-    """The extractor's export in an ONNX Runtime session with `threads` (default: torch's thread count): the cached
-    export, else a new one (also when ONNX Runtime cannot load the cached file, e.g. a truncated one). Unavailable
-    when that fails."""
+def onnx_network(extractor: FeatureExtractor, digest: str) -> OnnxNetwork:
+    """The extractor's export in an ONNX Runtime session with torch's thread count: the cached export, else a new
+    one (also when ONNX Runtime cannot load the cached file, e.g. a truncated one). Unavailable when that fails."""
     onnxruntime_version()
-    threads = threads or torch.get_num_threads()
     path = export_path(digest)
     if path is not None and path.is_file():
         try:
-            return OnnxNetwork(path.read_bytes(), threads)
+            return OnnxNetwork(path.read_bytes(), torch.get_num_threads())
         except Exception:  # onnxruntime raises its own exception types
             path.unlink(missing_ok=True)
     model = export(extractor, digest)
     try:
-        return OnnxNetwork(model, threads)
+        return OnnxNetwork(model, torch.get_num_threads())
     except Exception as err:  # onnxruntime raises its own exception types
         raise Unavailable(f"ONNX Runtime cannot load the export of {extractor.spec.name} ({_line(err)})") from err
 
@@ -144,20 +142,12 @@ def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[s
 
 def faster(torch_forward: Callable[[torch.Tensor], object], onnx: OnnxNetwork, input_size: int,
            precision: str) -> str:
-    """"onnxruntime" or "torch", whichever runs a batch of PROBE_BATCH images faster on one thread (`onnx` is a
-    one-thread session; torch is held to one thread meanwhile), with torch (the reference) kept unless ONNX Runtime is
-    at least MIN_SPEEDUP times faster; torch at a reduced `precision` is kept only when it is at least
-    precision.MIN_SPEEDUP times faster than ONNX Runtime's float32, as it is against torch's float32. One thread is
-    what other load disturbs least: a multi-threaded call waits for its slowest thread, on a busy machine a
-    preempted one, and the runtimes suffer that unequally (docs/runtimes.md)."""
+    """"onnxruntime" or "torch", whichever runs a batch of PROBE_BATCH images faster, with torch (the reference) kept
+    unless ONNX Runtime is at least MIN_SPEEDUP times faster; torch at a reduced `precision` is kept only when it is
+    at least precision.MIN_SPEEDUP times faster than ONNX Runtime's float32, as it is against torch's float32."""
     images = torch.randint(0, 256, (PROBE_BATCH, input_size, input_size, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = best_of_rounds({"torch": lambda: torch_forward(images), "onnxruntime": lambda: onnx(images)}, ROUNDS)
-    finally:
-        torch.set_num_threads(threads)
+    times = best_of_rounds({"torch": lambda: torch_forward(images), "onnxruntime": lambda: onnx(images)}, ROUNDS)
     if precision == "fp32":
         return "onnxruntime" if times["torch"] >= MIN_SPEEDUP * times["onnxruntime"] else "torch"
     return "torch" if times["onnxruntime"] >= REDUCED_PRECISION_SPEEDUP * times["torch"] else "onnxruntime"
@@ -195,8 +185,7 @@ def choose(requested: str, extractor: FeatureExtractor, digest: str, device: tor
         if requested == "auto":
             name = (f"network runtime of {structure(extractor)}: torch {precision} or onnxruntime "
                     f"{onnxruntime_version()} fp32")
-            measure = lambda: faster(torch_forward, onnx_network(extractor, digest, threads=1),
-                                     extractor.spec.input_size, precision)
+            measure = lambda: faster(torch_forward, session(), extractor.spec.input_size, precision)
             if measured_choice(name, measure) == "torch":
                 return "torch", None
         return "onnxruntime", session()
