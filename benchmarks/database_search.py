@@ -14,15 +14,14 @@ largest gap printed; the same images up to ties, and in how many queries in the 
 recall@10 against the in-memory top 10 (also with hnsw.ef_search at EF_SEARCH) and its size; the bytes one
 image's row of scores or learned takes. At the generated size, HNSW indexes are built for scores and learned only
 (those of the features take as long again) and their build time is printed; the generated images are loaded
-(binary COPY) with no index in place, and the load rate and each table's bytes per image are reported. Each
-method's figures go to stderr as they are measured, so an interrupted run still yields them. Every figure comes
-from one run: compare ratios, as the CPU may be shared.
+(by the store's writes: binary COPY) with no index in place, and the load rate and each table's bytes per image
+are reported. Each method's figures go to stderr as they are measured, so an interrupted run still yields them.
+Every figure comes from one run: compare ratios, as the CPU may be shared.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 import tempfile
 import time
@@ -47,20 +46,9 @@ from image_similarity.store.postgres import PostgresStore
 BACKBONE = "efficientnet_lite0"
 FIRST_GENERATED = 1_000_000  # ids of generated images start here
 MAINTENANCE_WORK_MEM = "2GB"
-EF_SEARCH = (100, 200)
-"""Besides the store's own choice, the HNSW searches are measured looking at this many candidates."""
-
-
-class Store(PostgresStore):
-    """The PostgreSQL store, whose HNSW searches look at `ef_search` candidates when it is set (the store's own
-    choice, max(40, 2 x top), when it is 0)."""
-
-    ef_search = 0
-
-    def through_index(self, top: int) -> None:
-        super().through_index(top)
-        if self.ef_search:
-            self.db.query("SELECT set_config('hnsw.ef_search', %s, true)", (str(self.ef_search),))
+EF_SEARCH = (40, 100, 200, 800)
+"""Besides the store's default (postgres.hnsw_candidates: 400 for the top 10), the HNSW searches are measured
+looking at this many candidates (40: the default before)."""
 
 
 def source_db(folder: Path) -> Path:
@@ -74,27 +62,9 @@ def source_db(folder: Path) -> Path:
     return path
 
 
-def copy_rows(store: PostgresStore, table: str, columns: list[str], rows: list[tuple]) -> None:
-    """COPY rows in PostgreSQL's binary format: int4/int8 (Python int, by `columns` "name:int4"), text (str),
-    vector (float32 numpy array, as pgvector's vector_recv reads it)."""
-    names = [c.split(":")[0] for c in columns]
-    kinds = [c.split(":")[1] for c in columns]
-    parts = [b"PGCOPY\n\xff\r\n\x00", struct.pack("!ii", 0, 0)]
-    for row in rows:
-        parts.append(struct.pack("!h", len(row)))
-        for kind, value in zip(kinds, row):
-            data = (struct.pack("!i", value) if kind == "int4" else struct.pack("!q", value) if kind == "int8"
-                    else value.encode() if kind == "text"
-                    else struct.pack("!hh", len(value), 0) + np.asarray(value, ">f4").tobytes())
-            parts += [struct.pack("!i", len(data)), data]
-    parts.append(struct.pack("!h", -1))
-    with store.db.conn.cursor() as cur, cur.copy(f"COPY {table} ({', '.join(names)}) FROM STDIN WITH (FORMAT BINARY)") \
-            as copy:
-        copy.write(b"".join(parts))
-
-
 def generate(store: PostgresStore, model: SimilarityModel, features: np.ndarray, n: int, seed: int = 0) -> None:
-    """`n` generated images with features and rows of scores and learned, in blocks, by COPY."""
+    """`n` generated images with features and rows of scores and learned, in blocks, by the store's own writes
+    (binary COPY)."""
     rng = np.random.default_rng(seed)
     spread = features.std(axis=0)
     for start in range(0, n, 5000):
@@ -108,12 +78,9 @@ def generate(store: PostgresStore, model: SimilarityModel, features: np.ndarray,
                        " data) SELECT g, 'generated/' || g, 'generated', 'JPEG', 1, 1, 'RGB', 0, 'generated' || g,"
                        " '0000000000000000', ''::bytea FROM generate_series(%s::bigint, %s::bigint) AS g",
                        (int(ids[0]), int(ids[-1])))
-        copy_rows(store, "features", ["image_id:int8", "backbone:text", "dim:int4", "embedding:vector"],
-                  [(int(i), BACKBONE, X.shape[1], x) for i, x in zip(ids, X)])
+        store.put_features(BACKBONE, ids, X)
         for method in ("scores", "learned"):
-            copy_rows(store, "method_vectors", ["model_version:int4", "method:text", "image_id:int8",
-                                                "embedding:vector"],
-                      [(model.version, method, int(i), r) for i, r in zip(ids, Method(method, model).matrix(X))])
+            store.put_method_vectors(model.version, method, ids, Method(method, model).matrix(X))
     store.db.query("ANALYZE")
 
 
@@ -134,7 +101,7 @@ def same_top(got: list, want: list, tie: float = 1e-6) -> bool:
                for a, b in ((got, want), (want, got)))
 
 
-def measure(store: Store, model: SimilarityModel, queries: np.ndarray, query_ids: list[int],
+def measure(store: PostgresStore, model: SimilarityModel, queries: np.ndarray, query_ids: list[int],
             hnsw: tuple[str, ...]) -> dict:
     """Per method: latencies (ms) in memory, by the database's scan and its index; agreement and recall@10. Each
     query is a catalogue image, left out of its own answer (as rank leaves out a query's twins)."""
@@ -158,13 +125,11 @@ def measure(store: Store, model: SimilarityModel, queries: np.ndarray, query_ids
             start = time.perf_counter()
             store.create_index(BACKBONE, method, model.version)
             row["hnsw_build_s"] = time.perf_counter() - start
-            index = DatabaseSearcher(store, BACKBONE, scoring, True, catalogue)
-            for ef, suffix in ((0, ""), *((ef, f"_ef{ef}") for ef in EF_SEARCH)):
-                store.ef_search = ef
+            for ef, suffix in ((None, ""), *((ef, f"_ef{ef}") for ef in EF_SEARCH)):
+                index = DatabaseSearcher(store, BACKBONE, scoring, True, catalogue, ef_search=ef)
                 hnsw_s, approx = timed(index.search, queries, masks)
                 hits = sum(len({m.image_id for m in a} & {m.image_id for m in w}) for a, w in zip(approx, want))
                 row |= {f"db_hnsw_ms{suffix}": 1e3 * hnsw_s, f"recall@10{suffix}": hits / (10 * len(queries))}
-            store.ef_search = 0
             row["hnsw_MB"] = store.db.query("SELECT pg_relation_size(%s::regclass)", (
                 store._index_name(BACKBONE, method, model.version),))[0][0] / 2 ** 20
         if method in ("scores", "learned"):  # what one image's row takes in the table (TOAST included)
@@ -223,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(source: Path, url: str, size: int, n_queries: int) -> dict:
     """Copy the bundled catalogue and model into PostgreSQL, measure, add `size` generated images, measure."""
-    with SQLiteStore(source) as src, Store(url) as store:
+    with SQLiteStore(source) as src, PostgresStore(url) as store:
         # HNSW builds in memory while the graph fits in maintenance_work_mem, much more slowly on disk beyond it
         # (100k rows of scores: about 1 GB); this connection's setting only, the connection is autocommit
         store.db.query("SELECT set_config('maintenance_work_mem', %s, false)", (MAINTENANCE_WORK_MEM,))

@@ -3,6 +3,12 @@
     image-similarity serve --db DB --port 8000 &
     python benchmarks/load_web.py --url http://127.0.0.1:8000 --requests 50 --threads 4
     python benchmarks/load_web.py --url http://127.0.0.1:8000 --requests 500 --threads 8 --writers DB
+    python benchmarks/load_web.py --db DB --clients 1 8 --rounds 3 [--baseline OTHER/Python]
+
+With --db, it starts `image-similarity serve --db DB` itself and runs --rounds rounds of each number of --clients
+(alternating, so they share the machine's noise); with --baseline, also a second service run from another
+checkout's package folder (e.g. the previous commit's, to compare before and after), its rounds alternating with
+this one's.
 
 Each photo is first ranked alone (not timed) with every method for its reference answers, keyed by model
 version and method; a timed request is an error unless it answers 200 with the images, in the same order, that
@@ -15,14 +21,17 @@ references are taken.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +178,84 @@ def run_load(url: str, photos: list[Path], requests: int = 50, threads: int = 4,
     return report
 
 
+@contextmanager
+def served(*args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`image-similarity serve ARGS` as a user starts it, on a free port; yields (URL, process) once it answers,
+    and stops it after the block (its output, stdout and stderr together, is then on `process.output`)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.entrypoints.cli", "serve", *args, "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "serve did not answer in time"
+            try:
+                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.output = proc.communicate(timeout=30)[0]
+
+
+def rounds(urls: dict[str, str], photos: list[Path], clients: tuple[int, ...] = (1, 8), requests: int = 100,
+           repeats: int = 3) -> dict[str, dict[int, list[LoadReport]]]:
+    """Reports of `repeats` rounds of `requests` checked requests from each number of `clients`, for each named
+    service; the rounds alternate between services and client counts, so they share the machine's noise, and the
+    services take turns going first."""
+    rankers = {name: Ranker(url, photos) for name, url in urls.items()}
+    references = {name: {} for name in urls}
+    for name, ranker in rankers.items():
+        ranker.references(references[name])
+    out: dict[str, dict[int, list[LoadReport]]] = {name: {n: [] for n in clients} for name in urls}
+    for turn in range(repeats):
+        for n in clients:
+            for name, ranker in list(rankers.items())[::-1 if turn % 2 else 1]:
+                report = ranker.load(requests, n)
+                ranker.check(report, references[name])
+                out[name][n].append(report)
+    return out
+
+
+def summary(reports: list[LoadReport]) -> dict:
+    """The median round's requests/s and p50/p95 (ms) of rounds of one load, and their errors."""
+    middle = sorted(reports, key=lambda r: r.requests / r.seconds)[len(reports) // 2]
+    return {"clients": middle.threads, "rounds": len(reports), "requests_per_s": middle.requests / middle.seconds,
+            "p50_ms": 1e3 * middle.percentile(50), "p95_ms": 1e3 * middle.percentile(95),
+            "errors": sum(len(r.errors) for r in reports)}
+
+
+def service_on(db: str, clients: tuple[int, ...] = (1, 8), requests: int = 100, repeats: int = 3,
+               baseline: str | None = None, per_class: int = 4) -> dict[str, list[dict]]:
+    """`summary` per number of clients of `serve --db DB`, started here, and with `baseline` (a package folder,
+    put first on PYTHONPATH) of the same database served by that code too; by service name ("this", "baseline")."""
+    with ExitStack() as stack:
+        urls = {"this": stack.enter_context(served("--db", db))[0]}
+        if baseline:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([baseline, os.environ.get("PYTHONPATH", "")])}
+            urls["baseline"] = stack.enter_context(served("--db", db, env=env))[0]
+        found = rounds(urls, sample_photos(per_class), clients, requests, repeats)
+    return {name: [summary(reports) for reports in by_clients.values()] for name, by_clients in found.items()}
+
+
+def service_table(results: dict[str, list[dict]]) -> list[str]:
+    """Lines of a table of service_on's results, with each load's requests/s as a ratio to one client's."""
+    lines = [f"  {'service':9} {'clients':>7} {'requests/s':>10} {'vs 1':>6} {'p50 ms':>7} {'p95 ms':>7} {'errors':>6}"]
+    for name, rows in results.items():
+        one = next((r["requests_per_s"] for r in rows if r["clients"] == 1), None)
+        for r in rows:
+            ratio = f"{r['requests_per_s'] / one:5.2f}x" if one else f"{'-':>6}"
+            lines.append(f"  {name:9} {r['clients']:>7} {r['requests_per_s']:10.1f} {ratio} {r['p50_ms']:7.0f} "
+                         f"{r['p95_ms']:7.0f} {r['errors']:>6}")
+    return lines
+
+
 def mirrored_photos(folder: Path, per_class: int = NEW_PER_CLASS) -> Path:
     """A folder to ingest: bundled photos flipped left to right (new images), one sub-folder per class."""
     for photo in sample_photos(per_class):
@@ -253,12 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=50, help="timed requests (default: 50)")
     parser.add_argument("--threads", type=int, default=4, help="client threads (default: 4)")
     parser.add_argument("--per-class", type=int, default=4, help="bundled photos per class to send (default: 4)")
+    parser.add_argument("--db", help="serve this database here (instead of --url) and run --rounds rounds of each "
+                                     "number of --clients")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="with --db (default: 1 8)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --db: rounds of each (default: 3)")
+    parser.add_argument("--baseline", metavar="DIR", help="with --db: also serve it with the package in DIR (e.g. "
+                                                          "another checkout's Python/) and compare")
     parser.add_argument("--writers", metavar="DB",
                         help="the database the service serves (a copy: it gets new images, a new model version and "
                              f"{WRITER_BACKBONE} features): run the load idle, then while ingest, featurize and "
                              "train write it")
     args = parser.parse_args(argv)
     photos = sample_photos(args.per_class)
+    if args.db:
+        results = service_on(args.db, tuple(args.clients), args.requests, args.rounds, args.baseline, args.per_class)
+        print("\n".join(service_table(results)))
+        return 1 if any(r["errors"] for rows in results.values() for r in rows) else 0
     if not args.writers:
         report = run_load(args.url, photos, args.requests, args.threads)
         print(report)

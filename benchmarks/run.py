@@ -1,4 +1,5 @@
-"""Benchmarks: featurization throughput, query latency and ranking at scale, and where they ran.
+"""Benchmarks: featurization throughput, query latency and ranking at scale, the web service under load, and where
+they ran.
 
 Every figure is printed next to a baseline measured in the same run, as a ratio, because the machines are
 shared and noisy: compare ratios across commits, not seconds. Times are the best of a few repeats. The output
@@ -39,6 +40,9 @@ from image_similarity.search.screen import scan_kernel
 from image_similarity.search.searchers import searcher
 from image_similarity.store import SQLiteStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import load_web  # benchmarks/load_web.py, beside this script
+
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2")
 BATCH_SIZE = 32
 
@@ -48,6 +52,10 @@ MODES = {
     "quick": dict(images=96, rss=(200, 1_000), catalogue=(10_000, 100_000, 300_000), ann=300_000),
     "smoke": dict(images=8, rss=(8, 16), catalogue=(1_000, 5_000), ann=5_000),
 }
+SERVICE = {"full": {"images": 557, "requests": 200, "rounds": 3},
+           "quick": {"images": 96, "requests": 100, "rounds": 2},
+           "smoke": {"images": 8, "requests": 8, "rounds": 1}}
+"""The web service's load, by mode: catalogue images, timed requests per round, rounds of 1 and of 8 clients."""
 DIM = BACKBONE_SPECS[BACKBONES[0]].feature_dim  # catalogues up to 100k: the first backbone's features (1584)
 SMALL_DIM = 256  # larger catalogues (memory)
 ANN_QUERIES = 200
@@ -200,6 +208,19 @@ def approximate(n: int) -> dict:
             "ann_ms": ann_ms, "speedup": exact_ms / ann_ms, "build_s": build_s}
 
 
+# --- the web service ------------------------------------------------------------------------------------
+
+def service_load(mode: str, workdir: Path) -> list[dict]:
+    """`image-similarity serve` on bundled photos (featurized, no model: cosine), started in its own process, under
+    1 and then 8 concurrent clients, alternating rounds: the median round's requests/s, p50/p95 and errors of each
+    (benchmarks/load_web.py)."""
+    sizes = SERVICE[mode]
+    path = workdir / "service.sqlite"
+    with photo_store(path, sizes["images"]) as store:
+        featurize(store, Featurizer(BACKBONES[0], device="cpu"), batch_size=BATCH_SIZE, progress=False)
+    return load_web.service_on(str(path), (1, 8), sizes["requests"], sizes["rounds"], per_class=2)["this"]
+
+
 # --- report ----------------------------------------------------------------------------------------------
 
 def plot(rows: list[dict], ann: dict, path: Path) -> None:
@@ -245,6 +266,7 @@ def run(mode: str, out_dir: Path) -> dict:
         with photo_store(workdir / "query.sqlite", 1) as store:
             query_bytes = store.image_bytes(store.images()[0].id)
         rows = [ranking(n, query_bytes, featurizer, loop=n <= 100_000) for n in sizes["catalogue"]]
+        service = service_load(mode, workdir)
     ann = approximate(sizes["ann"])
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(rows, ann, out_dir / "latency.png")
@@ -268,6 +290,8 @@ def run(mode: str, out_dir: Path) -> dict:
         "ann_recall_at_10_1m": ann["recall_at_10"],
         "ann_speedup_1m": ann["speedup"],
         "ann": ann,
+        "service": service,
+        "service_8_vs_1_clients": service[1]["requests_per_s"] / service[0]["requests_per_s"],
         "plot": str(out_dir / "latency.png"),
     }
 
@@ -296,7 +320,10 @@ def table(result: dict) -> str:
               f"approximate (HNSW, faiss) vs exact l2 at {a['n']:,} x {a['dim']} clustered vectors, "
               f"{ANN_QUERIES} held-out queries:",
               f"  recall@10 {a['recall_at_10']:.3f}, exact {a['exact_ms']:.2f} ms, HNSW {a['ann_ms']:.3f} ms, "
-              f"speed-up {a['speedup']:.0f}x, index built in {a['build_s']:.1f} s", "", f"plot: {result['plot']}"]
+              f"speed-up {a['speedup']:.0f}x, index built in {a['build_s']:.1f} s", "",
+              (f"web service (serve, its own process; bundled photos; median of {result['service'][0]['rounds']} "
+               "alternating rounds):"), *load_web.service_table({"serve": result["service"]}),
+              "  goals: 8 clients >= 1.5x one client's requests/s, 0 errors", "", f"plot: {result['plot']}"]
     return "\n".join(lines)
 
 

@@ -36,6 +36,10 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
     assert [r["n"] for r in result["ranking"]] == [1_000, 5_000]
     assert set(result["peak_rss_mib"]) == {"8", "16"}
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    service = result["service"]  # serve under 1 and 8 clients, every answer checked against the photo's alone
+    assert [s["clients"] for s in service] == [1, 8] and all(s["errors"] == 0 for s in service)
+    assert all(0 < s["p50_ms"] <= s["p95_ms"] and s["requests_per_s"] > 0 for s in service)
+    assert result["service_8_vs_1_clients"] == service[1]["requests_per_s"] / service[0]["requests_per_s"]
     feats = result["featurize"][0]
     assert {"torch fp32", "onnxruntime fp32"} <= set(feats["runtime_ips"]) and feats["chosen"] in feats["runtime_ips"]
     assert feats["chosen_vs_fastest"] == feats["runtime_ips"][feats["chosen"]] / max(feats["runtime_ips"].values())

@@ -26,11 +26,12 @@ from image_similarity.pipeline.ingest import ingest
 from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.train import load_model
 from image_similarity.search.catalogue import Catalogue
-from image_similarity.search.methods import METHODS
+from image_similarity.search.methods import METHODS, Method
 from image_similarity.search.searchers import searcher, store_searcher
 from image_similarity.search.stored import store_method_vectors
 from image_similarity.store import SQLiteStore, StoreError, connect
-from image_similarity.store.postgres import PostgresStore, nearest_statement
+from image_similarity.store.base import STORED_METHODS
+from image_similarity.store.postgres import EF_SEARCH, EF_SEARCH_MAX, POSTGRES, PostgresStore, nearest_statement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -233,6 +234,69 @@ def test_the_database_ranks_scores_and_learned_as_the_engine(full_pg, full_db, f
         assert store.db.query("SELECT COUNT(*) FROM method_vectors") == [(0,)]
 
 
+def test_vectors_are_written_bit_for_bit_and_rows_already_there_kept(full_pg, full_db):
+    """Features and rows of scores and learned go in by binary COPY: read back, every float32 is the one written,
+    to the bit (odd values too); a row already stored is kept, and only missing ones are added."""
+    with SQLiteStore(full_db[0]) as src, PostgresStore(full_pg) as store:
+        ids, X = src.features("efficientnet_lite0")
+        stored_ids, stored = store.features("efficientnet_lite0")  # full_pg wrote them by put_features
+        assert np.array_equal(stored_ids, ids) and np.array_equal(stored.view(np.uint32), X.view(np.uint32))
+        model = load_model(store, store.put_model(src.model()))
+
+        def rows(version: int, method: str) -> tuple[list[int], np.ndarray]:
+            found = store.db.query("SELECT image_id, vector_dims(embedding), vector_send(embedding) FROM"
+                                   " method_vectors WHERE model_version = %s AND method = %s ORDER BY image_id",
+                                   (version, method))
+            return [int(r[0]) for r in found], POSTGRES.vectors([r[2] for r in found], int(found[0][1]))
+
+        assert store_method_vectors(store, model) == 2 * len(ids)
+        for method in STORED_METHODS:
+            want = Method(method, model).matrix(X)
+            got_ids, got = rows(model.version, method)
+            assert got_ids == ids.tolist() and np.array_equal(got.view(np.uint32), want.view(np.uint32)), method
+        odd = np.array([[-0.0, np.float32(1e-45), np.finfo(np.float32).max, -np.finfo(np.float32).tiny],
+                        [1 / 3, -2.5e-38, 7.0, np.nextafter(np.float32(1), np.float32(2))]], np.float32)
+        version = store.put_model(src.model())
+        store.put_method_vectors(version, "learned", ids[:2], odd)
+        store.put_method_vectors(version, "learned", ids[1:3], odd[::-1] + 1)  # ids[1] is kept, ids[2] added
+        got_ids, got = rows(version, "learned")
+        assert got_ids == ids[:3].tolist()
+        assert np.array_equal(got.view(np.uint32), np.vstack([odd, odd[:1] + 1]).view(np.uint32))
+
+
+def test_hnsw_searches_look_at_ef_search_candidates(full_pg, tmp_path, capsys):
+    """An HNSW search looks at max(EF_SEARCH, 40 x top) candidates, at most 1000, or as many as asked (from top to
+    1000): the hnsw.ef_search the server has in the search's transaction, from the store, a searcher and the CLI."""
+    with PostgresStore(full_pg) as store:
+        ids, X = store.features("efficientnet_lite0")
+        store.create_index("efficientnet_lite0", "cosine")
+
+        def seen(search) -> str:
+            with store.db.transaction():  # the search's transaction is a savepoint of this one: its settings stay
+                search()
+                return store.db.query("SHOW hnsw.ef_search")[0][0]
+
+        def nearest(top: int, **options):
+            return lambda: store.nearest("efficientnet_lite0", X[0], "cosine", top, [int(ids[0])], **options)
+
+        assert seen(nearest(10, approximate=True)) == str(EF_SEARCH)
+        assert seen(nearest(30, approximate=True)) == str(EF_SEARCH_MAX)
+        assert seen(nearest(10, approximate=True, ef_search=123)) == "123"
+        assert seen(nearest(10, approximate=False, ef_search=123)) == "40"  # a scan sets nothing: pgvector's own
+        hnsw = store_searcher(store, "efficientnet_lite0", "cosine", index="hnsw", ef_search=77)
+        assert hnsw.strategy == "database" and seen(lambda: hnsw.search(X[0], 10)) == "77"
+        assert len(hnsw.search(X[0], 10)) == 10
+        for wrong in (9, EF_SEARCH_MAX + 1):
+            with pytest.raises(BadInput, match=f"from top \\(10\\) to {EF_SEARCH_MAX}, got {wrong}"):
+                store.nearest("efficientnet_lite0", X[0], "cosine", 10, approximate=True, ef_search=wrong)
+        query = tmp_path / "query.jpg"
+        query.write_bytes(store.db.query("SELECT data FROM images ORDER BY id LIMIT 1")[0][0])
+    rank_hnsw = ["rank", str(query), "--db", full_pg, "--method", "cosine", "--index", "hnsw", "--json"]
+    assert cli.main([*rank_hnsw, "--ef-search", "5"]) == 1
+    assert "ef_search must be from top (10) to 1000, got 5" in capsys.readouterr().err
+    assert cli.main([*rank_hnsw, "--ef-search", "50"]) == 0 and '"method": "cosine"' in capsys.readouterr().out
+
+
 def test_the_database_search_benchmark_measures_every_method(pg_server, full_db):
     """benchmarks/database_search.py at a small generated size: the database's exact scan answers as the engine for
     every method at both sizes, and the HNSW figures are there."""
@@ -246,7 +310,8 @@ def test_the_database_search_benchmark_measures_every_method(pg_server, full_db)
         assert all(row["memory_ms"] > 0 and row["db_exact_ms"] > 0 for row in figures.values())
         indexed = {m for m, row in figures.items() if "recall@10" in row}
         assert indexed == (set(METHODS) if size == "557" else {"scores", "learned"})
-        assert all(0 < figures[m][f"recall@10{ef}"] <= 1 for m in indexed for ef in ("", "_ef100", "_ef200"))
+        assert all(0 < figures[m][f"recall@10{ef}"] <= 1 for m in indexed
+                   for ef in ("", *(f"_ef{ef}" for ef in bench.EF_SEARCH)))
         assert figures["scores"]["row_bytes"] > 4 * 1584 > 4 * figures["learned"]["row_bytes"]
         space = result["bytes_per_image"][size]  # features and both methods' rows: each more than 1584 float32s
         assert space["features"] > 4 * 1584 and space["method_vectors"] > 4 * 1584 and space["method_vectors_pkey"] > 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -12,7 +11,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,27 +46,7 @@ def load_benchmark():
     return module
 
 
-@contextmanager
-def serve_command(*args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`image-similarity serve ARGS` as a user starts it, on a free port; yields (URL, process) once it answers,
-    and stops it after the block (its output, stdout and stderr together, is then on `process.output`)."""
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "image_similarity.entrypoints.cli", "serve", *args, "--port", str(port),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "serve did not answer in time"
-            try:
-                if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.output = proc.communicate(timeout=30)[0]
+def serve_command(*args: str, env: dict | None = None):
+    """`image-similarity serve ARGS` as a user starts it, on a free port: a context yielding (URL, process); the
+    process's output is on `process.output` afterwards (load_web.served)."""
+    return load_benchmark().served(*args, env=env)

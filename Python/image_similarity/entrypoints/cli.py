@@ -13,8 +13,10 @@ from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from ..pipeline.reports import percent, print_audit, print_class_notes, print_evaluation, print_left_out, print_ranking
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
+from ..search import ann
 from ..search.methods import METHODS
 from ..search.searchers import ANN_THRESHOLD, INDEXES
+from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
 
 DEFAULT_OUT = "image-similarity-output"
 
@@ -116,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: score every image (default); hnsw: approximate l2/cosine search on a graph built "
                         f"first (needs faiss; pays only for many queries); auto: hnsw from {ANN_THRESHOLD:,} images "
                         "when faiss is installed")
+    p.add_argument("--ef-search", type=int, metavar="N",
+                   help="candidates an HNSW search looks at: more is slower and finds more of the exact top (default: "
+                        f"in PostgreSQL max({EF_SEARCH}, {EF_SEARCH_PER_MATCH} x top), at most {EF_SEARCH_MAX}; "
+                        f"in memory {ann.EF_SEARCH})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--plot", type=Path, metavar="PNG", help="also draw the query beside its matches into this PNG")
 
@@ -278,7 +284,8 @@ def cmd_rank(store, args) -> None:
                                    required=args.method in ("scores", "learned"))
     data = read_file(args.query, "query image")
     result = rank(store, data, _featurizer(args, backbone, store),
-                  top=args.top, method=args.method, model=model, name=args.query.name, index=args.index)
+                  top=args.top, method=args.method, model=model, name=args.query.name, index=args.index,
+                  ef_search=args.ef_search)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

@@ -1,16 +1,13 @@
 """What the web service answers from: an immutable snapshot (model, catalogue, default method) loaded in one read
 transaction and swapped whole, with a searcher per method made on its first request; a poller that reloads it when
-the database's version stamp changes, and a background featurizer for images added through the service."""
+the database's version stamp changes, and a background featurizer for images added through the service. Every
+forward pass goes through one batcher (batcher.py): queries batched together, ahead of the background's."""
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
-from PIL import Image
 
 from ..pipeline.audit import AuditReport, at_cutoff, audit, relabel
 from ..pipeline.featurize import featurize
@@ -20,54 +17,11 @@ from ..search.catalogue import Catalogue
 from ..search.methods import scoring_method
 from ..search.searchers import DatabaseSearcher, Searcher, in_database, searcher
 from ..store import VECTOR_SEARCH, Store, StoreError, connect
+from .batcher import Batcher
 
 log = logging.getLogger("image_similarity.entrypoints.service")
 AUDIT_FLOOR = 1e-6
 """The cut-off the service audits at, once per catalogue; each request's higher one filters that report."""
-
-
-class SerialFeaturizer:
-    """A featurizer shared by request threads and the background featurizer: one forward pass at a time, so
-    concurrent work does not oversubscribe the CPU or interleave on one device."""
-
-    def __init__(self, featurizer) -> None:
-        self.inner = featurizer
-        self.lock = threading.Lock()
-
-    @property
-    def backbone(self) -> str:
-        return self.inner.backbone
-
-    @property
-    def device(self):
-        return self.inner.device
-
-    @property
-    def spec(self):
-        return self.inner.spec
-
-    @property
-    def precision(self) -> str:
-        return self.inner.precision
-
-    @property
-    def runtime(self) -> str:
-        return self.inner.runtime
-
-    @property
-    def network_hash(self) -> str:
-        return self.inner.network_hash
-
-    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
-        with self.lock:
-            return self.inner.features(images)
-
-    def submit(self, items):
-        return self.inner.submit(items)
-
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        with self.lock:
-            return self.inner.forward(batch)
 
 
 @dataclass(frozen=True)
@@ -140,11 +94,14 @@ class Service:
     `store` is one connection shared by every request thread: use it under `store_lock`. `current` is swapped
     whole (a reference assignment) under `swap_lock`, which also orders reloads against removals, so an image
     removed here never comes back. `watch()` polls the stamp every `interval` seconds in a thread (0: never).
+    `featurizer` is the given one behind a Batcher: every forward pass, the queries' and the background's, runs
+    there.
     """
 
     def __init__(self, store: Store, featurizer, interval: float = 2.0, featurize_added: bool = True,
                  db: str | None = None) -> None:
-        self.store, self.featurizer, self.interval = store, featurizer, interval
+        self.store, self.interval = store, interval
+        self.featurizer = featurizer if isinstance(featurizer, Batcher) else Batcher(featurizer)
         self.db = db or store.url
         """What the background featurizer connects to (a URL with the user name, which store.url leaves out)."""
         self.store_lock, self.swap_lock, self.audit_lock = threading.Lock(), threading.Lock(), threading.Lock()
@@ -229,7 +186,7 @@ class Service:
             self.featurizing.set()
             try:
                 own = own or connect(self.db)  # its own connection: the shared one stays free
-                featurize(own, self.featurizer, progress=False)
+                featurize(own, self.featurizer.background, progress=False)
                 self.featurize_error = None
                 self.reload_if_changed()
             except Exception as err:  # noqa: BLE001 - reported by the status endpoint, retried on the next add

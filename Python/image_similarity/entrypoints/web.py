@@ -29,7 +29,7 @@ from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import rank_with
 from ..search.methods import FEATURE_METHODS, METHODS
 from ..store import Store
-from .service import SerialFeaturizer, Service, Snapshot
+from .service import Service, Snapshot
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 FORM_OVERHEAD = 64 * 1024
@@ -228,8 +228,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
     """
     if protect_reads and not api_key:
         raise BadInput("protecting reads needs an API key")
-    shared = SerialFeaturizer(featurizer)
-    service = Service(store, shared, reload_interval, featurize_added, db)
+    service = Service(store, featurizer, reload_interval, featurize_added, db)
     page = files(__package__).joinpath("static", "index.html").read_text(encoding="utf-8")
 
     def check_key(credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -301,7 +300,9 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         data = read_upload(file)
         name = file.filename or "upload"
         snapshot = service.current  # this answer uses this snapshot only, whatever is swapped in meanwhile
-        result = rank_with(snapshot.searcher(method or snapshot.method), data, shared, top, name)
+        found = snapshot.searcher(method or snapshot.method)
+        with service.featurizer.query() as batched:  # its forward pass is batched with concurrent queries'
+            result = rank_with(found, data, batched, top, name)
         return RankOut(query=name, method=result.method, backbone=result.backbone,
                        model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
                        matches=[MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,

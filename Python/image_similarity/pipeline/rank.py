@@ -53,18 +53,20 @@ def default_method(store: Store, model: SimilarityModel | None) -> str:
 
 def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,
          model: SimilarityModel | None = None, name: str = "query", save: bool = True,
-         index: str = "exact") -> RankResult:
+         index: str = "exact", ef_search: int | None = None) -> RankResult:
     """Rank the store's catalogue against a query image given as bytes, and store the ranking unless not `save`.
 
     Uses the latest model unless `model` is given, if it was trained on the featurizer's backbone; `method` defaults
     to default_method's. `index` as in search.searchers.INDEXES: exact unless asked, as one query never pays for
-    building a graph (keep a searcher and use `rank_with` to answer many).
+    building a graph (keep a searcher and use `rank_with` to answer many); `ef_search`: the candidates an HNSW
+    search looks at (None: the database's or the in-memory graph's default).
     """
     image = decoded(data, top)
     model = model or latest_model(store)
     if model is not None and model.backbone != featurizer.backbone:
         model = None  # features of another backbone: rank by l2 or cosine alone
-    searcher = store_searcher(store, featurizer.backbone, method or default_method(store, model), model, index)
+    searcher = store_searcher(store, featurizer.backbone, method or default_method(store, model), model, index,
+                              ef_search)
     result = ranked(searcher, image, data, featurizer, top, name)
     if save:
         result.query_id = store.put_ranking(

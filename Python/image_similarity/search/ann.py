@@ -6,6 +6,8 @@ import numpy as np
 from ..errors import Unavailable
 
 MISSING = "approximate search needs faiss: pip install 'image-similarity[ann]' (faiss-cpu)"
+EF_SEARCH = 128
+"""Candidates a graph search looks at unless told."""
 
 
 def available() -> bool:
@@ -21,7 +23,7 @@ class HNSWIndex:
     """An HNSW graph over float32 rows, searched by L2 distance or by inner product (cosine on unit rows)."""
 
     def __init__(self, vectors: np.ndarray, inner_product: bool = False, links: int = 32,
-                 ef_construction: int = 80, ef_search: int = 128) -> None:
+                 ef_construction: int = 80, ef_search: int = EF_SEARCH) -> None:
         try:
             import faiss
         except ImportError as exc:

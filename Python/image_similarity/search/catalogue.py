@@ -3,6 +3,7 @@ label, sha256, dHash and feature vector), and which rows are a query's own near 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 
 import numpy as np
 
@@ -49,6 +50,17 @@ class Catalogue:
         """The catalogue less these images."""
         return self.subset(np.flatnonzero(~np.isin(self.ids, image_ids)))
 
+    @cached_property
+    def rows_of_sha256(self) -> dict[str, list[int]]:
+        """The rows of each sha256, made on the first query: a lookup instead of comparing every row's 64
+        characters (3.5-11 ms per query over 100k rows, against 0.3 ms for the dHash distances)."""
+        rows: dict[str, list[int]] = {}
+        for row, digest in enumerate(self.sha256.tolist()):
+            rows.setdefault(digest, []).append(row)
+        return rows
+
     def duplicates_of(self, sha256: str, query_dhash: str, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
         """Mask of catalogue images that are the query itself or a near duplicate of it."""
-        return (self.sha256 == sha256) | (hamming_to(query_dhash, self.packed_dhashes) <= max_distance)
+        mask = hamming_to(query_dhash, self.packed_dhashes) <= max_distance
+        mask[self.rows_of_sha256.get(sha256, [])] = True
+        return mask

@@ -299,12 +299,14 @@ class Store(abc.ABC):
         raise NotReady(f"no network named {name!r}: run 'image-similarity refine' first")
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
-                approximate: bool | None = None, model_version: int = 0) -> list[tuple[int, float]]:
+                approximate: bool | None = None, model_version: int = 0,
+                ef_search: int | None = None) -> list[tuple[int, float]]:
         """(image id, score) of the `top` best matches, ranked by the database itself (stores with VECTOR_SEARCH;
         StoreError elsewhere). Scores as in rank.Match. l2 and cosine: `vector` is the query's features; scores
         and learned: the method's query vector (Method.vectors), scored by its inner product with the rows stored
         for `model_version`. `approximate`: through the database's vector index (True), by an exact scan (False),
-        or through the index if there is one."""
+        or through the index if there is one; `ef_search`: the candidates an index search looks at (None: the
+        store's default)."""
         raise StoreError(f"{type(self).__name__} has no {VECTOR_SEARCH} in the database: rank in the engine")
 
     def searchable(self, backbone: str, method: str, model_version: int = 0) -> bool:

@@ -276,11 +276,12 @@ class MSSQLStore(SQLStore):
         return frozenset({PROCEDURES} | ({VECTOR_SEARCH} if vectors and vectors[0] is not None else set()))
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
-                approximate: bool | None = None, model_version: int = 0) -> list[tuple[int, float]]:
+                approximate: bool | None = None, model_version: int = 0,
+                ef_search: int | None = None) -> list[tuple[int, float]]:
         """(image id, score) of the `top` best matches by VECTOR_DISTANCE, exactly (`approximate` True is refused:
-        the DiskANN index is a preview feature this store does not query)."""
+        the DiskANN index is a preview feature this store does not query; so `ef_search` has nothing to set)."""
         if VECTOR_SEARCH not in self.capabilities:
-            return super().nearest(backbone, vector, method, top, exclude, approximate, model_version)
+            return super().nearest(backbone, vector, method, top, exclude, approximate, model_version, ef_search)
         if method not in SCORES:
             raise BadInput(f"the database ranks by {', '.join(SCORES)}, not {method!r}")
         if approximate:

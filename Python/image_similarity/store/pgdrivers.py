@@ -60,6 +60,24 @@ class Psycopg:
         """Run constant SQL of several statements, no values."""
         self.conn.execute(sql)
 
+    def copy_absent(self, table: str, columns: str, data: bytes) -> None:
+        """Add the rows of `data` (binary COPY input of `columns`) to `table` (both constants), each unless its key is
+        taken: straight in by COPY, or where a row's key is taken (another writer was first), COPY into a temporary
+        table and one INSERT ... ON CONFLICT DO NOTHING from it."""
+        import psycopg
+
+        try:
+            with self.conn.transaction(), self.conn.cursor() as cur, \
+                    cur.copy(f"COPY {table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(data)
+        except psycopg.errors.UniqueViolation:
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS incoming_{table} (LIKE {table}) ON COMMIT DROP")
+                with cur.copy(f"COPY incoming_{table} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.write(data)
+                cur.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM incoming_{table}"
+                            f" ON CONFLICT DO NOTHING; TRUNCATE incoming_{table}")
+
     @contextmanager
     def transaction(self) -> Iterator[None]:
         with self.conn.transaction():

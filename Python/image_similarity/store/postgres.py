@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import BadInput, NotReady
 from ..features.specs import BACKBONES
 from .base import PROCEDURES, STORED_METHODS, VECTOR_SEARCH, StoreError
+from .pgcopy import copy_buffer
 from .pgdrivers import Plpy, Psycopg
 from .schema import BYTES, FLOAT, ID, INT, JSON, TABLES, TEXT, TIME, VECTOR, ddl
 from .sql import Dialect, SQLStore
@@ -90,6 +91,9 @@ HNSW_MAX_VECTOR_DIM, HNSW_MAX_HALFVEC_DIM = 2000, 4000
 OPERATORS = {"l2": ("<->", "l2_ops"), "cosine": ("<=>", "cosine_ops"), "scores": ("<#>", "ip_ops"),
              "learned": ("<#>", "ip_ops")}
 """pgvector's distance operator and HNSW operator class suffix per ranking method (`<#>`: minus the inner product)."""
+EF_SEARCH, EF_SEARCH_PER_MATCH, EF_SEARCH_MAX = 400, 40, 1000
+"""An HNSW search looks at ef_search candidates: by default max(EF_SEARCH, EF_SEARCH_PER_MATCH x top), at most
+EF_SEARCH_MAX (pgvector's limit); see docs/database-search.md for the recall and latency they give."""
 
 
 def _indexed(name: str, dim: int) -> tuple[str, str]:
@@ -116,6 +120,16 @@ def nearest_statement(dim: int, method: str, approximate: bool) -> str:
         else "features WHERE backbone = %s"
     return (f"SELECT image_id, {column} {_operator(method)[0]} %s::float8[]::{kind} AS distance FROM {rows}"
             " AND NOT (image_id = ANY(%s::bigint[])) ORDER BY distance LIMIT %s")
+
+
+def hnsw_candidates(top: int, ef_search: int | None = None) -> int:
+    """The candidates an HNSW search of the `top` best looks at (pgvector's hnsw.ef_search; it returns at most
+    that many rows): `ef_search`, else max(EF_SEARCH, EF_SEARCH_PER_MATCH x top) up to EF_SEARCH_MAX."""
+    if ef_search is None:
+        return min(EF_SEARCH_MAX, max(EF_SEARCH, EF_SEARCH_PER_MATCH * int(top)))
+    if not int(top) <= int(ef_search) <= EF_SEARCH_MAX:
+        raise BadInput(f"ef_search must be from top ({int(top)}) to {EF_SEARCH_MAX}, got {ef_search}")
+    return int(ef_search)
 
 
 def score(method: str, distance: float) -> float:
@@ -160,31 +174,33 @@ class PostgresStore(SQLStore):
         return cls(driver=Plpy(plpy, commits))
 
     def nearest(self, backbone: str, vector: np.ndarray, method: str, top: int, exclude: Sequence[int] = (),
-                approximate: bool | None = None, model_version: int = 0) -> list[tuple[int, float]]:
+                approximate: bool | None = None, model_version: int = 0,
+                ef_search: int | None = None) -> list[tuple[int, float]]:
         """(image id, score) of the `top` best matches by pgvector (l2: minus the distance; cosine: the cosine
         similarity; scores, learned: the inner product with the rows stored for `model_version`), leaving out
-        `exclude`. Exact by a scan, or approximate through the HNSW index (`create_index`); by default through
-        the index when it exists."""
+        `exclude`. Exact by a scan, or approximate through the HNSW index (`create_index`) looking at `ef_search`
+        candidates (`hnsw_candidates`); by default through the index when it exists."""
         _operator(method)
+        candidates = hnsw_candidates(top, ef_search)
         if approximate is None:
             approximate = self.has_index(backbone, method, model_version)
         key = (int(model_version), method) if method in STORED_METHODS else (backbone,)
         params = (np.asarray(vector, dtype=np.float32).tolist(), *key, [int(i) for i in exclude], int(top))
         with self.db.transaction():
             if approximate:
-                self.through_index(top)
+                self.through_index(candidates)
             dim = self._dim(backbone, method, model_version) if approximate else 0  # a scan reads it as it is
             rows = self.db.query(nearest_statement(dim, method, approximate), params)
         return [(int(i), score(method, float(d))) for i, d in rows]
 
-    def through_index(self, top: int) -> None:
+    def through_index(self, candidates: int) -> None:
         """For the rest of the current transaction, ORDER BY a distance goes through the HNSW index even where the
         planner would rather scan a small table, or read it through another index and sort (pgvector's cost
         estimates make either look cheaper below a few thousand rows): scans and sorts are priced out, and a
-        prepared statement is planned for its parameters."""
+        prepared statement is planned for its parameters. The index's searches look at `candidates` rows."""
         self.db.query("SELECT set_config('enable_seqscan', 'off', true), set_config('enable_sort', 'off', true), "
                       "set_config('plan_cache_mode', 'force_custom_plan', true), "
-                      "set_config('hnsw.ef_search', %s, true)", (str(max(40, 2 * int(top))),))
+                      "set_config('hnsw.ef_search', %s, true)", (str(int(candidates)),))
 
     def searchable(self, backbone: str, method: str, model_version: int = 0) -> bool:
         if method not in STORED_METHODS:
@@ -194,12 +210,32 @@ class PostgresStore(SQLStore):
             " (SELECT COUNT(*) FROM features WHERE backbone = %s)", (int(model_version), method, backbone))[0]
         return stored == featurized > 0
 
-    def put_method_vectors(self, model_version: int, method: str, ids: Sequence[int], rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.float32)
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
+        vectors = np.asarray(vectors, dtype=np.float32)
         with self.db.transaction():
-            self.db.query_many("INSERT INTO method_vectors (model_version, method, image_id, embedding)"
-                               " VALUES (%s, %s, %s, %s::float8[]::vector) ON CONFLICT DO NOTHING",
-                               [(int(model_version), method, int(i), r.tolist()) for i, r in zip(ids, rows)])
+            self._put_vectors("features", {"backbone": backbone, "dim": vectors.shape[1]}, ids, vectors)
+            self.db.query("INSERT INTO feature_precisions (image_id, backbone, precision_used) SELECT"
+                          " unnest(%s::bigint[]), %s, %s ON CONFLICT DO NOTHING",
+                          ([int(i) for i in ids], backbone, precision))
+
+    def put_method_vectors(self, model_version: int, method: str, ids: Sequence[int], rows: np.ndarray) -> None:
+        with self.db.transaction():
+            self._put_vectors("method_vectors", {"model_version": int(model_version), "method": method}, ids, rows)
+
+    def _put_vectors(self, table: str, constants: dict[str, int | str], ids: Sequence[int],
+                     vectors: np.ndarray) -> None:
+        """Rows (the constant columns, image_id, embedding) of `table` (a constant), one per id, each unless its
+        key is taken, in the current transaction: from a client by binary COPY (pgcopy), inside the server (PL/Python
+        has no COPY) one INSERT a row."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        columns = ", ".join([*constants, "image_id", "embedding"])
+        if not self.db.in_server:
+            self.db.copy_absent(table, columns, copy_buffer(list(constants.values()), ids, vectors))
+            return
+        values = ", ".join(["%s"] * (len(constants) + 1))
+        self.db.query_many(f"INSERT INTO {table} ({columns}) VALUES ({values}, %s::float8[]::vector)"
+                           " ON CONFLICT DO NOTHING",
+                           [(*constants.values(), int(i), v.tolist()) for i, v in zip(ids, vectors)])
 
     def method_vector_ids(self, model_version: int, method: str) -> set[int]:
         return {int(i) for (i,) in self.db.query("SELECT image_id FROM method_vectors WHERE model_version = %s"
