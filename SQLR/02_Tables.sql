@@ -1,19 +1,28 @@
 -- The engine's tables (Python/image_similarity/store/sqlite.py), in T-SQL types. Safe to re-run.
+-- issue 29: a row is one item (one image of it): label NULL when unlabelled, item_key the user's key (unique when
+-- given: a filtered index, as a UNIQUE constraint would allow one NULL), metadata a JSON object. The same bytes
+-- may be stored under several keys, so sha256 is indexed, not unique. 02_Migrate.sql upgrades older tables.
 IF OBJECT_ID(N'dbo.images', N'U') IS NULL
+BEGIN
     CREATE TABLE dbo.images (
         id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
         name nvarchar(400) NOT NULL,
-        label nvarchar(200) NOT NULL,
+        label nvarchar(200) NULL,
         format nvarchar(16) NOT NULL,
         width int NOT NULL,
         height int NOT NULL,
         mode nvarchar(16) NOT NULL,
         size_bytes int NOT NULL,
-        sha256 char(64) NOT NULL UNIQUE,
+        sha256 char(64) NOT NULL,
         dhash char(64) NOT NULL,
         data varbinary(max) NOT NULL,
-        added_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+        added_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME(),
+        item_key nvarchar(400) NULL,
+        metadata nvarchar(max) NULL
     );
+    CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
+    CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;
+END
 GO
 IF OBJECT_ID(N'dbo.rejected_files', N'U') IS NULL
     CREATE TABLE dbo.rejected_files (
@@ -156,6 +165,16 @@ IF OBJECT_ID(N'dbo.network_arrays', N'U') IS NULL
         data varbinary(max) NOT NULL,
         PRIMARY KEY (network, kind, [key])
     );
+GO
+-- issue 29: the schema version each migration reached (store/migrations.py; 02_Migrate.sql on SQL Server).
+IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
+    CREATE TABLE dbo.schema_version (
+        version int NOT NULL PRIMARY KEY,
+        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
+IF NOT EXISTS (SELECT 1 FROM dbo.schema_version)
+    INSERT INTO dbo.schema_version (version) VALUES (2);
 GO
 -- issue 28: what computed each feature vector: the runtime and a hash of the network's weights (docs/runtimes.md)
 IF OBJECT_ID(N'dbo.feature_runtimes', N'U') IS NULL

@@ -1,17 +1,25 @@
 -- AddImage: validate one image's bytes with the engine and store them (the same checks as `ingest`).
--- A bad file is recorded in rejected_files; identical bytes already stored add nothing. Conventions: see
--- SQLR/04_FeaturizeImages.sql.
+-- A bad file is recorded in rejected_files; identical bytes already stored add nothing. Issue 29: @label NULL
+-- stores an unlabelled item; @item_key (unique) and @metadata (a JSON object) describe the item: a key stored
+-- with the same bytes adds nothing, with other bytes its row is replaced (its features, split row, neighbours
+-- and rankings go with it) in the same transaction. Conventions: see SQLR/04_FeaturizeImages.sql.
 CREATE OR ALTER PROCEDURE dbo.AddImage
     @name nvarchar(400),
-    @label nvarchar(200),
+    @label nvarchar(200) = NULL,
     @data varbinary(max),
-    @image_id int = NULL OUTPUT
+    @image_id int = NULL OUTPUT,
+    @item_key nvarchar(400) = NULL,
+    @metadata nvarchar(max) = NULL
 AS
 BEGIN
     SET NOCOUNT ON;
     SET XACT_ABORT ON;
-    IF @name IS NULL OR LEN(@name) = 0 OR @label IS NULL OR LEN(@label) = 0
-        THROW 50001, N'AddImage: name and label are required.', 1;
+    IF @name IS NULL OR LEN(@name) = 0
+        THROW 50001, N'AddImage: a name is required.', 1;
+    IF @label IS NOT NULL AND LEN(@label) = 0
+        SET @label = NULL;
+    IF @metadata IS NOT NULL AND (ISJSON(@metadata) IS NULL OR ISJSON(@metadata) = 0 OR SUBSTRING(LTRIM(@metadata), 1, 1) <> N'{')
+        THROW 50004, N'AddImage: metadata must be a JSON object.', 1;
     IF @data IS NULL OR DATALENGTH(@data) = 0
         THROW 50002, N'AddImage: the image is empty.', 1;
 
@@ -52,14 +60,25 @@ error = report.error
     UPDATE dbo.rejected_files SET seen_at = SYSUTCDATETIME()
     WHERE name = @name AND stage = N'ingest' AND reason IN (SELECT reason FROM #info);
     INSERT INTO dbo.rejected_files (name, label, stage, reason)
-    SELECT @name, @label, N'ingest', i.reason FROM #info AS i
+    SELECT @name, COALESCE(@label, N''), N'ingest', i.reason FROM #info AS i
     WHERE i.reason IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM dbo.rejected_files AS r WHERE r.name = @name AND r.stage = N'ingest' AND r.reason = i.reason);
-    INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)
-    SELECT @name, @label, i.format, i.width, i.height, i.mode, DATALENGTH(@data), i.sha256, i.dhash, @data
+    DECLARE @old int = (SELECT x.id FROM dbo.images AS x WITH (UPDLOCK, HOLDLOCK) JOIN #info AS i
+                        ON x.item_key = @item_key AND x.sha256 <> i.sha256 WHERE i.reason IS NULL);
+    IF @old IS NOT NULL  -- the key's new image: the old row goes with what names it
+    BEGIN
+        DELETE FROM dbo.rankings WHERE image_id = @old;
+        DELETE FROM dbo.neighbors WHERE neighbor_id = @old;
+        DELETE FROM dbo.images WHERE id = @old;
+    END;
+    INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data, item_key, metadata)
+    SELECT @name, @label, i.format, i.width, i.height, i.mode, DATALENGTH(@data), i.sha256, i.dhash, @data, @item_key,
+           @metadata
     FROM #info AS i
-    WHERE i.reason IS NULL AND NOT EXISTS (SELECT 1 FROM dbo.images AS x WITH (UPDLOCK, HOLDLOCK) WHERE x.sha256 = i.sha256);
-    SET @image_id = (SELECT x.id FROM dbo.images AS x JOIN #info AS i ON x.sha256 = i.sha256);
+    WHERE i.reason IS NULL AND NOT EXISTS (SELECT 1 FROM dbo.images AS x WITH (UPDLOCK, HOLDLOCK)
+                                           WHERE (@item_key IS NULL AND x.sha256 = i.sha256) OR x.item_key = @item_key);
+    SET @image_id = (SELECT TOP (1) x.id FROM dbo.images AS x JOIN #info AS i ON x.sha256 = i.sha256
+                     WHERE @item_key IS NULL OR x.item_key = @item_key ORDER BY x.id);
     COMMIT TRANSACTION;
 END;
 GO

@@ -112,7 +112,8 @@ JOIN #step AS s ON a.version = s.model_version',
     INSERT INTO dbo.rankings (query_id, rank, image_id, score)
     SELECT @query_id, r.rank, r.image_id, r.score FROM #ranked AS r;
     COMMIT TRANSACTION;
-    SELECT r.rank, r.image_id, i.name, i.label, r.score
+    -- issue 29: label NULL for an unlabelled image; the item's key and metadata (JSON text) as ingested
+    SELECT r.rank, r.image_id, i.name, i.label, r.score, i.item_key, i.metadata
     FROM #ranked AS r JOIN dbo.images AS i ON i.id = r.image_id ORDER BY r.rank;
 END;
 GO

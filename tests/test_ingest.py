@@ -48,22 +48,23 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_kept(store, tmp_path, 
     (good / "empty.jpg").write_bytes(b"")
     (good / "half.jpg").write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
     (good / "notes.jpg").write_text("not an image at all")
-    (root / "loose.jpg").write_bytes(photo.read_bytes())           # no class folder
+    loose = sorted((sample_dir / "leopard").iterdir())[1]
+    (root / "loose.jpg").write_bytes(loose.read_bytes())           # no class folder: unlabelled (issue 29)
     other = root / "striped"
     other.mkdir()
     shutil.copy(photo, other / "same-bytes.jpg")                  # identical bytes, another label
     report = ingest(store, root, progress=False)
     reasons = dict(report.skipped)
-    assert report.added == 1
+    assert report.added == 2 and report.unlabelled == 1
+    assert {im.name: im.label for im in store.images()} == {"loose.jpg": None, "leopard/good.jpg": "leopard"}
     assert reasons["leopard/empty.jpg"] == "empty file"
     assert reasons["leopard/half.jpg"] == "truncated image data"
     assert reasons["leopard/notes.jpg"].startswith("not an image")
-    assert reasons["loose.jpg"].startswith("no label")
     assert "identical to stored image 'leopard/good.jpg'" in reasons["striped/same-bytes.jpg"]
     recorded = {(name, stage) for name, _, stage, _ in store.rejected()}
-    assert ("leopard/half.jpg", "ingest") in recorded and len(recorded) == 5
-    ingest(store, root, progress=False)                              # re-run records nothing twice
-    assert len(store.rejected()) == 5
+    assert ("leopard/half.jpg", "ingest") in recorded and len(recorded) == 4
+    again = ingest(store, root, progress=False)                      # re-run records nothing twice
+    assert len(store.rejected()) == 4 and again.added == 0 and again.already_stored == 2
 
 
 def test_hostile_names_are_stored_verbatim(store, tmp_path):

@@ -35,7 +35,8 @@ def stored_split(sql: Server) -> dict[int, str]:
 
 
 def test_every_script_parses_as_tsql():
-    assert [p.name[:2] for p in SCRIPTS][:9] == [f"{i:02d}" for i in range(1, 10)]
+    assert sorted({p.name[:2] for p in SCRIPTS})[:9] == [f"{i:02d}" for i in range(1, 10)]
+    assert [p.name for p in SCRIPTS][1:3] == ["02_Migrate.sql", "02_Tables.sql"]  # an old database upgraded first
     for path in SCRIPTS:  # sqlfluff has no grammar for SQL Server 2025's CREATE VECTOR INDEX (DiskANN) yet
         sqlfluff.parse(re.sub(r"CREATE VECTOR INDEX (.*?)\n\s*WITH \([^)]*\)", r"CREATE INDEX \1",
                               path.read_text()), dialect="tsql")
@@ -245,8 +246,10 @@ AS
 BEGIN
     SET XACT_ABORT ON;
     CREATE TABLE #kept (rank int NOT NULL, image_id int NOT NULL, name nvarchar(400) NOT NULL,
-                        label nvarchar(200) NOT NULL, score float NOT NULL);
-    INSERT INTO #kept (rank, image_id, name, label, score) EXEC dbo.RankCandidates @query = @query, @top = 5;
+                        label nvarchar(200) NULL, score float NOT NULL, item_key nvarchar(400) NULL,
+                        metadata nvarchar(max) NULL);
+    INSERT INTO #kept (rank, image_id, name, label, score, item_key, metadata)
+    EXEC dbo.RankCandidates @query = @query, @top = 5;
     SELECT image_id FROM #kept ORDER BY rank;
 END;
 GO""")
@@ -278,6 +281,24 @@ def test_add_image_inspects_with_the_engine(sample_dir, tmp_path):
     sql.call("AddImage", name="bad.jpg", label="dotted", data=b"not an image")
     (reason,) = sql.conn.execute("SELECT reason FROM rejected_files").fetchone()
     assert reason and sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (1,)
+
+
+def test_add_image_takes_unlabelled_items_with_keys_and_metadata(sample_dir):
+    """Issue 29: no label, a key and metadata; the same bytes under another key are a new item; a key sent again
+    with other bytes replaces its row and what names it; with the same bytes nothing changes."""
+    sql = Server()
+    install(sql, SCRIPTS)
+    first, second = (p.read_bytes() for p in sorted((sample_dir / "dotted").iterdir())[:2])
+    ids = [sql.call("AddImage", name=n, data=d, item_key=k, metadata=m)[1]["image_id"] for n, d, k, m in [
+        ("a.jpg", first, "sku-1", '{"title": "Scarf"}'), ("a.jpg", first, "sku-2", None),
+        ("a.jpg", first, "sku-1", '{"title": "Scarf"}')]]
+    assert ids == [1, 2, 1]
+    _, replaced = sql.call("AddImage", name="b.jpg", data=second, item_key="sku-1")
+    assert replaced["image_id"] == 3
+    assert sql.conn.execute("SELECT id, name, label, item_key, metadata FROM images ORDER BY id").fetchall() == [
+        (2, "a.jpg", None, "sku-2", None), (3, "b.jpg", None, "sku-1", None)]
+    with pytest.raises(SqlError, match="metadata must be a JSON object"):
+        sql.call("AddImage", name="c.jpg", data=second, metadata="[1]")
 
 
 @pytest.mark.parametrize("rule,tsql,message", [

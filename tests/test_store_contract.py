@@ -8,6 +8,7 @@ import hashlib
 import math
 import re
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,44 @@ def test_remove_image_takes_what_names_it(store, sample_dir):
     assert store.catalogue_stamp(BACKBONE) != before
 
 
+def test_items_with_keys_share_bytes_and_a_key_with_new_bytes_replaces_its_image(store, sample_dir):
+    """Issue 29: keys are unique, identical bytes may serve several keys, labels may be missing; a key ingested
+    again with other bytes replaces its row (a new id) and what was computed from the old one, in one transaction."""
+    first, second, third = (replace(im, label=None if i else im.label, key=f"sku-{i}", metadata={"title": f"t{i}"})
+                            for i, im in enumerate(photos(sample_dir, 1)))
+    ids = [store.add_image(im) for im in (first, second, replace(second, key="sku-x", metadata=None))]
+    assert len(set(ids)) == 3 and store.add_image(second) is None  # the same key and bytes: nothing changes
+    assert store.add_image(replace(second, key=None)) is None  # keyless: these bytes are stored
+    assert [(r.label, r.key, r.metadata) for r in store.images()] == [
+        ("dotted", "sku-0", {"title": "t0"}), (None, "sku-1", {"title": "t1"}), (None, "sku-x", None)]
+    store.put_features(BACKBONE, ids, vectors(3))
+    store.put_neighbors(BACKBONE, "l2", 0, [(ids[0], 1, ids[1], -1.0), (ids[1], 1, ids[0], -1.0)])
+    store.put_ranking({"name": "q", "sha256": "c" * 64, "method": "l2", "backbone": BACKBONE}, [(1, ids[1], -1.0)])
+    new = store.add_image(replace(third, key="sku-1"))  # sku-1 gets the third photo
+    assert new > ids[2] and store.find_key("sku-1").id == new and store.find_key("sku-1").sha256 == third.sha256
+    assert [r.id for r in store.images()] == [ids[0], ids[2], new] and store.features(BACKBONE)[0].tolist() == [
+        ids[0], ids[2]]
+    assert store.neighbor_ids(BACKBONE, "l2", 0) == set() and store.find_key("nothing") is None
+
+
+def test_a_view_over_the_users_own_table_is_read_by_key(store, sample_dir):
+    """Issue 29: the view image_source (item_key, label, data) a DBA makes over their table, read in key order and
+    in batches; a store without it says so in one line."""
+    with pytest.raises(StoreError, match=r"^cannot read the view image_source \(item_key, label, data\): "):
+        next(store.source_rows())
+    rows = [(f"sku-{i}", im.label if i % 2 else None, im.data) for i, im in enumerate(photos(sample_dir, 1))]
+    prefix = "dbo." if store.server == "SQL Server" else ""
+    text, binary = {"SQLite": ("TEXT", "BLOB"), "PostgreSQL": ("text", "bytea")}.get(store.server,
+                                                                                    ("nvarchar(40)", "varbinary(max)"))
+    store.db.query(f"CREATE TABLE {prefix}products (sku {text} NOT NULL, category {text} NULL,"
+                   f" photo {binary} NOT NULL)")
+    store.db.query(f"CREATE VIEW {prefix}image_source AS SELECT sku AS item_key, category AS label, photo AS data"
+                   f" FROM {prefix}products")
+    store.db.query_many(store.d.sql(f"INSERT INTO {prefix}products (sku, category, photo) VALUES (?, ?, ?)"),
+                        rows[::-1])
+    assert [row for batch in store.source_rows(batch_size=2) for row in batch] == rows
+
+
 def test_relabel_image_changes_only_the_label(store, sample_dir):
     ids = [store.add_image(im) for im in photos(sample_dir, 1)]
     store.put_features(BACKBONE, ids, vectors(3), "fp32", ("torch", "b" * 16))
@@ -261,7 +300,8 @@ FAMILIES = {"integer": {ID, INT}, "nvarchar": {TEXT, JSON}, "varchar": {TEXT}, "
 
 
 def declared(conn: sqlite3.Connection, table: str) -> dict:
-    """What a table declares, as SQLite reads it: columns (name, NOT NULL), primary key, uniques, foreign keys
+    """What a table declares, as SQLite reads it: columns (name, NOT NULL), primary key, uniques (a unique index
+    filtered on `column IS NOT NULL` counts as the column's UNIQUE), foreign keys
     (columns, table, referenced columns, ON DELETE), and CHECK (column IN (...)) lists."""
     info = conn.execute(f"PRAGMA table_info({table})").fetchall()
     keys = {}
@@ -269,8 +309,13 @@ def declared(conn: sqlite3.Connection, table: str) -> dict:
         keys.setdefault(fk[0], []).append(fk)
     uniques = set()
     for index in conn.execute(f"PRAGMA index_list({table})").fetchall():
-        if index[2] and index[3] == "u":
-            uniques.add(tuple(r[2] for r in conn.execute(f"PRAGMA index_info({index[1]})").fetchall()))
+        columns = tuple(r[2] for r in conn.execute(f"PRAGMA index_info({index[1]})").fetchall())
+        (where,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (index[1],)).fetchone() or (None,)
+        # SQL Server's UNIQUE allows one NULL: a nullable unique column is a unique index filtered on IS NOT NULL
+        filtered = index[4] and len(columns) == 1 and re.search(
+            rf"WHERE (NOT {columns[0]} IS|{columns[0]} IS NOT) NULL$", where)
+        if index[2] and (index[3] == "u" or filtered):
+            uniques.add(columns)
     (text,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
     return {"columns": [(r[1].strip('"'), bool(r[3] or r[5])) for r in info],
             "primary_key": tuple(r[1].strip('"') for r in sorted(info, key=lambda r: r[5]) if r[5]),

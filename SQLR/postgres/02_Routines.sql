@@ -63,11 +63,14 @@ $$;
 
 -- The catalogue images most similar to a query image (never the query itself or its near duplicates);
 -- stored in queries/rankings. method NULL: the best of the latest evaluation.
+-- issue 29: label NULL for an unlabelled image, then the model's suggestion for it; the item's key and metadata.
+-- (Dropped first: an older release's function returned fewer columns, which CREATE OR REPLACE cannot change.)
+DROP FUNCTION IF EXISTS image_similarity.rank_candidates(bytea, text, integer, text, integer);
 CREATE OR REPLACE FUNCTION image_similarity.rank_candidates(query bytea, query_name text DEFAULT 'query',
                                                             top integer DEFAULT 10, method text DEFAULT NULL,
                                                             model_version integer DEFAULT NULL)
 RETURNS TABLE (rank integer, image_id bigint, name text, label text, score double precision,
-               used_method text)
+               used_method text, item_key text, metadata jsonb, suggested text, probability double precision)
 LANGUAGE plpython3u AS $$
 from image_similarity.contexts import plpython
 return plpython.rank_candidates(plpy, query, query_name, top, method, model_version)

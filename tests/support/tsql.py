@@ -525,6 +525,7 @@ class Server:
             ("DB_ID", 1, lambda name: 1 if name.lower() in self.databases else None), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
             ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
+            ("COL_LENGTH", 2, self._col_length),
             ("SERVERPROPERTY", 1, lambda name: {"productmajorversion": "17" if self.vector_type else "16"}.get(
                 name.lower())),
             ("DATABASE_PRINCIPAL_ID", 1, lambda name: 1 if name.lower() in self.principals else None),
@@ -635,6 +636,11 @@ class Server:
         if kind in (None, "P") and bare in self.procedures:
             return 2
         return None
+
+    def _col_length(self, table: str, column: str) -> int | None:
+        """Whether the column exists (its byte length in SQL Server; here 1), else NULL."""
+        bare = table.split(".")[-1].strip("[]").lower()
+        return 1 if column.lower() in self.tables.get(bare, {}) else None
 
     # scripts
     def run_script(self, text: str, variables: dict[str, str] | None = None) -> None:
@@ -1087,6 +1093,13 @@ def install(server: Server, scripts: list, database: str = "ImageSimilarity") ->
         server.run_script(text, {"DatabaseName": database})
 
 
+def rows_of(frame: pd.DataFrame) -> list[tuple]:
+    """A result set's rows as the driver gives them: NULL is None (a frame holds it as NaN where the column has
+    numbers; SQL Server stores no NaN)."""
+    return [tuple(None if isinstance(v, float) and math.isnan(v) else v for v in row)
+            for row in frame.itertuples(index=False)]
+
+
 class Client:
     """A DB-API connection to the server, as mssql-python gives one: `?` placeholders bound in order; with
     autocommit off the first statement opens a transaction that commit() or rollback() ends."""
@@ -1134,12 +1147,12 @@ class ClientCursor:
             # T-SQL needs no terminator after a batch's last statement (the emulation's scripts end each one)
             results = server.run_batch(text if text.rstrip().endswith(";") else text + ";")
             self.client.user = server.user  # EXECUTE AS / REVERT last for the session
-            self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
+            self.sets = [(list(r.columns), rows_of(r)) for r in results]
         elif text.split()[0].upper() in ("EXEC", "EXECUTE"):
             name, _, rest = text.split(None, 1)[1].partition(" ")
             arguments = {n: values[p] for n, p in re.findall(r"@(\w+)\s*=\s*@(p\d+)", rest)}
             results, _ = server.call(name.split(".")[-1], **arguments)
-            self.sets = [(list(r.columns), [tuple(row) for row in r.itertuples(index=False)]) for r in results]
+            self.sets = [(list(r.columns), rows_of(r)) for r in results]
         else:
             if not self.client.autocommit and not server.trancount:
                 server.conn.execute("BEGIN")

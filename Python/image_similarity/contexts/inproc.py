@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # torch comes with the network: the procedures that run none 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
 METRIC_COLUMNS = ["table_name", "scope", "metric", "class", "value"]
-RANK_COLUMNS = ["rank", "image_id", "name", "label", "score"]
+RANK_COLUMNS = ["rank", "image_id", "name", "label", "score", "item_key", "metadata"]
 WEIGHTS_DIR = Path(sys.prefix) / "share" / "image-similarity" / "weights"
 """Where SQL Server's Python finds backbone weights that no installed package ships: the Launchpad sandbox has
 no network and a working folder and profile of its own, so the torch hub cache of any user is out of reach."""
@@ -263,7 +263,8 @@ def evaluate_model(frame: pd.DataFrame, backbone: str, classes: str, params: str
 def _catalogue(frame: pd.DataFrame, backbone: str) -> Catalogue:
     images = _images(frame)
     _require(images, f"empty catalogue: no images featurized with {backbone!r}")
-    return Catalogue(images["image_id"].to_numpy(), images["name"].tolist(), images["label"].tolist(),
+    labels = [label if isinstance(label, str) else None for label in images["label"]]  # NULL: unlabelled
+    return Catalogue(images["image_id"].to_numpy(), images["name"].tolist(), labels,
                      images["sha256"].tolist(), images["dhash"].tolist(), _vectors(images["data"]))
 
 

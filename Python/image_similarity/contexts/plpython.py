@@ -70,10 +70,10 @@ def featurize_images(plpy: Any, backbone: str | None, batch_size: int) -> tuple[
 
 @_clear_errors
 def prepare_data(plpy: Any, test_fraction: float, seed: int) -> list[tuple[str, int]]:
-    """(subset, images) rows of a new train/test split."""
+    """(subset, images) rows of a new train/test split, and ('unlabelled', count) when it left any out."""
     from ..pipeline.split import split
 
-    return sorted(split(PostgresStore.in_server(plpy), test_fraction, seed).items())
+    return sorted((k, n) for k, n in split(PostgresStore.in_server(plpy), test_fraction, seed).items() if n)
 
 
 @_clear_errors
@@ -98,14 +98,17 @@ def evaluate_model(plpy: Any, model_version: int | None, seed: int) -> str:
 @_clear_errors
 def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: str | None,
                     model_version: int | None) -> list[tuple]:
-    """(rank, image_id, name, label, score, method) rows of the catalogue images most similar to a query."""
+    """(rank, image_id, name, label, score, method, item key, metadata JSON, suggested label, its probability) rows
+    of the catalogue images most similar to a query."""
     from ..pipeline.rank import rank
 
     store = PostgresStore.in_server(plpy)
     model, backbone = choose_model(store, model_version)
     featurizer = _featurizer(backbone, store)
     result = rank(store, bytes(query), featurizer, top=top, method=method, model=model, name=query_name)
-    return [(m.rank, m.image_id, m.name, m.label, m.score, result.method) for m in result.matches]
+    return [(m.rank, m.image_id, m.name, m.label, m.score, result.method, m.key,
+             None if m.metadata is None else json.dumps(m.metadata), m.suggested, m.probability)
+            for m in result.matches]
 
 
 @_clear_errors

@@ -11,7 +11,15 @@ from typing import Any
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
-from ..pipeline.reports import percent, print_audit, print_class_notes, print_evaluation, print_left_out, print_ranking
+from ..pipeline.reports import (
+    percent,
+    print_audit,
+    print_class_notes,
+    print_evaluation,
+    print_left_out,
+    print_ranking,
+    print_unlabelled,
+)
 from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
 from ..search import ann
 from ..search.methods import METHODS
@@ -61,10 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("ingest", parents=[common], help="load a folder of images (one sub-folder per class)",
-                       description="Store every image under DIR with its label (the sub-folder name). "
-                                   "Bad files are skipped and recorded with the reason; re-running adds nothing new.")
-    p.add_argument("dir", type=Path, help="folder with one sub-folder per class")
+    p = sub.add_parser("ingest", parents=[common], help="load a folder of images, or a manifest of items",
+                       description="Store every image under DIR with its label (the sub-folder name; files at the "
+                                   "top level are unlabelled), or every row of a manifest (--manifest). Bad files "
+                                   "and rows are skipped and recorded with the reason; re-running adds nothing new.",
+                       epilog="A manifest is a CSV file with a header row, or JSON lines (.jsonl), one item per "
+                              "row: 'path' (the image file, relative to the manifest's folder or absolute), "
+                              "optional 'label' (empty: unlabelled) and 'key' (your id of the item, unique; "
+                              "a key ingested again with other bytes replaces its image), and any other columns, "
+                              "kept as the item's metadata and returned with every result. See docs/catalogues.md.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("dir", type=Path, nargs="?", help="folder with one sub-folder per class")
+    source.add_argument("--manifest", type=Path, metavar="FILE",
+                        help="CSV or JSON-lines file of items: path, label, key and metadata columns (see below)")
+    source.add_argument("--from-view", action="store_true",
+                        help="the rows of the view image_source (item_key, label, data) made in the database over "
+                             "your own table (see docs/catalogues.md)")
 
     p = sub.add_parser("featurize", parents=[common, net, cluster], help="compute feature vectors for stored images",
                        description="Run the pretrained network over every stored image without features for "
@@ -157,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--apply", action="store_true",
                    help="relabel every suspect to the class the model suggests (review the report first)")
 
+    p = sub.add_parser("suggest", parents=[common], help="labels the latest model suggests for unlabelled images",
+                       description="For every unlabelled, featurized image: the class the latest model finds "
+                                   "likeliest and its probability (computed now, never stored), likeliest first.",
+                       epilog="Accept one with 'image-similarity relabel ID LABEL'.")
+    p.add_argument("--model-version", type=int, help="model version (default: latest)")
+    p.add_argument("--json", action="store_true", help="print every suggestion as JSON")
+
     p = sub.add_parser("relabel", parents=[common], help="give a stored image another label",
                        description="Set the label of image ID; the next train and evaluate use it.")
     p.add_argument("id", type=int, help="image id (see 'audit')")
@@ -228,10 +255,18 @@ def _featurizer(args: argparse.Namespace, backbone: str | None = None, store=Non
 
 
 def cmd_ingest(store, args) -> None:
-    from ..pipeline.ingest import ingest
+    from ..pipeline.ingest import ingest, ingest_view
+    from ..pipeline.manifest import ingest_manifest
 
-    report = ingest(store, args.dir, progress=not args.quiet)
-    print(f"added {report.added} images, {report.already_stored} already stored, {len(report.skipped)} skipped")
+    if getattr(args, "from_view", False):
+        report = ingest_view(store, not args.quiet)
+    elif getattr(args, "manifest", None):
+        report = ingest_manifest(store, args.manifest, not args.quiet)
+    else:
+        report = ingest(store, args.dir, not args.quiet)
+    print(f"added {report.added} images, {report.already_stored} already stored, {len(report.skipped)} skipped"
+          + (f"; {report.unlabelled} of those added unlabelled" if report.unlabelled else "")
+          + (f"; {report.replaced} replaced the image of their key" if report.replaced else ""))
     for name, reason in report.skipped:
         print(f"  skipped {name}: {reason}")
 
@@ -254,6 +289,7 @@ def cmd_split(store, args) -> None:
 
     counts = split(store, args.test_fraction, args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
+    print_unlabelled(counts.get("unlabelled", 0))
     print_class_notes(notes(store))
 
 
@@ -330,11 +366,24 @@ def cmd_audit(store, args) -> None:
               "run train and evaluate again", file=sys.stderr if args.json else sys.stdout)
 
 
+def cmd_suggest(store, args) -> None:
+    from ..pipeline.suggest import suggestions
+    from ..pipeline.train import load_model
+
+    found = sorted(suggestions(store, load_model(store, args.model_version)), key=lambda s: (-s.probability, s.id))
+    if args.json:
+        print(json.dumps([s.to_dict() for s in found], indent=2))
+        return
+    print(f"{len(found)} unlabelled images")
+    for s in found:
+        print(f"  {s.id:>6}  {s.suggested:<12} {s.probability:.3f}  {s.key or '-'}  {s.name}")
+
+
 def cmd_relabel(store, args) -> None:
     from ..pipeline.audit import relabel
 
     old, new = relabel(store, args.id, args.label, args.new_class)
-    print(f"image {args.id}: {old} -> {new} (run train and evaluate again)")
+    print(f"image {args.id}: {old or '(unlabelled)'} -> {new} (run train and evaluate again)")
 
 
 def cmd_remove(store, args) -> None:
@@ -500,6 +549,7 @@ def cmd_sql(store, args) -> None:
 COMMANDS = {"ingest": cmd_ingest, "featurize": cmd_featurize, "split": cmd_split, "train": cmd_train,
             "evaluate": cmd_evaluate, "rank": cmd_rank, "run": cmd_run, "refine": cmd_refine,
             "serve": cmd_serve, "neighbors": cmd_neighbors, "audit": cmd_audit, "relabel": cmd_relabel,
+            "suggest": cmd_suggest,
             "remove": cmd_remove}
 SPARK_STEPS = ("featurize", "neighbors")
 """--context spark: the commands that run on Spark."""

@@ -12,6 +12,7 @@ from typing import Any
 from ..pipeline.audit import AuditReport, at_cutoff, audit, relabel
 from ..pipeline.featurize import featurize
 from ..pipeline.rank import default_method, latest_model
+from ..pipeline.suggest import catalogue_suggestions
 from ..pipeline.train import SimilarityModel
 from ..search.catalogue import Catalogue
 from ..search.methods import scoring_method
@@ -36,6 +37,8 @@ class Snapshot:
     model: SimilarityModel | None
     method: str
     evaluation: dict[str, Any] | None
+    suggested: dict[int, tuple[str, float]] = field(default_factory=dict, repr=False, compare=False)
+    """image id -> the model's (suggested label, probability) of each unlabelled catalogue image (issue 29)."""
     searchers: dict[str, Searcher] = field(default_factory=dict, repr=False, compare=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     database: tuple[Store, str, threading.Lock] | None = field(default=None, repr=False, compare=False)
@@ -79,13 +82,14 @@ def load_snapshot(store: Store, backbone: str, lock: threading.Lock | None = Non
         method = default_method(store, model)
     summary = {k: v for k, v in evaluation.summary.items() if k != "plots"} if evaluation else None
     database = (store, backbone, lock) if lock is not None and VECTOR_SEARCH in store.capabilities else None
-    return Snapshot(stamp, catalogue, model, method, summary, database=database)
+    return Snapshot(stamp, catalogue, model, method, summary, catalogue_suggestions(catalogue, model),
+                    database=database)
 
 
 def without(snapshot: Snapshot, image_id: int) -> Snapshot:
     """The snapshot less one catalogue image (stamp None, so the next poll reloads it from the database)."""
     return Snapshot(None, snapshot.catalogue.without([image_id]), snapshot.model, snapshot.method, snapshot.evaluation,
-                    database=snapshot.database)
+                    snapshot.suggested, database=snapshot.database)
 
 
 class Service:

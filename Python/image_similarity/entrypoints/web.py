@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -27,7 +28,9 @@ from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady, Unavail
 from ..pipeline.audit import CUTOFF
 from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import rank_with
+from ..pipeline.suggest import with_suggestions
 from ..search.methods import FEATURE_METHODS, METHODS
+from ..search.searchers import Match
 from ..store import Store
 from .service import Service, Snapshot
 
@@ -38,7 +41,7 @@ ACCEPTED_TYPES = ("image/", "application/octet-stream")
 MAX_ID = 2 ** 63 - 1
 API_KEY_ENV = "IMAGE_SIMILARITY_API_KEY"
 BEARER = HTTPBearer(auto_error=False, description="the operator's API key")
-MAX_LABEL, MAX_NAME = 100, 300
+MAX_LABEL, MAX_NAME, MAX_KEY, MAX_METADATA = 100, 300, 400, 64 * 1024
 LABEL_PATTERN = r"^[^/\\\x00-\x1f\x7f]+$"
 """A class name: no slashes or control characters (labels are folder names to ingest)."""
 STATUS_OF_KIND: tuple[tuple[type[ImageSimilarityError], int], ...] = (
@@ -52,9 +55,15 @@ class MatchOut(BaseModel):
     rank: int
     id: int
     name: str
-    label: str
+    label: str | None
+    """None: unlabelled (then `suggested` and `probability` are the latest model's guess)."""
     score: float
     url: str
+    key: str | None = None
+    """The item's key and metadata, as ingested."""
+    metadata: dict[str, Any] | None = None
+    suggested: str | None = None
+    probability: float | None = None
 
 
 class RankOut(BaseModel):
@@ -65,6 +74,9 @@ class RankOut(BaseModel):
     catalogue_size: int
     """How many catalogue images the answer was ranked among."""
     matches: list[MatchOut]
+    suggested: str | None = None
+    """The label the model suggests for the query, and its probability (none without a model)."""
+    probability: float | None = None
 
 
 class HealthOut(BaseModel):
@@ -77,9 +89,10 @@ class HealthOut(BaseModel):
 class AddedOut(BaseModel):
     id: int
     name: str
-    label: str
+    label: str | None
     url: str
     featurized_in_background: bool
+    key: str | None = None
 
 
 class RemovedOut(BaseModel):
@@ -96,7 +109,7 @@ class LabelIn(BaseModel):
 class LabelOut(BaseModel):
     id: int
     label: str
-    previous: str
+    previous: str | None
 
 
 class TwinOut(BaseModel):
@@ -126,6 +139,8 @@ class AuditOut(BaseModel):
     total_suspects: int
     small_classes: dict[str, int]
     conflicts: list[list[TwinOut]]
+    unlabelled: int = 0
+    """Featurized images without a label, not judged."""
 
 
 class CatalogueOut(BaseModel):
@@ -195,17 +210,38 @@ def content_type(data: bytes) -> str:
     return Image.MIME.get(fmt or "", "application/octet-stream")
 
 
-def upload_name(label: str, filename: str | None) -> str:
-    """The stored name of an uploaded image, as ingest names a file: label/file name (no client folders)."""
+def upload_name(label: str | None, filename: str | None) -> str:
+    """The stored name of an uploaded image, as ingest names a file: label/file name (no client folders), the
+    file name alone when unlabelled."""
     base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1].strip() or "upload"
-    return f"{label}/{base}"[:MAX_NAME]
+    return (f"{label}/{base}" if label else base)[:MAX_NAME]
+
+
+def match_out(m: Match) -> MatchOut:
+    return MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,
+                    url=f"/api/images/{m.image_id}", key=m.key, metadata=m.metadata, suggested=m.suggested,
+                    probability=m.probability)
+
+
+def metadata_field(text: str | None) -> dict[str, Any] | None:
+    """The metadata form field: a JSON object, or nothing."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HTTPException(422, f"metadata is not JSON: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise HTTPException(422, "metadata must be a JSON object")
+    return value
 
 
 def model_out(snapshot: Snapshot, backbone: str) -> ModelOut:
     model, catalogue = snapshot.model, snapshot.catalogue
     return ModelOut(
         version=snapshot.model_version, backbone=backbone,
-        classes=model.classes if model else sorted(set(catalogue.labels.tolist())), method=snapshot.method,
+        classes=model.classes if model else sorted({c for c in catalogue.labels.tolist() if c is not None}),
+        method=snapshot.method,
         methods=[m for m in METHODS if model or m in FEATURE_METHODS], catalogue_size=len(catalogue),
         params=model.params if model else {}, evaluation=snapshot.evaluation)
 
@@ -305,8 +341,8 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
             result = rank_with(found, data, batched, top, name)
         return RankOut(query=name, method=result.method, backbone=result.backbone,
                        model_version=result.model_version, catalogue_size=len(snapshot.catalogue),
-                       matches=[MatchOut(rank=m.rank, id=m.image_id, name=m.name, label=m.label, score=m.score,
-                                         url=f"/api/images/{m.image_id}") for m in result.matches])
+                       matches=[match_out(m) for m in with_suggestions(result.matches, snapshot.suggested)],
+                       suggested=result.suggested, probability=result.probability)
 
     @app.get("/api/images/{image_id}", summary="A catalogue image, as stored", dependencies=reads,
              response_class=Response,
@@ -319,24 +355,33 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
 
     @app.post("/api/images", status_code=201, response_model=AddedOut, dependencies=[Depends(can_write)],
               summary="Add an image to the catalogue (needs the API key)",
-              responses={200: {"description": "these bytes are already stored under this name and label"},
+              responses={200: {"description": "these bytes are already stored (under this key, or this name and "
+                                              "label)"},
                          400: {"description": "not an image, or identical to a stored image"},
                          413: {"description": "upload too large"}, **denied})
     def add_image(file: Annotated[UploadFile, File(description="the image (JPEG, PNG, ...)")],
-                  label: Annotated[str, Form(min_length=1, max_length=MAX_LABEL, pattern=LABEL_PATTERN,
-                                             description="its class")],
-                  response: Response) -> AddedOut:
+                  response: Response,
+                  label: Annotated[str | None, Form(min_length=1, max_length=MAX_LABEL, pattern=LABEL_PATTERN,
+                                                    description="its class (none: unlabelled)")] = None,
+                  key: Annotated[str | None, Form(min_length=1, max_length=MAX_KEY,
+                                                  description="your key of the item (unique; a stored key with "
+                                                              "other bytes gets this image)")] = None,
+                  metadata: Annotated[str | None, Form(max_length=MAX_METADATA,
+                                                       description="the item's attributes, a JSON object")] = None,
+                  ) -> AddedOut:
         data = read_upload(file)
         name = upload_name(label, file.filename)
+        attributes = metadata_field(metadata)
         with service.store_lock:
-            image_id, reason = ingest_one(store, name, label, data, stage="upload")
-            if image_id is None and reason is None:  # the same bytes, name and label are stored already
-                image_id, response.status_code = store.find_sha256(hashlib.sha256(data).hexdigest()).id, 200
+            image_id, reason = ingest_one(store, name, label, data, stage="upload", key=key, metadata=attributes)
+            if image_id is None and reason is None:  # these bytes are stored already (under this key)
+                stored = store.find_key(key) if key else store.find_sha256(hashlib.sha256(data).hexdigest())
+                image_id, name, label, response.status_code = stored.id, stored.name, stored.label, 200
         if reason:
             raise HTTPException(400, reason)
         service.added()
         return AddedOut(id=image_id, name=name, label=label, url=f"/api/images/{image_id}",
-                        featurized_in_background=service.featurize_added)
+                        featurized_in_background=service.featurize_added, key=key)
 
     @app.delete("/api/images/{image_id}", response_model=RemovedOut, dependencies=[Depends(can_write)],
                 summary="Remove an image from the catalogue (needs the API key); it never appears in a ranking again",
@@ -389,10 +434,10 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         if not rows:
             raise HTTPException(404, f"no {method} neighbours stored for image {image_id}: "
                                      "run 'image-similarity neighbors'")
+        matches = [Match(r, i, name, label, s, *snapshot.catalogue.item(i)) for r, i, name, label, s in rows]
         return RankOut(query=f"image {image_id}", method=method, backbone=featurizer.backbone,
                        model_version=version or None, catalogue_size=len(snapshot.catalogue),
-                       matches=[MatchOut(rank=r, id=i, name=name, label=label, score=s, url=f"/api/images/{i}")
-                                for r, i, name, label, s in rows])
+                       matches=[match_out(m) for m in with_suggestions(matches, snapshot.suggested)])
 
     @app.get("/api/health", response_model=HealthOut, summary="Whether the service is up")
     def health() -> HealthOut:

@@ -71,6 +71,8 @@ class AuditReport:
     """Classes with fewer than MIN_CLASS_IMAGES images: not judged, and never suggested."""
     conflicts: list[list[Twin]]
     """Groups of near duplicates stored under more than one label."""
+    unlabelled: int = 0
+    """Featurized images without a label: not judged (issue 29)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +90,9 @@ def audit(store: Store, backbone: str | None = None, cutoff: float = CUTOFF, fol
     ids, X = store.features(backbone)
     if len(ids) == 0:
         raise NotReady(f"no {backbone} features: run 'image-similarity featurize' first")
+    labelled = np.array([rows[int(i)].label is not None for i in ids], dtype=bool)
+    left_out = int((~labelled).sum())
+    ids, X = ids[labelled], X[labelled]
     images = [rows[int(i)] for i in ids]
     labels = np.array([im.label for im in images])
     counts = dict(sorted(Counter(labels.tolist()).items()))
@@ -125,7 +130,8 @@ def audit(store: Store, backbone: str | None = None, cutoff: float = CUTOFF, fol
     suspects.sort(key=lambda s: (-s.probability, s.label_probability, s.id))
     used_folds = len(group_folds(labels[judged], groups[judged], folds))  # fewer when a class is smaller
     return AuditReport(backbone, len(images), counts, cutoff, used_folds, best_c, suspects, small,
-                       [[Twin(images[n].id, images[n].name, images[n].label) for n in ns] for ns in conflicts])
+                       [[Twin(images[n].id, images[n].name, images[n].label) for n in ns] for ns in conflicts],
+                       left_out)
 
 
 def at_cutoff(report: AuditReport, cutoff: float) -> AuditReport:
@@ -162,12 +168,13 @@ def default_backbone(store: Store) -> str:
         return max(counts, key=counts.get)
 
 
-def relabel(store: Store, image_id: int, label: str, new_class: bool = False) -> tuple[str, str]:
-    """Give an image another label; (old label, new label). The label must be a stored class unless `new_class`."""
+def relabel(store: Store, image_id: int, label: str, new_class: bool = False) -> tuple[str | None, str]:
+    """Give an image another label, or an unlabelled image its first (issue 29); (old label or None, new label).
+    The label must be a stored class unless `new_class`."""
     rows = {im.id: im for im in store.images()}
     if image_id not in rows:
         raise NotFound(f"no image with id {image_id}")
-    classes = sorted({im.label for im in rows.values()})
+    classes = sorted({im.label for im in rows.values() if im.label is not None})
     if not new_class and label not in classes:
         raise BadInput(f"unknown label {label!r}: use one of {', '.join(classes)} (or allow a new class)")
     if not label.strip() or "/" in label or "\\" in label or not label.isprintable():

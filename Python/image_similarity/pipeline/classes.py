@@ -79,6 +79,16 @@ def from_params(params: dict) -> dict[str, ClassCount]:
     return {c: ClassCount(n["images"], n["photos"]) for c, n in params.get("left_out", {}).items()}
 
 
+def unlabelled(labels: Sequence[str | None]) -> int:
+    """How many images have no label (issue 29): searched like any other, but never learnt or measured."""
+    return sum(label is None for label in labels)
+
+
+def unlabelled_note(count: int) -> str:
+    """'left out 12 unlabelled images', or '' for none."""
+    return f"left out {count} unlabelled image{'s' * (count != 1)}" if count else ""
+
+
 NOT_LEARNT = f"left out of train and refine (fewer than {MIN_TRAIN_PHOTOS} distinct photos)"
 NOT_MEASURED = "not measured by evaluate (no test image)"
 

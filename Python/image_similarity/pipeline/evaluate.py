@@ -19,7 +19,7 @@ from ..search.catalogue import Catalogue
 from ..search.methods import METHODS
 from ..search.searchers import scorer
 from ..store import EvaluationRecord, Store
-from .classes import MIN_TEST_IMAGES, MIN_TRAIN_PHOTOS, from_params
+from .classes import MIN_TEST_IMAGES, MIN_TRAIN_PHOTOS, from_params, unlabelled
 from .train import SimilarityModel, load_model
 
 N_NEGATIVES = 100
@@ -121,13 +121,15 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
         raise NotReady("no train/test split: run 'image-similarity split' first")
     data = {}
     for subset in ("train", "test"):
-        wanted = [i for i, s in subsets.items() if s == subset and i in rows]
+        wanted = [i for i, s in subsets.items() if s == subset and i in rows and rows[i].label is not None]
         ids, X = store.features(model.backbone, wanted)
         if wanted and len(ids) == 0:
             raise NotReady(f"no featurized {subset} images for {model.backbone!r}: run featurize first")
         data[subset] = (ids, X, np.array([rows[int(i)].label for i in ids], dtype=str))
     record, results, curves = evaluate_data(model, data, {i: r.dhash for i, r in rows.items()}, seed)
     summary = record.summary
+    if left := unlabelled([im.label for im in rows.values()]):  # only then: a summary as EvaluateModel's
+        summary["unlabelled"] = left
     summary["evaluation_id"] = store.put_evaluation(record)
     if out_dir is not None:
         from .plots import save_evaluation_plots

@@ -16,6 +16,7 @@ from ..errors import NotReady
 from ..search.searchers import Match
 from ..store import Store
 from .rank import RankResult
+from .reports import label_text
 
 CORRECT, WRONG = "#2ca02c", "#d62728"
 
@@ -112,8 +113,9 @@ def _thumbnail(image: Image.Image, size: int = 256) -> Image.Image:
 
 def ranking_grid_figure(query: Image.Image, matches: list[Match], images: dict[int, Image.Image],
                         query_label: str | None = None, title: str = "") -> plt.Figure:
-    """The query beside a grid of its matches, each with label and score; with a known query label, matches
-    with the same label get a green frame and a tick, others a red frame and a cross."""
+    """The query beside a grid of its matches, each with label (an unlabelled one's suggested label), key and score;
+    with a known query label, labelled matches with the same label get a green frame and a tick, others a red
+    frame and a cross."""
     cols = 5
     rows = max(1, -(-len(matches) // cols))
     fig = plt.figure(figsize=(2.2 * (cols + 2), 2.7 * rows + 0.6))
@@ -127,12 +129,14 @@ def ranking_grid_figure(query: Image.Image, matches: list[Match], images: dict[i
         ax.imshow(_thumbnail(images[match.image_id]))
         ax.set(xticks=[], yticks=[])
         mark = ""
-        if query_label is not None:
+        if query_label is not None and match.label is not None:
             correct = match.label == query_label
             mark = "\u2713 " if correct else "\u2717 "
             for spine in ax.spines.values():
                 spine.set(color=CORRECT if correct else WRONG, linewidth=4)
-        ax.set_xlabel(f"{match.rank}. {mark}{match.label}\nscore {match.score:.4f}", fontsize=10)
+        key = f"{match.key}\n" if match.key else ""
+        ax.set_xlabel(f"{match.rank}. {mark}{label_text(match.label, match.suggested, match.probability)}\n{key}"
+                      f"score {match.score:.4f}", fontsize=10)
     if query_label is not None and matches:
         same = sum(m.label == query_label for m in matches)
         title += f"{': ' if title else ''}{same} of {len(matches)} share the query's label"

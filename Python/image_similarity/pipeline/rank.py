@@ -13,6 +13,7 @@ from ..errors import BadInput, NotReady
 from ..search.methods import METHODS
 from ..search.searchers import Match, Searcher, store_searcher
 from ..store import Store
+from .suggest import suggest, suggest_matches
 from .train import SimilarityModel, load_model
 
 
@@ -26,6 +27,9 @@ class RankResult:
     model_version: int | None
     matches: list[Match]
     query_id: int | None = None
+    suggested: str | None = None
+    """The label the model suggests for the query, and its probability (none without a model)."""
+    probability: float | None = None
 
     def to_dict(self) -> dict:
         return {**{k: v for k, v in asdict(self).items() if k != "matches"},
@@ -68,6 +72,7 @@ def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | Non
     searcher = store_searcher(store, featurizer.backbone, method or default_method(store, model), model, index,
                               ef_search)
     result = ranked(searcher, image, data, featurizer, top, name)
+    result.matches = suggest_matches(store, model, result.matches)
     if save:
         result.query_id = store.put_ranking(
             {"name": name, "sha256": hashlib.sha256(data).hexdigest(), "method": result.method,
@@ -97,6 +102,11 @@ def decoded(data: bytes, top: int) -> Image.Image:
 def ranked(searcher: Searcher, image: Image.Image, data: bytes, featurizer, top: int, name: str) -> RankResult:
     """The best `top` matches of the query, never the query itself (its bytes `data`) or its near twins."""
     twins = searcher.catalogue.duplicates_of(hashlib.sha256(data).hexdigest(), dhash(image))
-    matches = searcher.search(featurizer.features([image])[0], top, twins)
+    features = featurizer.features([image])
+    matches = searcher.search(features[0], top, twins)
     model = searcher.method.model
-    return RankResult(name, searcher.method.name, featurizer.backbone, model.version if model else None, matches)
+    result = RankResult(name, searcher.method.name, featurizer.backbone, model.version if model else None, matches)
+    guess = suggest(model, features)
+    if guess:
+        result.suggested, result.probability = guess[0]
+    return result

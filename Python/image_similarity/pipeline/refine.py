@@ -31,7 +31,7 @@ from ..features import precision as precisions
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, build_network, load_backbone
 from ..store import Store, StoreError
 from ..store.base import NetworkRecord
-from .classes import ClassCount, as_params, learnable
+from .classes import ClassCount, as_params, learnable, unlabelled
 from .refine_settings import Settings
 from .split import split_images
 
@@ -170,7 +170,7 @@ def _training_images(store: Store) -> tuple[list, list[str], dict[str, ClassCoun
     subsets = store.split()
     if not subsets:
         raise NotReady("no train/test split: run 'image-similarity split' first")
-    rows = [im for im in store.images() if subsets.get(im.id) == "train"]
+    rows = [im for im in store.images() if subsets.get(im.id) == "train" and im.label is not None]
     classes, left_out = learnable([im.label for im in rows], [im.dhash for im in rows], "refine")
     return [im for im in rows if im.label not in left_out], classes, left_out
 
@@ -269,13 +269,14 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     params = {"base": base, "seed": seed, "classes": classes, "training_images": len(rows),
               "training_fingerprint": _fingerprint(rows), **dataclasses.asdict(settings),
               **({"left_out": as_params(left_out)} if left_out else {})}
-    for record in reversed(store.networks()):
-        if record.base == base and record.params == params:
+    for record in reversed(store.networks()):  # resumed whatever unlabelled images were added meanwhile
+        if record.base == base and {k: v for k, v in record.params.items() if k != "unlabelled"} == params:
             if record.status == "ready":
                 return record.name
             break
     else:
-        record = store.create_network(base, params)
+        left = unlabelled([im.label for im in store.images()])
+        record = store.create_network(base, {**params, **({"unlabelled": left} if left else {})})
 
     torch_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = precisions.resolve(precision, torch_device)

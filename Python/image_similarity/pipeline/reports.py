@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .classes import NOT_LEARNT, ClassCount, from_params, named
+from .classes import NOT_LEARNT, ClassCount, from_params, named, unlabelled_note
 
 CNTK_CLASSES = {"dotted", "leopard", "striped"}
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
@@ -33,6 +33,7 @@ def print_evaluation(summary: dict[str, Any]) -> None:
                              ("recall@1", "recall@5", "recall@10", "map", "precision@10", "look_alike@10"))
     if summary.get("not_measured"):
         print("  not measured: " + "; ".join(f"{c}: {why}" for c, why in summary["not_measured"].items()))
+    print_unlabelled(summary.get("unlabelled", 0))
     for name, path in summary.get("plots", {}).items():
         print(f"  plot {name}: {path}")
 
@@ -44,8 +45,16 @@ def print_class_notes(notes: dict[str, dict[str, ClassCount]]) -> None:
 
 
 def print_left_out(params: dict[str, Any]) -> None:
-    """The classes a model or refined network was not trained on (its params' `left_out`)."""
+    """The classes a model or refined network was not trained on (its params' `left_out`), and the unlabelled
+    images it left out."""
     print_class_notes({NOT_LEARNT: left_out} if (left_out := from_params(params)) else {})
+    print_unlabelled(params.get("unlabelled", 0))
+
+
+def print_unlabelled(count: int) -> None:
+    """'  left out 12 unlabelled images', when a step left out any (classes.unlabelled_note)."""
+    if count:
+        print(f"  {unlabelled_note(count)}")
 
 
 RANKING_COLUMNS = {"recall@1": "R@1", "recall@5": "R@5", "recall@10": "R@10", "map": "mAP", "precision@10": "P@10",
@@ -65,10 +74,20 @@ def _print_ranking_table(ranking: dict[str, dict[str, float]], best_method: str,
 
 def print_ranking(result) -> None:
     print(f"top {len(result.matches)} for {result.query} (method {result.method}, {result.backbone}"
-          + (f", model version {result.model_version})" if result.model_version else ")"))
-    print(f"  {'rank':>4} {'id':>6} {'label':<12} {'score':>9}  name")
+          + (f", model version {result.model_version})" if result.model_version else ")")
+          + (f"; the model suggests {result.suggested} ({result.probability:.2f})" if result.suggested else ""))
+    keys = any(m.key is not None for m in result.matches)
+    print(f"  {'rank':>4} {'id':>6} {'label':<20} {'score':>9}  " + ("key  " if keys else "") + "name")
     for m in result.matches:
-        print(f"  {m.rank:>4} {m.image_id:>6} {m.label:<12} {m.score:>9.4f}  {m.name}")
+        print(f"  {m.rank:>4} {m.image_id:>6} {label_text(m.label, m.suggested, m.probability):<20} {m.score:>9.4f}  "
+              + (f"{m.key or '-'}  " if keys else "") + m.name + (f"  {m.metadata}" if m.metadata else ""))
+
+
+def label_text(label: str | None, suggested: str | None = None, probability: float | None = None) -> str:
+    """A label as printed: an unlabelled image's as '(none)', or '(striped? 0.93)' with the model's suggestion."""
+    if label is not None:
+        return label
+    return f"({suggested}? {probability:.2f})" if suggested else "(none)"
 
 
 def print_audit(report, top: int) -> None:
@@ -76,6 +95,7 @@ def print_audit(report, top: int) -> None:
     print(f"audit of {report.images} images ({report.backbone}, {report.folds}-fold out-of-fold probabilities, "
           f"C={report.C:g}): {len(report.suspects)} suspects at cut-off {report.cutoff:g}, "
           f"{len(report.conflicts)} groups of near duplicates under different labels")
+    print_unlabelled(report.unlabelled)
     if report.suspects:
         print(f"  {'id':>6}  {'label':<12} {'suggested':<12} {'p(sugg.)':>8} {'p(label)':>8}  name  [reasons; twins]")
     for s in report.suspects[:top]:

@@ -9,7 +9,7 @@ import numpy as np
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, near_duplicate_groups
 from ..errors import BadInput, NotReady
 from ..store import ImageRow, Store
-from .classes import MIN_TRAIN_PHOTOS, ClassCount, split_notes
+from .classes import MIN_TRAIN_PHOTOS, ClassCount, split_notes, unlabelled
 
 
 def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: int = 0,
@@ -48,17 +48,21 @@ def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: 
 
 
 def split(store: Store, test_fraction: float = 0.25, seed: int = 0) -> dict[str, int]:
-    """Split the stored images and save the split; return the count per subset."""
+    """Split the stored labelled images and save the split; return the count per subset, and of the unlabelled
+    images left out ("unlabelled")."""
     images = store.images()
+    labelled = [im for im in images if im.label is not None]
     if not images:
         raise NotReady("no images stored: run 'image-similarity ingest DIR' first")
-    subsets = split_images(images, test_fraction, seed)
+    if not labelled:
+        raise NotReady(f"no labelled images stored ({len(images)} unlabelled): ingest some with labels first")
+    subsets = split_images(labelled, test_fraction, seed)
     store.put_split(subsets, seed, test_fraction)
-    return dict(Counter(subsets.values()))
+    return {**Counter(subsets.values()), "unlabelled": unlabelled([im.label for im in images])}
 
 
 def notes(store: Store) -> dict[str, dict[str, ClassCount]]:
     """The stored split's classes that a later step leaves out (classes.split_notes)."""
     subsets = store.split()
-    images = [im for im in store.images() if im.id in subsets]
+    images = [im for im in store.images() if im.id in subsets and im.label is not None]
     return split_notes([im.label for im in images], [im.dhash for im in images], [subsets[im.id] for im in images])

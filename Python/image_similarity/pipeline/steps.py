@@ -24,6 +24,7 @@ from .reports import (
     print_evaluation,
     print_left_out,
     print_ranking,
+    print_unlabelled,
 )
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def _print_split(run: Run, counts: dict[str, int]) -> None:
     from .split import notes
 
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
+    print_unlabelled(counts.get("unlabelled", 0))
     print_class_notes(notes(run.store))
 
 

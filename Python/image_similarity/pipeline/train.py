@@ -16,7 +16,7 @@ from sklearn.svm import LinearSVC
 from ..core.dedup import near_duplicate_groups
 from ..errors import BadInput, NotReady
 from ..store import ModelRecord, Store
-from .classes import as_params, learnable
+from .classes import as_params, learnable, unlabelled
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 SHRINKAGE = 1.0
@@ -180,11 +180,13 @@ def train(store: Store, backbone: str | None = None, C: Sequence[float] = C_GRID
             raise NotReady("no features: run 'image-similarity featurize' first")
         backbone = max(counts, key=counts.get)
     rows = {im.id: im for im in store.images()}
-    train_ids = [i for i, s in subsets.items() if s == "train" and i in rows]
+    train_ids = [i for i, s in subsets.items() if s == "train" and i in rows and rows[i].label is not None]
     ids, X = store.features(backbone, train_ids)
     if len(ids) == 0:
         raise NotReady(f"no features for backbone {backbone!r} in the training split: run featurize first")
     model = fit_model(backbone, X, np.array([rows[i].label for i in ids]), [rows[i].dhash for i in ids], C, seed)
+    if left := unlabelled([im.label for im in rows.values()]):  # only then: params as SQL Server's TrainModel's
+        model.params["unlabelled"] = left
     model.version = store.put_model(model.to_record())
     from ..search.stored import store_method_vectors  # here: search.methods imports this module
 

@@ -1,5 +1,6 @@
 """The catalogue: the images a query is ranked against, as a table held in memory (one row per image: id, name,
-label, sha256, dHash and feature vector), and which rows are a query's own near duplicates."""
+label (None: unlabelled), sha256, dHash, feature vector, and the item's key and metadata), and which rows are a
+query's own near duplicates."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,10 +17,14 @@ class Catalogue:
     """Catalogue images as parallel columns: row i of every column is one image. `features` is None for a
     catalogue whose vectors stay in the database (a store that ranks them itself)."""
 
-    def __init__(self, ids: np.ndarray, names: list[str], labels: Sequence[str], sha256: Sequence[str],
-                 dhashes: list[str], features: np.ndarray | None) -> None:
-        self.ids, self.names, self.labels = np.asarray(ids), list(names), np.asarray(labels, dtype=str)
+    def __init__(self, ids: np.ndarray, names: list[str], labels: Sequence[str | None], sha256: Sequence[str],
+                 dhashes: list[str], features: np.ndarray | None, keys: Sequence[str | None] | None = None,
+                 metadata: Sequence[dict | None] | None = None) -> None:
+        self.ids, self.names = np.asarray(ids), list(names)
+        self.labels = np.asarray(labels, dtype=object if any(label is None for label in labels) else str)
         self.sha256, self.dhashes = np.asarray(sha256, dtype=str), list(dhashes)
+        self.keys = list(keys) if keys is not None else [None] * len(self.ids)
+        self.metadata = list(metadata) if metadata is not None else [None] * len(self.ids)
         self.packed_dhashes = packed_hashes(self.dhashes)
         self.features = None if features is None else np.ascontiguousarray(features, dtype=np.float32)
 
@@ -30,7 +35,8 @@ class Catalogue:
     def from_records(cls, records: Sequence[ImageRow], features: np.ndarray | None = None) -> Catalogue:
         """The table of these stored images (with their vectors, in the same order, when given)."""
         return cls(np.array([r.id for r in records], dtype=np.int64), [r.name for r in records],
-                   [r.label for r in records], [r.sha256 for r in records], [r.dhash for r in records], features)
+                   [r.label for r in records], [r.sha256 for r in records], [r.dhash for r in records], features,
+                   [r.key for r in records], [r.metadata for r in records])
 
     @classmethod
     def from_store(cls, store: Store, backbone: str, ids: list[int] | None = None) -> Catalogue:
@@ -41,10 +47,21 @@ class Catalogue:
             raise NotReady(f"empty catalogue: no images featurized with {backbone!r}; run featurize first")
         return cls.from_records([records[int(i)] for i in found], X)
 
+    @cached_property
+    def positions(self) -> dict[int, int]:
+        """image id -> its row."""
+        return {int(i): k for k, i in enumerate(self.ids)}
+
+    def item(self, image_id: int) -> tuple[str | None, dict | None]:
+        """(key, metadata) of an image; (None, None) when it is not in the catalogue."""
+        k = self.positions.get(int(image_id))
+        return (None, None) if k is None else (self.keys[k], self.metadata[k])
+
     def subset(self, rows: np.ndarray) -> Catalogue:
         """The catalogue of these rows only (positions, in this order)."""
         return Catalogue(self.ids[rows], [self.names[i] for i in rows], self.labels[rows], self.sha256[rows],
-                         [self.dhashes[i] for i in rows], None if self.features is None else self.features[rows])
+                         [self.dhashes[i] for i in rows], None if self.features is None else self.features[rows],
+                         [self.keys[i] for i in rows], [self.metadata[i] for i in rows])
 
     def without(self, image_ids: Sequence[int]) -> Catalogue:
         """The catalogue less these images."""

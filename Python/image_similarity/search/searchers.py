@@ -46,8 +46,15 @@ class Match:
     rank: int
     image_id: int
     name: str
-    label: str
+    label: str | None
+    """None: unlabelled."""
     score: float
+    key: str | None = None
+    """The item's key and metadata (issue 29)."""
+    metadata: dict | None = None
+    suggested: str | None = None
+    """For an unlabelled image: the label the model suggests, and its probability (pipeline/suggest.py)."""
+    probability: float | None = None
 
 
 def best_positions(scores: np.ndarray, top: int) -> np.ndarray:
@@ -72,8 +79,8 @@ class Searcher(ABC):
 
     def _matches(self, rows, scores) -> list[Match]:
         c = self.catalogue
-        return [Match(r + 1, int(c.ids[i]), c.names[i], str(c.labels[i]), float(s))
-                for r, (i, s) in enumerate(zip(rows, scores))]
+        return [Match(r + 1, int(c.ids[i]), c.names[i], None if c.labels[i] is None else str(c.labels[i]), float(s),
+                      c.keys[i], c.metadata[i]) for r, (i, s) in enumerate(zip(rows, scores))]
 
 
 class ExactSearcher(Searcher):

@@ -33,17 +33,22 @@ class ImageRow:
 
     id: int
     name: str
-    label: str
+    label: str | None
+    """None: unlabelled (issue 29)."""
     sha256: str
     dhash: str
+    key: str | None = None
+    """The user's key of the item (unique when given)."""
+    metadata: dict[str, Any] | None = None
+    """The item's attributes, a JSON object."""
 
 
 @dataclass(frozen=True)
 class NewImage:
-    """An image to add: validated bytes plus metadata."""
+    """An image to add: validated bytes plus what is known of the item."""
 
     name: str
-    label: str
+    label: str | None
     data: bytes
     format: str
     width: int
@@ -51,6 +56,8 @@ class NewImage:
     mode: str
     sha256: str
     dhash: str
+    key: str | None = None
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,11 +151,23 @@ class Store(abc.ABC):
     # images
     @abc.abstractmethod
     def add_image(self, image: NewImage) -> int | None:
-        """Store an image; return its id, or None when identical bytes are already stored."""
+        """Store an image; return its id, or None when nothing changed. Without a key: None when identical bytes
+        are stored. With a key (issue 29): None when the key's item has these bytes; a key stored with other bytes
+        is replaced, in one transaction, by a new row (new id) without the old one's features, split row,
+        neighbours and rankings."""
 
     @abc.abstractmethod
     def find_sha256(self, sha256: str) -> ImageRow | None:
-        """The stored image with these exact bytes, if any."""
+        """A stored image with these exact bytes (the first), if any."""
+
+    @abc.abstractmethod
+    def find_key(self, key: str) -> ImageRow | None:
+        """The stored image of the item with this key, if any."""
+
+    @abc.abstractmethod
+    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes]]]:
+        """Batches of (item_key, label, data) from the view `image_source` that the database's owner created over
+        their own table (issue 29), by key, streamed; StoreError when there is no such view."""
 
     @abc.abstractmethod
     def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:
@@ -160,7 +179,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def images(self) -> list[ImageRow]:
-        """Every stored image, by id."""
+        """Every stored image, by id (unlabelled ones too: label None)."""
 
     @abc.abstractmethod
     def image_bytes(self, image_id: int) -> bytes:

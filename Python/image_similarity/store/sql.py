@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import NotFound, NotReady
+from ..errors import NotFound, NotReady, StoreError
 from .base import (
     EvaluationRecord,
     ImageRow,
@@ -135,10 +135,20 @@ class Dialect:
             if returning else ""
         return self.sql(f"INSERT INTO {{{table}}} ({', '.join(names)}) VALUES ({', '.join(values)}){tail}{end}")
 
+    serialize_images = "SELECT 1"
+    """A statement that makes the transaction that runs it the only one adding images until it ends (SQLite's
+    writers are one at a time already)."""
+
     def insert_absent(self, table: str, row: dict[str, Any], keys: Sequence[str],
                       returning: str | None = None) -> tuple[str, list]:
-        """(statement, values) adding one row unless its `keys` are taken, atomically."""
-        return self.insert(table, list(row), returning, f" ON CONFLICT ({', '.join(keys)}) DO NOTHING"), list(row.values())
+        """(statement, values) adding one row unless a row has the same `keys` values (a unique key, or any
+        columns in a transaction that ran `serialize_images` for images), atomically."""
+        names, values = self.row(table, list(row))
+        taken = " AND ".join(f"{{{k}}} = ?" for k in keys)
+        end = f" RETURNING {{{returning}}}" if returning else ""
+        return self.sql(f"INSERT INTO {{{table}}} ({', '.join(names)}) SELECT {', '.join(values)}"
+                        f" WHERE NOT EXISTS (SELECT 1 FROM {{{table}}} WHERE {taken}){end}"), \
+            [*row.values(), *(row[k] for k in keys)]
 
     def insert_absent_rows(self, table: str, columns: Sequence[str], keys: Sequence[str]) -> str:
         """INSERT of many rows (see Connection.query_many), each unless its `keys` are taken."""
@@ -188,21 +198,56 @@ class SQLStore(Store):
         self.db.close()
 
     # images
+    IMAGE_COLUMNS = "id, name, label, sha256, dhash, item_key, {metadata:json}"
+
+    def _image_rows(self, where: str, *params: Any) -> list[ImageRow]:
+        rows = self._rows(f"SELECT {self.IMAGE_COLUMNS} FROM {{images}}{where}", *params)
+        return [ImageRow(int(i), n, label, sha, dh, key, None if meta is None else json.loads(meta))
+                for i, n, label, sha, dh, key, meta in rows]
+
     def add_image(self, image: NewImage) -> int | None:
         row = {"name": image.name, "label": image.label, "format": image.format, "width": image.width,
                "height": image.height, "mode": image.mode, "size_bytes": len(image.data), "sha256": image.sha256,
-               "dhash": image.dhash, "data": image.data}
+               "dhash": image.dhash, "data": image.data, "item_key": image.key,
+               "metadata": None if image.metadata is None else strict_json(image.metadata)}
         with self.db.transaction():
-            added = self.db.first(*self.d.insert_absent("images", row, ["sha256"], returning="id"))
-        return int(added[0]) if added else None
+            self._run(self.d.serialize_images)
+            if image.key is None:
+                added = self.db.first(*self.d.insert_absent("images", row, ["sha256"], returning="id"))
+                return int(added[0]) if added else None
+            stored = self._rows("SELECT id, sha256 FROM {images}{lock} WHERE item_key = ?", image.key)
+            if stored and stored[0][1] == image.sha256:
+                return None
+            if stored:  # the item's new image: the old row goes with everything computed from it
+                self._delete_image(int(stored[0][0]))
+            (added,) = self.db.first(self.d.insert("images", list(row), "id"), list(row.values()))
+        return int(added)
 
     def find_sha256(self, sha256: str) -> ImageRow | None:
-        rows = self._rows("SELECT id, name, label, sha256, dhash FROM {images} WHERE sha256 = ?", sha256)
-        return ImageRow(*rows[0]) if rows else None
+        rows = self._image_rows(" WHERE sha256 = ? ORDER BY id", sha256)
+        return rows[0] if rows else None
 
-    def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:
+    def find_key(self, key: str) -> ImageRow | None:
+        rows = self._image_rows(" WHERE item_key = ?", key)
+        return rows[0] if rows else None
+
+    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes]]]:
+        sql = self.d.sql("SELECT item_key, label, data FROM image_source WHERE item_key > ? ORDER BY item_key")
+        last = ""
+        while True:
+            try:
+                batch = self.db.query(*self.d.limit(sql, (last,), int(batch_size)))
+            except Exception as err:  # noqa: BLE001 - each driver's error for a missing view or column
+                detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise StoreError(f"cannot read the view image_source (item_key, label, data): {detail}") from None
+            if not batch:
+                return
+            last = batch[-1][0]
+            yield [(str(k), label, bytes(data)) for k, label, data in batch]
+
+    def record_rejected(self, name: str, label: str | None, reason: str, stage: str) -> None:
         with self.db.transaction():
-            for sql, params in self.d.upsert("rejected_files", {"name": name, "label": label, "stage": stage,
+            for sql, params in self.d.upsert("rejected_files", {"name": name, "label": label or "", "stage": stage,
                                                                 "reason": reason}, ["name", "stage", "reason"],
                                              "seen_at"):
                 self.db.query(sql, params)
@@ -211,7 +256,7 @@ class SQLStore(Store):
         return self._rows("SELECT name, label, stage, reason FROM {rejected_files} ORDER BY id")
 
     def images(self) -> list[ImageRow]:
-        return [ImageRow(*r) for r in self._rows("SELECT id, name, label, sha256, dhash FROM {images} ORDER BY id")]
+        return self._image_rows(" ORDER BY id")
 
     def image_bytes(self, image_id: int) -> bytes:
         rows = self._rows("SELECT data FROM {images} WHERE id = ?", int(image_id))
@@ -220,10 +265,15 @@ class SQLStore(Store):
         return bytes(rows[0][0])
 
     def remove_image(self, image_id: int) -> bool:
-        with self.db.transaction():  # features, splits and its own neighbours go by ON DELETE CASCADE
-            self._run("DELETE FROM {rankings} WHERE image_id = ?", int(image_id))
-            self._run("DELETE FROM {neighbors} WHERE neighbor_id = ?", int(image_id))
-            return self.db.count(self.d.sql("DELETE FROM {images} WHERE id = ?"), (int(image_id),)) == 1
+        with self.db.transaction():
+            return self._delete_image(int(image_id))
+
+    def _delete_image(self, image_id: int) -> bool:
+        """Delete an image and what names it, in the caller's transaction (features, splits, its own neighbours and
+        method vectors go by ON DELETE CASCADE); whether it was there."""
+        self._run("DELETE FROM {rankings} WHERE image_id = ?", image_id)
+        self._run("DELETE FROM {neighbors} WHERE neighbor_id = ?", image_id)
+        return self.db.count(self.d.sql("DELETE FROM {images} WHERE id = ?"), (image_id,)) == 1
 
     def relabel_image(self, image_id: int, label: str) -> bool:
         with self.db.transaction():

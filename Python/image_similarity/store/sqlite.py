@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from .base import StoreError
-from .schema import BYTES, FLOAT, ID, INT, JSON, TABLES, TEXT, TIME, VECTOR, ddl
+from .migrations import sqlite_to_2, upgrade, version_to_upgrade
+from .schema import BYTES, FLOAT, ID, INT, JSON, SCHEMA_VERSION, TABLES, TEXT, TIME, VECTOR, ddl, index_ddl
 from .sql import Dialect, SQLStore
 
 TYPES = {ID: "INTEGER", INT: "INTEGER", TEXT: "TEXT", FLOAT: "REAL", BYTES: "BLOB", JSON: "TEXT", TIME: "TEXT",
          VECTOR: "BLOB"}
-SCHEMA = "".join(ddl(table, TYPES, "PRIMARY KEY") for table in TABLES)
+SCHEMA = "".join(ddl(table, TYPES, "PRIMARY KEY") + index_ddl(table) for table in TABLES)
 
 CRASH_AFTER_ENV = "IMAGE_SIMILARITY_CRASH_AFTER"
 """For the crash-safety tests (tests/test_crash_safety.py): a number N makes the process kill itself with SIGKILL
@@ -84,8 +85,38 @@ class SQLiteStore(SQLStore):
             self.conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
             self.conn.execute("PRAGMA foreign_keys = ON")
             self.conn.execute("PRAGMA journal_mode = WAL")
+            existed = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'images'"
+                                        ).fetchone() is not None
             with self.conn:
                 self.conn.executescript(SCHEMA)
+            self._migrate(existed)
         except sqlite3.DatabaseError as err:
             raise StoreError(f"cannot open {self.path} as a SQLite database: {err}") from None
         self.db = SQLiteConnection(self.conn)
+
+    def _migrate(self, existed: bool) -> None:
+        """Bring a database made by an older release to the current schema version (store/migrations.py), in one
+        transaction that holds the write lock, so that two processes opening it migrate it once."""
+        def recorded() -> int | None:
+            return self.conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+        def record(version: int) -> None:
+            self.conn.execute(f"INSERT INTO schema_version (version, applied_at) VALUES (?, {SQLite.now})", (version,))
+
+        if recorded() is not None and version_to_upgrade(existed, recorded()) == SCHEMA_VERSION:
+            return
+        self.conn.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: set before BEGIN
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                found = recorded()
+                version = version_to_upgrade(existed, found)
+                if found is None:
+                    record(version)
+                upgrade(version, {2: lambda: sqlite_to_2(self.conn, TYPES)}, record)
+                self.conn.commit()
+            except BaseException:
+                self.conn.rollback()
+                raise
+        finally:
+            self.conn.execute("PRAGMA foreign_keys = ON")

@@ -1,0 +1,29 @@
+-- issue 29: upgrades the tables of a database set up by an older release in place, before 02_Tables.sql (which
+-- creates what is missing, dbo.schema_version included, and records the version) and the procedures that read
+-- the new columns. Version 1 is every database made before dbo.schema_version existed: its images table has no
+-- item_key. Each step runs in one transaction. A new database (no dbo.images yet) is left to 02_Tables.sql.
+-- Safe to re-run. No name here comes from a user: the one dynamic statement drops the constraint SQL Server
+-- named itself.
+SET XACT_ABORT ON;
+GO
+IF OBJECT_ID(N'dbo.images', N'U') IS NOT NULL AND COL_LENGTH(N'dbo.images', N'item_key') IS NULL
+BEGIN
+    BEGIN TRANSACTION;
+    -- version 2: label nullable, sha256 no longer unique (indexed), the item's key and metadata
+    DECLARE @unique sysname = (
+        SELECT kc.name FROM sys.key_constraints AS kc
+        JOIN sys.index_columns AS ic ON ic.object_id = kc.parent_object_id AND ic.index_id = kc.unique_index_id
+        WHERE kc.parent_object_id = OBJECT_ID(N'dbo.images') AND kc.type = 'UQ'
+            AND COL_NAME(ic.object_id, ic.column_id) = N'sha256');
+    IF @unique IS NOT NULL
+    BEGIN
+        DECLARE @drop nvarchar(400) = N'ALTER TABLE dbo.images DROP CONSTRAINT ' + QUOTENAME(@unique);
+        EXEC sp_executesql @drop;
+    END
+    ALTER TABLE dbo.images ALTER COLUMN label nvarchar(200) NULL;
+    ALTER TABLE dbo.images ADD item_key nvarchar(400) NULL, metadata nvarchar(max) NULL;
+    EXEC sp_executesql N'CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
+        CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
+    COMMIT TRANSACTION;
+END
+GO
