@@ -135,9 +135,9 @@ class Dialect:
             if returning else ""
         return self.sql(f"INSERT INTO {{{table}}} ({', '.join(names)}) VALUES ({', '.join(values)}){tail}{end}")
 
-    serialize_images = "SELECT 1"
-    """A statement that makes the transaction that runs it the only one adding images until it ends (SQLite's
-    writers are one at a time already)."""
+    serialize_images: str | None = None
+    """A statement that makes the transaction that runs it the only one adding images until it ends; None where
+    none is needed (SQLite's writers are one at a time already; SQL Server's statements lock with UPDLOCK, HOLDLOCK)."""
 
     def insert_absent(self, table: str, row: dict[str, Any], keys: Sequence[str],
                       returning: str | None = None) -> tuple[str, list]:
@@ -211,7 +211,8 @@ class SQLStore(Store):
                "dhash": image.dhash, "data": image.data, "item_key": image.key,
                "metadata": None if image.metadata is None else strict_json(image.metadata)}
         with self.db.transaction():
-            self._run(self.d.serialize_images)
+            if self.d.serialize_images:
+                self._run(self.d.serialize_images)
             if image.key is None:
                 added = self.db.first(*self.d.insert_absent("images", row, ["sha256"], returning="id"))
                 return int(added[0]) if added else None
