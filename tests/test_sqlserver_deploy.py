@@ -36,8 +36,8 @@ def test_deploy_runs_end_to_end_from_the_setups_calling_convention(monkeypatch, 
     steps = [line.split(":")[0] for line in out]
     assert steps[:4] == ["SQL Server version", "external scripts enabled",
                          f"Python {PYTHON} and image_similarity answer", "database Images"]
-    assert [s for s in steps if s.startswith("SQLR/")][:3] == ["SQLR/02_Migrate.sql", "SQLR/02_Tables.sql",
-                                                         "SQLR/03_AddImage.sql"]
+    assert [s for s in steps if s.startswith("SQLR/")][:4] == ["SQLR/02_Migrate.sql", "SQLR/02_Tables.sql",
+                                                         "SQLR/03_AddImage.sql", "SQLR/03_IngestFromView.sql"]
     assert "skipped SQLR/12_Vectors.sql" in "\n".join(out) and out[-1] == "deployed: Images"
     assert f"images from {small_dir}: 36 files sent to dbo.AddImage" in out
     assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (36,)
