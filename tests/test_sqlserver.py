@@ -242,8 +242,8 @@ BEGIN
     SET XACT_ABORT ON;
     CREATE TABLE #kept (rank int NOT NULL, image_id int NOT NULL, name nvarchar(400) NOT NULL,
                         label nvarchar(200) NULL, score float NOT NULL, item_key nvarchar(400) NULL,
-                        metadata nvarchar(max) NULL);
-    INSERT INTO #kept (rank, image_id, name, label, score, item_key, metadata)
+                        metadata nvarchar(max) NULL, suggested nvarchar(200) NULL, probability float NULL);
+    INSERT INTO #kept (rank, image_id, name, label, score, item_key, metadata, suggested, probability)
     EXEC dbo.RankCandidates @query = @query, @top = 5;
     SELECT image_id FROM #kept ORDER BY rank;
 END;
@@ -327,6 +327,32 @@ def test_ingest_from_view_stores_the_view_rows_records_bad_ones_and_is_safe_to_r
     assert sql.conn.execute("SELECT item_key, data FROM images WHERE item_key = 'sku-3'").fetchall() == [
         ("sku-3", dotted[1].read_bytes())]
     assert sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (2,)
+
+
+def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer):
+    """Issue 29: an unlabelled match comes with the latest model's suggested label and probability, as the engine's
+    pipeline/suggest.py gives them; a labelled match with none."""
+    from image_similarity.pipeline.suggest import suggestions
+
+    with SQLiteStore(small_copy) as store:
+        featurize(store, featurizer, progress=False)
+        split(store, seed=0)
+        train(store, featurizer.backbone)
+        store.db.query("UPDATE images SET label = NULL WHERE id % 3 = 0")  # unlabelled after training
+        store.conn.commit()
+        expected = {s.id: (s.suggested, s.probability) for s in suggestions(store, load_model(store))}
+        query = store.image_bytes(1)
+    assert len(expected) == 12
+    sql = server(small_copy)
+    copy_model(sql)
+    (ranked,), _ = sql.call("RankCandidates", query=query, top=30)
+    assert list(ranked.columns[-2:]) == ["suggested", "probability"]
+    rows = rows_of(ranked)
+    unlabelled = [row for row in rows if row[3] is None]
+    assert len(unlabelled) >= 8 and all(row[7] is None and row[8] is None for row in rows if row[3] is not None)
+    assert [row[7] for row in unlabelled] == [expected[row[1]][0] for row in unlabelled]
+    np.testing.assert_allclose([row[8] for row in unlabelled], [expected[row[1]][1] for row in unlabelled],
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("rule,tsql,message", [
