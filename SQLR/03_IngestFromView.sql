@@ -12,7 +12,7 @@ BEGIN
     SET NOCOUNT ON;
     SET XACT_ABORT ON;
     IF OBJECT_ID(N'dbo.image_source') IS NULL
-        THROW 50061, N'IngestFromView: no view dbo.image_source (item_key, label, data); create it over your table first.', 1;
+        THROW 50061, N'IngestFromView: no view dbo.image_source (item_key, label, data); create it first.', 1;
     DECLARE @key nvarchar(400) = N'', @next nvarchar(400), @label nvarchar(200), @data varbinary(max),
             @name nvarchar(400), @image_id int, @reason nvarchar(4000), @rows int = 0, @rejected int = 0,
             @last_id int = COALESCE((SELECT MAX(id) FROM dbo.images), 0);
