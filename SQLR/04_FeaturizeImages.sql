@@ -28,7 +28,8 @@ BEGIN
 
     DECLARE @error nvarchar(4000), @last int = 0, @upto int, @expected int, @featurized int = 0;
     CREATE TABLE #batch (backbone nvarchar(64) NOT NULL, after_id int NOT NULL, upto_id int NOT NULL);
-    CREATE TABLE #vectors (image_id int NOT NULL, dim int NULL, vector varchar(max) NULL, reason nvarchar(400) NULL);
+    CREATE TABLE #vectors (image_id int NOT NULL, dim int NULL, vector varchar(max) NULL, reason nvarchar(400) NULL,
+                           precision_used nvarchar(8) NULL, runtime nvarchar(16) NULL, network_hash varchar(64) NULL);
     WHILE 1 = 1
     BEGIN
         SET @upto = NULL;
@@ -43,7 +44,7 @@ BEGIN
         INSERT INTO #batch (backbone, after_id, upto_id) VALUES (@backbone, @last, @upto);
         DELETE FROM #vectors;
         BEGIN TRY
-            INSERT INTO #vectors (image_id, dim, vector, reason)
+            INSERT INTO #vectors (image_id, dim, vector, reason, precision_used, runtime, network_hash)
             EXEC sp_execute_external_script
                 @language = N'Python',
                 @script = N'
@@ -81,6 +82,15 @@ ORDER BY i.id',
         SELECT v.image_id, @backbone, v.dim, CONVERT(varbinary(max), v.vector, 2) FROM #vectors AS v
         WHERE v.vector IS NOT NULL
             AND NOT EXISTS (SELECT 1 FROM dbo.features AS f WHERE f.image_id = v.image_id AND f.backbone = @backbone);
+        -- what computed each vector (issue 28: docs/runtimes.md); rows of vectors stored before are kept as they were
+        INSERT INTO dbo.feature_precisions (image_id, backbone, precision_used)
+        SELECT v.image_id, @backbone, v.precision_used FROM #vectors AS v
+        WHERE v.vector IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM dbo.feature_precisions AS p WHERE p.image_id = v.image_id AND p.backbone = @backbone);
+        INSERT INTO dbo.feature_runtimes (image_id, backbone, runtime, network_hash)
+        SELECT v.image_id, @backbone, v.runtime, v.network_hash FROM #vectors AS v
+        WHERE v.vector IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM dbo.feature_runtimes AS r WHERE r.image_id = v.image_id AND r.backbone = @backbone);
         INSERT INTO dbo.rejected_files (name, label, stage, reason)
         SELECT CONCAT(N'image id ', v.image_id), N'', N'featurize', v.reason FROM #vectors AS v
         WHERE v.reason IS NOT NULL AND NOT EXISTS (

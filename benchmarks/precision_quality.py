@@ -30,7 +30,7 @@ def whole_job(path: Path, precision: str) -> tuple[np.ndarray, dict]:
     """(features, evaluation summary) of the whole job at one precision on CPU."""
     with SQLiteStore(path) as store:
         ingest(store, SAMPLE_DATASET, progress=False)
-        featurizer = Featurizer(device="cpu", precision=precision)
+        featurizer = Featurizer(device="cpu", precision=precision, runtime="torch")
         featurize(store, featurizer, progress=False)
         split(store, seed=0)
         train(store, featurizer.backbone)

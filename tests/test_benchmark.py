@@ -8,16 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("fp32", "fp16", "bf16", "int8")
-KEYS = ("featurize_forward_speedup", "featurize_pipeline_vs_forward", "rank_100k_vs_loop", "rank_100k_vs_matvec",
+KEYS = ("featurize_forward_speedup", "featurize_pipeline_vs_forward", "featurize_chosen_vs_fastest",
+        "rank_100k_vs_loop", "rank_100k_vs_matvec",
         "query_ms_100k", "ann_recall_at_10_1m", "ann_speedup_1m")
 
 
+def package_env() -> dict[str, str]:
+    """The environment with this checkout's package first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--json", "--out",
-                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=300, check=True)
+                           str(tmp_path)], capture_output=True, text=True, env=package_env(), timeout=300, check=True)
     result = json.loads(done.stdout)
     assert result["mode"] == "smoke"
     assert set(result["machine"]) >= {"cpu", "cpu_flags", "torch", "threads", "precision", "scan_kernel"}
@@ -33,13 +40,45 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
     assert [s["clients"] for s in service] == [1, 8] and all(s["errors"] == 0 for s in service)
     assert all(0 < s["p50_ms"] <= s["p95_ms"] and s["requests_per_s"] > 0 for s in service)
     assert result["service_8_vs_1_clients"] == service[1]["requests_per_s"] / service[0]["requests_per_s"]
+    feats = result["featurize"][0]
+    assert {"torch fp32", "onnxruntime fp32"} <= set(feats["runtime_ips"]) and feats["chosen"] in feats["runtime_ips"]
+    assert feats["chosen_vs_fastest"] == feats["runtime_ips"][feats["chosen"]] / max(feats["runtime_ips"].values())
+    assert result["machine"]["onnxruntime"] and set(result["machine"]["kernel_caps"]) == {
+        "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE"}
+
+
+def run_without_onnxruntime(script: str, *args: str) -> subprocess.CompletedProcess:
+    """The script run as __main__ in a Python where `import onnxruntime` fails, as where it is not installed."""
+    code = ("import os, runpy, sys; sys.modules['onnxruntime'] = None; sys.argv = sys.argv[1:]; "
+            "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, env=package_env(), timeout=120)
+
+
+@pytest.mark.parametrize("script", ["run.py", "runtimes.py"])
+def test_the_benchmarks_refuse_to_report_ratios_without_their_peers(script):
+    done = run_without_onnxruntime(script, "--json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"benchmarks/{script}: ONNX Runtime is not installed")
+    assert "installs nothing" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_the_gpu_check_says_when_there_is_no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: run benchmarks/gpu.py itself (minutes)")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py")], capture_output=True, text=True,
+                          env=package_env(), timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == (f"benchmarks/gpu.py: no CUDA GPU here (torch {torch.__version__}, built for CUDA "
+                                   f"{torch.version.cuda or 'none'}): nothing to check")
 
 
 def test_neighbors_benchmark_compares_the_step_with_float32_only():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "Python"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "neighbors.py"), "--vectors", "2000", "--rows",
-                           "40", "--blocks", "2", "--json"], capture_output=True, text=True, env=env, timeout=300,
-                          check=True)
+                           "40", "--blocks", "2", "--json"], capture_output=True, text=True, env=package_env(),
+                          timeout=300, check=True)
     result = json.loads(done.stdout)
     assert (result["vectors"], result["rows_per_block"], result["blocks"]) == (2000, 40, 2)
     assert result["ratio"] == result["step_s"] / result["float32_s"] and result["ratio"] > 0

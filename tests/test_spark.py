@@ -49,24 +49,31 @@ def rows(path, sql: str) -> list[tuple]:
         return store.conn.execute(sql).fetchall()
 
 
-def test_featurize_equals_local_and_killed_tasks_leave_one_row_per_image(session, local_db, small_dir, tmp_path):
+def test_featurize_equals_local_and_killed_tasks_leave_one_row_per_image(session, local_db, small_dir, tmp_path,
+                                                                         featurizer):
+    """The executors run the local step's runtime and precision (chosen here at this process's threads: an executor
+    measures its own at a task's cores, which may choose another: both are recorded per vector)."""
     db = str(tmp_path / "spark.sqlite")
     with SQLiteStore(db) as store:
         ingest(store, small_dir, progress=False)
     session.sparkContext.environment[spark.FAULT_ENV] = "1"  # each first attempt dies after its first batch
     try:
-        report = spark.featurize_on_spark(session, db, BACKBONE, batch_size=3, progress=False)
+        report = spark.featurize_on_spark(session, db, BACKBONE, batch_size=3, progress=False,
+                                          precision=featurizer.precision, runtime=featurizer.runtime)
     finally:
         del session.sparkContext.environment[spark.FAULT_ENV]
     # 2 waves of 2 tasks (local[2]) of 9 images (3 batches): each first attempt stored 3 images, its retry the other 6
     assert report.added == 24 and report.skipped == []
+    assert (report.runtime, report.precision, report.network_hash) == (
+        featurizer.runtime, featurizer.precision, featurizer.network_hash)
     assert rows(db, "SELECT count(*), count(DISTINCT image_id) FROM features") == [(36, 36)]
     with SQLiteStore(db) as store, SQLiteStore(local_db) as local:
         ids, vectors = store.features(BACKBONE)
         local_ids, local_vectors = local.features(BACKBONE)
     assert ids.tolist() == local_ids.tolist()
     np.testing.assert_allclose(vectors, local_vectors, rtol=1e-4, atol=1e-4)
-    assert spark.featurize_on_spark(session, db, BACKBONE, batch_size=3, progress=False).added == 0
+    assert spark.featurize_on_spark(session, db, BACKBONE, batch_size=3, progress=False,
+                                    precision=featurizer.precision, runtime=featurizer.runtime).added == 0
     assert rows(db, "SELECT count(*) FROM features") == [(36,)]
 
 

@@ -77,6 +77,11 @@ def test_initial_run_once_matches_the_engine(full_db, full_copy):
     mine = np.stack([np.frombuffer(v, "<f4") for (v,) in sql.conn.execute(
         "SELECT vector FROM features WHERE image_id <= 40 ORDER BY image_id")])
     np.testing.assert_allclose(mine, vectors, rtol=1e-4, atol=1e-4)
+    used = inproc.featurizer("efficientnet_lite0")  # what computed them is recorded beside each (issue 28)
+    assert sql.conn.execute("SELECT precision_used, COUNT(*) FROM feature_precisions WHERE image_id <= 40"
+                            " GROUP BY precision_used").fetchall() == [(used.precision, 40)]
+    assert sql.conn.execute("SELECT runtime, network_hash, COUNT(*) FROM feature_runtimes GROUP BY runtime,"
+                            " network_hash").fetchall() == [(used.runtime, used.network_hash, 40)]
     (summary,) = sql.conn.execute("SELECT summary FROM evaluations").fetchone()
     summary = json.loads(summary)
     assert summary["best_method"] == expected.summary["best_method"] == results[-1]["best_method"][0]

@@ -114,8 +114,9 @@ def test_features_are_kept_exactly_and_read_by_id(store, sample_dir):
     assert batches[0][1][1] == store.image_bytes(ids[1])
     assert [i for b in store.missing_features(BACKBONE, 2, (ids[2], ids[4])) for i, _ in b] == ids[2:5]
     X = vectors(9)
-    store.put_features(BACKBONE, ids[:5], X[:5], "bf16")
-    store.put_features(BACKBONE, ids[3:], X[3:] + 1, "fp32")  # the first two rows are there: kept as they were
+    store.put_features(BACKBONE, ids[:5], X[:5], "bf16", ("torch", "a" * 16))
+    store.put_features(BACKBONE, ids[3:], X[3:] + 1, "fp32", ("onnxruntime", "a" * 16))  # the first two rows are
+    # there: kept as they were, with what computed them
     assert [i for b in store.missing_features(BACKBONE, 4) for i, _ in b] == []
     found, matrix = store.features(BACKBONE)
     assert found.tolist() == ids and matrix.dtype == np.float32
@@ -126,6 +127,7 @@ def test_features_are_kept_exactly_and_read_by_id(store, sample_dir):
     assert store.feature_counts() == {BACKBONE: 9}
     assert store.feature_dim(BACKBONE) == X.shape[1] and store.feature_dim("resnet50") is None
     assert store.feature_precisions(BACKBONE) == {"bf16": 5, "fp32": 4}
+    assert store.feature_runtimes(BACKBONE) == {("torch", "a" * 16): 5, ("onnxruntime", "a" * 16): 4}
     assert store.catalogue_stamp(BACKBONE) == (0, 0, 9, ids[-1])
 
 
@@ -165,7 +167,7 @@ def test_split_models_evaluations_and_rankings(store, sample_dir):
 
 def test_remove_image_takes_what_names_it(store, sample_dir):
     ids = [store.add_image(im) for im in photos(sample_dir, 1)]
-    store.put_features(BACKBONE, ids, vectors(3))
+    store.put_features(BACKBONE, ids, vectors(3), "fp32", ("torch", "b" * 16))
     store.put_split({i: "train" for i in ids}, 0, 0.0)
     store.put_neighbors(BACKBONE, "l2", 0, [(ids[0], 1, ids[1], -1.0), (ids[1], 1, ids[0], -1.0),
                                             (ids[2], 1, ids[1], -2.0)])
@@ -174,6 +176,7 @@ def test_remove_image_takes_what_names_it(store, sample_dir):
     assert store.remove_image(ids[1]) and not store.remove_image(ids[1])
     assert [r.id for r in store.images()] == [ids[0], ids[2]] and store.feature_counts() == {BACKBONE: 2}
     assert store.split() == {ids[0]: "train", ids[2]: "train"} and store.feature_precisions(BACKBONE) == {"fp32": 2}
+    assert store.feature_runtimes(BACKBONE) == {("torch", "b" * 16): 2}
     assert store.neighbor_ids(BACKBONE, "l2", 0) == set() and store.neighbors(ids[0], BACKBONE, "l2", 0) == []
     assert store.catalogue_stamp(BACKBONE) != before
 
@@ -218,7 +221,7 @@ def test_a_view_over_the_users_own_table_is_read_by_key(store, sample_dir):
 
 def test_relabel_image_changes_only_the_label(store, sample_dir):
     ids = [store.add_image(im) for im in photos(sample_dir, 1)]
-    store.put_features(BACKBONE, ids, vectors(3))
+    store.put_features(BACKBONE, ids, vectors(3), "fp32", ("torch", "b" * 16))
     store.put_split({i: "train" for i in ids}, 0, 0.0)
     before = store.catalogue_stamp(BACKBONE)
     assert store.relabel_image(ids[0], "striped") and not store.relabel_image(ids[-1] + 1, "striped")

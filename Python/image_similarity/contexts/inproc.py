@@ -172,20 +172,25 @@ def inspect(data_hex: str) -> pd.DataFrame:
                         columns=INSPECT_COLUMNS)
 
 
+FEATURE_COLUMNS = ["image_id", "dim", "vector", "reason", "precision_used", "runtime", "network_hash"]
+
+
 def featurize_images(images: pd.DataFrame, backbone: str, network: str | None = None) -> pd.DataFrame:
-    """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason): a float32 blob per good image,
-    a reason per bad one ('' and 0 for what is absent). The procedure loops over batches, so one call holds one batch of images. `network`:
-    a refined backbone's JSON text (see `featurizer`)."""
+    """One batch of rows (id, data hex) -> (image_id, dim, vector hex, reason, precision_used, runtime,
+    network_hash): a float32 blob per good image and what computed it, a reason per bad one ('' and 0 for what is
+    absent). The procedure loops over batches, so one call holds one batch of images. `network`: a refined
+    backbone's JSON text (see `featurizer`)."""
     from ..pipeline.featurize import finish_batch
 
     model = featurizer(backbone, network)
     items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
     ids, vectors, bad = finish_batch(model, model.submit(items))
-    out = [(i, 0, "", reason) for i, reason in bad]
+    out = [(i, 0, "", reason, "", "", "") for i, reason in bad]
     if ids:
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
-        out += [(i, vectors.shape[1], v.tobytes().hex(), "") for i, v in zip(ids, vectors)]
-    return pd.DataFrame(sorted(out, key=lambda r: r[0]), columns=["image_id", "dim", "vector", "reason"])
+        out += [(i, vectors.shape[1], v.tobytes().hex(), "", model.precision, model.runtime, model.network_hash)
+                for i, v in zip(ids, vectors)]
+    return pd.DataFrame(sorted(out, key=lambda r: r[0]), columns=FEATURE_COLUMNS)
 
 
 def vector_json(vectors: pd.DataFrame) -> pd.DataFrame:

@@ -144,35 +144,39 @@ def _task_store(store: Store) -> Store:
     return _CrashAfter(store, batches) if batches and TaskContext.get().attemptNumber() == 0 else store
 
 
-def _featurizer(backbone: str, device: str | None, weights: str | None, precision: str) -> Featurizer:
-    """This executor process's network, loaded by its first task; torch gets the task's cores."""
+def _featurizer(backbone: str, device: str | None, weights: str | None, precision: str, runtime: str) -> Featurizer:
+    """This executor process's network, loaded by its first task; torch (and ONNX Runtime) get the task's cores."""
     import torch
     from pyspark import TaskContext
 
     cpus = max(1, int(TaskContext.get().cpus()))
     torch.set_num_threads(cpus)
-    key = (backbone, device, weights, precision)
+    key = (backbone, device, weights, precision, runtime)
     if key not in FEATURIZERS:
-        FEATURIZERS[key] = Featurizer(backbone, device=device, weights=weights, workers=cpus, precision=precision)
+        FEATURIZERS[key] = Featurizer(backbone, device=device, weights=weights, workers=cpus, precision=precision,
+                                      runtime=runtime)
     return FEATURIZERS[key]
 
 
-def _featurize_task(db: str, backbone: str, device: str | None, weights: str | None, precision: str,
+def _featurize_task(db: str, backbone: str, device: str | None, weights: str | None, precision: str, runtime: str,
                     batch_size: int, ranges: Iterator[tuple[int, int]],
-                    ) -> Iterator[tuple[int, list[tuple[int, str]], str, str]]:
-    """Executor: featurize the images of each id range with the local step; (added, skipped, device, precision)."""
-    featurizer = _featurizer(backbone, device, weights, precision)
+                    ) -> Iterator[tuple[int, list[tuple[int, str]], str, str, str, str]]:
+    """Executor: featurize the images of each id range with the local step; (added, skipped, device, precision,
+    runtime, network hash)."""
+    featurizer = _featurizer(backbone, device, weights, precision, runtime)
     with connect(db) as store:
         task_store = _task_store(store)
         for first, last in ranges:
             report = featurize(task_store, featurizer, batch_size=batch_size, progress=False, id_range=(first, last))
-            yield report.added, report.skipped, report.device, report.precision
+            yield report.added, report.skipped, report.device, report.precision, report.runtime, report.network_hash
 
 
 def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = None, weights: str | None = None,
-                       batch_size: int = 32, progress: bool = True, precision: str = "auto") -> FeaturizeReport:
+                       batch_size: int = 32, progress: bool = True, precision: str = "auto",
+                       runtime: str = "auto") -> FeaturizeReport:
     """Featurize every stored image without features, spread over the executors by id ranges; each executor
-    resolves `precision` on its own hardware, as a local run does (the precision used is stored per vector)."""
+    resolves `precision` and `runtime` on its own hardware and task cores, as a local run does (both are stored per
+    vector)."""
     with connect(db) as store:
         ids = np.array([im.id for im in store.images()], dtype=np.int64)
         before = store.feature_counts().get(backbone, 0)
@@ -183,10 +187,10 @@ def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = 
         tasks = min(waves * cores, -(-len(ids) // batch_size))
         ranges = id_ranges(ids, tasks)
         rdd = spark.sparkContext.parallelize(ranges, max(1, len(ranges))).mapPartitions(
-            lambda part: _featurize_task(db, backbone, device, weights, precision, batch_size, part))
+            lambda part: _featurize_task(db, backbone, device, weights, precision, runtime, batch_size, part))
         results = run_job(rdd, len(ids) - before, lambda: store.feature_counts().get(backbone, 0) - before,
                           f"featurize on Spark ({backbone})", progress)
-    report = FeaturizeReport(backbone, *(results[0][2:] if results else (str(device or "cpu"), precision)))
+    report = FeaturizeReport(backbone, *(results[0][2:] if results else (str(device or "cpu"), precision, runtime)))
     for added, skipped, *_ in results:
         report.added += added
         report.skipped += skipped

@@ -68,9 +68,15 @@ def machine_key() -> str:
             f"torch {torch.__version__} | {torch.get_num_threads()} threads")
 
 
-def _cache_file() -> Path | None:
+def cache_dir() -> Path | None:
+    """The folder of this machine's measured choices and network exports (None: keep them per process)."""
     folder = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "image-similarity"))
-    return Path(folder) / "choices.json" if folder else None
+    return Path(folder) if folder else None
+
+
+def _cache_file() -> Path | None:
+    folder = cache_dir()
+    return folder / "choices.json" if folder else None
 
 
 def _read(path: Path) -> dict:
@@ -83,7 +89,7 @@ def _read(path: Path) -> dict:
 
 def measured_choice(name: str, measure: Callable[[], str]) -> str:
     """The choice `name` for this machine: `measure()` run once, then remembered in this process and the cache file
-    (a corrupt or unwritable file is re-measured or skipped, never an error)."""
+    (a corrupt or unwritable file is re-measured or skipped, never an error: the choice is then kept per process)."""
     key = f"{name} @ {machine_key()}"
     if key in _measured:
         return _measured[key]
@@ -93,20 +99,21 @@ def measured_choice(name: str, measure: Callable[[], str]) -> str:
     if not isinstance(choice, str):
         choice = measure()
         if path:
-            _write(path, {**stored, key: choice})
+            write_atomically(path, json.dumps({**stored, key: choice}, indent=1, sort_keys=True).encode())
     _measured[key] = choice
     return choice
 
 
-def _write(path: Path, data: dict) -> None:
-    """Replace the cache file atomically; silently keep the choice per process when that fails."""
+def write_atomically(path: Path, data: bytes) -> bool:
+    """Replace `path` with `data` whole (a reader never sees half a file); False when it cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump(data, tmp, indent=1, sort_keys=True)
+        with tempfile.NamedTemporaryFile("wb", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            tmp.write(data)
         os.replace(tmp.name, path)
     except OSError:
-        pass
+        return False
+    return True
 
 
 @cache

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
-from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS
+from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
 from ..pipeline.reports import (
     percent,
     print_audit,
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--precision", choices=PRECISIONS, default="auto",
                      help="forward-pass precision (default: auto: bf16 on CPUs measured to run it fast, e.g. with "
                           "AMX or AVX-512 BF16; fp16 mixed precision on CUDA; fp32 elsewhere)")
+    net.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                     help="what runs the network (default: auto: ONNX Runtime on CPUs where it is measured faster "
+                          "than torch, else torch; always torch on CUDA): see docs/runtimes.md")
 
     cluster = argparse.ArgumentParser(add_help=False)  # issue 17: --context spark
     cluster.add_argument("--master", default="local[*]", metavar="URL",
@@ -248,7 +251,7 @@ def _featurizer(args: argparse.Namespace, backbone: str | None = None, store=Non
     from ..pipeline.featurize import Featurizer
 
     return Featurizer(backbone or args.backbone or DEFAULT_BACKBONE, device=args.device, weights=args.weights,
-                      precision=args.precision, store=store)
+                      precision=args.precision, store=store, runtime=args.runtime)
 
 
 def cmd_ingest(store, args) -> None:
@@ -276,7 +279,8 @@ def cmd_featurize(store, args) -> None:
 
 
 def print_featurize(report, where: str = "") -> None:
-    print(f"featurized {report.added} images with {report.backbone} on {where}{report.device} ({report.precision})"
+    print(f"featurized {report.added} images with {report.backbone} on {where}{report.device} ({report.runtime}, "
+          f"{report.precision})"
           f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
 
 
@@ -425,7 +429,7 @@ def cmd_spark(store, args) -> None:
         if args.command == "featurize":
             report = spark.featurize_on_spark(session, db, args.backbone or DEFAULT_BACKBONE, args.device,
                                               args.weights, args.batch_size, progress=not args.quiet,
-                                              precision=args.precision)
+                                              precision=args.precision, runtime=args.runtime)
             print_featurize(report, f"Spark {args.master}, ")
         else:
             _, backbone, method = neighbor_options(store, args)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..core.images import BadImageError, decode_image
 from ..errors import BadInput, NotReady
+from ..features import runtimes
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone, prepare_image
 from ..features.precision import autocast, resolve
 from ..search.stored import store_method_vectors
@@ -42,6 +43,8 @@ class FeaturizeReport:
     backbone: str
     device: str
     precision: str
+    runtime: str = "torch"
+    network_hash: str = ""
     added: int = 0
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
@@ -50,15 +53,17 @@ class Featurizer:
     """A pretrained backbone on a device, turning RGB images into float32 feature vectors.
 
     `precision` (see precision.PRECISIONS) is resolved once: "auto" means bfloat16 autocast on a CPU that measurably
-    runs it fast, float16 mixed precision on CUDA, float32 elsewhere. A name that is not a built-in backbone is looked
-    up among the refined networks in `store` (refine.py); `extractor`, when given, is the network itself (its
-    spec names it) and `backbone`, `weights` and `store` are not used.
+    runs it fast, float16 mixed precision on CUDA, float32 elsewhere. `runtime` (see runtimes.RUNTIMES) too: "auto"
+    means ONNX Runtime (float32) on a CPU where it measurably runs the network faster than torch, else torch. A
+    name that is not a built-in backbone is looked up among the refined networks in `store` (refine.py);
+    `extractor`, when given, is the network itself (its spec names it) and `backbone`, `weights` and `store` are not
+    used.
     """
 
     def __init__(self, backbone: str = DEFAULT_BACKBONE, device: str | None = None,
                  weights: str | os.PathLike | None = None, workers: int | None = None,
                  precision: str = "auto", store: Store | None = None,
-                 extractor: FeatureExtractor | None = None) -> None:
+                 extractor: FeatureExtractor | None = None, runtime: str = "auto") -> None:
         self.device = pick_device(device)
         self.precision = resolve(precision, self.device)
         self.extractor: FeatureExtractor
@@ -73,6 +78,11 @@ class Featurizer:
         self.spec = self.extractor.spec
         self.extractor.to(self.device, memory_format=torch.channels_last)
         self.traced: torch.jit.ScriptModule | None = None
+        self.network_hash = runtimes.network_hash(self.extractor)
+        self.runtime, self.onnx = runtimes.choose(runtime, self.extractor, self.network_hash, self.device,
+                                                  self.precision, precision not in ("auto", "fp32"), self.torch_forward)
+        if self.onnx is not None:
+            self.precision, self.traced = "fp32", None  # a bfloat16 trace made to be measured is not kept
         self.pool = ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1))
 
     @property
@@ -84,13 +94,18 @@ class Featurizer:
         JPEG is decoded at a reduced scale (DCT scaling) that still leaves its shorter side >= the resize size."""
         return prepare_image(decode_image(data, min_side=self.spec.resize), self.spec)
 
-    @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 (N, S, S, 3) -> float32 (N, dim)."""
-        x = torch.from_numpy(batch).to(self.device, non_blocking=True)
+        """uint8 (N, S, S, 3) -> float32 (N, dim), on the chosen runtime."""
+        images = torch.from_numpy(batch)
+        return (self.onnx or self.torch_forward)(images).numpy()
+
+    @torch.inference_mode()
+    def torch_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, S, S, 3) -> float32 (N, dim) on the CPU, computed by torch at the chosen precision."""
+        x = images.to(self.device, non_blocking=True)
         network = self.network(x)
         with autocast(self.precision, self.device):
-            return network(x).float().cpu().numpy()
+            return network(x).float().cpu()
 
     def network(self, example: torch.Tensor) -> torch.nn.Module:
         """The extractor; on a CPU at bfloat16, its TorchScript trace, frozen (made once, in float32, from the first
@@ -134,6 +149,8 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
     """Featurize every stored image that has no features for the backbone yet (only ids in `id_range`, both
     ends included, when given: a Spark task's share).
 
+    Refuses (NotReady) a network whose weights hash differs from the one that computed the stored vectors of the
+    backbone; vectors of the same network from another runtime or precision are kept together (docs/runtimes.md).
     Streams batches from the store, decodes the next batch while the network runs on the current one, and
     commits each batch on its own: an interrupted run loses at most one batch and resumes where it stopped.
     """
@@ -142,15 +159,22 @@ def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str 
     if stored_dim not in (None, dim):
         raise NotReady(f"the stored {featurizer.backbone} features have {stored_dim} dimensions and this version "
                        f"computes {dim} (multi-stage features): featurize into a new database")
-    report = FeaturizeReport(featurizer.backbone, str(featurizer.device), featurizer.precision)
+    others = sorted({h for _, h in store.feature_runtimes(featurizer.backbone)} - {featurizer.network_hash})
+    if others:
+        raise NotReady(f"the stored {featurizer.backbone} features were computed by another network (weights hash "
+                       f"{', '.join(others)}) than this one ({featurizer.network_hash}): featurize with the same "
+                       f"weights, or into a new database")
+    report = FeaturizeReport(featurizer.backbone, str(featurizer.device), featurizer.precision, featurizer.runtime,
+                             featurizer.network_hash)
     todo = len(store.images()) - store.feature_counts().get(featurizer.backbone, 0)
     bar = tqdm(total=max(todo, 0), desc=f"featurize ({featurizer.backbone}, {featurizer.device}, "
-               f"{featurizer.precision})", unit="img", disable=not progress)
+               f"{featurizer.runtime}, {featurizer.precision})", unit="img", disable=not progress)
 
     def finish(pending: list[tuple[int, Future]]) -> None:
         ids, vectors, bad = finish_batch(featurizer, pending)
         if ids:
-            store.put_features(featurizer.backbone, ids, vectors, featurizer.precision)
+            store.put_features(featurizer.backbone, ids, vectors, featurizer.precision,
+                               (featurizer.runtime, featurizer.network_hash))
             report.added += len(ids)
         for image_id, reason in bad:
             report.skipped.append((image_id, reason))

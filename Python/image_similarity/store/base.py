@@ -193,9 +193,10 @@ class Store(abc.ABC):
         from id_range[0] to id_range[1] (both included) when given."""
 
     @abc.abstractmethod
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
-        """Store float32 vectors, one per id, and the precision the network computed them at ("fp32", "bf16",
-        "fp16"), in one transaction (existing rows are kept)."""
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32",
+                     computed_by: tuple[str, str] | None = None) -> None:
+        """Store float32 vectors, one per id, the precision the network computed them at ("fp32", "bf16", "fp16")
+        and, when given, what computed them: (runtime, network hash), in one transaction (existing rows are kept)."""
 
     @abc.abstractmethod
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +213,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def feature_precisions(self, backbone: str) -> dict[str, int]:
         """Number of the backbone's vectors per recorded precision (vectors stored without one are not counted)."""
+
+    @abc.abstractmethod
+    def feature_runtimes(self, backbone: str) -> dict[tuple[str, str], int]:
+        """Number of the backbone's vectors per recorded (runtime, network hash); vectors without one are not
+        counted."""
 
     # split
     @abc.abstractmethod

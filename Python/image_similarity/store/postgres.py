@@ -234,13 +234,18 @@ class PostgresStore(SQLStore):
             " (SELECT COUNT(*) FROM features WHERE backbone = %s)", (int(model_version), method, backbone))[0]
         return stored == featurized > 0
 
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32",
+                     computed_by: tuple[str, str] | None = None) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         with self.db.transaction():
             self._put_vectors("features", {"backbone": backbone, "dim": vectors.shape[1]}, ids, vectors)
             self.db.query("INSERT INTO feature_precisions (image_id, backbone, precision_used) SELECT"
                           " unnest(%s::bigint[]), %s, %s ON CONFLICT DO NOTHING",
                           ([int(i) for i in ids], backbone, precision))
+            if computed_by is not None:
+                self.db.query("INSERT INTO feature_runtimes (image_id, backbone, runtime, network_hash) SELECT"
+                              " unnest(%s::bigint[]), %s, %s, %s ON CONFLICT DO NOTHING",
+                              ([int(i) for i in ids], backbone, *computed_by))
 
     def put_method_vectors(self, model_version: int, method: str, ids: Sequence[int], rows: np.ndarray) -> None:
         with self.db.transaction():

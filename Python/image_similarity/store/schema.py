@@ -100,6 +100,10 @@ TABLES: tuple[Table, ...] = (
           ("network", "kind", "key")),
     # issue 29: the schema version each migration reached (store/migrations.py, SQLR/02_Migrate.sql)
     Table("schema_version", (Column("version", INT), Column("applied_at", TIME)), ("version",)),
+    # issue 28: what computed each feature vector: the runtime and a hash of the network's weights (runtimes.py)
+    Table("feature_runtimes", (Column("image_id", ID), Column("backbone", TEXT),
+                               Column("runtime", TEXT, choices=("torch", "onnxruntime")), Column("network_hash", TEXT)),
+          ("image_id", "backbone"), foreign_keys=(ForeignKey(("image_id", "backbone"), "features"),)),
 )
 SCHEMA = {table.name: table for table in TABLES}
 SCHEMA_VERSION = 2

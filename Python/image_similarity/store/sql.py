@@ -297,7 +297,8 @@ class SQLStore(Store):
             last = batch[-1][0]
             yield [(int(i), bytes(d)) for i, d in batch]
 
-    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32") -> None:
+    def put_features(self, backbone: str, ids: Sequence[int], vectors: np.ndarray, precision: str = "fp32",
+                     computed_by: tuple[str, str] | None = None) -> None:
         vectors = np.asarray(vectors, dtype=np.float32)
         with self.db.transaction():
             self.db.query_many(self.d.insert_absent_rows("features", ["image_id", "backbone", "dim", "vector"],
@@ -306,6 +307,11 @@ class SQLStore(Store):
             self.db.query_many(self.d.insert_absent_rows("feature_precisions", ["image_id", "backbone", "precision_used"],
                                                          ["image_id", "backbone"]),
                                [(int(i), backbone, precision) for i in ids])
+            if computed_by is not None:
+                self.db.query_many(self.d.insert_absent_rows("feature_runtimes",
+                                                             ["image_id", "backbone", "runtime", "network_hash"],
+                                                             ["image_id", "backbone"]),
+                                   [(int(i), backbone, *computed_by) for i in ids])
 
     def features(self, backbone: str, ids: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         select = "SELECT image_id, dim, {vector:vector} FROM {features} WHERE backbone = ?"
@@ -329,6 +335,11 @@ class SQLStore(Store):
     def feature_precisions(self, backbone: str) -> dict[str, int]:
         return {p: int(n) for p, n in self._rows("SELECT precision_used, COUNT(*) FROM {feature_precisions}"
                                                  " WHERE backbone = ? GROUP BY precision_used", backbone)}
+
+    def feature_runtimes(self, backbone: str) -> dict[tuple[str, str], int]:
+        rows = self._rows("SELECT runtime, network_hash, COUNT(*) FROM {feature_runtimes} WHERE backbone = ?"
+                          " GROUP BY runtime, network_hash", backbone)
+        return {(runtime, digest): int(n) for runtime, digest, n in rows}
 
     # split
     def put_split(self, subsets: dict[int, str], seed: int, test_fraction: float) -> None:

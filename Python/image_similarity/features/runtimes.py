@@ -1,0 +1,194 @@
+"""What runs a network's forward pass on a CPU, chosen per machine by measurement as the precision is: torch (float32,
+or the bfloat16 trace where that precision was chosen) or ONNX Runtime's CPU provider running an ONNX export of the
+very same module (backbones.FeatureExtractor: there is no second definition of any network). Exports are cached on
+disk beside the measured choices, named by a hash of the network's weights, so a refined network gets its own."""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..core.machine import cache_dir, measured_choice, write_atomically
+from ..errors import BadInput, Unavailable
+from .backbones import FeatureExtractor
+from .precision import MIN_SPEEDUP as REDUCED_PRECISION_SPEEDUP
+from .specs import RUNTIMES
+
+MIN_SPEEDUP = 1.05
+"""ONNX Runtime is chosen only when it runs the network at least this many times faster than torch (the reference)."""
+ROUNDS = 5
+PROBE_BATCH = 8
+PAUSE_S = 0.05
+"""Between two timed calls: the previous runtime's idle worker threads stop spinning and sleep meanwhile, so they do
+not slow the next runtime's call."""
+OPSET = 17
+EXPORTS = "onnx"
+"""The folder of the exports inside the cache folder (core.machine.cache_dir)."""
+
+# torch marks the TorchScript-based exporter deprecated; it is the one that needs no onnxscript (docs/runtimes.md)
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(torch\.onnx\.|image_similarity\.features\.)")
+
+_said: set[str] = set()
+
+
+def say_once(line: str) -> None:
+    """Print a fallback's one line to stderr, once per process."""
+    if line not in _said:
+        _said.add(line)
+        print(line, file=sys.stderr)
+
+
+def network_hash(extractor: FeatureExtractor) -> str:
+    """16 hex digits of SHA-256 over what the network computes from: its spec, flip averaging and every weight."""
+    digest = hashlib.sha256(f"{extractor.spec}|flip_average={extractor.flip_average}".encode())
+    for key, tensor in extractor.state_dict().items():
+        value = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"|{key}|{value.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def export_path(digest: str) -> Path | None:
+    """Where the export of the network with hash `digest` is cached (None: exports are kept per process)."""
+    folder = cache_dir()
+    return folder / EXPORTS / f"{digest}-torch{torch.__version__}-opset{OPSET}.onnx" if folder else None
+
+
+def export(extractor: FeatureExtractor, digest: str) -> bytes:
+    """The ONNX model of `extractor` (uint8 NHWC images of any batch size in, float32 features out), written to the
+    cache when there is one. Unavailable when torch cannot export it."""
+    side = extractor.spec.input_size
+    example = torch.zeros(2, side, side, 3, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    try:
+        torch.onnx.export(extractor, (example,), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+    except Exception as err:  # any exporter failure means: run on torch
+        raise Unavailable(f"the ONNX export of {extractor.spec.name} failed ({_line(err)})") from err
+    path = export_path(digest)
+    if path is not None:
+        write_atomically(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _line(err: Exception) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+
+
+class OnnxNetwork:
+    """An ONNX Runtime session on the CPU running a network's export, called as the module is: a uint8 image tensor
+    in, float32 features out. Sessions may run concurrently (ONNX Runtime's run is thread-safe)."""
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads  # as many as torch has: a Spark task's cores, a server's setting
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(["features"], {"images": images.cpu().numpy()})[0])
+
+
+def onnxruntime_version() -> str:
+    """The installed ONNX Runtime's version; Unavailable when it is not installed."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise Unavailable(f"ONNX Runtime is not installed ({err})") from None
+    return onnxruntime.__version__
+
+
+def onnx_network(extractor: FeatureExtractor, digest: str) -> OnnxNetwork:
+    """The extractor's export in an ONNX Runtime session with torch's thread count: the cached export, else a new
+    one (also when ONNX Runtime cannot load the cached file, e.g. a truncated one). Unavailable when that fails."""
+    onnxruntime_version()
+    path = export_path(digest)
+    if path is not None and path.is_file():
+        try:
+            return OnnxNetwork(path.read_bytes(), torch.get_num_threads())
+        except Exception:  # onnxruntime raises its own exception types
+            path.unlink(missing_ok=True)
+    model = export(extractor, digest)
+    try:
+        return OnnxNetwork(model, torch.get_num_threads())
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise Unavailable(f"ONNX Runtime cannot load the export of {extractor.spec.name} ({_line(err)})") from err
+
+
+def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Seconds of the fastest of `rounds` calls of each run, at the process's threads, after one warm-up call each.
+    The runs take turns round after round, so they share the machine's noise, with a pause before every call."""
+    best = {name: float("inf") for name in runs}
+    for run in runs.values():
+        run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def faster(torch_forward: Callable[[torch.Tensor], object], onnx: OnnxNetwork, input_size: int,
+           precision: str) -> str:
+    """"onnxruntime" or "torch", whichever runs a batch of PROBE_BATCH images faster, with torch (the reference) kept
+    unless ONNX Runtime is at least MIN_SPEEDUP times faster; torch at a reduced `precision` is kept only when it is
+    at least precision.MIN_SPEEDUP times faster than ONNX Runtime's float32, as it is against torch's float32."""
+    images = torch.randint(0, 256, (PROBE_BATCH, input_size, input_size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    times = best_of_rounds({"torch": lambda: torch_forward(images), "onnxruntime": lambda: onnx(images)}, ROUNDS)
+    if precision == "fp32":
+        return "onnxruntime" if times["torch"] >= MIN_SPEEDUP * times["onnxruntime"] else "torch"
+    return "torch" if times["onnxruntime"] >= REDUCED_PRECISION_SPEEDUP * times["torch"] else "onnxruntime"
+
+
+def structure(extractor: FeatureExtractor) -> str:
+    """What the speed of a network depends on, not its weights: its layers and what its features are made of."""
+    sizes = "x".join(str(p.numel()) for p in extractor.net.parameters())
+    shape = hashlib.sha256(sizes.encode()).hexdigest()[:8]
+    return (f"{type(extractor.net).__name__}/{shape} taps={len(extractor.spec.tap_dims)} "
+            f"flip={int(extractor.flip_average)}")
+
+
+def choose(requested: str, extractor: FeatureExtractor, digest: str, device: torch.device, precision: str,
+           fixed_precision: bool, torch_forward: Callable[[torch.Tensor], object]) -> tuple[str, OnnxNetwork | None]:
+    """The runtime `requested` (one of RUNTIMES) means here for the network `extractor` of hash `digest`, and its ONNX
+    session when that is ONNX Runtime. "auto"
+    on a CPU measures torch at `precision` against ONNX Runtime (float32) once per machine and network structure;
+    it is torch on CUDA and when a reduced precision was asked for (`fixed_precision`). A missing ONNX Runtime or a
+    failed export falls back to torch with one line."""
+    if requested not in RUNTIMES:
+        raise BadInput(f"unknown runtime {requested!r}: choose from {', '.join(RUNTIMES)}")
+    if requested == "onnxruntime" and (device.type != "cpu" or fixed_precision):
+        raise BadInput("the onnxruntime runtime runs float32 on the CPU: use --device cpu and --precision auto or fp32")
+    if requested == "torch" or device.type != "cpu" or fixed_precision:
+        return "torch", None
+    made: list[OnnxNetwork] = []
+
+    def session() -> OnnxNetwork:
+        if not made:
+            made.append(onnx_network(extractor, digest))
+        return made[0]
+
+    try:
+        if requested == "auto":
+            name = (f"network runtime of {structure(extractor)}: torch {precision} or onnxruntime "
+                    f"{onnxruntime_version()} fp32")
+            measure = lambda: faster(torch_forward, session(), extractor.spec.input_size, precision)
+            if measured_choice(name, measure) == "torch":
+                return "torch", None
+        return "onnxruntime", session()
+    except Unavailable as err:
+        say_once(f"{err}: the network runs on torch")
+        return "torch", None
