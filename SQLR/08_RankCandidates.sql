@@ -38,7 +38,8 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM dbo.features WHERE backbone = @backbone)
         THROW 50055, N'RankCandidates: empty catalogue; run FeaturizeImages first.', 1;
     EXEC dbo.ResolveBackbone @backbone = @backbone, @caller = N'RankCandidates', @network = @network OUTPUT;
-    CREATE TABLE #ranked (rank int NOT NULL, image_id int NOT NULL, score float NOT NULL);
+    CREATE TABLE #ranked (rank int NOT NULL, image_id int NOT NULL, score float NOT NULL, suggested nvarchar(200) NULL,
+                          probability float NULL);
 
     IF OBJECT_ID(N'dbo.RankByVector', N'P') IS NOT NULL
         EXEC dbo.RankByVector @query_hex = @query_hex, @backbone = @backbone, @method = @used_method, @top = @top,
@@ -96,9 +97,10 @@ JOIN #step AS s ON a.version = s.model_version',
             SET @error = CONCAT(N'RankCandidates: ', @error);
             THROW 50056, @error, 1;
         END;
-        INSERT INTO #ranked (rank, image_id, score)
-        SELECT j.rank, j.image_id, j.score FROM OPENJSON(@ranked) WITH (rank int '$.rank', image_id int '$.image_id',
-                                                                       score float '$.score') AS j;
+        INSERT INTO #ranked (rank, image_id, score, suggested, probability)
+        SELECT j.rank, j.image_id, j.score, j.suggested, j.probability
+        FROM OPENJSON(@ranked) WITH (rank int '$.rank', image_id int '$.image_id', score float '$.score',
+                                     suggested nvarchar(200) '$.suggested', probability float '$.probability') AS j;
     END;
     IF (SELECT COUNT(*) FROM #ranked) > @top
         THROW 50057, N'RankCandidates: the engine returned more rows than asked for; nothing was stored.', 1;
@@ -112,8 +114,10 @@ JOIN #step AS s ON a.version = s.model_version',
     INSERT INTO dbo.rankings (query_id, rank, image_id, score)
     SELECT @query_id, r.rank, r.image_id, r.score FROM #ranked AS r;
     COMMIT TRANSACTION;
-    -- issue 29: label NULL for an unlabelled image; the item's key and metadata (JSON text) as ingested
-    SELECT r.rank, r.image_id, i.name, i.label, r.score, i.item_key, i.metadata
+    -- issue 29: label NULL for an unlabelled image; the item's key and metadata (JSON text) as ingested; for an
+    -- unlabelled image the model's suggested label and its probability (NULL on the VECTOR path, which runs no
+    -- model on the matches)
+    SELECT r.rank, r.image_id, i.name, i.label, r.score, i.item_key, i.metadata, r.suggested, r.probability
     FROM #ranked AS r JOIN dbo.images AS i ON i.id = r.image_id ORDER BY r.rank;
 END;
 GO

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from support import needs
-from support.liveserver import CHROMIUM_FLAGS, serving
+from support.liveserver import chromium, serving
 
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.web import create_app
@@ -185,20 +184,12 @@ def test_a_report_filtered_to_a_higher_cutoff_is_the_audit_at_that_cutoff(plante
 
 
 def test_page_shows_the_suspects_and_relabels_with_the_key(db, featurizer, planted):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    needs.chromium()
     _, flips, copy = planted
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
     with SQLiteStore(db) as store, serving(create_app(store, featurizer, api_key=KEY, featurize_added=False)) as url:
-        driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
-        try:
+        with chromium() as driver:
             driver.get(f"{url}/")
             wait = WebDriverWait(driver, 120)
             driver.find_element(By.ID, "audit-run").click()
@@ -218,8 +209,6 @@ def test_page_shows_the_suspects_and_relabels_with_the_key(db, featurizer, plant
             wait.until(lambda d: f"Image {victim}: striped → {truth}" in message.text)
             assert victim not in [int(e.text.split()[0][1:])
                                   for e in driver.find_elements(By.CSS_SELECTOR, "#suspects li")]
-        finally:
-            driver.quit()
         assert {im.id: im.label for im in store.images()}[victim] == truth
 
 

@@ -9,9 +9,11 @@ import csv
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from support import pgserver
+from support.liveserver import chromium, serving
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.cli import main
@@ -201,3 +203,40 @@ def test_ingest_from_the_view_over_your_own_table(tmp_path, sample_dir, capsys):
     with SQLiteStore(db) as store:
         assert [(im.name, im.key, im.label) for im in store.images()] == [
             ("image_source/p0", "p0", "dotted"), ("image_source/p1", "p1", "leopard"), ("image_source/p2", "p2", None)]
+
+
+def test_the_page_shows_keys_titles_and_suggestions(tmp_path, sample_dir, featurizer):
+    """The web page in headless Chromium: under each match its key and title; an unlabelled match shows the
+    label the model suggests and its probability, as the REST answer gives them."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    rows = catalogue_rows(sample_dir, 6)
+    query = sorted((sample_dir / "dotted").iterdir())[20]  # a photo not in the catalogue
+    with SQLiteStore(tmp_path / "page.sqlite") as store:
+        ingest_manifest(store, write_csv(tmp_path / "items.csv", rows), progress=False)
+        featurize(store, featurizer, progress=False)
+        split(store, seed=0)
+        train(store, featurizer.backbone)
+        app = create_app(store, featurizer, api_key="k", reload_interval=0)
+        with serving(app) as url, chromium() as driver:
+            driver.get(f"{url}/")
+            wait = WebDriverWait(driver, 60)
+            wait.until(lambda d: "model version" in d.find_element(By.ID, "model").text)
+            driver.find_element(By.ID, "file").send_keys(str(query))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li")) == 10)
+            shown = [(e.find_element(By.CSS_SELECTOR, ".label").text, e.find_element(By.CSS_SELECTOR, ".item").text)
+                     for e in driver.find_elements(By.CSS_SELECTOR, "#results li")]
+            heading = driver.find_element(By.ID, "query-name").text
+            upload = {"file": (query.name, query.read_bytes(), "image/jpeg")}
+            answer = httpx.post(f"{url}/api/rank?top=10", files=upload, timeout=60).json()
+    matches = answer["matches"]
+    titles = {r["key"]: r["title"] for r in rows}
+    assert [item for _, item in shown] == [f"{m['key']} · {titles[m['key']]}" for m in matches]
+    unlabelled = [(label, m) for (label, _), m in zip(shown, matches) if m["label"] is None]
+    assert unlabelled and all(m["suggested"] in LABELS for _, m in unlabelled)
+    assert all(label == f"{m['rank']}. unlabelled ({m['suggested']}? {m['probability']:.2f})"
+               for label, m in unlabelled)
+    assert [label for (label, _), m in zip(shown, matches) if m["label"]] == [
+        f"{m['rank']}. {m['label']}" for m in matches if m["label"]]
+    assert heading.startswith(f"{query.name} · the model suggests {answer['suggested']} (")

@@ -13,7 +13,7 @@ import pytest
 import sqlfluff
 from sqlfluff.api import APIParsingError
 from support.sqlserver import SCRIPTS, copy_model, procedures, server
-from support.tsql import Client, Server, SqlError, install, unquote
+from support.tsql import Client, Server, SqlError, install, rows_of, unquote
 
 from image_similarity import store as stores
 from image_similarity.contexts import inproc
@@ -247,8 +247,8 @@ BEGIN
     SET XACT_ABORT ON;
     CREATE TABLE #kept (rank int NOT NULL, image_id int NOT NULL, name nvarchar(400) NOT NULL,
                         label nvarchar(200) NULL, score float NOT NULL, item_key nvarchar(400) NULL,
-                        metadata nvarchar(max) NULL);
-    INSERT INTO #kept (rank, image_id, name, label, score, item_key, metadata)
+                        metadata nvarchar(max) NULL, suggested nvarchar(200) NULL, probability float NULL);
+    INSERT INTO #kept (rank, image_id, name, label, score, item_key, metadata, suggested, probability)
     EXEC dbo.RankCandidates @query = @query, @top = 5;
     SELECT image_id FROM #kept ORDER BY rank;
 END;
@@ -299,6 +299,65 @@ def test_add_image_takes_unlabelled_items_with_keys_and_metadata(sample_dir):
         (2, "a.jpg", None, "sku-2", None), (3, "b.jpg", None, "sku-1", None)]
     with pytest.raises(SqlError, match="metadata must be a JSON object"):
         sql.call("AddImage", name="c.jpg", data=second, metadata="[1]")
+
+
+def test_ingest_from_view_stores_the_view_rows_records_bad_ones_and_is_safe_to_rerun(sample_dir):
+    """Issue 29: dbo.IngestFromView reads the DBA's view image_source (item_key, label, data) over their own table;
+    every row goes through AddImage, refused rows are recorded once, a re-run adds nothing, new bytes replace."""
+    sql = Server()
+    install(sql, SCRIPTS)
+    with pytest.raises(SqlError, match="no view dbo.image_source"):
+        sql.call("IngestFromView")
+    dotted, striped = (sorted((sample_dir / c).iterdir())[:2] for c in ("dotted", "striped"))
+    sql.conn.execute("CREATE TABLE products (sku text, category text, photo blob)")
+    sql.conn.executemany("INSERT INTO products VALUES (?, ?, ?)", [
+        ("sku-3", "dotted", dotted[0].read_bytes()), ("sku-1", "", striped[0].read_bytes()),
+        ("sku-2", "striped", b"not an image"), ("sku-4", "dotted", None), (None, "dotted", dotted[1].read_bytes())])
+    sql.conn.execute("CREATE VIEW image_source AS SELECT sku AS item_key, NULLIF(category, '') AS label, "
+                     "photo AS data FROM products")
+    results, _ = sql.call("IngestFromView")
+    assert rows_of(results[-1]) == [(4, 2, 0, 2)]
+    stored = "SELECT name, label, item_key, sha256 IS NOT NULL FROM images ORDER BY item_key"
+    assert sql.conn.execute(stored).fetchall() == [("image_source/sku-1", None, "sku-1", 1),
+                                                    ("image_source/sku-3", "dotted", "sku-3", 1)]
+    rejected = sql.conn.execute("SELECT name, label, reason FROM rejected_files ORDER BY name").fetchall()
+    assert [r[:2] for r in rejected] == [("image_source/sku-2", "striped"), ("image_source/sku-4", "dotted")]
+    assert "the image is empty" in rejected[1][2]
+    results, _ = sql.call("IngestFromView")
+    assert rows_of(results[-1]) == [(4, 0, 2, 2)]
+    assert sql.conn.execute("SELECT name, label, reason FROM rejected_files ORDER BY name").fetchall() == rejected
+    sql.conn.execute("UPDATE products SET photo = ? WHERE sku = 'sku-3'", (dotted[1].read_bytes(),))
+    results, _ = sql.call("IngestFromView")
+    assert rows_of(results[-1]) == [(4, 1, 1, 2)]
+    assert sql.conn.execute("SELECT item_key, data FROM images WHERE item_key = 'sku-3'").fetchall() == [
+        ("sku-3", dotted[1].read_bytes())]
+    assert sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (2,)
+
+
+def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer):
+    """Issue 29: an unlabelled match comes with the latest model's suggested label and probability, as the engine's
+    pipeline/suggest.py gives them; a labelled match with none."""
+    from image_similarity.pipeline.suggest import suggestions
+
+    with SQLiteStore(small_copy) as store:
+        featurize(store, featurizer, progress=False)
+        split(store, seed=0)
+        train(store, featurizer.backbone)
+        store.db.query("UPDATE images SET label = NULL WHERE id % 3 = 0")  # unlabelled after training
+        store.conn.commit()
+        expected = {s.id: (s.suggested, s.probability) for s in suggestions(store, load_model(store))}
+        query = store.image_bytes(1)
+    assert len(expected) == 12
+    sql = server(small_copy)
+    copy_model(sql)
+    (ranked,), _ = sql.call("RankCandidates", query=query, top=30)
+    assert list(ranked.columns[-2:]) == ["suggested", "probability"]
+    rows = rows_of(ranked)
+    unlabelled = [row for row in rows if row[3] is None]
+    assert len(unlabelled) >= 8 and all(row[7] is None and row[8] is None for row in rows if row[3] is not None)
+    assert [row[7] for row in unlabelled] == [expected[row[1]][0] for row in unlabelled]
+    np.testing.assert_allclose([row[8] for row in unlabelled], [expected[row[1]][1] for row in unlabelled],
+                               rtol=1e-6)
 
 
 @pytest.mark.parametrize("rule,tsql,message", [

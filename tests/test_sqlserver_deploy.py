@@ -36,12 +36,31 @@ def test_deploy_runs_end_to_end_from_the_setups_calling_convention(monkeypatch, 
     steps = [line.split(":")[0] for line in out]
     assert steps[:4] == ["SQL Server version", "external scripts enabled",
                          f"Python {PYTHON} and image_similarity answer", "database Images"]
-    assert [s for s in steps if s.startswith("SQLR/")][:3] == ["SQLR/02_Migrate.sql", "SQLR/02_Tables.sql",
-                                                         "SQLR/03_AddImage.sql"]
+    assert [s for s in steps if s.startswith("SQLR/")][:4] == ["SQLR/02_Migrate.sql", "SQLR/02_Tables.sql",
+                                                         "SQLR/03_AddImage.sql", "SQLR/03_IngestFromView.sql"]
     assert "skipped SQLR/12_Vectors.sql" in "\n".join(out) and out[-1] == "deployed: Images"
     assert f"images from {small_dir}: 36 files sent to dbo.AddImage" in out
     assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (36,)
     assert sql.conn.execute("SELECT COUNT(*) FROM evaluations").fetchone() == (1,)
+
+
+def test_deploy_ingests_the_dbas_view_with_ingest_from_view(monkeypatch, capsys, sample_dir):
+    """Issue 29: `deploy --from-view` runs dbo.IngestFromView over the view image_source before the first run."""
+    sql = Server()
+    monkeypatch.setattr(mssql, "open_connection", lambda url: Client(sql))
+    photos = [(label, path) for label in ("dotted", "leopard", "striped")
+              for path in sorted((sample_dir / label).iterdir())[:4]]
+    sql.conn.execute("CREATE TABLE products (sku text, category text, photo blob)")
+    sql.conn.executemany("INSERT INTO products VALUES (?, ?, ?)",
+                         [(f"sku-{k:02d}", label, path.read_bytes()) for k, (label, path) in enumerate(photos)])
+    sql.conn.execute("CREATE VIEW image_source AS SELECT sku AS item_key, category AS label, photo AS data "
+                     "FROM products")
+    assert cli.main(["sqlserver", "deploy", "--db", "mssql://sql01/Images", "--from-view", "--python", PYTHON]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "dbo.IngestFromView: 12 rows of dbo.image_source: 12 added, 0 already stored, 0 rejected" in out
+    assert [line.split(":")[0] for line in out][-3:] == ["dbo.IngestFromView", "dbo.Initial_Run_Once", "deployed"]
+    assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (12,)
+    assert sql.conn.execute("SELECT COUNT(DISTINCT item_key) FROM images").fetchone() == (12,)
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -2,7 +2,6 @@
 `serve` command under a bounded load, and the page in headless Chromium."""
 from __future__ import annotations
 
-import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,9 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from support import needs
 from support.catalogues import copy_database
-from support.liveserver import CHROMIUM_FLAGS, load_benchmark, serve_command, serving
+from support.liveserver import chromium, load_benchmark, serve_command, serving
 
 from image_similarity.entrypoints.cli import main
 from image_similarity.entrypoints.service import without
@@ -211,18 +209,10 @@ def test_serve_errors_are_one_line(tmp_path, capsys):
 
 
 def test_page_in_headless_chromium(server, photos, expected, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    needs.chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
-    try:
+    with chromium() as driver:
         driver.get(f"{server}/")
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: "model version" in d.find_element(By.ID, "model").text)
@@ -244,5 +234,3 @@ def test_page_in_headless_chromium(server, photos, expected, tmp_path):
             wait.until(lambda d, reason=reason: message.get_attribute("class") == "error" and reason in message.text)
             assert name in message.text and not driver.find_elements(By.CSS_SELECTOR, "#results img")
             driver.execute_script("document.getElementById('message').className = ''")
-    finally:
-        driver.quit()

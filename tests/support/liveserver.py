@@ -1,5 +1,5 @@
-"""Helpers for the web tests: an app served by uvicorn from a thread on a free loopback port, headless Chromium's
-flags, and the load benchmark as a module."""
+"""Helpers for the web tests: an app served by uvicorn from a thread on a free loopback port, headless Chromium (its
+flags, a driver), and the load benchmark as a module."""
 from __future__ import annotations
 
 import importlib.util
@@ -35,6 +35,28 @@ def serving(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+@contextmanager
+def chromium() -> Iterator:
+    """A headless Chromium driven by selenium (skipped with the reason where Chromium is missing, failed in CI)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    from support import needs
+
+    needs.chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def load_benchmark():

@@ -635,6 +635,9 @@ class Server:
             return 1
         if kind in (None, "P") and bare in self.procedures:
             return 2
+        if kind in (None, "V") and self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'view' AND name = ?",
+                                                     (bare,)).fetchone():
+            return 3
         return None
 
     def _col_length(self, table: str, column: str) -> int | None:

@@ -44,6 +44,7 @@ from ..features.specs import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
 from ..pipeline.rank import rank_with
 from ..pipeline.split import split_images
+from ..pipeline.suggest import catalogue_suggestions, with_suggestions
 from ..pipeline.train import C_GRID, SimilarityModel, fit_model
 from ..search.catalogue import Catalogue
 from ..search.methods import Method
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # torch comes with the network: the procedures that run none 
 INSPECT_COLUMNS = ["format", "width", "height", "mode", "sha256", "dhash", "reason"]
 ARRAY_COLUMNS = ["name", "dtype", "shape", "data"]
 METRIC_COLUMNS = ["table_name", "scope", "metric", "class", "value"]
-RANK_COLUMNS = ["rank", "image_id", "name", "label", "score", "item_key", "metadata"]
+RANK_COLUMNS = ["rank", "image_id", "name", "label", "score", "item_key", "metadata", "suggested", "probability"]
 WEIGHTS_DIR = Path(sys.prefix) / "share" / "image-similarity" / "weights"
 """Where SQL Server's Python finds backbone weights that no installed package ships: the Launchpad sandbox has
 no network and a working folder and profile of its own, so the torch hub cache of any user is out of reach."""
@@ -271,12 +272,15 @@ def _catalogue(frame: pd.DataFrame, backbone: str) -> Catalogue:
 def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes: str, params: str, version: int,
                     top: int = 10, method: str = "scores", network: str | None = None) -> tuple[str, str]:
     """Catalogue rows (image_id, name, label, sha256, dhash, data hex) and the model's arrays plus a query image ->
-    (the top rows as a JSON list of {rank, image_id, score}, the method used). The procedure resolves `method`;
-    `network`: a refined backbone's JSON text (see `featurizer`)."""
-    method_searcher = searcher(_catalogue(frame, backbone), method, _model(frame, backbone, classes, params, version))
-    result = rank_with(method_searcher, unhex(query_hex), featurizer(backbone, network), top)
-    return json.dumps([{"rank": m.rank, "image_id": int(m.image_id), "score": finite(m.score)}
-                       for m in result.matches], allow_nan=False), result.method
+    (the top rows as a JSON list of {rank, image_id, score, suggested, probability}, the method used): an unlabelled
+    match carries the model's suggested label and its probability (pipeline/suggest.py), the others null. The
+    procedure resolves `method`; `network`: a refined backbone's JSON text (see `featurizer`)."""
+    catalogue, model = _catalogue(frame, backbone), _model(frame, backbone, classes, params, version)
+    result = rank_with(searcher(catalogue, method, model), unhex(query_hex), featurizer(backbone, network), top)
+    matches = with_suggestions(result.matches, catalogue_suggestions(catalogue, model))
+    return json.dumps([{"rank": m.rank, "image_id": int(m.image_id), "score": finite(m.score),
+                        "suggested": m.suggested, "probability": m.probability} for m in matches],
+                      allow_nan=False), result.method
 
 
 def vector_query(frame: pd.DataFrame, query_hex: str, backbone: str, network: str | None = None, method: str = "l2",

@@ -5,7 +5,8 @@ keeps what only Windows can do (the runtime, its packages, icacls, RegisterRext,
 Steps, each printed as it ends; the first failure stops with one line (DeployError):
 checks (version, external scripts, Python 3.10 with the package answering from sp_execute_external_script),
 the database (SQLR/01 in master), SQLR/'s numbered scripts in order (those marked `-- requires: vector` only where
-the VECTOR type exists) with the tables and procedures each creates checked, the images (dbo.AddImage), and
+the VECTOR type exists) with the tables and procedures each creates checked, the images (dbo.AddImage), the rows
+of the DBA's view dbo.image_source where asked (dbo.IngestFromView, SQLR/03_IngestFromView.sql), and
 dbo.Initial_Run_Once. Only SQLR/'s own text and bound values are sent; the database name is checked as a plain
 identifier before it is put into SQLR/01's text.
 """
@@ -48,7 +49,7 @@ class Deploy:
         if not IDENTIFIER.fullmatch(self.database):
             raise DeployError(f"deploy: the database name {self.database!r} must be a plain identifier")
 
-    def run(self, images: Path | None, backbone: str) -> None:
+    def run(self, images: Path | None, backbone: str, from_view: bool = False) -> None:
         master = self._open("master")
         self._step("SQL Server version", lambda: self._version(master))
         self._step("external scripts enabled", lambda: self._external_scripts(master))
@@ -63,6 +64,8 @@ class Deploy:
             self._step(f"SQLR/{path.name}", lambda path=path: self._script(db, path))
         if images is not None:
             self._step(f"images from {images}", lambda: self._images(db, images))
+        if from_view:
+            self._step("dbo.IngestFromView", lambda: self._from_view(db))
         self._step("dbo.Initial_Run_Once", lambda: self._initial_run(db, backbone))
 
     def _step(self, name: str, action: Callable[[], str]) -> None:
@@ -136,6 +139,10 @@ class Deploy:
                        path.relative_to(folder).as_posix(), label, path.read_bytes())
             loaded += 1
         return f"{loaded} files sent to dbo.AddImage"
+
+    def _from_view(self, conn: Any) -> str:
+        rows, added, already, rejected = self._rows(conn, "EXEC dbo.IngestFromView")[-1]
+        return f"{rows} rows of dbo.image_source: {added} added, {already} already stored, {rejected} rejected"
 
     def _initial_run(self, conn: Any, backbone: str) -> str:
         rows = self._rows(conn, "EXEC dbo.Initial_Run_Once @backbone = ?;", backbone)
@@ -222,12 +229,14 @@ def main(argv: list[str]) -> int:
                                                    f"{PASSWORD_ENV})")
     deploy.add_argument("--sqlr", type=Path, default=SQLR, help="the SQLR/ folder (default: this checkout's)")
     deploy.add_argument("--images", type=Path, default=None, help="a folder with one sub-folder per class")
+    deploy.add_argument("--from-view", action="store_true", help="also ingest the rows of the view dbo.image_source "
+                                                                 "(item_key, label, data) made in the database")
     deploy.add_argument("--backbone", choices=list(BACKBONES), default=DEFAULT_BACKBONE)
     deploy.add_argument("--python", default="3.10", help="the Python version the server must run (default 3.10)")
     check = sub.add_parser("check", parents=[], help="deploy into a NEW database with a few images, rank, refine, "
                                                      "run as a user that is not sysadmin, then drop the database")
     for action in deploy._actions[1:]:
-        if action.dest != "images":
+        if action.dest not in ("images", "from_view"):
             check._add_action(action)
     check.add_argument("--images", type=Path, required=True, help="a folder with one sub-folder per class")
     check.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
@@ -238,7 +247,7 @@ def main(argv: list[str]) -> int:
         if args.command == "check":
             deploy.check(args.images, args.per_class, args.backbone)
         else:
-            deploy.run(args.images, args.backbone)
+            deploy.run(args.images, args.backbone, args.from_view)
     except ImageSimilarityError as err:
         print(f"image-similarity: error: {err}", file=sys.stderr)
         return 1
