@@ -50,10 +50,12 @@ def featurize_figures(session, n: int, workdir: Path) -> dict:
     warm_up(session)
     start = time.perf_counter()
     with SQLiteStore(workdir / "local.sqlite") as store:
-        featurize(store, Featurizer(BACKBONE, device="cpu"), progress=False)
+        local = Featurizer(BACKBONE, device="cpu")
+        featurize(store, local, progress=False)
     local_s = time.perf_counter() - start
-    start = time.perf_counter()
-    spark.featurize_on_spark(session, str(workdir / "spark.sqlite"), BACKBONE, device="cpu", progress=False)
+    start = time.perf_counter()  # the executors compute as the local step did (the same runtime and precision)
+    spark.featurize_on_spark(session, str(workdir / "spark.sqlite"), BACKBONE, device="cpu", progress=False,
+                             precision=local.precision, runtime=local.runtime)
     spark_s = time.perf_counter() - start
     with SQLiteStore(workdir / "local.sqlite") as a, SQLiteStore(workdir / "spark.sqlite") as b:
         diff = float(np.abs(a.features(BACKBONE)[1] - b.features(BACKBONE)[1]).max())

@@ -36,8 +36,10 @@ class Recorder:
         self.started, self.release = threading.Event(), threading.Event()
         if not hold:
             self.release.set()
-        self.backbone, self.spec, self.device, self.precision = (featurizer.backbone, featurizer.spec,
-                                                                 featurizer.device, featurizer.precision)
+
+    def __getattr__(self, name: str):
+        """What featurize reads of a featurizer (backbone, spec, precision, runtime, network hash...): the real one's."""
+        return getattr(self.inner, name)
 
     def submit(self, items):
         return self.inner.submit(items)

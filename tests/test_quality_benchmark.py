@@ -18,7 +18,7 @@ def test_quality_benchmark_frozen_and_refined(small_dir, tmp_path):
                "efficientnet_lite0", "--refine", "--epochs", "1", "--db", str(tmp_path / "q.sqlite"), "-q"]
     result = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, env=env, timeout=900,
                                        check=True).stdout)
-    assert result["images"] == 36 and result["split"] == {"train": 27, "test": 9}
+    assert result["images"] == 36 and result["split"] == {"train": 27, "test": 9, "unlabelled": 0}
     frozen, refined = result["rows"]
     assert (frozen["variant"], frozen["network"]) == ("frozen", "efficientnet_lite0")
     assert refined["variant"] == "refined" and refined["network"].startswith("efficientnet_lite0_refined_")

@@ -116,10 +116,11 @@ def test_benchmark_reports_every_figure(session, tmp_path, monkeypatch):
 
 
 
-def test_postgres_store_on_spark_equals_local(session, database, local_db, small_dir):
+def test_postgres_store_on_spark_equals_local(session, database, local_db, small_dir, featurizer):
     with connect(database) as store:
         ingest(store, small_dir, progress=False)
-    assert spark.featurize_on_spark(session, database, BACKBONE, batch_size=12, progress=False).added == 36
+    assert spark.featurize_on_spark(session, database, BACKBONE, batch_size=12, progress=False,
+                                    precision=featurizer.precision, runtime=featurizer.runtime).added == 36
     assert spark.neighbors_on_spark(session, database, BACKBONE, "cosine", 4, progress=False).added == 36
     with connect(database) as store, SQLiteStore(local_db) as local:
         np.testing.assert_allclose(store.features(BACKBONE)[1], local.features(BACKBONE)[1], rtol=1e-4, atol=1e-4)

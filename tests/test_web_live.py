@@ -137,7 +137,8 @@ def test_openapi_documents_the_writes(db, featurizer):
         assert paths[path][method]["security"] == [{"HTTPBearer": []}]
         assert {"401", "403"} <= set(paths[path][method]["responses"])
     form = paths["/api/images"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
-    assert set(schema["components"]["schemas"][form.rsplit("/", 1)[1]]["required"]) == {"file", "label"}
+    # only the file is required: label, key and metadata are optional
+    assert set(schema["components"]["schemas"][form.rsplit("/", 1)[1]]["required"]) == {"file"}
 
 
 def test_add_featurize_rank_and_remove(db, featurizer, new_photos, sample_dir):
@@ -163,7 +164,7 @@ def test_add_featurize_rank_and_remove(db, featurizer, new_photos, sample_dir):
                                    files={"file": ("bad.jpg", data, "image/jpeg")})
             assert response.status_code == 400 and response.json()["detail"].startswith(reason)
         assert ("dotted/bad.jpg", "dotted", "upload") in {r[:3] for r in store.rejected()}
-        for label in ("", "a/b", "x" * 101, "tab\there"):
+        for label in ("a/b", "x" * 101, "tab\there"):  # no label (or an empty one) is an unlabelled item
             assert add(client, new_photos[1], label).status_code == 422
 
         victim = ranked_ids(client, query)[0]
