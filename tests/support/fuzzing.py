@@ -103,7 +103,11 @@ def run_atheris(tmp_path: Path, target: list[str], rss_limit_mb: int, prefix: by
     corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
     corpus.mkdir()
     crashes.mkdir()
-    command = [sys.executable, str(Path(__file__).with_name("fuzz_targets.py")), *target,
+    # libFuzzer's RSS limit reads getrusage's peak RSS, which Linux carries across exec from the forking process's
+    # memory: started from a large pytest process, the fuzzer would begin at that size. A small python in between
+    # forks it instead.
+    command = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+               sys.executable, str(Path(__file__).with_name("fuzz_targets.py")), *target,
                f"-max_total_time={SECONDS}", f"-seed={SEED}", f"-timeout={HANG_SECONDS}", f"-rss_limit_mb={rss_limit_mb}",
                "-print_final_stats=1", f"-artifact_prefix={crashes}/", str(corpus),
                str(write_seeds(tmp_path / "seeds", prefix))]
