@@ -4,6 +4,7 @@ very same module (backbones.FeatureExtractor: there is no second definition of a
 disk beside the measured choices, named by a hash of the network's weights, so a refined network gets its own."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import sys
@@ -74,7 +75,8 @@ def export(extractor: FeatureExtractor, digest: str) -> bytes:
         raise Unavailable(f"the ONNX export of {extractor.spec.name} failed ({_line(err)})") from err
     path = export_path(digest)
     if path is not None:
-        write_atomically(path, buffer.getvalue())
+        with contextlib.suppress(OSError):  # a cache this process may not write (another user's): kept in memory
+            write_atomically(path, buffer.getvalue())
     return buffer.getvalue()
 
 
@@ -113,11 +115,16 @@ def onnx_network(extractor: FeatureExtractor, digest: str) -> OnnxNetwork:
     one (also when ONNX Runtime cannot load the cached file, e.g. a truncated one). Unavailable when that fails."""
     onnxruntime_version()
     path = export_path(digest)
-    if path is not None and path.is_file():
+    try:
+        cached = path.read_bytes() if path is not None and path.is_file() else None
+    except OSError:  # a cache this process may not read (PL/Python as the postgres user): export anew
+        cached = None
+    if cached is not None:
         try:
-            return OnnxNetwork(path.read_bytes(), torch.get_num_threads())
+            return OnnxNetwork(cached, torch.get_num_threads())
         except Exception:  # onnxruntime raises its own exception types
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     model = export(extractor, digest)
     try:
         return OnnxNetwork(model, torch.get_num_threads())

@@ -42,7 +42,8 @@ def suggest(model: SimilarityModel | None, X: np.ndarray) -> list[tuple[str, flo
 def suggestions(store: Store, model: SimilarityModel, ids: Sequence[int] | None = None) -> list[Suggestion]:
     """The suggestions for the unlabelled images featurized with the model's backbone (only `ids` when given),
     by id."""
-    rows = {im.id: im for im in store.images() if im.label is None and (ids is None or im.id in set(ids))}
+    wanted = None if ids is None else set(ids)
+    rows = {im.id: im for im in store.images() if im.label is None and (wanted is None or im.id in wanted)}
     found, X = store.features(model.backbone, sorted(rows))
     return [Suggestion(int(i), rows[int(i)].name, rows[int(i)].key, label, p, rows[int(i)].metadata)
             for i, (label, p) in zip(found, suggest(model, X))]
