@@ -54,10 +54,10 @@ def hamming_matrix(hashes: Sequence[str], others: Sequence[str] | None = None) -
     others = hashes if others is None else others
     if len(hashes) == 0 or len(others) == 0:
         return np.zeros((len(hashes), len(others)), dtype=np.int32)
-    signs, other_signs = _signs(hashes), _signs(others)
+    signs, other_signs = hash_signs(hashes), hash_signs(others)
     if signs.shape[1] != other_signs.shape[1]:
         raise ValueError("hashes and others differ in length")
-    return _distances(signs, other_signs)
+    return sign_distances(signs, other_signs)
 
 
 def near_duplicate_groups(hashes: Sequence[str], max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
@@ -70,7 +70,7 @@ def near_duplicate_groups(hashes: Sequence[str], max_distance: int = NEAR_DUPLIC
     if len(hashes) == 0:
         return np.zeros(0, dtype=np.intp)
     unique, inverse = np.unique(np.asarray(hashes, dtype=str), return_inverse=True)
-    signs = _signs(unique)
+    signs = hash_signs(unique)
     n = len(unique)
     nodes = np.arange(n)
     labels = nodes
@@ -133,12 +133,12 @@ def popcount(words: np.ndarray) -> np.ndarray:
     return _BYTE_BITS[np.ascontiguousarray(words).view(np.uint8)].reshape(len(words), 8).sum(axis=1, dtype=np.uint8)
 
 
-def _signs(hashes: Sequence[str]) -> np.ndarray:
+def hash_signs(hashes: Sequence[str]) -> np.ndarray:
     """Hex hashes as rows of +1/-1 (bit set/unset), float32."""
     bits = np.unpackbits(_hash_bytes(hashes), axis=1)[:, 4 * (len(hashes[0]) % 2) :]
     return bits.astype(np.float32) * 2 - 1
 
 
-def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def sign_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamming distances between rows of +1/-1: (bits - dot) / 2; dot products of +-1 are exact in float32."""
     return ((a.shape[1] - a @ b.T) / 2).astype(np.int32)

@@ -12,6 +12,7 @@ from scipy.special import softmax
 
 from ..core.dedup import near_duplicate_groups
 from ..errors import BadInput, NotFound, NotReady
+from ..search.model import l2_normalize
 from ..store import Store
 from .train import (
     C_GRID,
@@ -19,7 +20,6 @@ from .train import (
     fit_temperature,
     group_folds,
     held_out_scores,
-    l2_normalize,
     linear_svm,
 )
 

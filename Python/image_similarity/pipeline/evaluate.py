@@ -20,7 +20,8 @@ from ..search.methods import METHODS
 from ..search.searchers import scorer
 from ..store import EvaluationRecord, Store
 from .classes import MIN_TEST_IMAGES, MIN_TRAIN_PHOTOS, from_params, unlabelled
-from .train import SimilarityModel, load_model
+from ..search.model import SimilarityModel
+from .train import load_model
 
 N_NEGATIVES = 100
 RANKING_BLOCKS = {"ranking": "original protocol: 1 positive + 100 negatives from the test split",

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..core.dedup import NEAR_DUPLICATE_DISTANCE, _distances, _signs
+from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hash_signs, sign_distances
 from ..errors import BadInput, NotReady
 from ..search.catalogue import Catalogue
 from ..search.methods import FEATURE_METHODS, METHODS
 from ..search.searchers import ExactSearcher, scorer
 from ..store import Store
 from .rank import latest_model
-from .train import SimilarityModel
+from ..search.model import SimilarityModel
 
 DEFAULT_K = 10
 DEFAULT_MEMORY = 512 * 2 ** 20
@@ -51,12 +51,12 @@ class Twins:
     excludes them, for many query rows at once: the catalogue's hashes as +-1 rows, made once."""
 
     def __init__(self, catalogue: Catalogue) -> None:
-        self.signs = _signs(catalogue.dhashes)
+        self.signs = hash_signs(catalogue.dhashes)
         self.sha_codes = np.unique(catalogue.sha256, return_inverse=True)[1]
 
     def of(self, positions: np.ndarray) -> np.ndarray:
         """(len(positions), n) mask: True where a catalogue image is a query row's duplicate or near duplicate."""
-        near = _distances(self.signs[positions], self.signs) <= NEAR_DUPLICATE_DISTANCE
+        near = sign_distances(self.signs[positions], self.signs) <= NEAR_DUPLICATE_DISTANCE
         return near | (self.sha_codes[positions][:, None] == self.sha_codes[None, :])
 
 

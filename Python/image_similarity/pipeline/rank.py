@@ -14,7 +14,8 @@ from ..search.methods import METHODS
 from ..search.searchers import Match, Searcher, store_searcher
 from ..store import Store
 from .suggest import suggest, suggest_matches
-from .train import SimilarityModel, load_model
+from ..search.model import SimilarityModel
+from .train import load_model
 
 
 @dataclass

@@ -30,7 +30,7 @@ from .reports import (
 if TYPE_CHECKING:
     from ..store import Store
     from .featurize import Featurizer
-    from .train import SimilarityModel
+    from ..search.model import SimilarityModel
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 from ..search.catalogue import Catalogue
 from ..search.searchers import Match
 from ..store import Store
-from .train import SimilarityModel
+from ..search.model import SimilarityModel
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import BadInput, NotReady
-from ..pipeline.train import SimilarityModel, l2_normalize
+from .model import SimilarityModel, l2_normalize
 
 METHODS = ("l2", "cosine", "scores", "learned")
 """l2 and cosine on features (no model needed); scores: the probability that query and image share a class

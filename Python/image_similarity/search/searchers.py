@@ -15,7 +15,7 @@ import numpy as np
 
 from ..core.machine import one_blas_thread
 from ..errors import BadInput, NotReady, Unavailable
-from ..pipeline.train import SimilarityModel
+from .model import SimilarityModel
 from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann, screen

@@ -2,7 +2,7 @@
 database ranks those methods itself (store.nearest); a store without vector search keeps none (it ranks in memory)."""
 from __future__ import annotations
 
-from ..pipeline.train import SimilarityModel
+from .model import SimilarityModel
 from ..store import VECTOR_SEARCH, Store
 from ..store.base import STORED_METHODS
 from .methods import Method
