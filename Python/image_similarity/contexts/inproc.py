@@ -46,9 +46,9 @@ from ..pipeline.rank import rank_with
 from ..pipeline.split import split_images
 from ..pipeline.suggest import catalogue_suggestions, with_suggestions
 from ..pipeline.train import C_GRID, fit_model
-from ..search.model import SimilarityModel
 from ..search.catalogue import Catalogue
 from ..search.methods import Method
+from ..search.model import SimilarityModel
 from ..search.searchers import scorer, searcher
 from ..store.base import (
     STORED_METHODS,

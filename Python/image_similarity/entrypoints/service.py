@@ -13,9 +13,9 @@ from ..pipeline.audit import AuditReport, at_cutoff, audit, relabel
 from ..pipeline.featurize import featurize
 from ..pipeline.rank import default_method, latest_model
 from ..pipeline.suggest import catalogue_suggestions
-from ..search.model import SimilarityModel
 from ..search.catalogue import Catalogue
 from ..search.methods import scoring_method
+from ..search.model import SimilarityModel
 from ..search.searchers import DatabaseSearcher, Searcher, in_database, searcher
 from ..store import VECTOR_SEARCH, Store, StoreError, connect
 from .batcher import Batcher

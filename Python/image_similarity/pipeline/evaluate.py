@@ -17,10 +17,10 @@ from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hamming_matrix
 from ..errors import BadInput, NotReady
 from ..search.catalogue import Catalogue
 from ..search.methods import METHODS
+from ..search.model import SimilarityModel
 from ..search.searchers import scorer
 from ..store import EvaluationRecord, Store
 from .classes import MIN_TEST_IMAGES, MIN_TRAIN_PHOTOS, from_params, unlabelled
-from ..search.model import SimilarityModel
 from .train import load_model
 
 N_NEGATIVES = 100

@@ -20,10 +20,10 @@ from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hash_signs, sign_distances
 from ..errors import BadInput, NotReady
 from ..search.catalogue import Catalogue
 from ..search.methods import FEATURE_METHODS, METHODS
+from ..search.model import SimilarityModel
 from ..search.searchers import ExactSearcher, scorer
 from ..store import Store
 from .rank import latest_model
-from ..search.model import SimilarityModel
 
 DEFAULT_K = 10
 DEFAULT_MEMORY = 512 * 2 ** 20

@@ -11,10 +11,10 @@ from ..core.dedup import dhash
 from ..core.images import decode_image
 from ..errors import BadInput, NotReady
 from ..search.methods import METHODS
+from ..search.model import SimilarityModel
 from ..search.searchers import Match, Searcher, store_searcher
 from ..store import Store
 from .suggest import suggest, suggest_matches
-from ..search.model import SimilarityModel
 from .train import load_model
 
 

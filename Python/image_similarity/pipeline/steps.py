@@ -28,9 +28,9 @@ from .reports import (
 )
 
 if TYPE_CHECKING:
+    from ..search.model import SimilarityModel
     from ..store import Store
     from .featurize import Featurizer
-    from ..search.model import SimilarityModel
 
 
 @dataclass

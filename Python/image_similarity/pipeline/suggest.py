@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from ..search.catalogue import Catalogue
+from ..search.model import SimilarityModel
 from ..search.searchers import Match
 from ..store import Store
-from ..search.model import SimilarityModel
 
 
 @dataclass(frozen=True)

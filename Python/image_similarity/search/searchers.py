@@ -15,12 +15,12 @@ import numpy as np
 
 from ..core.machine import one_blas_thread
 from ..errors import BadInput, NotReady, Unavailable
-from .model import SimilarityModel
 from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann, screen
 from .catalogue import Catalogue
 from .methods import FEATURE_METHODS, Method, scoring_method
+from .model import SimilarityModel
 from .screen import BLOCK, FP32, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, screening_copy
 
 INDEXES = ("auto", "exact", "hnsw")

@@ -2,10 +2,10 @@
 database ranks those methods itself (store.nearest); a store without vector search keeps none (it ranks in memory)."""
 from __future__ import annotations
 
-from .model import SimilarityModel
 from ..store import VECTOR_SEARCH, Store
 from ..store.base import STORED_METHODS
 from .methods import Method
+from .model import SimilarityModel
 
 BATCH = 1000
 """Images whose rows are computed and stored in one transaction."""
