@@ -22,8 +22,9 @@ from image_similarity.entrypoints.web import create_app
 from image_similarity.errors import NotReady
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.ingest import ingest
+from image_similarity.pipeline.networks import load_refined
 from image_similarity.pipeline.rank import rank
-from image_similarity.pipeline.refine import Settings, load_refined, refine
+from image_similarity.pipeline.refine import Settings, refine
 from image_similarity.pipeline.split import split
 from image_similarity.store import SQLiteStore, connect
 from image_similarity.store.mssql import MSSQLStore

@@ -19,7 +19,7 @@ from image_similarity import store as stores
 from image_similarity.contexts import inproc
 from image_similarity.entrypoints import cli
 from image_similarity.features.backbones import BACKBONES
-from image_similarity.pipeline import refine as refining
+from image_similarity.pipeline import networks as refining
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.split import split

@@ -140,7 +140,7 @@ def featurizer(backbone: str, network: str | None = None) -> Featurizer:
 def _refined(name: str, network: str) -> Featurizer:
     """The refined network `name` built from its JSON text, strictly (refine.refined_extractor), once per process."""
     from ..pipeline.featurize import Featurizer
-    from ..pipeline.refine import refined_extractor
+    from ..pipeline.networks import refined_extractor
 
     key = (name, hashlib.sha256(network.encode()).hexdigest())
     if key not in REFINED:

@@ -19,6 +19,7 @@ from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, 
 from ..features.precision import autocast, resolve
 from ..search.stored import store_method_vectors
 from ..store import VECTOR_SEARCH, Store
+from .networks import load_refined
 from .rank import latest_model
 
 # The backbones compute their padding from the input size in Python: a constant for the fixed input size, so the
@@ -72,8 +73,6 @@ class Featurizer:
         elif backbone in BACKBONES or store is None:
             self.extractor = load_backbone(backbone, weights)
         else:
-            from .refine import load_refined
-
             self.extractor = load_refined(store, backbone)
         self.spec = self.extractor.spec
         self.extractor.to(self.device, memory_format=torch.channels_last)

@@ -28,24 +28,15 @@ from tqdm import tqdm
 from ..core.images import BadImageError, decode_image
 from ..errors import BadInput, NotReady
 from ..features import precision as precisions
-from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, build_network, load_backbone
+from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
 from ..store import Store, StoreError
-from ..store.base import NetworkRecord
 from .classes import ClassCount, as_params, learnable, unlabelled
+from .networks import RefineNet, decode_arrays, load_strict
 from .refine_settings import Settings
 from .split import split_images
 
 CACHE_RATIO = 256 / 224  # cached short side per input pixel, as the backbones' resize/crop
 MAX_ASPECT = 2.0  # the cache keeps at most this long side per short side (centre)
-
-
-class RefineNet(nn.Module):
-    """A backbone and a new linear head over the training labels."""
-
-    def __init__(self, net: nn.Module, dim: int, classes: int) -> None:
-        super().__init__()
-        self.net = net
-        self.head = nn.Linear(dim, classes)
 
 
 @dataclass
@@ -106,62 +97,6 @@ def _state_arrays(module: nn.Module) -> dict[str, np.ndarray]:
 def _optimizer_arrays(optimizer: torch.optim.Optimizer) -> dict[str, np.ndarray]:
     return {f"{index}.{name}": value.detach().cpu().numpy().copy()
             for index, state in optimizer.state_dict()["state"].items() for name, value in state.items()}
-
-
-def _decode(name: str, kind: str, rows: dict[str, tuple[str, str, bytes]]) -> dict[str, torch.Tensor]:
-    """Stored arrays as tensors; a corrupt row is a one-line ValueError naming the network and key."""
-    tensors = {}
-    for key, (dtype, shape, data) in rows.items():
-        try:
-            dims = json.loads(shape)
-            if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
-                raise BadInput(f"shape {shape!r}")
-            array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims)
-        except (ValueError, TypeError) as err:
-            raise BadInput(f"network {name}: stored {kind} array {key!r} is corrupt ({err})") from None
-        tensors[key] = torch.from_numpy(array.copy())
-    return tensors
-
-
-def _load_strict(name: str, module: nn.Module, tensors: dict[str, torch.Tensor], kind: str = "weights") -> None:
-    """`load_state_dict(strict=True)` after checking every key, shape and dtype: one-line ValueError otherwise."""
-    expected = module.state_dict()
-    if set(expected) != set(tensors):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise BadInput(f"network {name}: stored {kind} do not fit {type(module.net).__name__}: "
-                         f"missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, value in expected.items():
-        if tensors[key].shape != value.shape or tensors[key].dtype != value.dtype:
-            raise BadInput(f"network {name}: stored {kind} array {key!r} is {tuple(tensors[key].shape)} "
-                             f"{tensors[key].dtype}, expected {tuple(value.shape)} {value.dtype}")
-    module.load_state_dict(tensors, strict=True)
-
-
-def _build(record: NetworkRecord) -> RefineNet:
-    if record.base not in BACKBONES:
-        raise BadInput(f"network {record.name}: unknown base backbone {record.base!r}")
-    return RefineNet(build_network(record.base), BACKBONES[record.base].dim, len(record.params["classes"]))
-
-
-def load_refined(store: Store, name: str) -> FeatureExtractor:
-    """A refined network from the store as a frozen feature extractor (eval mode, CPU), loaded strictly."""
-    return refined_extractor(store.network(name), store.network_arrays(name, "weights"))
-
-
-def refined_extractor(record: NetworkRecord, weights: dict[str, tuple[str, str, bytes]]) -> FeatureExtractor:
-    """A refined network from its record and its "weights" arrays (key -> (dtype, JSON shape, bytes)), wherever
-    they were read (a store, or SQL Server's procedure: contexts/inproc.py), as a frozen feature extractor (eval
-    mode, CPU), loaded strictly."""
-    name = record.name
-    if record.status != "ready":
-        raise NotReady(f"network {name} is still training: run 'image-similarity refine' again to finish it")
-    module = _build(record)
-    _load_strict(name, module, _decode(name, "weights", weights))
-    spec = dataclasses.replace(BACKBONES[record.base], name=name, tap_dims=())  # trained on the last map alone
-    flip_average = bool(record.params.get("flip_average", False))  # networks refined before it existed: False
-    model = FeatureExtractor(spec, module.net, flip_average).to(memory_format=torch.channels_last).eval()
-    model.requires_grad_(False)
-    return model
 
 
 def _training_images(store: Store) -> tuple[list, list[str], dict[str, ClassCount]]:
@@ -293,9 +228,9 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     metrics = record.metrics or {"history": [], "best": None}
     done = len(metrics["history"])
     if done:  # resume: the last finished epoch's weights and optimizer state
-        _load_strict(record.name, module, _decode(record.name, "state", store.network_arrays(record.name, "state")),
+        load_strict(record.name, module, decode_arrays(record.name, "state", store.network_arrays(record.name, "state")),
                      kind="state")
-        moments = _decode(record.name, "optimizer", store.network_arrays(record.name, "optimizer"))
+        moments = decode_arrays(record.name, "optimizer", store.network_arrays(record.name, "optimizer"))
         state = optimizer.state_dict()
         state["state"] = {}
         for key, value in moments.items():
