@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from image_similarity.core import machine
+from image_similarity.entrypoints.reports import print_report
 from image_similarity.pipeline.featurize import Featurizer
 from image_similarity.pipeline.ingest import class_files
 from image_similarity.pipeline.rank import rank
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                       folder=folder, device="cuda", epochs=args.epochs)
             for names in (("ingest", *JOB), REFINED_JOB):
                 start = time.perf_counter()
-                run_job(run, names, show=True)
+                run_job(run, names, show=print_report)
                 print(f"-> {' + '.join(names)} on cuda in {time.perf_counter() - start:.1f} s")
             queries = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:8]]
             start = time.perf_counter()

@@ -17,12 +17,12 @@ from support.liveserver import chromium, serving
 
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.cli import main
+from image_similarity.entrypoints.plots import plt, ranking_plot
 from image_similarity.entrypoints.web import create_app
 from image_similarity.pipeline.evaluate import evaluate
 from image_similarity.pipeline.featurize import featurize
 from image_similarity.pipeline.manifest import ingest_manifest
 from image_similarity.pipeline.neighbors import neighbors
-from image_similarity.pipeline.plots import plt, ranking_plot
 from image_similarity.pipeline.rank import rank
 from image_similarity.pipeline.split import split
 from image_similarity.pipeline.suggest import suggestions

@@ -12,8 +12,8 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from image_similarity.entrypoints.cli import main
+from image_similarity.entrypoints.plots import CORRECT, WRONG, evaluation_figures, plt, ranking_plot
 from image_similarity.errors import NotReady
-from image_similarity.pipeline.plots import CORRECT, WRONG, evaluation_figures, plt, ranking_plot
 from image_similarity.pipeline.rank import rank
 from image_similarity.store import EvaluationRecord, SQLiteStore
 

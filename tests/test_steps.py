@@ -10,6 +10,7 @@ import pytest
 from image_similarity.contexts import plpython
 from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
+from image_similarity.entrypoints.reports import PRINTERS
 from image_similarity.errors import BadInput
 from image_similarity.pipeline.steps import JOB, REFINED_JOB, STEPS, choose_model, run_steps
 from image_similarity.store import SQLiteStore
@@ -35,7 +36,7 @@ def test_postgres_initial_run_once_runs_the_job(monkeypatch):
 def test_run_is_ingest_the_job_then_the_refined_job_then_rank():
     assert run_steps() == ("ingest", *JOB, "rank")
     assert run_steps(refine=True) == ("ingest", *JOB, *REFINED_JOB, "rank")
-    assert all(STEPS[name].compute and STEPS[name].report for name in run_steps(refine=True))
+    assert all(STEPS[name].compute and PRINTERS[name] for name in run_steps(refine=True))
 
 
 def test_procedure_tables_come_from_the_steps():

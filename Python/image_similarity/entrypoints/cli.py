@@ -11,20 +11,22 @@ from typing import Any
 from .. import __version__
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
-from ..pipeline.reports import (
+from ..pipeline.steps import STEPS, Run, choose_model, run_job, run_steps
+from ..search import ann
+from ..search.methods import METHODS
+from ..search.searchers import ANN_THRESHOLD, INDEXES
+from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
+from .reports import (
     percent,
     print_audit,
     print_class_notes,
     print_evaluation,
     print_left_out,
     print_ranking,
+    print_refine,
+    print_report,
     print_unlabelled,
 )
-from ..pipeline.steps import STEPS, Run, choose_model, print_refine, run_job, run_steps
-from ..search import ann
-from ..search.methods import METHODS
-from ..search.searchers import ANN_THRESHOLD, INDEXES
-from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
 
 DEFAULT_OUT = "image-similarity-output"
 
@@ -327,7 +329,7 @@ def cmd_rank(store, args) -> None:
     else:
         print_ranking(result)
     if args.plot:
-        from ..pipeline.plots import ranking_plot
+        from .plots import ranking_plot
 
         save_figure(ranking_plot(store, data, result), args.plot)
         if not args.json:
@@ -336,7 +338,7 @@ def cmd_rank(store, args) -> None:
 
 def save_figure(figure, path: Path) -> None:
     """Write a figure as PNG and close it; BadInput, in one line, when the file cannot be written."""
-    from ..pipeline.plots import plt
+    from .plots import plt
 
     try:
         figure.savefig(path, dpi=100)
@@ -348,7 +350,7 @@ def save_figure(figure, path: Path) -> None:
 
 def cmd_audit(store, args) -> None:
     from ..pipeline.audit import CUTOFF, apply_suggestions, audit
-    from ..pipeline.plots import audit_sheet
+    from .plots import audit_sheet
 
     if args.top < 1:
         raise BadInput(f"--top must be at least 1, got {args.top}")
@@ -452,7 +454,7 @@ def cmd_run(store, args) -> None:
     run = Run(store, lambda backbone: _featurizer(args, backbone, store), folder=args.dir or sample_dataset(),
               seed=args.seed, out=out_folder(args.out), progress=not args.quiet, epochs=args.epochs,
               device=args.device, precision=args.precision, backbone=args.backbone)
-    run_job(run, run_steps(args.refine), show=True)
+    run_job(run, run_steps(args.refine), show=print_report)
 
 
 def cmd_serve(store, args) -> None:

@@ -133,7 +133,7 @@ def evaluate(store: Store, model: SimilarityModel | None = None, out_dir: str | 
         summary["unlabelled"] = left
     summary["evaluation_id"] = store.put_evaluation(record)
     if out_dir is not None:
-        from .plots import save_evaluation_plots
+        from .figures import save_evaluation_plots  # lazy: matplotlib, only when plots are written
 
         summary["plots"] = save_evaluation_plots(out_dir, model.classes, results["test"]["confusion"], curves,
                                                  {b: summary[b] for b in RANKING_BLOCKS})

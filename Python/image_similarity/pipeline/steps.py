@@ -1,8 +1,8 @@
 """The steps of the job, each defined once, and the `run` job as one list of them.
 
 A step is its name (the CLI command), the SQL Server procedure (SQLR/; PostgreSQL's routine of the same name in
-SQLR/postgres/ is found by store/postgres.py) that runs it inside a database server with the parameters they take from a client, the function
-that computes it within a run, and how the CLI prints its report. `image-similarity run`, PostgreSQL's
+SQLR/postgres/ is found by store/postgres.py) that runs it inside a database server with the parameters they take
+from a client, and the function that computes it within a run (the CLI prints its report: entrypoints/reports.py). `image-similarity run`, PostgreSQL's
 `initial_run_once` and SQL Server's `dbo.Initial_Run_Once` all follow `JOB`; `choose_model` is the one rule for
 which model and which features a step uses.
 """
@@ -15,17 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
 from ..features.specs import DEFAULT_BACKBONE
-from .reports import (
-    CNTK_ACCURACY,
-    CNTK_CLASSES,
-    CNTK_TOP1,
-    percent,
-    print_class_notes,
-    print_evaluation,
-    print_left_out,
-    print_ranking,
-    print_unlabelled,
-)
 
 if TYPE_CHECKING:
     from ..search.model import SimilarityModel
@@ -114,55 +103,6 @@ def _rank(run: Run):
                 name=f"{query.name} ({query.label})")
 
 
-def _print_ingest(run: Run, report) -> None:
-    print(f"ingest {run.folder}: {report.added} added, {report.already_stored} already stored, "
-          f"{len(report.skipped)} skipped")
-    for name, reason in report.skipped:
-        print(f"  skipped {name}: {reason}")
-
-
-def _print_featurize(run: Run, report) -> None:
-    print(f"featurize: {report.added} new vectors ({report.backbone} on {report.device}, {report.precision}), "
-          f"{len(report.skipped)} skipped")
-
-
-def _print_split(run: Run, counts: dict[str, int]) -> None:
-    from .split import notes
-
-    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
-    print_unlabelled(counts.get("unlabelled", 0))
-    print_class_notes(notes(run.store))
-
-
-def _print_train(run: Run, model) -> None:
-    print(f"train: model version {model.version}, C={model.params['C']:g}, "
-          f"cross-validated accuracy {percent(model.params['cv_accuracy'])}")
-    print_left_out(model.params)
-
-
-def print_refine(run: Run | None, record) -> None:
-    """What refine did: the stored network, its best epoch and validation accuracy, its speed."""
-    best, history = record.metrics["best"], record.metrics["history"]
-    val = "no validation images" if best["val_accuracy"] is None else \
-        f"validation accuracy {percent(best['val_accuracy'])}"
-    print(f"refine: {record.name} ({record.base}, {record.metrics['train_images']} train / "
-          f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
-          f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
-          f"on {record.metrics['device']} ({record.metrics['precision']})")
-    print_left_out(record.params)
-
-
-def _print_rank(run: Run, result) -> None:
-    """The best ranking method of the run's last evaluation (beside the CNTK tutorial's), then the example."""
-    summary = run.summary
-    best = summary["ranking"][summary["best_method"]]
-    print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {percent(best['top1'])}, "
-          f"top-10 {percent(best['top10'])}, median rank {best['median_rank']:g}"
-          + (f"; CNTK tutorial on the same 3 classes: test accuracy {percent(CNTK_ACCURACY)}, top-1 {percent(CNTK_TOP1)}"
-             if set(summary["classes"]) == CNTK_CLASSES else ""))
-    print_ranking(result)
-
-
 @dataclass(frozen=True)
 class Step:
     """One step of the job, in every place that runs it."""
@@ -174,22 +114,20 @@ class Step:
     parameters: tuple[str, ...] = ()
     """The parameters a client passes to the procedure and its PostgreSQL routine (store/postgres.py ROUTINES) (a subset of what they declare)."""
     compute: Callable[[Run], Any] | None = None
-    """Computes the step within a run from what the earlier steps left; returns its report."""
-    report: Callable[[Run, Any], None] | None = None
-    """Prints that report (the CLI)."""
+    """Computes the step within a run from what the earlier steps left; returns its report (printed by the CLI:
+    entrypoints/reports.py)."""
 
 
 STEPS: dict[str, Step] = {step.name: step for step in (
-    Step("ingest", None, (), _ingest, _print_ingest),
-    Step("featurize", "FeaturizeImages", ("backbone", "batch_size"), _featurize, _print_featurize),
-    Step("split", "PrepareData", ("test_fraction", "seed"), _split, _print_split),
-    Step("train", "TrainModel", ("backbone", "c_grid", "seed"), _train, _print_train),
-    Step("evaluate", "EvaluateModel", ("model_version", "seed"), _evaluate,
-         lambda run, summary: print_evaluation(summary)),
-    Step("rank", "RankCandidates", ("query", "query_name", "top", "method", "model_version"), _rank, _print_rank),
+    Step("ingest", None, (), _ingest),
+    Step("featurize", "FeaturizeImages", ("backbone", "batch_size"), _featurize),
+    Step("split", "PrepareData", ("test_fraction", "seed"), _split),
+    Step("train", "TrainModel", ("backbone", "c_grid", "seed"), _train),
+    Step("evaluate", "EvaluateModel", ("model_version", "seed"), _evaluate),
+    Step("rank", "RankCandidates", ("query", "query_name", "top", "method", "model_version"), _rank),
     Step("run", "Initial_Run_Once", ("backbone", "test_fraction", "seed")),
     Step("neighbors", "ComputeNeighbors", ("backbone", "method", "top", "model_version", "refresh")),
-    Step("refine", "RefineModel", ("backbone", "epochs", "seed"), _refine, print_refine),
+    Step("refine", "RefineModel", ("backbone", "epochs", "seed"), _refine),
 )}
 
 JOB = ("featurize", "split", "train", "evaluate")
@@ -204,13 +142,13 @@ def run_steps(refine: bool = False) -> tuple[str, ...]:
     return ("ingest", *JOB, *(REFINED_JOB if refine else ()), "rank")
 
 
-def run_job(run: Run, names: tuple[str, ...], show: bool = False) -> Run:
-    """Compute the named steps in order on one run, printing each report when `show`."""
+def run_job(run: Run, names: tuple[str, ...], show: Callable[[str, Run, Any], None] | None = None) -> Run:
+    """Compute the named steps in order on one run, handing each report to `show` (name, run, report) when given
+    (the CLI's printers: entrypoints/reports.print_report)."""
     for name in names:
-        step = STEPS[name]
-        report = step.compute(run)
-        if show:
-            step.report(run, report)
+        report = STEPS[name].compute(run)
+        if show is not None:
+            show(name, run, report)
     return run
 
 

@@ -1,9 +1,12 @@
-"""How the CLI prints the reports of the steps: evaluation figures, rankings."""
+"""How the CLI prints the reports of the steps (one printer per step: `PRINTERS`), evaluations, rankings, audits."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from .classes import NOT_LEARNT, ClassCount, from_params, named, unlabelled_note
+from ..pipeline.classes import NOT_LEARNT, ClassCount, from_params, named, unlabelled_note
+from ..pipeline.split import notes
+from ..pipeline.steps import Run
 
 CNTK_CLASSES = {"dotted", "leopard", "striped"}
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
@@ -106,3 +109,62 @@ def print_audit(report, top: int) -> None:
         print(f"  ... {len(report.suspects) - top} more (--top, or --json for all)")
     for c, n in report.small_classes.items():
         print(f"  class {c!r} has only {n} images: too small to learn (not judged)")
+
+
+def _print_ingest(run: Run, report) -> None:
+    print(f"ingest {run.folder}: {report.added} added, {report.already_stored} already stored, "
+          f"{len(report.skipped)} skipped")
+    for name, reason in report.skipped:
+        print(f"  skipped {name}: {reason}")
+
+
+def _print_featurize(run: Run, report) -> None:
+    print(f"featurize: {report.added} new vectors ({report.backbone} on {report.device}, {report.precision}), "
+          f"{len(report.skipped)} skipped")
+
+
+def _print_split(run: Run, counts: dict[str, int]) -> None:
+    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
+    print_unlabelled(counts.get("unlabelled", 0))
+    print_class_notes(notes(run.store))
+
+
+def _print_train(run: Run, model) -> None:
+    print(f"train: model version {model.version}, C={model.params['C']:g}, "
+          f"cross-validated accuracy {percent(model.params['cv_accuracy'])}")
+    print_left_out(model.params)
+
+
+def print_refine(run: Run | None, record) -> None:
+    """What refine did: the stored network, its best epoch and validation accuracy, its speed."""
+    best, history = record.metrics["best"], record.metrics["history"]
+    val = "no validation images" if best["val_accuracy"] is None else \
+        f"validation accuracy {percent(best['val_accuracy'])}"
+    print(f"refine: {record.name} ({record.base}, {record.metrics['train_images']} train / "
+          f"{record.metrics['val_images']} validation images): best epoch {best['epoch']} of {len(history)}, {val}, "
+          f"{sum(e['seconds'] for e in history) / len(history):.0f} s per epoch "
+          f"on {record.metrics['device']} ({record.metrics['precision']})")
+    print_left_out(record.params)
+
+
+def _print_rank(run: Run, result) -> None:
+    """The best ranking method of the run's last evaluation (beside the CNTK tutorial's), then the example."""
+    summary = run.summary
+    best = summary["ranking"][summary["best_method"]]
+    print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {percent(best['top1'])}, "
+          f"top-10 {percent(best['top10'])}, median rank {best['median_rank']:g}"
+          + (f"; CNTK tutorial on the same 3 classes: test accuracy {percent(CNTK_ACCURACY)}, top-1 {percent(CNTK_TOP1)}"
+             if set(summary["classes"]) == CNTK_CLASSES else ""))
+    print_ranking(result)
+
+
+PRINTERS: dict[str, Callable[[Run, Any], None]] = {
+    "ingest": _print_ingest, "featurize": _print_featurize, "split": _print_split, "train": _print_train,
+    "evaluate": lambda run, summary: print_evaluation(summary), "rank": _print_rank, "refine": print_refine,
+}
+"""The printer of each step's report (pipeline/steps.py STEPS)."""
+
+
+def print_report(name: str, run: Run, report: Any) -> None:
+    """Print the report of step `name` (`run_job`'s `show`)."""
+    PRINTERS[name](run, report)
