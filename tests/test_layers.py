@@ -4,6 +4,9 @@ at the top of a module, inside a function (a lazy one) or under TYPE_CHECKING.""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "Python" / "image_similarity"
@@ -105,3 +108,42 @@ def test_layers_point_down_and_siblings_stay_apart():
     assert not unexpected, "imports against the layers (docs/architecture.md):\n" + "\n".join(unexpected)
     stale = [f"{importer} -> {imported}" for importer, imported in KNOWN if (importer, imported) not in crossings]
     assert not stale, f"no longer imported, take off KNOWN: {stale}"
+
+
+def test_imports_inside_functions_say_why():
+    """The package's own modules are imported at the top of a module, unless a comment says 'lazy: <why>'."""
+    unsaid = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        lines = text.splitlines()
+        for function in ast.walk(ast.parse(text)):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(function):
+                own = isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                    "image_similarity"))
+                if own and "# lazy: " not in lines[node.lineno - 1]:
+                    unsaid.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert not unsaid, "move these imports to the top, or say 'lazy: <why>':\n" + "\n".join(sorted(set(unsaid)))
+
+
+NO_TORCH = """
+import importlib, importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, NoTorch())
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+"""
+
+
+def test_the_steps_that_run_no_network_import_without_torch():
+    """SQL Server's runtime has no torch (docs/sqlserver-setup.md): the in-database procedures' module, the SQL
+    context, the steps and the CLI import where `import torch` fails."""
+    modules = ["image_similarity.contexts.inproc", "image_similarity.contexts.sql", "image_similarity.pipeline.steps",
+               "image_similarity.entrypoints.cli", "image_similarity.entrypoints.sqlserver"]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *modules], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -42,6 +42,8 @@ from ..core.images import BadImageError, decode_image, inspect_image
 from ..errors import BadInput, ImageSimilarityError, NotFound, NotReady
 from ..features.specs import BACKBONES, WeightsNotFoundError
 from ..pipeline.evaluate import evaluate_data
+from ..pipeline.ingest import ingest_bytes
+from ..pipeline.neighbors import block_neighbors, block_ranges, block_rows
 from ..pipeline.rank import rank_with
 from ..pipeline.split import split_images
 from ..pipeline.suggest import catalogue_suggestions, with_suggestions
@@ -50,6 +52,7 @@ from ..search.catalogue import Catalogue
 from ..search.methods import Method
 from ..search.model import SimilarityModel
 from ..search.searchers import scorer, searcher
+from ..store import SQLiteStore
 from ..store.base import (
     STORED_METHODS,
     ImageRow,
@@ -123,7 +126,7 @@ def featurizer(backbone: str, network: str | None = None) -> Featurizer:
     `network` is the JSON text dbo.ResolveBackbone builds for a refined backbone: {"base", "version", "status",
     "params" (its "classes" size the head), "weights": [{"key", "dtype", "shape", "data" (hexadecimal)}, ...]}.
     """
-    from ..pipeline.featurize import Featurizer  # here, not above: see the module docstring on torch
+    from ..pipeline.featurize import Featurizer  # lazy: torch (see the module docstring)
 
     if network:
         return _refined(backbone, network)
@@ -139,8 +142,8 @@ def featurizer(backbone: str, network: str | None = None) -> Featurizer:
 
 def _refined(name: str, network: str) -> Featurizer:
     """The refined network `name` built from its JSON text, strictly (refine.refined_extractor), once per process."""
-    from ..pipeline.featurize import Featurizer
-    from ..pipeline.networks import refined_extractor
+    from ..pipeline.featurize import Featurizer  # lazy: torch (see the module docstring)
+    from ..pipeline.networks import refined_extractor  # lazy: torch (see the module docstring)
 
     key = (name, hashlib.sha256(network.encode()).hexdigest())
     if key not in REFINED:
@@ -181,7 +184,7 @@ def featurize_images(images: pd.DataFrame, backbone: str, network: str | None = 
     network_hash): a float32 blob per good image and what computed it, a reason per bad one ('' and 0 for what is
     absent). The procedure loops over batches, so one call holds one batch of images. `network`: a refined
     backbone's JSON text (see `featurizer`)."""
-    from ..pipeline.featurize import finish_batch
+    from ..pipeline.featurize import finish_batch  # lazy: torch (see the module docstring)
 
     model = featurizer(backbone, network)
     items = [(int(i), unhex(d)) for i, d in zip(images["id"], images["data"])]
@@ -322,8 +325,6 @@ def compute_neighbors(frame: pd.DataFrame, backbone: str, classes: str, params: 
                       top: int = 10) -> pd.DataFrame:
     """Catalogue rows (image_id, name, label, sha256, dhash, data hex, done) and, for scores/learned, the model's
     arrays -> rows (image_id, rank, neighbor_id, score): the top neighbours of each image whose `done` is 0."""
-    from ..pipeline.neighbors import block_neighbors, block_ranges, block_rows
-
     model = _model(frame, backbone, classes, params, version) if frame["array_name"].notna().any() else None
     catalogue = _catalogue(frame, backbone)
     images = _images(frame)
@@ -342,9 +343,7 @@ def refine_model(images: pd.DataFrame, backbone: str, epochs: int | None = None,
     Runs refine.refine on an in-memory store holding these images as its training split; the procedure stores
     the result under the next version's name.
     """
-    from ..pipeline.ingest import ingest_bytes
-    from ..pipeline.refine import refine
-    from ..store import SQLiteStore
+    from ..pipeline.refine import refine  # lazy: torch (see the module docstring)
 
     _require(images, "no training images: run PrepareData first")
     with SQLiteStore(":memory:") as store:

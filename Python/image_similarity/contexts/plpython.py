@@ -15,10 +15,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy
+import sklearn
+import torch
+
+from .. import __version__
 from ..errors import ImageSimilarityError
 from ..features.specs import DEFAULT_BACKBONE
+from ..pipeline.evaluate import evaluate
 from ..pipeline.featurize import Featurizer, featurize
+from ..pipeline.ingest import ingest_bytes
+from ..pipeline.neighbors import neighbors
+from ..pipeline.rank import default_method, rank
+from ..pipeline.split import split
 from ..pipeline.steps import JOB, STEPS, Run, choose_model, run_job
+from ..pipeline.train import C_GRID, load_model, train
 from ..store.postgres import PostgresStore
 
 FEATURIZERS: dict[str, Featurizer] = {}
@@ -48,11 +59,7 @@ def _clear_errors(function: Callable) -> Callable:
 
 def environment(plpy: Any) -> list[tuple[str, str]]:
     """(key, value) rows describing the Python that runs inside this server process."""
-    import numpy
-    import sklearn
-    import torch
 
-    from .. import __version__
 
     return [("pid", str(os.getpid())), ("executable", os.path.realpath("/proc/self/exe")),
             ("python", sys.version.split()[0]), ("image_similarity", __version__), ("torch", torch.__version__),
@@ -71,16 +78,12 @@ def featurize_images(plpy: Any, backbone: str | None, batch_size: int) -> tuple[
 @_clear_errors
 def prepare_data(plpy: Any, test_fraction: float, seed: int) -> list[tuple[str, int]]:
     """(subset, images) rows of a new train/test split, and ('unlabelled', count) when it left any out."""
-    from ..pipeline.split import split
-
     return sorted((k, n) for k, n in split(PostgresStore.in_server(plpy), test_fraction, seed).items() if n)
 
 
 @_clear_errors
 def train_model(plpy: Any, backbone: str | None, c_grid: list[float] | None, seed: int) -> list[tuple]:
     """One row (version, backbone, C, cv_accuracy, n_train) for the new model version."""
-    from ..pipeline.train import C_GRID, train
-
     model = train(PostgresStore.in_server(plpy), backbone, c_grid or C_GRID, seed=seed)
     return [(model.version, model.backbone, model.params["C"], model.params["cv_accuracy"], model.params["n_train"])]
 
@@ -88,9 +91,6 @@ def train_model(plpy: Any, backbone: str | None, c_grid: list[float] | None, see
 @_clear_errors
 def evaluate_model(plpy: Any, model_version: int | None, seed: int) -> str:
     """The stored evaluation summary of a model version (latest by default) as JSON."""
-    from ..pipeline.evaluate import evaluate
-    from ..pipeline.train import load_model
-
     store = PostgresStore.in_server(plpy)
     return json.dumps(evaluate(store, load_model(store, model_version), seed=seed))
 
@@ -100,7 +100,6 @@ def rank_candidates(plpy: Any, query: bytes, query_name: str, top: int, method: 
                     model_version: int | None) -> list[tuple]:
     """(rank, image_id, name, label, score, method, item key, metadata JSON, suggested label, its probability) rows
     of the catalogue images most similar to a query."""
-    from ..pipeline.rank import rank
 
     store = PostgresStore.in_server(plpy)
     model, backbone = choose_model(store, model_version)
@@ -134,8 +133,6 @@ def refine_model(plpy: Any, backbone: str | None, epochs: int | None, seed: int)
 @_clear_errors
 def add_image(plpy: Any, name: str, label: str, data: bytes) -> tuple[int | None, str | None]:
     """Validate and store one image: (new id or NULL, reason it was skipped or NULL)."""
-    from ..pipeline.ingest import ingest_bytes
-
     store = PostgresStore.in_server(plpy)
     image_id, reason = ingest_bytes(store, name, label, bytes(data))
     if reason:
@@ -148,8 +145,6 @@ def compute_neighbors(plpy: Any, backbone: str | None, method: str | None, top: 
                       refresh: bool) -> tuple[int, str, int]:
     """Procedure (issue 17): store the top neighbours of every image, committing each block.
     (images added, method used, pid)."""
-    from ..pipeline.neighbors import neighbors
-    from ..pipeline.rank import default_method
 
     store = PostgresStore.in_server(plpy, commits=True)
     model, backbone = choose_model(store, model_version, backbone)

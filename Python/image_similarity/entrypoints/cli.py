@@ -1,4 +1,7 @@
-"""The `image-similarity` command: each step of the job as a subcommand, and `run` for all of them."""
+"""The `image-similarity` command: each step of the job as a subcommand, and `run` for all of them.
+
+The commands import the steps that train, rank or run a network when they run: scikit-learn takes seconds to
+import, and `--help`, ingest, split and the in-database commands (--context sql) do without it."""
 from __future__ import annotations
 
 import argparse
@@ -9,13 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from .. import store as stores
+from ..contexts.sql import call
+from ..core.images import BadImageError
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
+from ..pipeline.ingest import ingest, ingest_view
+from ..pipeline.manifest import ingest_manifest
+from ..pipeline.refine_settings import Settings
+from ..pipeline.split import notes, split
 from ..pipeline.steps import STEPS, Run, choose_model, run_job, run_steps
+from ..resources import sample_dataset
 from ..search import ann
 from ..search.methods import METHODS
 from ..search.searchers import ANN_THRESHOLD, INDEXES
+from ..store import DEFAULT_DB
 from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
+from . import sqlserver
 from .reports import (
     percent,
     print_audit,
@@ -231,8 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _refine_options(p: argparse.ArgumentParser) -> None:
-    from ..pipeline.refine_settings import Settings
-
     defaults = Settings()
     p.add_argument("--epochs", type=int, help=f"most epochs (default: {defaults.epochs}; stops early after "
                                               f"{defaults.patience} without a better validation score)")
@@ -250,16 +261,13 @@ def _refine_options(p: argparse.ArgumentParser) -> None:
 
 
 def _featurizer(args: argparse.Namespace, backbone: str | None = None, store=None):
-    from ..pipeline.featurize import Featurizer
+    from ..pipeline.featurize import Featurizer  # lazy: scikit-learn (module docstring)
 
     return Featurizer(backbone or args.backbone or DEFAULT_BACKBONE, device=args.device, weights=args.weights,
                       precision=args.precision, store=store, runtime=args.runtime)
 
 
 def cmd_ingest(store, args) -> None:
-    from ..pipeline.ingest import ingest, ingest_view
-    from ..pipeline.manifest import ingest_manifest
-
     if getattr(args, "from_view", False):
         report = ingest_view(store, not args.quiet)
     elif getattr(args, "manifest", None):
@@ -274,7 +282,7 @@ def cmd_ingest(store, args) -> None:
 
 
 def cmd_featurize(store, args) -> None:
-    from ..pipeline.featurize import featurize
+    from ..pipeline.featurize import featurize  # lazy: scikit-learn (module docstring)
 
     print_featurize(featurize(store, _featurizer(args, store=store), batch_size=args.batch_size,
                               progress=not args.quiet))
@@ -287,8 +295,6 @@ def print_featurize(report, where: str = "") -> None:
 
 
 def cmd_split(store, args) -> None:
-    from ..pipeline.split import notes, split
-
     counts = split(store, args.test_fraction, args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
     print_unlabelled(counts.get("unlabelled", 0))
@@ -296,7 +302,7 @@ def cmd_split(store, args) -> None:
 
 
 def cmd_train(store, args) -> None:
-    from ..pipeline.train import C_GRID, train
+    from ..pipeline.train import C_GRID, train  # lazy: scikit-learn (module docstring)
 
     model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
     print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
@@ -305,8 +311,8 @@ def cmd_train(store, args) -> None:
 
 
 def cmd_evaluate(store, args) -> None:
-    from ..pipeline.evaluate import evaluate
-    from ..pipeline.train import load_model
+    from ..pipeline.evaluate import evaluate  # lazy: scikit-learn (module docstring)
+    from ..pipeline.train import load_model  # lazy: scikit-learn (module docstring)
 
     summary = evaluate(store, load_model(store, args.model_version), out_dir=out_folder(args.out), seed=args.seed)
     if args.json:
@@ -316,7 +322,7 @@ def cmd_evaluate(store, args) -> None:
 
 
 def cmd_rank(store, args) -> None:
-    from ..pipeline.rank import rank
+    from ..pipeline.rank import rank  # lazy: scikit-learn (module docstring)
 
     model, backbone = choose_model(store, args.model_version, args.backbone,
                                    required=args.method in ("scores", "learned"))
@@ -329,7 +335,7 @@ def cmd_rank(store, args) -> None:
     else:
         print_ranking(result)
     if args.plot:
-        from .plots import ranking_plot
+        from .plots import ranking_plot  # lazy: matplotlib, for the commands that plot
 
         save_figure(ranking_plot(store, data, result), args.plot)
         if not args.json:
@@ -338,7 +344,7 @@ def cmd_rank(store, args) -> None:
 
 def save_figure(figure, path: Path) -> None:
     """Write a figure as PNG and close it; BadInput, in one line, when the file cannot be written."""
-    from .plots import plt
+    from .plots import plt  # lazy: matplotlib, for the commands that plot
 
     try:
         figure.savefig(path, dpi=100)
@@ -349,8 +355,8 @@ def save_figure(figure, path: Path) -> None:
 
 
 def cmd_audit(store, args) -> None:
-    from ..pipeline.audit import CUTOFF, apply_suggestions, audit
-    from .plots import audit_sheet
+    from ..pipeline.audit import CUTOFF, apply_suggestions, audit  # lazy: scikit-learn (module docstring)
+    from .plots import audit_sheet  # lazy: matplotlib, for the commands that plot
 
     if args.top < 1:
         raise BadInput(f"--top must be at least 1, got {args.top}")
@@ -369,8 +375,8 @@ def cmd_audit(store, args) -> None:
 
 
 def cmd_suggest(store, args) -> None:
-    from ..pipeline.suggest import suggestions
-    from ..pipeline.train import load_model
+    from ..pipeline.suggest import suggestions  # lazy: scikit-learn (module docstring)
+    from ..pipeline.train import load_model  # lazy: scikit-learn (module docstring)
 
     found = sorted(suggestions(store, load_model(store, args.model_version)), key=lambda s: (-s.probability, s.id))
     if args.json:
@@ -382,14 +388,14 @@ def cmd_suggest(store, args) -> None:
 
 
 def cmd_relabel(store, args) -> None:
-    from ..pipeline.audit import relabel
+    from ..pipeline.audit import relabel  # lazy: scikit-learn (module docstring)
 
     old, new = relabel(store, args.id, args.label, args.new_class)
     print(f"image {args.id}: {old or '(unlabelled)'} -> {new} (run train and evaluate again)")
 
 
 def cmd_remove(store, args) -> None:
-    from ..pipeline.audit import remove
+    from ..pipeline.audit import remove  # lazy: scikit-learn (module docstring)
 
     remove(store, args.id)
     print(f"removed image {args.id} with its features, split row and neighbours")
@@ -398,7 +404,7 @@ def cmd_remove(store, args) -> None:
 def neighbor_options(store, args) -> tuple[Any, str, str]:
     """(model, backbone, method) of a neighbors command: the options, else the model's and its best evaluated
     method."""
-    from ..pipeline.rank import default_method
+    from ..pipeline.rank import default_method  # lazy: scikit-learn (module docstring)
 
     model, backbone = choose_model(store, args.model_version, args.backbone)
     return model, backbone, args.method or default_method(store, model)
@@ -412,7 +418,7 @@ def print_neighbors(report) -> None:
 
 
 def cmd_neighbors(store, args) -> None:
-    from ..pipeline.neighbors import neighbors
+    from ..pipeline.neighbors import neighbors  # lazy: scikit-learn (module docstring)
 
     model, backbone, method = neighbor_options(store, args)
     print_neighbors(neighbors(store, backbone, method, args.top, model, memory=args.memory * 2 ** 20,
@@ -421,8 +427,7 @@ def cmd_neighbors(store, args) -> None:
 
 def cmd_spark(store, args) -> None:
     """Run featurize or neighbors on Spark (--context spark): tasks open the --db store themselves."""
-    from ..contexts import spark
-    from ..store import DEFAULT_DB
+    from ..contexts import spark  # lazy: scikit-learn (module docstring)
 
     db = str(args.db or DEFAULT_DB)
     spark.check_store(db, args.master)
@@ -449,8 +454,6 @@ def cmd_refine(store, args) -> None:
 
 
 def cmd_run(store, args) -> None:
-    from ..resources import sample_dataset
-
     run = Run(store, lambda backbone: _featurizer(args, backbone, store), folder=args.dir or sample_dataset(),
               seed=args.seed, out=out_folder(args.out), progress=not args.quiet, epochs=args.epochs,
               device=args.device, precision=args.precision, backbone=args.backbone)
@@ -458,10 +461,9 @@ def cmd_run(store, args) -> None:
 
 
 def cmd_serve(store, args) -> None:
-    import uvicorn
+    import uvicorn  # lazy: the web service's packages, for serve alone
 
-    from ..store import DEFAULT_DB
-    from .web import API_KEY_ENV, create_app
+    from .web import API_KEY_ENV, create_app  # lazy: the web service's packages, for serve alone
 
     key = _api_key(args.api_key_file, API_KEY_ENV)
     if args.protect_reads and not key:
@@ -513,9 +515,6 @@ SQL_STEPS = {step.name: (step.procedure, step.parameters) for step in STEPS.valu
 
 def cmd_sql(store, args) -> None:
     """Run the step as its stored procedure inside the database server (--context sql); print what it returns."""
-    from ..contexts.sql import call
-    from ..resources import sample_dataset
-
     if args.command == "run":  # the client stores the images; the server runs the JOB (Initial_Run_Once)
         cmd_ingest(store, argparse.Namespace(dir=args.dir or sample_dataset(), quiet=args.quiet))
     procedure, names = SQL_STEPS[args.command]
@@ -533,8 +532,6 @@ def cmd_sql(store, args) -> None:
         for row in rows:
             print("  " + "  ".join(str(v) for v in row))
     if args.command == "split":
-        from ..pipeline.split import notes
-
         print_class_notes(notes(store))
     if args.command == "train":
         print_left_out(store.model().params)
@@ -561,17 +558,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. The one place errors are rendered: an ImageSimilarityError (the user can act on it) is
     one line and exit status 1, an interruption exit status 130 with a hint to resume; anything else is a bug and
     keeps its traceback."""
-    from ..core.images import BadImageError
-    from ..store import DEFAULT_DB, connect
-
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["sqlserver"]:  # issue 27: deploying to SQL Server, its own parser (entrypoints/sqlserver.py)
-        from .sqlserver import main as sqlserver_main
-
-        return sqlserver_main(argv[1:])
+        return sqlserver.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        with connect(args.db or DEFAULT_DB) as store:
+        with stores.connect(args.db or DEFAULT_DB) as store:
             sql = args.context == "sql" and args.command in SQL_STEPS
             if args.context == "spark" and args.command not in SPARK_STEPS:
                 raise BadInput(f"--context spark runs {' and '.join(SPARK_STEPS)}, not {args.command}")

@@ -12,13 +12,20 @@ identifier before it is put into SQLR/01's text.
 """
 from __future__ import annotations
 
+import argparse
 import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from ..contexts.sql import call
 from ..errors import ImageSimilarityError
+from ..features.specs import BACKBONES, DEFAULT_BACKBONE
+from ..store import mssql
 
 SQLR = Path(__file__).resolve().parents[3] / "SQLR"
 REQUIRES_VECTOR = "-- requires: vector"
@@ -157,9 +164,6 @@ class Check(Deploy):
     CHECK_USER = "image_similarity_check"
 
     def check(self, images: Path, per_class: int, backbone: str) -> None:
-        import shutil
-        import tempfile
-
         master = self._open("master")
         if self._scalar(master, "SELECT DB_ID(?);", self.database) is not None:
             raise DeployError(f"check: database {self.database} exists; name a new one (check drops it at the end)")
@@ -195,13 +199,10 @@ class Check(Deploy):
         return f"network {rows[-1][0]}" if rows else "done"
 
     def _as_user(self, conn: Any, query: bytes) -> str:
-        from ..contexts.sql import call
-        from ..store.mssql import MSSQLStore
-
         self._rows(conn, f"CREATE USER {self.CHECK_USER} WITHOUT LOGIN; "
                          f"ALTER ROLE image_similarity_user ADD MEMBER {self.CHECK_USER};")
         self._rows(conn, f"EXECUTE AS USER = N'{self.CHECK_USER}';")
-        store = MSSQLStore(with_database(self.url, self.database), connection=conn)
+        store = mssql.MSSQLStore(with_database(self.url, self.database), connection=conn)
         _, rows = call(store, "RankCandidates", query=query, top=3)
         conn.autocommit = True
         self._rows(conn, "REVERT;")
@@ -216,17 +217,11 @@ def _photos(folder: Path) -> Iterator[tuple[str, Path]]:
 
 def main(argv: list[str]) -> int:
     """`image-similarity sqlserver deploy|check --db mssql://host/Database [--images DIR] [--backbone NAME]`."""
-    import argparse
-    import sys
-
-    from ..features.specs import BACKBONES, DEFAULT_BACKBONE
-    from ..store.mssql import PASSWORD_ENV, open_connection
-
     parser = argparse.ArgumentParser(prog="image-similarity sqlserver")
     sub = parser.add_subparsers(dest="command", required=True)
     deploy = sub.add_parser("deploy", help="check the server, run SQLR/, load images, run dbo.Initial_Run_Once")
     deploy.add_argument("--db", required=True, help=f"mssql://[user@]host[:port]/Database (a password in "
-                                                   f"{PASSWORD_ENV})")
+                                                   f"{mssql.PASSWORD_ENV})")
     deploy.add_argument("--sqlr", type=Path, default=SQLR, help="the SQLR/ folder (default: this checkout's)")
     deploy.add_argument("--images", type=Path, default=None, help="a folder with one sub-folder per class")
     deploy.add_argument("--from-view", action="store_true", help="also ingest the rows of the view dbo.image_source "
@@ -242,7 +237,7 @@ def main(argv: list[str]) -> int:
     check.add_argument("--per-class", type=int, default=4, help="images per class (default 4)")
     args = parser.parse_args(argv)
     try:
-        deploy = (Check if args.command == "check" else Deploy)(args.db, open_connection, sqlr=args.sqlr,
+        deploy = (Check if args.command == "check" else Deploy)(args.db, mssql.open_connection, sqlr=args.sqlr,
                                                                 python=args.python)
         if args.command == "check":
             deploy.check(args.images, args.per_class, args.backbone)

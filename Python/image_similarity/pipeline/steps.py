@@ -4,7 +4,8 @@ A step is its name (the CLI command), the SQL Server procedure (SQLR/; PostgreSQ
 SQLR/postgres/ is found by store/postgres.py) that runs it inside a database server with the parameters they take
 from a client, and the function that computes it within a run (the CLI prints its report: entrypoints/reports.py). `image-similarity run`, PostgreSQL's
 `initial_run_once` and SQL Server's `dbo.Initial_Run_Once` all follow `JOB`; `choose_model` is the one rule for
-which model and which features a step uses.
+which model and which features a step uses. The steps import what computes them when they compute: the SQL
+context and the CLI's --help need only their names, without scikit-learn or torch.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
 from ..features.specs import DEFAULT_BACKBONE
+from .ingest import ingest
+from .split import split
 
 if TYPE_CHECKING:
     from ..search.model import SimilarityModel
@@ -46,13 +49,11 @@ class Run:
 
 
 def _ingest(run: Run):
-    from .ingest import ingest
-
     return ingest(run.store, run.folder, progress=run.progress)
 
 
 def _featurize(run: Run):
-    from .featurize import featurize
+    from .featurize import featurize  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     run.featurizer = run.featurizer_for(run.backbone)
     run.backbone = run.featurizer.backbone
@@ -60,20 +61,18 @@ def _featurize(run: Run):
 
 
 def _split(run: Run) -> dict[str, int]:
-    from .split import split
-
     return split(run.store, run.test_fraction, run.seed)
 
 
 def _train(run: Run):
-    from .train import train
+    from .train import train  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     run.model = train(run.store, run.featurizer.backbone, seed=run.seed)
     return run.model
 
 
 def _evaluate(run: Run) -> dict[str, Any]:
-    from .evaluate import evaluate
+    from .evaluate import evaluate  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     out = run.out
     if out is not None and run.summary is not None:  # a later evaluation of the run (the refined network's)
@@ -84,7 +83,7 @@ def _evaluate(run: Run) -> dict[str, Any]:
 
 def _refine(run: Run):
     """Refine the run's backbone (the default one when none is set); the steps after it use the result."""
-    from .refine import Settings, refine
+    from .refine import Settings, refine  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     name = refine(run.store, run.backbone or DEFAULT_BACKBONE, epochs=run.epochs, seed=run.seed, progress=run.progress,
                   device=run.device, precision=run.precision, settings=Settings(**run.refine_settings))
@@ -94,7 +93,7 @@ def _refine(run: Run):
 
 def _rank(run: Run):
     """Rank the first test image (the run's example query) with the run's model."""
-    from .rank import rank
+    from .rank import rank  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     store = run.store
     test_ids = sorted(i for i, s in store.split().items() if s == "test")
@@ -157,8 +156,8 @@ def choose_model(store: Store, version: int | None = None, backbone: str | None 
     """(model, backbone) a step uses: the model `version`, else the latest (None when there is none); the features
     of `backbone`, else the model's, else the default backbone. A model trained on other features than `backbone`
     is left out (None), unless it is `required` or was named by `version`: that is BadInput."""
-    from .rank import latest_model
-    from .train import load_model
+    from .rank import latest_model  # lazy: scikit-learn and torch, when a step computes (module docstring)
+    from .train import load_model  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     model = load_model(store, version) if version else latest_model(store)
     if model and backbone and backbone != model.backbone:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import PROCEDURES, VECTOR_SEARCH, EvaluationRecord, ImageRow, ModelRecord, NewImage, Store, StoreError
+from .mssql import MSSQLStore
+from .postgres import PostgresStore
 from .sqlite import SQLiteStore
 
 DEFAULT_DB = "image_similarity.sqlite"
@@ -30,12 +32,8 @@ def connect(db: str | Path = DEFAULT_DB) -> Store:
     if text.startswith("sqlite:///"):
         return SQLiteStore(text.removeprefix("sqlite:///"))
     if text.startswith(("postgresql://", "postgres://")):  # issue 5: PostgreSQL + pgvector
-        from .postgres import PostgresStore
-
         return PostgresStore(text)
     if text.startswith("mssql://"):  # issue 4: SQL Server
-        from .mssql import MSSQLStore
-
         return MSSQLStore(text)
     if "://" in text:
         scheme = text.split("://", 1)[0]
