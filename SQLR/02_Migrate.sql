@@ -2,7 +2,7 @@
 -- creates what is missing, dbo.schema_version included, and records the version) and the procedures that read
 -- the new columns. Version 1 is every database made before dbo.schema_version existed: its images table has no
 -- item_key. Each step runs in one transaction. A new database (no dbo.images yet) is left to 02_Tables.sql.
--- Safe to re-run. No name here comes from a user: the one dynamic statement drops the constraint SQL Server
+-- Safe to re-run. No name here comes from a user: the dynamic statements drop constraints SQL Server
 -- named itself.
 SET XACT_ABORT ON;
 GO
@@ -25,5 +25,31 @@ BEGIN
     EXEC sp_executesql N'CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
         CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
     COMMIT TRANSACTION;
+END
+GO
+-- version 3 (issue 28): feature_runtimes.runtime may be 'openvino'. A database at version 2 has the table with a
+-- CHECK that SQL Server named itself: it is found in sys.check_constraints, dropped and replaced by a named one.
+-- (T-SQL does not promise to short-circuit AND: the test of the table's rows is nested, so that it runs, and is
+-- resolved, only where the table exists.)
+IF OBJECT_ID(N'dbo.schema_version', N'U') IS NOT NULL
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM dbo.schema_version WHERE version >= 3)
+    BEGIN
+        BEGIN TRANSACTION;
+        DECLARE @check sysname = (
+            SELECT cc.name FROM sys.check_constraints AS cc
+            WHERE cc.parent_object_id = OBJECT_ID(N'dbo.feature_runtimes')
+                AND COL_NAME(cc.parent_object_id, cc.parent_column_id) = N'runtime');
+        IF @check IS NOT NULL
+        BEGIN
+            DECLARE @drop_check nvarchar(400) = N'ALTER TABLE dbo.feature_runtimes DROP CONSTRAINT ' + QUOTENAME(@check);
+            EXEC sp_executesql @drop_check;
+        END
+        IF OBJECT_ID(N'dbo.feature_runtimes', N'U') IS NOT NULL
+            ALTER TABLE dbo.feature_runtimes ADD CONSTRAINT ck_feature_runtimes_runtime
+                CHECK (runtime IN (N'torch', N'onnxruntime', N'openvino'));
+        INSERT INTO dbo.schema_version (version) VALUES (3);
+        COMMIT TRANSACTION;
+    END
 END
 GO

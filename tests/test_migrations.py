@@ -8,6 +8,7 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support import pgserver, schema_v1, tsql
 
@@ -52,7 +53,7 @@ def versions(store) -> list[int]:
 def test_an_old_database_is_migrated_in_place_and_keeps_working(old_database, sample_dir):
     before = schema_v1.photos(sample_dir, 2)
     with old_database() as store:
-        assert versions(store) == [1, SCHEMA_VERSION]
+        assert versions(store) == list(range(1, SCHEMA_VERSION + 1))
         rows = store.images()
         assert [(r.id, r.name, r.label, r.sha256, r.key, r.metadata) for r in rows] == \
             [(i, name, label, sha, None, None) for i, (name, label, _, sha) in enumerate(before, 1)]
@@ -70,7 +71,39 @@ def test_an_old_database_is_migrated_in_place_and_keeps_working(old_database, sa
         assert store.remove_image(2) and store.features("efficientnet_lite0")[0].tolist() == [1, 3, 4]
         assert store.neighbors(1, "efficientnet_lite0", "l2", 0) == []
     with old_database() as store:  # opened again: nothing more to migrate
-        assert versions(store) == [1, SCHEMA_VERSION] and len(store.images()) == 7
+        assert versions(store) == list(range(1, SCHEMA_VERSION + 1)) and len(store.images()) == 7
+
+
+@pytest.mark.parametrize("kind", ("sqlite", "postgresql"))
+def test_a_version_2_database_takes_openvino_vectors_and_keeps_what_it_recorded(kind, request, tmp_path, sample_dir):
+    if kind == "sqlite":
+        path = tmp_path / "v2.sqlite"
+        with sqlite3.connect(path) as conn:
+            conn.executescript(schema_v1.sqlite_script(2))
+            schema_v1.fill(conn.execute, sample_dir)
+            conn.execute("INSERT INTO feature_runtimes VALUES (1, 'efficientnet_lite0', 'onnxruntime', 'abc')")
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                conn.execute("INSERT INTO feature_runtimes VALUES (2, 'efficientnet_lite0', 'openvino', 'abc')")
+        opened = lambda: SQLiteStore(path)  # noqa: E731
+    else:
+        import psycopg
+
+        url = pgserver.create_database(request.getfixturevalue("pg_server"), pgserver.database_name(request.node.name),
+                                       routines=False)
+        with psycopg.connect(url) as conn:
+            conn.execute(schema_v1.postgres_script(2))
+            schema_v1.fill(conn.execute, sample_dir, "%s")
+            conn.execute("INSERT INTO feature_runtimes VALUES (1, 'efficientnet_lite0', 'onnxruntime', 'abc')")
+        opened = lambda: PostgresStore(url)  # noqa: E731
+    with opened() as store:
+        assert versions(store) == [2, 3] == [2, SCHEMA_VERSION]
+        assert store.feature_runtimes("efficientnet_lite0") == {("onnxruntime", "abc"): 1}
+        store.put_features("efficientnet_lite0", [5], np.ones((1, 3), np.float32), "fp32", ("openvino", "abc"))
+        assert store.feature_runtimes("efficientnet_lite0") == {("onnxruntime", "abc"): 1, ("openvino", "abc"): 1}
+        assert store.remove_image(1)  # the rebuilt table's reference still cascades
+        assert store.feature_runtimes("efficientnet_lite0") == {("openvino", "abc"): 1}
+    with opened() as store:
+        assert versions(store) == [2, 3]
 
 
 def test_a_key_is_unique_and_a_new_database_starts_at_the_current_version(tmp_path, sample_dir):
