@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from ..errors import BadInput, NotReady, Unavailable
@@ -71,7 +73,7 @@ def check_store(db: str, master: str) -> None:
 def session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = None) -> Any:
     """A SparkSession on `master` with `conf`; local masters run executors on this Python."""
     try:
-        from pyspark.sql import SparkSession
+        from pyspark.sql import SparkSession  # lazy: pyspark, an optional dependency (the spark extra)
     except ImportError:
         raise Unavailable(MISSING) from None
     if master.startswith("local"):
@@ -138,7 +140,7 @@ class _CrashAfter:
 
 def _task_store(store: Store) -> Store:
     """The store as a task uses it: wrapped by the fault of FAULT_ENV on a first attempt."""
-    from pyspark import TaskContext
+    from pyspark import TaskContext  # lazy: pyspark, an optional dependency (the spark extra)
 
     batches = int(os.environ.get(FAULT_ENV) or 0)
     return _CrashAfter(store, batches) if batches and TaskContext.get().attemptNumber() == 0 else store
@@ -146,8 +148,7 @@ def _task_store(store: Store) -> Store:
 
 def _featurizer(backbone: str, device: str | None, weights: str | None, precision: str, runtime: str) -> Featurizer:
     """This executor process's network, loaded by its first task; torch (and ONNX Runtime) get the task's cores."""
-    import torch
-    from pyspark import TaskContext
+    from pyspark import TaskContext  # lazy: pyspark, an optional dependency (the spark extra)
 
     cpus = max(1, int(TaskContext.get().cpus()))
     torch.set_num_threads(cpus)
@@ -200,8 +201,7 @@ def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = 
 def _neighbors_task(db: str, job: str, backbone: str, method: str, k: int, version: int,
                     ranges: Iterator[tuple[int, int]]) -> Iterator[int]:
     """Executor: store the neighbours of each block with the local step; the catalogue is loaded once per job."""
-    from pyspark import TaskContext
-    from threadpoolctl import threadpool_limits
+    from pyspark import TaskContext  # lazy: pyspark, an optional dependency (the spark extra)
 
     with connect(db) as store, threadpool_limits(max(1, int(TaskContext.get().cpus()))):  # BLAS: the task's cores
         if job not in CATALOGUES:

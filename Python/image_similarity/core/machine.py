@@ -44,7 +44,7 @@ def cpu_info() -> tuple[str, frozenset[str]]:
 
 def describe() -> dict:
     """Where code runs: CPU model, the speed-relevant CPU flags present, torch version, threads."""
-    import torch
+    import torch  # lazy: the in-database procedures that run no network run without torch (module docstring)
 
     model, flags = cpu_info()
     return {"cpu": model, "cpu_flags": [f for f in REPORTED_FLAGS if f in flags], "torch": torch.__version__,
@@ -59,7 +59,7 @@ ATEN_CPU_CAPABILITY, shows in its reported CPU capability)."""
 def machine_key() -> str:
     """What a measured choice depends on: CPU model and flags, the kernels torch, oneDNN and OpenBLAS are allowed
     to run, torch version and thread count."""
-    import torch
+    import torch  # lazy: the in-database procedures that run no network run without torch (module docstring)
 
     model, flags = cpu_info()
     flags_digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
@@ -147,7 +147,7 @@ def best_times(runs: dict[str, Callable[[], object]], repeats: int = 7) -> dict[
     """Seconds of the fastest of `repeats` calls of each run after one warm-up, on one torch thread. The runs take
     turns, so they share the machine's noise; one thread and the minimum are what other load disturbs least (a
     multi-threaded kernel waits for its slowest thread, and on a busy machine that is a preempted one)."""
-    import torch
+    import torch  # lazy: the in-database procedures that run no network run without torch (module docstring)
 
     best = {name: float("inf") for name in runs}
     threads = torch.get_num_threads()

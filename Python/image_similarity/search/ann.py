@@ -13,7 +13,7 @@ EF_SEARCH = 128
 def available() -> bool:
     """Whether faiss can be imported."""
     try:
-        import faiss  # noqa: F401
+        import faiss  # noqa: F401  # lazy: faiss, an optional dependency (the ann extra)
     except ImportError:
         return False
     return True
@@ -25,7 +25,7 @@ class HNSWIndex:
     def __init__(self, vectors: np.ndarray, inner_product: bool = False, links: int = 32,
                  ef_construction: int = 80, ef_search: int = EF_SEARCH) -> None:
         try:
-            import faiss
+            import faiss  # lazy: faiss, an optional dependency (the ann extra)
         except ImportError as exc:
             raise Unavailable(MISSING) from exc
         metric = faiss.METRIC_INNER_PRODUCT if inner_product else faiss.METRIC_L2

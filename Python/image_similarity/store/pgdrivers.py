@@ -21,7 +21,7 @@ class Psycopg:
     in_server = False
 
     def __init__(self, url: str) -> None:
-        import psycopg
+        import psycopg  # lazy: psycopg, an optional dependency (the postgres extra)
 
         self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
 
@@ -41,7 +41,7 @@ class Psycopg:
 
     def results(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple]]:
         """(column names, rows) of a routine call; its error as a StoreError with the server's one-line reason."""
-        import psycopg
+        import psycopg  # lazy: psycopg, an optional dependency (the postgres extra)
 
         try:
             with self.conn.cursor() as cur:
@@ -64,7 +64,7 @@ class Psycopg:
         """Add the rows of `data` (binary COPY input of `columns`) to `table` (both constants), each unless its key is
         taken: straight in by COPY, or where a row's key is taken (another writer was first), COPY into a temporary
         table and one INSERT ... ON CONFLICT DO NOTHING from it."""
-        import psycopg
+        import psycopg  # lazy: psycopg, an optional dependency (the postgres extra)
 
         try:
             with self.conn.transaction(), self.conn.cursor() as cur, \
