@@ -24,7 +24,7 @@ from ..pipeline.split import notes, split
 from ..pipeline.steps import STEPS, Run, choose_model, run_job, run_steps
 from ..resources import sample_dataset
 from ..search import ann
-from ..search.methods import METHODS
+from ..search.methods import METHODS, ranking_method
 from ..search.searchers import ANN_THRESHOLD, INDEXES
 from ..store import DEFAULT_DB
 from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
@@ -325,7 +325,7 @@ def cmd_rank(store, args) -> None:
     from ..pipeline.rank import rank  # lazy: scikit-learn (module docstring)
 
     model, backbone = choose_model(store, args.model_version, args.backbone,
-                                   required=args.method in ("scores", "learned"))
+                                   required=args.method is not None and ranking_method(args.method).needs_model)
     data = read_file(args.query, "query image")
     result = rank(store, data, _featurizer(args, backbone, store),
                   top=args.top, method=args.method, model=model, name=args.query.name, index=args.index,

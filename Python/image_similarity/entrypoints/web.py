@@ -29,7 +29,7 @@ from ..pipeline.audit import CUTOFF
 from ..pipeline.ingest import ingest_one
 from ..pipeline.rank import rank_with
 from ..pipeline.suggest import with_suggestions
-from ..search.methods import FEATURE_METHODS, METHODS
+from ..search.methods import METHODS, ranking_method
 from ..search.searchers import Match
 from ..store import Store
 from .service import Service, Snapshot
@@ -242,7 +242,7 @@ def model_out(snapshot: Snapshot, backbone: str) -> ModelOut:
         version=snapshot.model_version, backbone=backbone,
         classes=model.classes if model else sorted({c for c in catalogue.labels.tolist() if c is not None}),
         method=snapshot.method,
-        methods=[m for m in METHODS if model or m in FEATURE_METHODS], catalogue_size=len(catalogue),
+        methods=[m for m in METHODS if model or not ranking_method(m).needs_model], catalogue_size=len(catalogue),
         params=model.params if model else {}, evaluation=snapshot.evaluation)
 
 
@@ -428,7 +428,7 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
                                     Query(description="similarity (default: the service's)")] = None) -> RankOut:
         snapshot = service.current
         method = method or snapshot.method
-        version = snapshot.model_version if snapshot.model_version and method in ("scores", "learned") else 0
+        version = snapshot.model_version if snapshot.model_version and ranking_method(method).needs_model else 0
         with service.store_lock:
             rows = store.neighbors(image_id, featurizer.backbone, method, version)
         if not rows:

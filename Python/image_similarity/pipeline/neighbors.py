@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..core.dedup import NEAR_DUPLICATE_DISTANCE, hash_signs, sign_distances
 from ..errors import BadInput, NotReady
 from ..search.catalogue import Catalogue
-from ..search.methods import FEATURE_METHODS, METHODS
+from ..search.methods import ranking_method
 from ..search.model import SimilarityModel
 from ..search.searchers import ExactSearcher, scorer
 from ..store import Store
@@ -58,11 +58,6 @@ class Twins:
         """(len(positions), n) mask: True where a catalogue image is a query row's duplicate or near duplicate."""
         near = sign_distances(self.signs[positions], self.signs) <= NEAR_DUPLICATE_DISTANCE
         return near | (self.sha_codes[positions][:, None] == self.sha_codes[None, :])
-
-
-def model_version_of(method: str, model: SimilarityModel | None) -> int:
-    """The model version a method's neighbours depend on: 0 for l2 and cosine."""
-    return model.version if method in ("scores", "learned") and model is not None else 0
 
 
 def block_rows(n: int, memory: int = DEFAULT_MEMORY) -> int:
@@ -116,11 +111,10 @@ def store_blocks(store: Store, backbone: str, searcher: ExactSearcher, ranges: S
 def check(store: Store, backbone: str, method: str, k: int,
           model: SimilarityModel | None) -> tuple[SimilarityModel | None, int]:
     """The model the method uses (None for l2 and cosine) and the version its rows are stored under."""
-    if method not in METHODS:
-        raise BadInput(f"unknown ranking method {method!r}: choose from {', '.join(METHODS)}")
+    kind = ranking_method(method)
     if k < 1:
         raise BadInput(f"--top must be at least 1, got {k}")
-    if method in FEATURE_METHODS:
+    if not kind.needs_model:
         return None, 0
     if model is None or model.backbone != backbone:
         raise NotReady(f"method {method!r} needs a model trained on {backbone}: run 'image-similarity train' first")

@@ -19,7 +19,7 @@ from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann, screen
 from .catalogue import Catalogue
-from .methods import FEATURE_METHODS, Method, scoring_method
+from .methods import METHODS, Method, ranking_method, scoring_method
 from .model import SimilarityModel
 from .screen import BLOCK, FP32, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, screening_copy
 
@@ -33,7 +33,7 @@ SCREEN_THRESHOLD = 20_000
 bfloat16 or int8: a half or a quarter of the bytes; whichever screen.scan_kernel measured fastest here, if any beats
 the float32 scan) instead of the float32 matrix itself; either way it then re-scores exactly only the rows whose
 error-bounded score can still reach the top."""
-SCREENED_METHODS = FEATURE_METHODS
+SCREENED_METHODS = tuple(name for name in METHODS if ranking_method(name).approximate)
 """The methods that scan a feature-sized matrix; scores and learned scan a few columns per image (classes + features
 with a small weight, and classes - 1), always in float32."""
 CANDIDATES = 100  # at least this many rows (and 10 x top) re-scored exactly after the screening scan
@@ -209,7 +209,7 @@ class GraphSearcher(ExactSearcher):
 
     def __init__(self, catalogue: Catalogue, scoring: Method, ef_search: int | None = None) -> None:
         super().__init__(catalogue, scoring)
-        self.graph = ann.HNSWIndex(self.matrix, inner_product=scoring.name == "cosine",
+        self.graph = ann.HNSWIndex(self.matrix, inner_product=not scoring.kind.euclidean,
                                    ef_search=ef_search or ann.EF_SEARCH)
 
     def _best(self, query: np.ndarray, top: int, exclude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +219,7 @@ class GraphSearcher(ExactSearcher):
         if exclude is not None:
             kept = ~exclude[rows]
             rows, values = rows[kept], values[kept]
-        scores = -np.sqrt(np.maximum(values, 0)) if self.method.name == "l2" else values
+        scores = -np.sqrt(np.maximum(values, 0)) if self.method.kind.euclidean else values
         return rows[:top], scores[:top]
 
 
@@ -244,7 +244,7 @@ class DatabaseSearcher(Searcher):
     def search(self, query: np.ndarray, top: int = 10, exclude: np.ndarray | None = None) -> list[Match]:
         excluded = [] if exclude is None else self.catalogue.ids[exclude].tolist()
         query = np.asarray(query, dtype=np.float32)
-        vector = query if self.method.name in FEATURE_METHODS else self.method.vectors(query[None])[0]
+        vector = self.method.vectors(query[None])[0] if self.method.needs_model else query  # l2, cosine: the features
         with self.lock:
             found = self.store.nearest(self.backbone, vector, self.method.name, top, excluded, self.approximate,
                                        self.version, self.ef_search)
@@ -266,9 +266,10 @@ def strategy(method: str, index: str = "auto", size: int = 0, in_database: bool 
     if index == "hnsw" and not ann.available():
         raise Unavailable(ann.MISSING)
     large = size >= ANN_THRESHOLD and ann.available()
-    if method in FEATURE_METHODS and (index == "hnsw" or (index == "auto" and large)):
+    approximate = ranking_method(method).approximate
+    if approximate and (index == "hnsw" or (index == "auto" and large)):
         return "hnsw"
-    if method in SCREENED_METHODS and size >= SCREEN_THRESHOLD and scan_kernel() != "fp32":
+    if approximate and size >= SCREEN_THRESHOLD and scan_kernel() != "fp32":
         return "screened"
     return "exact"
 
@@ -292,7 +293,7 @@ def scorer(catalogue: Catalogue, method: str, model: SimilarityModel | None = No
 
 def model_version(scoring: Method) -> int:
     """The model version whose stored rows a method ranks in a database: 0 for l2 and cosine (the features)."""
-    return 0 if scoring.name in FEATURE_METHODS else scoring.model.version or 0
+    return scoring.model.version or 0 if scoring.needs_model else 0
 
 
 def in_database(store: Store, backbone: str, scoring: Method) -> bool:
