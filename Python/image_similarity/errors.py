@@ -38,3 +38,9 @@ class Unavailable(ImageSimilarityError):
 
 class StoreError(Unavailable):
     """The database cannot be reached, opened or used as asked (connection, credentials, schema, capability)."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message as one line: its first line, or its type's name when it has no message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

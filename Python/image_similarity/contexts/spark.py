@@ -84,7 +84,7 @@ def session(master: str = DEFAULT_MASTER, conf: dict[str, str] | None = None) ->
     try:
         return builder.getOrCreate()
     except Exception as err:  # py4j/Java start-up failures: no Java, bad master URL
-        raise StoreError(f"cannot start Spark on {master}: {one_line(err)}") from None
+        raise Unavailable(f"cannot start Spark on {master}: {one_line(err)}") from None
 
 
 def one_line(err: BaseException) -> str:
@@ -112,7 +112,7 @@ def run_job(rdd: Any, total: int, done: Callable[[], int], desc: str, progress: 
             if progress:
                 bar.update(min(done(), total) - bar.n)
     if "error" in outcome:
-        raise StoreError(f"Spark job failed: {one_line(outcome['error'])}")
+        raise Unavailable(f"Spark job failed: {one_line(outcome['error'])}")
     return outcome["rows"]
 
 

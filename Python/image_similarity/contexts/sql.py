@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import BadInput
 from ..pipeline.steps import STEPS
 from ..store import Store, StoreError
 from ..store.base import PROCEDURES as STORED_PROCEDURES
@@ -26,5 +27,5 @@ def call(store: Store, procedure: str, **values: Any) -> tuple[list[str], list[t
         raise StoreError("--context sql runs the stored procedures: it needs --db postgresql://... or mssql://...")
     given = {k: v for k, v in values.items() if v is not None}
     if procedure not in PROCEDURES or not set(given) <= set(PROCEDURES[procedure]):
-        raise ValueError(f"unknown procedure or parameter: {procedure} {list(given)}")
+        raise BadInput(f"unknown procedure or parameter: {procedure} {list(given)}")
     return store.run_procedure(procedure, given)

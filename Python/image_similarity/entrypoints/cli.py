@@ -17,10 +17,10 @@ from ..contexts.sql import call
 from ..core.images import BadImageError
 from ..errors import BadInput, ImageSimilarityError, NotFound
 from ..features.specs import BACKBONES, DEFAULT_BACKBONE, PRECISIONS, RUNTIMES
+from ..pipeline import split
 from ..pipeline.ingest import ingest, ingest_view
 from ..pipeline.manifest import ingest_manifest
 from ..pipeline.refine_settings import Settings
-from ..pipeline.split import notes, split
 from ..pipeline.steps import STEPS, Run, choose_model, run_job, run_steps
 from ..resources import sample_dataset
 from ..search import ann
@@ -295,10 +295,10 @@ def print_featurize(report, where: str = "") -> None:
 
 
 def cmd_split(store, args) -> None:
-    counts = split(store, args.test_fraction, args.seed)
+    counts = split.split(store, args.test_fraction, args.seed)
     print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
     print_unlabelled(counts.get("unlabelled", 0))
-    print_class_notes(notes(store))
+    print_class_notes(split.notes(store))
 
 
 def cmd_train(store, args) -> None:
@@ -532,7 +532,7 @@ def cmd_sql(store, args) -> None:
         for row in rows:
             print("  " + "  ".join(str(v) for v in row))
     if args.command == "split":
-        print_class_notes(notes(store))
+        print_class_notes(split.notes(store))
     if args.command == "train":
         print_left_out(store.model().params)
     if args.command == "run":

@@ -9,6 +9,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import NotReady, first_line
 from ..pipeline.audit import AuditReport, at_cutoff, audit, relabel
 from ..pipeline.featurize import featurize
 from ..pipeline.rank import default_method, latest_model
@@ -17,7 +18,7 @@ from ..search.catalogue import Catalogue
 from ..search.methods import scoring_method
 from ..search.model import SimilarityModel
 from ..search.searchers import DatabaseSearcher, Searcher, in_database, searcher
-from ..store import VECTOR_SEARCH, Store, StoreError, connect
+from ..store import VECTOR_SEARCH, Store, connect
 from .batcher import Batcher
 
 log = logging.getLogger("image_similarity.entrypoints.service")
@@ -75,8 +76,8 @@ def load_snapshot(store: Store, backbone: str, lock: threading.Lock | None = Non
         stamp = store.catalogue_stamp(backbone)
         model = latest_model(store)
         if model is not None and model.backbone != backbone:
-            raise StoreError(f"the latest model (version {model.version}) uses {model.backbone} features but this "
-                             f"service featurizes with {backbone}: restart serve to use it")
+            raise NotReady(f"the latest model (version {model.version}) uses {model.backbone} features but this "
+                           f"service featurizes with {backbone}: restart serve to use it")
         catalogue = Catalogue.from_store(store, backbone)
         evaluation = store.evaluation(model.version) if model else None
         method = default_method(store, model)
@@ -213,7 +214,3 @@ class Service:
         for thread in self._threads:
             thread.join(30)
 
-
-def first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

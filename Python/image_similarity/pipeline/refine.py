@@ -29,7 +29,7 @@ from ..core.images import BadImageError, decode_image
 from ..errors import BadInput, NotReady
 from ..features import precision as precisions
 from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
-from ..store import Store, StoreError
+from ..store import Store
 from .classes import ClassCount, as_params, learnable, unlabelled
 from .networks import RefineNet, decode_arrays, load_strict
 from .refine_settings import Settings
@@ -245,7 +245,7 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     val = _decode_images(store, [r for r in rows if r.id in validation_ids], classes, settings.image_size,
                          spec.resample, progress)
     if not train.tensors:
-        raise StoreError("no decodable training images to refine on")
+        raise BadInput("no decodable training images to refine on")
 
     module.to(torch_device).eval()  # batch-norm statistics stay as pretrained; dropout is applied by hand
     norm = (extractor.mean.to(torch_device), extractor.std.to(torch_device))

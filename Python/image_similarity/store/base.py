@@ -235,7 +235,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def model(self, version: int | None = None) -> ModelRecord:
-        """A stored model: the latest when version is None. StoreError when there is none."""
+        """A stored model: the latest when version is None. NotReady when there is none."""
 
     # evaluation
     @abc.abstractmethod
@@ -311,7 +311,7 @@ class Store(abc.ABC):
         """In one transaction: set status and metrics, replace each kind in `arrays`, delete the kinds in `drop`."""
 
     def network(self, name: str) -> NetworkRecord:
-        """One refined network by name; StoreError when there is none."""
+        """One refined network by name; NotReady when there is none."""
         for record in self.networks():
             if record.name == name:
                 return record

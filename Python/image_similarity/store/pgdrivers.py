@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from ..errors import StoreError
+from ..errors import StoreError, first_line
 
 PLACEHOLDER = re.compile(r"%s")
 
@@ -49,7 +49,7 @@ class Psycopg:
                 columns = [d.name for d in cur.description] if cur.description else []
                 return columns, [tuple(r) for r in cur.fetchall()] if columns else []
         except psycopg.Error as err:
-            message = err.diag.message_primary or str(err).strip().splitlines()[0]
+            message = err.diag.message_primary or first_line(err)
             raise StoreError(message.removeprefix("plpy.Error: ")) from None
 
     def first(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
