@@ -45,7 +45,7 @@ from ..pipeline.evaluate import evaluate_data
 from ..pipeline.ingest import ingest_bytes
 from ..pipeline.neighbors import block_neighbors, block_ranges, block_rows
 from ..pipeline.rank import rank_with
-from ..pipeline.split import split_images
+from ..pipeline.split import TEST_FRACTION, split_images
 from ..pipeline.suggest import catalogue_suggestions, with_suggestions
 from ..pipeline.train import C_GRID, fit_model
 from ..search.catalogue import Catalogue
@@ -206,7 +206,7 @@ def vector_json(vectors: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["image_id", "embedding"])
 
 
-def prepare_data(images: pd.DataFrame, test_fraction: float = 0.25, seed: int = 0) -> pd.DataFrame:
+def prepare_data(images: pd.DataFrame, test_fraction: float = TEST_FRACTION, seed: int = 0) -> pd.DataFrame:
     """Rows (id, name, label, sha256, dhash) -> (image_id, subset): the engine's split."""
     _require(images, "no images stored")
     rows = [ImageRow(int(r.id), r.name, r.label, r.sha256, r.dhash) for r in images.itertuples(index=False)]

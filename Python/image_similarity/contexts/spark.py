@@ -34,6 +34,7 @@ from ..pipeline.neighbors import (
     store_blocks,
 )
 from ..pipeline.rank import latest_model
+from ..pipeline.steps import BATCH_SIZE
 from ..pipeline.train import load_model
 from ..search.catalogue import Catalogue
 from ..search.searchers import ExactSearcher, scorer
@@ -173,7 +174,7 @@ def _featurize_task(db: str, backbone: str, device: str | None, weights: str | N
 
 
 def featurize_on_spark(spark: Any, db: str, backbone: str, device: str | None = None, weights: str | None = None,
-                       batch_size: int = 32, progress: bool = True, precision: str = "auto",
+                       batch_size: int = BATCH_SIZE, progress: bool = True, precision: str = "auto",
                        runtime: str = "auto") -> FeaturizeReport:
     """Featurize every stored image without features, spread over the executors by id ranges; each executor
     resolves `precision` and `runtime` on its own hardware and task cores, as a local run does (both are stored per

@@ -21,7 +21,7 @@ from ..pipeline import split
 from ..pipeline.ingest import ingest, ingest_view
 from ..pipeline.manifest import ingest_manifest
 from ..pipeline.refine_settings import Settings
-from ..pipeline.steps import STEPS, Run, choose_model, run_job, run_steps
+from ..pipeline.steps import BATCH_SIZE, STEPS, Run, choose_model, run_job, run_steps
 from ..resources import sample_dataset
 from ..search import ann
 from ..search.methods import METHODS, ranking_method
@@ -104,11 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("featurize", parents=[common, net, cluster], help="compute feature vectors for stored images",
                        description="Run the pretrained network over every stored image without features for "
                                    "the backbone. Resumable: an interrupted run loses at most one batch.")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per batch (default: {BATCH_SIZE})")
 
     p = sub.add_parser("split", parents=[common], help="stratified train/test split, near-duplicates kept together",
                        description="Split the stored images per class; near-duplicate images stay on one side.")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="share of each class for testing (default: 0.25)")
+    p.add_argument("--test-fraction", type=float, default=split.TEST_FRACTION,
+                   help=f"share of each class for testing (default: {split.TEST_FRACTION})")
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same split (default: 0)")
 
     p = sub.add_parser("train", parents=[common], help="train a linear SVM (C by cross-validation)",

@@ -21,6 +21,7 @@ from ..search.stored import store_method_vectors
 from ..store import VECTOR_SEARCH, Store
 from .networks import load_refined
 from .rank import latest_model
+from .steps import BATCH_SIZE
 
 # The backbones compute their padding from the input size in Python: a constant for the fixed input size, so the
 # trace's warnings about it are noise. A filter for the process (not catch_warnings, which the decode threads race).
@@ -144,7 +145,7 @@ def finish_batch(featurizer: Featurizer, pending: list[tuple[int, Future]]
 
 
 def featurize(store: Store, featurizer: Featurizer | None = None, backbone: str = DEFAULT_BACKBONE,
-              batch_size: int = 32, progress: bool = True,
+              batch_size: int = BATCH_SIZE, progress: bool = True,
               id_range: tuple[int, int] | None = None) -> FeaturizeReport:
     """Featurize every stored image that has no features for the backbone yet (only ids in `id_range`, both
     ends included, when given: a Spark task's share).

@@ -11,8 +11,11 @@ from ..errors import BadInput, NotReady
 from ..store import ImageRow, Store
 from .classes import MIN_TRAIN_PHOTOS, ClassCount, split_notes, unlabelled
 
+TEST_FRACTION = 0.25
+"""The share of each class a split holds out for testing, unless told otherwise."""
 
-def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: int = 0,
+
+def split_images(images: Sequence[ImageRow], test_fraction: float = TEST_FRACTION, seed: int = 0,
                  max_distance: int = NEAR_DUPLICATE_DISTANCE) -> dict[int, str]:
     """image id -> 'train' or 'test'.
 
@@ -47,7 +50,7 @@ def split_images(images: Sequence[ImageRow], test_fraction: float = 0.25, seed: 
     return subsets
 
 
-def split(store: Store, test_fraction: float = 0.25, seed: int = 0) -> dict[str, int]:
+def split(store: Store, test_fraction: float = TEST_FRACTION, seed: int = 0) -> dict[str, int]:
     """Split the stored labelled images and save the split; return the count per subset, and of the unlabelled
     images left out ("unlabelled")."""
     images = store.images()

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BadInput
 from ..features.specs import DEFAULT_BACKBONE
 from .ingest import ingest
-from .split import split
+from .split import TEST_FRACTION, split
+
+BATCH_SIZE = 32
+"""Images per batch of the featurize step, unless told otherwise (featurize, Spark's tasks, the CLI)."""
 
 if TYPE_CHECKING:
     from ..search.model import SimilarityModel
@@ -33,7 +36,7 @@ class Run:
     featurizer_for: Callable[[str | None], Featurizer] | None = None
     """The featurizer of a backbone (None: the default one); the steps that featurize or rank need it."""
     folder: Path | None = None
-    test_fraction: float = 0.25
+    test_fraction: float = TEST_FRACTION
     seed: int = 0
     out: Path | None = None
     progress: bool = False
