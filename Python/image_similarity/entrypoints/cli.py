@@ -45,6 +45,25 @@ DEFAULT_OUT = "image-similarity-output"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per step, then the commands on rankings, labels and the service."""
+    common, net, cluster = _shared_options()
+    parser = argparse.ArgumentParser(
+        prog="image-similarity",
+        description="Find catalogue images similar to a query image: ingest labelled images into a database, "
+                    "featurize them with a pretrained CNN, split, train a linear SVM, evaluate, and rank.",
+        epilog="Start with 'image-similarity run' to do every step on the bundled sample data. To deploy into SQL "
+               "Server, or to check a server met for the first time: 'image-similarity sqlserver --help'.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _step_commands(sub, common, net, cluster)
+    _ranking_commands(sub, common, net, cluster)
+    _label_commands(sub, common)
+    _service_commands(sub, common, net)
+    return parser
+
+
+def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The options several commands share: the store and context, the network, the Spark cluster."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--db", default=None, metavar="DB",
                         help="database: a SQLite file path, sqlite:///path, postgresql://[user@]host[:port]/database "
@@ -74,16 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "yarn, k8s://...; SQLite databases only with a local master")
     cluster.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                          help="a Spark setting for --context spark, repeatable, e.g. --conf spark.task.cpus=4")
+    return common, net, cluster
 
-    parser = argparse.ArgumentParser(
-        prog="image-similarity",
-        description="Find catalogue images similar to a query image: ingest labelled images into a database, "
-                    "featurize them with a pretrained CNN, split, train a linear SVM, evaluate, and rank.",
-        epilog="Start with 'image-similarity run' to do every step on the bundled sample data. To deploy into SQL "
-               "Server, or to check a server met for the first time: 'image-similarity sqlserver --help'.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+def _step_commands(sub: Any, common: argparse.ArgumentParser, net: argparse.ArgumentParser,
+                   cluster: argparse.ArgumentParser) -> None:
+    """The steps of the job: ingest, featurize, split, train, evaluate, refine."""
     p = sub.add_parser("ingest", parents=[common], help="load a folder of images, or a manifest of items",
                        description="Store every image under DIR with its label (the sub-folder name; files at the "
                                    "top level are unlabelled), or every row of a manifest (--manifest). Bad files "
@@ -143,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     _refine_options(p)
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda when available)")
 
+
+def _ranking_commands(sub: Any, common: argparse.ArgumentParser, net: argparse.ArgumentParser,
+                      cluster: argparse.ArgumentParser) -> None:
+    """Ranking a query, and every image's neighbours."""
     p = sub.add_parser("rank", parents=[common, net], help="the catalogue images most similar to a query image",
                        description="Featurize QUERY and list the most similar catalogue images (never the "
                                    "query itself or its near duplicates). Results are stored in the rankings table.")
@@ -176,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh", action="store_true",
                    help="first remove the stored neighbours of this backbone and method (after images changed)")
 
+
+def _label_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Checking and changing the labels: audit, suggest, relabel, remove."""
     p = sub.add_parser("audit", parents=[common], help="images that are probably mislabelled or duplicated",
                        description="List the labelled images whose label the model disputes, from out-of-fold "
                                    "class probabilities (each image judged by a model trained without it and its "
@@ -211,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rankings that name it.")
     p.add_argument("id", type=int, help="image id (see 'audit')")
 
+
+def _service_commands(sub: Any, common: argparse.ArgumentParser, net: argparse.ArgumentParser) -> None:
+    """The whole job at once, and the web service."""
     p = sub.add_parser("run", parents=[common, net], help="every step, then rank a sample query",
                        description="Ingest DIR (default: the bundled sample), featurize, split, train, evaluate, "
                                    "print a summary, and rank one test image.")
@@ -241,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "0: never)")
     p.add_argument("--no-background-featurize", dest="featurize_added", action="store_false",
                    help="leave images added through the service for 'image-similarity featurize'")
-    return parser
 
 
 def _refine_options(p: argparse.ArgumentParser) -> None:
