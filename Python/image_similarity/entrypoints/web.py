@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
@@ -293,6 +293,28 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
                               "need the operator's API key as a Bearer token.")
     app.add_middleware(UploadLimit, limit=max_upload_bytes + FORM_OVERHEAD)
 
+    _error_handlers(app)
+
+    app.state.service = service
+    reads = [Depends(can_read)] if protect_reads else []  # open reads declare no security in the schema
+
+    def read_upload(file: UploadFile) -> bytes:
+        declared = (file.content_type or "application/octet-stream").lower()
+        if not declared.startswith(ACCEPTED_TYPES):
+            raise HTTPException(400, f"not an image: uploaded as {declared}")
+        data = file.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, too_large_reason(max_upload_bytes))
+        return data
+
+    _query_routes(app, service, store, page, reads, read_upload)
+    _write_routes(app, service, store, can_write, read_upload)
+    _status_routes(app, service, store, featurizer, reads, max_upload_bytes)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """How the service answers errors: HTTP ones as FastAPI does (with a full Allow header), the engine's by kind."""
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> Response:
         """As FastAPI answers, but a 405's Allow header names the methods of every route on the path (Starlette's
@@ -308,19 +330,10 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         """The one place the service renders the engine's errors: one line, the status of its kind."""
         return JSONResponse({"detail": " ".join(str(err).split())}, status_code=status_of(err))
 
-    app.state.service = service
-    reads = [Depends(can_read)] if protect_reads else []  # open reads declare no security in the schema
-    denied = {401: {"description": "no valid API key"}, 403: {"description": "writes are off: no API key is set"}}
 
-    def read_upload(file: UploadFile) -> bytes:
-        declared = (file.content_type or "application/octet-stream").lower()
-        if not declared.startswith(ACCEPTED_TYPES):
-            raise HTTPException(400, f"not an image: uploaded as {declared}")
-        data = file.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, too_large_reason(max_upload_bytes))
-        return data
-
+def _query_routes(app: FastAPI, service: Service, store: Store, page: str, reads: list,
+                  read_upload: Callable[[UploadFile], bytes]) -> None:
+    """The page, ranking an uploaded image, and a stored image's bytes."""
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
@@ -352,6 +365,12 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
             data = store.image_bytes(image_id)
         return Response(data, media_type=content_type(data),
                         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+
+def _write_routes(app: FastAPI, service: Service, store: Store, can_write: Callable[..., None],
+                  read_upload: Callable[[UploadFile], bytes]) -> None:
+    """Catalogue writes (they need the API key): add, remove and relabel an image."""
+    denied = {401: {"description": "no valid API key"}, 403: {"description": "writes are off: no API key is set"}}
 
     @app.post("/api/images", status_code=201, response_model=AddedOut, dependencies=[Depends(can_write)],
               summary="Add an image to the catalogue (needs the API key)",
@@ -399,6 +418,10 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
         previous, label = service.relabel(image_id, body.label, body.new_class)
         return LabelOut(id=image_id, label=label, previous=previous)
 
+
+def _status_routes(app: FastAPI, service: Service, store: Store, featurizer, reads: list,
+                   max_upload_bytes: int) -> None:
+    """What the service knows: an audit, the catalogue, stored neighbours, its health and its model."""
     @app.get("/api/audit", response_model=AuditOut, dependencies=reads,
              summary="Catalogue images that are probably mislabelled (image-similarity audit), likeliest first",
              responses={409: {"description": "too few images or classes to audit"}})
@@ -448,5 +471,3 @@ def create_app(store: Store, featurizer, max_upload_bytes: int = MAX_UPLOAD_BYTE
              summary="The model in use and its evaluation figures")
     def model_info() -> ModelOut:
         return model_out(service.current, featurizer.backbone)
-
-    return app
