@@ -28,8 +28,9 @@ from tqdm import tqdm
 from ..core.images import BadImageError, decode_image
 from ..errors import BadInput, NotReady
 from ..features import precision as precisions
-from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, load_backbone
+from ..features.backbones import BACKBONES, DEFAULT_BACKBONE, FeatureExtractor, load_backbone
 from ..store import Store
+from ..store.base import NetworkRecord
 from .classes import ClassCount, as_params, learnable, unlabelled
 from .networks import RefineNet, decode_arrays, load_strict
 from .refine_settings import Settings
@@ -183,6 +184,46 @@ def _is_better(val: tuple[float | None, float | None], best: dict | None) -> boo
     return (val[0], -val[1]) > (best["val_accuracy"], -best["val_loss"])
 
 
+def _network_record(store: Store, base: str, seed: int, settings: Settings, rows: Sequence, classes: list[str],
+                    left_out: dict[str, ClassCount]) -> NetworkRecord:
+    """The network these settings, seed and training images refine: the stored one (ready, or to resume), else a
+    new one."""
+    params = {"base": base, "seed": seed, "classes": classes, "training_images": len(rows),
+              "training_fingerprint": _fingerprint(rows), **dataclasses.asdict(settings),
+              **({"left_out": as_params(left_out)} if left_out else {})}
+    for record in reversed(store.networks()):  # resumed whatever unlabelled images were added meanwhile
+        if record.base == base and {k: v for k, v in record.params.items() if k != "unlabelled"} == params:
+            return record
+    left = unlabelled([im.label for im in store.images()])
+    return store.create_network(base, {**params, **({"unlabelled": left} if left else {})})
+
+
+def _new_module(extractor: FeatureExtractor, classes: int, seed: int,
+                settings: Settings) -> tuple[RefineNet, torch.optim.AdamW]:
+    """The backbone with a new head (small, from the seed), frozen as the settings say, and its optimizer."""
+    module = RefineNet(extractor.net, extractor.spec.dim, classes)
+    with torch.no_grad():
+        shape = module.head.weight.shape
+        module.head.weight.copy_(0.01 * torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
+        module.head.bias.zero_()
+    module.requires_grad_(True)
+    _freeze(module, settings.freeze)
+    return module, _optimizer(module, settings)
+
+
+def _resume(store: Store, record: NetworkRecord, module: RefineNet, optimizer: torch.optim.AdamW) -> None:
+    """Load the last finished epoch's weights and optimizer state."""
+    load_strict(record.name, module, decode_arrays(record.name, "state", store.network_arrays(record.name, "state")),
+                kind="state")
+    moments = decode_arrays(record.name, "optimizer", store.network_arrays(record.name, "optimizer"))
+    state = optimizer.state_dict()
+    state["state"] = {}
+    for key, value in moments.items():
+        index, _, name = key.partition(".")
+        state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(state)
+
+
 def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = None, seed: int = 0,
            progress: bool = True, device: str | None = None, precision: str = "auto",
            settings: Settings | None = None,
@@ -201,42 +242,19 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     if settings.epochs < 1:
         raise BadInput(f"epochs must be at least 1, got {settings.epochs}")
     rows, classes, left_out = _training_images(store)
-    params = {"base": base, "seed": seed, "classes": classes, "training_images": len(rows),
-              "training_fingerprint": _fingerprint(rows), **dataclasses.asdict(settings),
-              **({"left_out": as_params(left_out)} if left_out else {})}
-    for record in reversed(store.networks()):  # resumed whatever unlabelled images were added meanwhile
-        if record.base == base and {k: v for k, v in record.params.items() if k != "unlabelled"} == params:
-            if record.status == "ready":
-                return record.name
-            break
-    else:
-        left = unlabelled([im.label for im in store.images()])
-        record = store.create_network(base, {**params, **({"unlabelled": left} if left else {})})
+    record = _network_record(store, base, seed, settings, rows, classes, left_out)
+    if record.status == "ready":
+        return record.name
 
     torch_device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     chosen = precisions.resolve(precision, torch_device)
     extractor = load_backbone(base)
-    module = RefineNet(extractor.net, extractor.spec.dim, len(classes))
-    with torch.no_grad():  # the new head starts small, from the seed
-        shape = module.head.weight.shape
-        module.head.weight.copy_(0.01 * torch.randn(shape, generator=torch.Generator().manual_seed(seed)))
-        module.head.bias.zero_()
-    module.requires_grad_(True)
-    _freeze(module, settings.freeze)
-    optimizer = _optimizer(module, settings)
+    module, optimizer = _new_module(extractor, len(classes), seed, settings)
 
     metrics = record.metrics or {"history": [], "best": None}
     done = len(metrics["history"])
-    if done:  # resume: the last finished epoch's weights and optimizer state
-        load_strict(record.name, module, decode_arrays(record.name, "state", store.network_arrays(record.name, "state")),
-                     kind="state")
-        moments = decode_arrays(record.name, "optimizer", store.network_arrays(record.name, "optimizer"))
-        state = optimizer.state_dict()
-        state["state"] = {}
-        for key, value in moments.items():
-            index, _, name = key.partition(".")
-            state["state"].setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict(state)
+    if done:
+        _resume(store, record, module, optimizer)
 
     validation_ids = {i for i, s in split_images(rows, settings.val_fraction, seed).items() if s == "test"}
     spec = extractor.spec
