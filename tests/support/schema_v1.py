@@ -3,6 +3,7 @@ no metadata, no schema_version), with a few rows: a database made by the old cod
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 from image_similarity.store import postgres, schema, sqlite
@@ -55,3 +56,31 @@ def fill(execute, sample_dir: Path, placeholder: str = "?") -> None:
     execute(f"INSERT INTO queries (query_name, query_sha256, method, backbone, created_at)"
             f" VALUES ('q', 'x', 'l2', 'efficientnet_lite0', '{AT}')")
     execute("INSERT INTO rankings (query_id, rank, image_id, score) VALUES (1, 1, 3, 0.25)")
+
+
+SQLSERVER_V1_IMAGES = """IF OBJECT_ID(N'dbo.images', N'U') IS NULL
+    CREATE TABLE dbo.images (
+        id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        name nvarchar(400) NOT NULL,
+        label nvarchar(200) NOT NULL,
+        format nvarchar(16) NOT NULL,
+        width int NOT NULL,
+        height int NOT NULL,
+        mode nvarchar(16) NOT NULL,
+        size_bytes int NOT NULL,
+        sha256 char(64) NOT NULL UNIQUE,
+        dhash char(64) NOT NULL,
+        data varbinary(max) NOT NULL,
+        added_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+"""
+"""SQLR/02_Tables.sql's images table before issue 29 (commit b31a52e's parent)."""
+
+
+def sqlserver_script(tables_sql: str) -> str:
+    """SQLR/02_Tables.sql (`tables_sql`) as the setup ran it before issue 29: the old images table, no
+    schema_version and none of the later tables (feature_runtimes, issue 28's)."""
+    batches = [b for b in re.split(r"(?im)^\s*GO\s*$", tables_sql) if b.strip()]
+    kept = [SQLSERVER_V1_IMAGES if "CREATE TABLE dbo.images (" in b else b for b in batches
+            if "schema_version" not in b and "feature_runtimes" not in b]
+    return "\nGO\n".join(kept) + "\nGO\n"

@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sqlite3
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -419,7 +420,15 @@ def _values(node: exp.Values) -> exp.Expression:
     return exp.Subquery(this=select, alias=exp.TableAlias(this=alias.this))
 
 
+def _is_text(node: exp.Expression) -> bool:
+    """Whether an expression is text by its literals: T-SQL's + on text concatenates."""
+    return isinstance(node, exp.National) or isinstance(node, exp.Literal) and node.is_string \
+        or isinstance(node, exp.Add) and (_is_text(node.this) or _is_text(node.expression))
+
+
 def _rewrite(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.Add) and _is_text(node):
+        return exp.DPipe(this=node.this.transform(_rewrite), expression=node.expression.transform(_rewrite))
     if isinstance(node, exp.Select) and node.args.get("for_"):
         return _for_json(node)
     if isinstance(node, exp.Values) and node.args.get("alias") and node.args["alias"].columns:
@@ -487,6 +496,47 @@ def column_types(create_sql: str) -> tuple[str, dict[str, str]]:
     return name.lower(), {c.name.lower(): _type_text(c.args["kind"]) for c in tree.find_all(exp.ColumnDef)}
 
 
+def unique_constraints(create_sql: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """A CREATE TABLE statement without its UNIQUE constraints, and (name, columns) of each. SQL Server backs each
+    with a unique index of the constraint's name; the emulation creates that index, which ALTER TABLE ... DROP
+    CONSTRAINT can drop (SQLite cannot drop an inline UNIQUE). An unnamed one is named as SQL Server names it,
+    UQ__table__ and 16 hex digits."""
+    tree = sqlglot.parse_one(create_sql, read="tsql")
+    table, found = tree.find(exp.Table).name, []
+    for col in tree.find_all(exp.ColumnDef):
+        constraints = col.args.get("constraints") or []
+        kept = [c for c in constraints if not isinstance(c.kind, exp.UniqueColumnConstraint)]
+        if len(kept) < len(constraints):
+            digest = hashlib.sha256(f"{table}.{col.name}".encode()).hexdigest()[:16].upper()
+            found.append((f"UQ__{table[:8]}__{digest}", [col.name]))
+            col.set("constraints", kept)
+    for constraint in list(tree.find_all(exp.Constraint)):
+        unique = constraint.find(exp.UniqueColumnConstraint)
+        if unique is not None:
+            found.append((constraint.name, [c.name for c in unique.this.expressions]))
+            constraint.pop()
+    return (tree.sql(dialect="tsql") if found else create_sql), found
+
+
+def table_id(name: str) -> int:
+    """A table's object id (OBJECT_ID, sys.key_constraints, sys.index_columns): stable per name."""
+    return 1000 + zlib.crc32(name.lower().encode()) % 1_000_000_000
+
+
+CATALOG_VIEWS = (
+    # sys.key_constraints: the UNIQUE constraints (the emulation keeps no PRIMARY KEY rows), each backed by the
+    # unique index of its name (unique_constraints)
+    "CREATE VIEW key_constraints AS SELECT c.name AS name, OBJECT_ID(c.table_name, 'U') AS parent_object_id,"
+    " c.type AS type, i.rowid AS unique_index_id FROM tsql_constraints AS c"
+    " JOIN sqlite_master AS i ON i.type = 'index' AND i.name = c.name",
+    # sys.index_columns: each index's columns, column_id counted from 1 in the table's column order
+    "CREATE VIEW index_columns AS SELECT OBJECT_ID(i.tbl_name, 'U') AS object_id, i.rowid AS index_id,"
+    " k.seqno + 1 AS index_column_id, k.cid + 1 AS column_id FROM sqlite_master AS i, pragma_index_info(i.name) AS k"
+    " WHERE i.type = 'index'",
+)
+"""The catalog views 02_Migrate.sql reads (sys. is dropped like dbo.)."""
+
+
 # ---------------------------------------------------------------- the server
 class Server:
     """SQL Server as far as SQLR/ needs it, over one SQLite connection (one session)."""
@@ -512,6 +562,7 @@ class Server:
         self.conn.execute("CREATE TABLE indexes (name TEXT)")
         self.conn.execute("CREATE TABLE configurations (name TEXT, value_in_use INTEGER)")
         self.conn.execute("INSERT INTO configurations VALUES ('external scripts enabled', 1)")
+        self.conn.execute("CREATE TABLE tsql_constraints (name TEXT PRIMARY KEY, table_name TEXT NOT NULL, type TEXT)")
         for name, arity, fn in [
             ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
             ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
@@ -525,7 +576,8 @@ class Server:
             ("DB_ID", 1, lambda name: 1 if name.lower() in self.databases else None), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
             ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
-            ("COL_LENGTH", 2, self._col_length),
+            ("COL_LENGTH", 2, self._col_length), ("COL_NAME", 2, self._col_name),
+            ("QUOTENAME", 1, lambda name: None if name is None or len(name) > 128 else f"[{name.replace(']', ']]')}]"),
             ("SERVERPROPERTY", 1, lambda name: {"productmajorversion": "17" if self.vector_type else "16"}.get(
                 name.lower())),
             ("DATABASE_PRINCIPAL_ID", 1, lambda name: 1 if name.lower() in self.principals else None),
@@ -534,6 +586,8 @@ class Server:
             self.conn.create_function(name, arity, self._guarded(fn))
         self.conn.create_function("tsql_json_object", -1, self._guarded(json_object))
         self.conn.create_aggregate("tsql_for_json", 2, ForJson)
+        for view in CATALOG_VIEWS:
+            self.conn.execute(view)
         self._last_id = None
 
     # helpers reachable from SQL
@@ -632,7 +686,7 @@ class Server:
         if bare.startswith("#"):
             bare = "tmp_" + bare[1:]
         if kind in (None, "U") and bare in self.tables:
-            return 1
+            return table_id(bare)
         if kind in (None, "P") and bare in self.procedures:
             return 2
         if kind in (None, "V") and self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'view' AND name = ?",
@@ -644,6 +698,13 @@ class Server:
         """Whether the column exists (its byte length in SQL Server; here 1), else NULL."""
         bare = table.split(".")[-1].strip("[]").lower()
         return 1 if column.lower() in self.tables.get(bare, {}) else None
+
+    def _col_name(self, object_id: int, column_id: int) -> str | None:
+        """COL_NAME: the column's name by the table's id and the column's position from 1, else NULL."""
+        for table, columns in self.tables.items():
+            if table_id(table) == object_id and 0 < column_id <= len(columns):
+                return list(columns)[column_id - 1]
+        return None
 
     # scripts
     def run_script(self, text: str, variables: dict[str, str] | None = None) -> None:
@@ -874,10 +935,18 @@ class Server:
             if name in self.tables and name.startswith("tmp_"):
                 raise SqlError(2714, f"There is already an object named '#{name[4:]}' in the database (a nested "
                                      "procedure must not reuse its caller's temporary table names).", True)
-            self.query(text, frame)
-            self.tables[name] = types
             if name.startswith("tmp_"):
+                self.query(text, frame)
                 frame.temp_tables.append(name)
+            else:
+                definition, uniques = unique_constraints(text)
+                self.query(definition, frame)
+                for constraint, columns in uniques:
+                    self.conn.execute(f'CREATE UNIQUE INDEX "{constraint}" ON {name} ({", ".join(columns)})')
+                    self.conn.execute("INSERT INTO tsql_constraints VALUES (?, ?, 'UQ')", (constraint, name))
+            self.tables[name] = types
+        elif head == "ALTER TABLE":
+            self.alter_table(text)
         elif re.match(r"CREATE\s+VECTOR\s+INDEX", text, re.IGNORECASE):
             self.vector_index(text)
         elif re.match(r"SELECT\s+(TOP\s*\([^)]*\)\s*)?@\w+\s*=", text, re.IGNORECASE):
@@ -920,6 +989,8 @@ class Server:
     def exec_call(self, text: str, frame: Frame) -> list[pd.DataFrame]:
         name, _, rest = text.partition(" ")
         name = name.split(".")[-1].lower()
+        if name == "sp_executesql":
+            return self.execute_sql(rest, frame)
         arguments = {}
         for part in split_arguments(rest):
             found = re.match(r"@(\w+)\s*=\s*(.*)", part.strip(), re.DOTALL)
@@ -1084,6 +1155,132 @@ class Server:
         for action in ("INSERT", "UPDATE", "DELETE"):  # SQL Server 2025's (earlier-version) index: read-only
             self.conn.execute(f"CREATE TRIGGER read_only_{action.lower()}_{table} BEFORE {action} ON {table} "
                               f"BEGIN SELECT tsql_vector_index_read_only('{table}'); END")
+
+    def execute_sql(self, arguments: str, frame: Frame) -> list[pd.DataFrame]:
+        """EXEC sp_executesql @statement: the text runs as its own batch scope (no caller variables, its own
+        temporary tables); parameters beyond the statement are not emulated."""
+        parts = split_arguments(arguments)
+        if len(parts) != 1:
+            raise SqlError(102, "sp_executesql: only a statement without parameters is emulated", True)
+        text = self.scalar(re.sub(r"^@statement\s*=\s*", "", parts[0].strip(), flags=re.IGNORECASE), frame)
+        if not isinstance(text, str) or not text.strip():
+            raise SqlError(102, f"sp_executesql: {text!r} is not a statement", True)
+        inner, results = Frame(), []
+        body, _ = parse_block(tokens(text if text.rstrip().endswith(";") else text + ";") + ["END"], 0, ("END",))
+        try:
+            self.block(body, inner, results)
+        finally:
+            self.drop_temporary(inner)
+        return results
+
+    def alter_table(self, text: str) -> None:
+        """ALTER TABLE as SQLR/02_Migrate.sql uses it, one atomic statement: ALTER COLUMN to the same type with
+        NULL or NOT NULL, ADD of nullable columns, DROP CONSTRAINT of a UNIQUE constraint; by the rules of
+        Microsoft's ALTER TABLE page (SQLR/README.md)."""
+        tree = sqlglot.parse_one(text, read="tsql")
+        table, actions = tree.this.name.lower(), tree.args.get("actions") or []
+        if table not in self.tables or table.startswith("tmp_"):
+            raise SqlError(4902, f"Cannot find the object \"{tree.this.name}\" because it does not exist or you do "
+                                 "not have permissions.")
+        self.require_on_object("ALTER", table)
+        self.conn.execute("SAVEPOINT tsql_alter")
+        try:
+            if len(actions) == 1 and isinstance(actions[0], exp.AlterColumn):
+                self._alter_column(table, actions[0])
+            elif actions and all(isinstance(a, exp.ColumnDef) for a in actions):
+                added = {}
+                for action in actions:
+                    added.update(self._add_column(table, action, added))
+                self.tables[table].update(added)
+            elif len(actions) == 1 and isinstance(actions[0], exp.Drop) and actions[0].args.get("kind") == "CONSTRAINT":
+                self._drop_constraint(table, actions[0].find(exp.Table).name)
+            else:
+                raise SqlError(102, f"only ALTER COLUMN, ADD columns and DROP CONSTRAINT are emulated: {text}", True)
+        except BaseException:
+            self.conn.execute("ROLLBACK TO tsql_alter")
+            self.conn.execute("RELEASE tsql_alter")
+            raise
+        self.conn.execute("RELEASE tsql_alter")
+
+    def _alter_column(self, table: str, action: exp.AlterColumn) -> None:
+        """Nullability only. SQLite cannot alter a column and a rebuild's DROP TABLE would cascade to the rows
+        that refer to the table (foreign keys cannot be switched off inside a transaction), so the table's stored
+        definition is edited in place, SQLite's documented way to remove (or add) a NOT NULL."""
+        column = action.this.name.lower()
+        if column not in self.tables[table]:
+            raise SqlError(4924, f"ALTER TABLE ALTER COLUMN failed because column '{column}' does not exist in "
+                                 f"table '{table}'.")
+        if action.args.get("dtype") is None or _type_text(action.args["dtype"]) != self.tables[table][column]:
+            raise SqlError(102, f"ALTER COLUMN {column}: only a change of nullability (the same type given) is "
+                                "emulated", True)
+        for name, why in self._dependents(table, column):  # Msg 5074 then 4922, which a CATCH block sees
+            raise SqlError(4922, f"The {why} '{name}' is dependent on column '{column}'. ALTER TABLE ALTER COLUMN "
+                                 f"{column} failed because one or more objects access this column.")
+        nullable = action.args.get("allow_null") is not False  # neither NULL nor NOT NULL: nullable (the page)
+        if not nullable and self.conn.execute(f"SELECT 1 FROM {table} WHERE {column} IS NULL").fetchone():
+            raise SqlError(515, f"Cannot insert the value NULL into column '{column}', table '{table}'; column does "
+                                "not allow nulls. UPDATE fails.")
+        (sql,) = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                   (table,)).fetchone()
+        definition = sqlglot.parse_one(sql, read="sqlite")
+        col = next(c for c in definition.find_all(exp.ColumnDef) if c.name.lower() == column)
+        kept = [c for c in col.args.get("constraints") or [] if not isinstance(c.kind, exp.NotNullColumnConstraint)]
+        col.set("constraints", [exp.ColumnConstraint(kind=exp.NotNullColumnConstraint(allow_null=nullable or None)),
+                                *kept])
+        (version,) = self.conn.execute("PRAGMA schema_version").fetchone()
+        self.conn.execute("PRAGMA writable_schema = ON")
+        try:
+            self.conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?",
+                              (definition.sql(dialect="sqlite"), table))
+            self.conn.execute(f"PRAGMA schema_version = {version + 1}")
+        finally:
+            self.conn.execute("PRAGMA writable_schema = OFF")
+
+    def _dependents(self, table: str, column: str) -> list[tuple[str, str]]:
+        """What keeps ALTER COLUMN from changing `column` (the page's list, as far as emulated): the primary key,
+        a foreign key from or to it, a UNIQUE constraint, an index unless the column is (n)varchar or varbinary."""
+        found = [(f"PK__{table}", "object") for _, name, *_, pk in self.conn.execute(
+            "SELECT * FROM pragma_table_info(?)", (table,)) if name.lower() == column and pk]
+        found += [(f"FK__{table}__{column}", "object") for row in self.conn.execute(
+            "SELECT * FROM pragma_foreign_key_list(?)", (table,)) if row[3].lower() == column]
+        for (child,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            found += [(f"FK__{child}__{row[3]}", "object") for row in self.conn.execute(
+                "SELECT * FROM pragma_foreign_key_list(?)", (child,)) if row[2].lower() == table and row[4]
+                and row[4].lower() == column]
+        constraints = {n for (n,) in self.conn.execute("SELECT name FROM tsql_constraints WHERE table_name = ?",
+                                                        (table,))}
+        for _, index, _, origin, _ in self.conn.execute("SELECT * FROM pragma_index_list(?)", (table,)).fetchall():
+            if column in (c.lower() for (c,) in self.conn.execute("SELECT name FROM pragma_index_info(?)", (index,))):
+                if index in constraints or origin != "c":
+                    found.append((index, "object"))
+                elif base_type(self.tables[table][column]) not in ("varchar", "nvarchar", "varbinary"):
+                    found.append((index, "index"))
+        return found
+
+    def _add_column(self, table: str, action: exp.ColumnDef, added: dict[str, str]) -> dict[str, str]:
+        name = action.name.lower()
+        if name in self.tables[table] or name in added:
+            raise SqlError(2705, f"Column names in each table must be unique. Column name '{name}' in table "
+                                 f"'{table}' is specified more than once.")
+        kinds = [c.kind for c in action.args.get("constraints") or []]
+        if any(not isinstance(k, (exp.NotNullColumnConstraint, exp.DefaultColumnConstraint)) for k in kinds):
+            raise SqlError(102, f"ADD {name}: only NULL, NOT NULL and DEFAULT are emulated", True)
+        not_null = any(isinstance(k, exp.NotNullColumnConstraint) and not k.args.get("allow_null") for k in kinds)
+        if not_null and not any(isinstance(k, exp.DefaultColumnConstraint) for k in kinds) \
+                and self.conn.execute(f"SELECT 1 FROM {table}").fetchone():
+            raise SqlError(4901, f"ALTER TABLE only allows columns to be added that can contain nulls, or have a "
+                                 f"DEFAULT definition specified. Column '{name}' cannot be added to non-empty table "
+                                 f"'{table}' because it does not satisfy these conditions.")
+        created = sqlglot.parse_one(to_sqlite(f"CREATE TABLE {table} ({action.sql(dialect='tsql')})"), read="sqlite")
+        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {created.find(exp.ColumnDef).sql(dialect='sqlite')}")
+        return {name: _type_text(action.args["kind"])}
+
+    def _drop_constraint(self, table: str, name: str) -> None:
+        if not self.conn.execute("SELECT 1 FROM tsql_constraints WHERE name = ? AND table_name = ?",
+                                 (name, table)).fetchone():
+            raise SqlError(3727, f"'{name}' is not a constraint. Could not drop constraint.")  # Msg 3728 then 3727
+        self.conn.execute(f'DROP INDEX "{name}"')
+        self.conn.execute("DELETE FROM tsql_constraints WHERE name = ?", (name,))
 
 
 def install(server: Server, scripts: list, database: str = "ImageSimilarity") -> None:
