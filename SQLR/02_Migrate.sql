@@ -1,6 +1,6 @@
 -- issue 29: upgrades the tables of a database set up by an older release in place, before 02_Tables.sql (which
--- creates what is missing and records the version of a new database) and the procedures that read the new
--- columns. Version 1 is every database made before dbo.schema_version existed: its images table has no item_key.
+-- creates what is missing, dbo.schema_version included, and records the version of a new database) and the
+-- procedures that read the new columns. Version 1 is every database made before dbo.schema_version existed: its images table has no item_key.
 -- Each step runs in one transaction and records the versions it passed (1, then 2), as the SQLite and PostgreSQL
 -- stores do. A new database (no dbo.images yet) is left to 02_Tables.sql. Safe to re-run. No name here comes from
 -- a user: the one dynamic statement drops the constraint SQL Server named itself.
@@ -12,12 +12,6 @@
 -- allow NULL (or have a default). The new columns are indexed in a separate batch (sp_executesql), because the
 -- batch that adds them was compiled before they existed.
 SET XACT_ABORT ON;
-GO
-IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
-    CREATE TABLE dbo.schema_version (
-        version int NOT NULL PRIMARY KEY,
-        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
-    );
 GO
 IF OBJECT_ID(N'dbo.images', N'U') IS NOT NULL AND COL_LENGTH(N'dbo.images', N'item_key') IS NULL
 BEGIN
@@ -37,8 +31,13 @@ BEGIN
     ALTER TABLE dbo.images ADD item_key nvarchar(400) NULL, metadata nvarchar(max) NULL;
     EXEC sp_executesql N'CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
         CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
-    INSERT INTO dbo.schema_version (version) SELECT v.version FROM (VALUES (1), (2)) AS v (version)
-        WHERE NOT EXISTS (SELECT 1 FROM dbo.schema_version AS s WHERE s.version = v.version);
+    -- 02_Tables.sql's dbo.schema_version, made here to record the steps (tests/test_migrations.py checks the two
+    -- definitions are the same)
+    CREATE TABLE dbo.schema_version (
+        version int NOT NULL PRIMARY KEY,
+        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+    INSERT INTO dbo.schema_version (version) VALUES (1), (2);
     COMMIT TRANSACTION;
 END
 GO

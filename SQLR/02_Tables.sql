@@ -166,8 +166,13 @@ IF OBJECT_ID(N'dbo.network_arrays', N'U') IS NULL
         PRIMARY KEY (network, kind, [key])
     );
 GO
--- issue 29: a new database starts at the current schema version (dbo.schema_version: 02_Migrate.sql, which creates
--- it and records the versions an older database passed).
+-- issue 29: the schema version each migration reached (store/migrations.py; 02_Migrate.sql on SQL Server).
+IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
+    CREATE TABLE dbo.schema_version (
+        version int NOT NULL PRIMARY KEY,
+        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
 IF NOT EXISTS (SELECT 1 FROM dbo.schema_version)
     INSERT INTO dbo.schema_version (version) VALUES (2);
 GO

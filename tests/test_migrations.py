@@ -131,6 +131,9 @@ def test_the_sql_server_setup_upgrades_a_database_the_old_setup_made(sample_dir)
     tsql.install(server, scripts)  # re-run: a no-op
     assert schema() == migrated and rows == {t: server.conn.execute(f"SELECT * FROM {t}").fetchall()
                                              for t in server.tables}
+    fresh = tsql.Server()
+    tsql.install(fresh, scripts)  # the tables, indexes and constraints of a new database, schema_version's included
+    assert migrated == fresh.conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
 
     photos = schema_v1.photos(sample_dir, 3)
     first, new = photos[0], photos[2]  # photos[2]: a dotted photo the old database does not hold

@@ -334,6 +334,29 @@ def test_ingest_from_view_stores_the_view_rows_records_bad_ones_and_is_safe_to_r
     assert sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (2,)
 
 
+def test_ingest_from_view_takes_the_views_metadata_column(sample_dir):
+    """Issue 29: a view with the optional metadata column (found through COL_LENGTH, read by a constant statement
+    through sp_executesql, with the caller's SELECT permission): JSON objects become the items' metadata, other
+    text is refused by AddImage and recorded; a user of image_similarity_user may run it."""
+    sql = Server()
+    install(sql, SCRIPTS)
+    photos = [sorted((sample_dir / c).iterdir())[0].read_bytes() for c in ("dotted", "leopard", "striped")]
+    sql.conn.execute("CREATE TABLE products (sku text, category text, photo blob, attrs text)")
+    sql.conn.executemany("INSERT INTO products VALUES (?, ?, ?, ?)", [
+        ("sku-1", "dotted", photos[0], '{"title": "Spotted scarf"}'), ("sku-2", None, photos[1], None),
+        ("sku-3", "striped", photos[2], "[1, 2]")])
+    sql.conn.execute("CREATE VIEW image_source AS SELECT sku AS item_key, category AS label, photo AS data, "
+                     "attrs AS metadata FROM products")
+    sql.run_script("CREATE USER shop WITHOUT LOGIN; ALTER ROLE image_similarity_user ADD MEMBER shop;")
+    sql.user = "shop"
+    results, _ = sql.call("IngestFromView")
+    assert rows_of(results[-1]) == [(3, 2, 0, 1)]
+    assert sql.conn.execute("SELECT item_key, label, metadata FROM images ORDER BY id").fetchall() == [
+        ("sku-1", "dotted", '{"title": "Spotted scarf"}'), ("sku-2", None, None)]
+    assert sql.conn.execute("SELECT name, reason FROM rejected_files").fetchall() == [
+        ("image_source/sku-3", "AddImage: metadata must be a JSON object.")]
+
+
 def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer):
     """Issue 29: an unlabelled match comes with the latest model's suggested label and probability, as the engine's
     pipeline/suggest.py gives them; a labelled match with none."""

@@ -533,8 +533,11 @@ CATALOG_VIEWS = (
     "CREATE VIEW index_columns AS SELECT OBJECT_ID(i.tbl_name, 'U') AS object_id, i.rowid AS index_id,"
     " k.seqno + 1 AS index_column_id, k.cid + 1 AS column_id FROM sqlite_master AS i, pragma_index_info(i.name) AS k"
     " WHERE i.type = 'index'",
+    # INFORMATION_SCHEMA.COLUMNS: the columns of every table and view
+    "CREATE VIEW columns AS SELECT 'dbo' AS table_schema, m.name AS table_name, c.name AS column_name"
+    " FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type IN ('table', 'view')",
 )
-"""The catalog views 02_Migrate.sql reads (sys. is dropped like dbo.)."""
+"""The catalog views 02_Migrate.sql and the view source read (sys. and INFORMATION_SCHEMA. are dropped like dbo.)."""
 
 
 # ---------------------------------------------------------------- the server
@@ -695,9 +698,13 @@ class Server:
         return None
 
     def _col_length(self, table: str, column: str) -> int | None:
-        """Whether the column exists (its byte length in SQL Server; here 1), else NULL."""
+        """Whether the column of the table or view exists (its byte length in SQL Server; here 1), else NULL."""
         bare = table.split(".")[-1].strip("[]").lower()
-        return 1 if column.lower() in self.tables.get(bare, {}) else None
+        if bare in self.tables:
+            return 1 if column.lower() in self.tables[bare] else None
+        found = self.conn.execute("SELECT 1 FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type ="
+                                  " 'view' AND m.name = ? AND c.name = ? COLLATE NOCASE", (bare, column)).fetchone()
+        return 1 if found else None
 
     def _col_name(self, object_id: int, column_id: int) -> str | None:
         """COL_NAME: the column's name by the table's id and the column's position from 1, else NULL."""
@@ -989,20 +996,20 @@ class Server:
     def exec_call(self, text: str, frame: Frame) -> list[pd.DataFrame]:
         name, _, rest = text.partition(" ")
         name = name.split(".")[-1].lower()
-        if name == "sp_executesql":
-            return self.execute_sql(rest, frame)
+        parts = split_arguments(rest)
+        dynamic = self.dynamic_sql(parts, frame) if name == "sp_executesql" else None
         arguments = {}
-        for part in split_arguments(rest):
+        for part in parts[2 if dynamic and dynamic.params else 1:] if dynamic else parts:
             found = re.match(r"@(\w+)\s*=\s*(.*)", part.strip(), re.DOTALL)
             if not found:
                 raise SqlError(102, f"pass parameters by name: {part!r}", True)
             arguments[found.group(1).lower()] = found.group(2).strip()
         if name == "sp_execute_external_script":
             return self.external_script(arguments, frame)
-        if name not in self.procedures:
+        if dynamic is None and name not in self.procedures:
             raise SqlError(2812, f"Could not find stored procedure '{name}'.", True)
         results: list[pd.DataFrame] = []
-        outputs = self.execute(self.procedures[name], dict(arguments), frame, results)
+        outputs = self.execute(dynamic or self.procedures[name], dict(arguments), frame, results)
         for param, value in outputs.items():
             source = arguments.get(param, "")
             if re.search(r"\bOUTPUT$", source, re.IGNORECASE):
@@ -1156,22 +1163,19 @@ class Server:
             self.conn.execute(f"CREATE TRIGGER read_only_{action.lower()}_{table} BEFORE {action} ON {table} "
                               f"BEGIN SELECT tsql_vector_index_read_only('{table}'); END")
 
-    def execute_sql(self, arguments: str, frame: Frame) -> list[pd.DataFrame]:
-        """EXEC sp_executesql @statement: the text runs as its own batch scope (no caller variables, its own
-        temporary tables); parameters beyond the statement are not emulated."""
-        parts = split_arguments(arguments)
-        if len(parts) != 1:
-            raise SqlError(102, "sp_executesql: only a statement without parameters is emulated", True)
-        text = self.scalar(re.sub(r"^@statement\s*=\s*", "", parts[0].strip(), flags=re.IGNORECASE), frame)
-        if not isinstance(text, str) or not text.strip():
-            raise SqlError(102, f"sp_executesql: {text!r} is not a statement", True)
-        inner, results = Frame(), []
-        body, _ = parse_block(tokens(text if text.rstrip().endswith(";") else text + ";") + ["END"], 0, ("END",))
-        try:
-            self.block(body, inner, results)
-        finally:
-            self.drop_temporary(inner)
-        return results
+    def dynamic_sql(self, parts: list[str], frame: Frame) -> Procedure:
+        """EXEC sp_executesql @stmt [, @params, @name = value [OUTPUT], ...]: the text as a procedure of those
+        parameters, so it runs in its own scope (no caller variables, its own temporary tables)."""
+        values = [self.scalar(re.sub(r"^@(?:stmt|params)\s*=\s*", "", p.strip(), flags=re.IGNORECASE), frame)
+                  for p in parts[:2] if not re.match(r"@(?!stmt\b|params\b)\w+\s*=", p.strip(), re.IGNORECASE)]
+        if not values or not isinstance(values[0], str) or not values[0].strip():
+            raise SqlError(102, f"sp_executesql: {values[:1]!r} is not a statement", True)
+        text = values[0] if values[0].rstrip().endswith(";") else values[0] + ";"
+        body, _ = parse_block(tokens(text) + ["END"], 0, ("END",))
+        for stmt in body:  # dynamic SQL leaves the ownership chain: the caller's own permissions apply
+            if stmt[0] == "sql" and stmt[1].split()[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                self.require_statement(stmt[1])
+        return Procedure("sp_executesql", declarations(values[1]) if len(values) > 1 else [], body)
 
     def alter_table(self, text: str) -> None:
         """ALTER TABLE as SQLR/02_Migrate.sql uses it, one atomic statement: ALTER COLUMN to the same type with
