@@ -357,9 +357,11 @@ def test_ingest_from_view_takes_the_views_metadata_column(sample_dir):
         ("image_source/sku-3", "AddImage: metadata must be a JSON object.")]
 
 
-def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer):
+@pytest.mark.parametrize("vector_type", [False, True])
+def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer, vector_type):
     """Issue 29: an unlabelled match comes with the latest model's suggested label and probability, as the engine's
-    pipeline/suggest.py gives them; a labelled match with none."""
+    pipeline/suggest.py gives them; a labelled match with none. On SQL Server 2025's VECTOR path (ranked in T-SQL)
+    dbo.SuggestRanked computes them for the ranked rows in one more Python call."""
     from image_similarity.pipeline.suggest import suggestions
 
     with SQLiteStore(small_copy) as store:
@@ -371,9 +373,14 @@ def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, feat
         expected = {s.id: (s.suggested, s.probability) for s in suggestions(store, load_model(store))}
         query = store.image_bytes(1)
     assert len(expected) == 12
-    sql = server(small_copy)
+    sql = server(small_copy, vector_type=vector_type)
     copy_model(sql)
-    (ranked,), _ = sql.call("RankCandidates", query=query, top=30)
+    if vector_type:
+        sql.call("StoreVectors")
+    before = sql.external_calls
+    (ranked,), _ = sql.call("RankCandidates", query=query, top=30, method="cosine")
+    assert sql.external_calls == before + (2 if vector_type else 1)  # vector_query and suggest_rows; rank_candidates
+    assert (sql.conn.execute("SELECT method FROM queries").fetchall() == [("cosine",)])
     assert list(ranked.columns[-2:]) == ["suggested", "probability"]
     rows = rows_of(ranked)
     unlabelled = [row for row in rows if row[3] is None]

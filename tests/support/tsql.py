@@ -443,6 +443,8 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
             return exp.Subquery(this=_openjson(node.this).this, alias=node.args.get("alias"))
     if isinstance(node, exp.Column) and node.table and node.args.get("db"):
         node.set("db", None)
+    if isinstance(node, exp.Column) and node.table and node.args["table"].args.get("temporary"):
+        node.set("table", exp.to_identifier("tmp_" + node.table))  # #t.column
     if isinstance(node, exp.Convert):
         style = node.args.get("style") or exp.Null()
         return _function("tsql_convert", exp.Literal.string(_type_text(node.this)), node.expression, style)
