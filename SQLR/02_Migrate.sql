@@ -13,6 +13,14 @@
 -- batch that adds them was compiled before they existed.
 SET XACT_ABORT ON;
 GO
+-- 02_Tables.sql's dbo.schema_version (tests/test_migrations.py checks the two definitions are the same), made
+-- first so that the upgrade can record its steps
+IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
+    CREATE TABLE dbo.schema_version (
+        version int NOT NULL PRIMARY KEY,
+        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+GO
 IF OBJECT_ID(N'dbo.images', N'U') IS NOT NULL AND COL_LENGTH(N'dbo.images', N'item_key') IS NULL
 BEGIN
     BEGIN TRANSACTION;
@@ -31,12 +39,6 @@ BEGIN
     ALTER TABLE dbo.images ADD item_key nvarchar(400) NULL, metadata nvarchar(max) NULL;
     EXEC sp_executesql N'CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
         CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
-    -- 02_Tables.sql's dbo.schema_version, made here to record the steps (tests/test_migrations.py checks the two
-    -- definitions are the same)
-    CREATE TABLE dbo.schema_version (
-        version int NOT NULL PRIMARY KEY,
-        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
-    );
     INSERT INTO dbo.schema_version (version) VALUES (1), (2);
     COMMIT TRANSACTION;
 END

@@ -134,6 +134,10 @@ def test_the_sql_server_setup_upgrades_a_database_the_old_setup_made(sample_dir)
     fresh = tsql.Server()
     tsql.install(fresh, scripts)  # the tables, indexes and constraints of a new database, schema_version's included
     assert migrated == fresh.conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    tables_only = tsql.Server()
+    tsql.install(tables_only, [SQLR / "02_Tables.sql"])  # 02_Migrate.sql's schema_version is 02_Tables.sql's
+    definition = "SELECT sql FROM sqlite_master WHERE name = 'schema_version'"
+    assert tables_only.conn.execute(definition).fetchall() == fresh.conn.execute(definition).fetchall()
 
     photos = schema_v1.photos(sample_dir, 3)
     first, new = photos[0], photos[2]  # photos[2]: a dotted photo the old database does not hold
