@@ -324,9 +324,12 @@ FAMILIES = {"integer": {ID, INT}, "nvarchar": {TEXT, JSON}, "varchar": {TEXT}, "
 
 def declared(conn: sqlite3.Connection, table: str) -> dict:
     """What a table declares, as SQLite reads it: columns (name, NOT NULL), primary key, uniques (a unique index
-    filtered on `column IS NOT NULL` counts as the column's UNIQUE), foreign keys
-    (columns, table, referenced columns, ON DELETE), and CHECK (column IN (...)) lists."""
+    filtered on `column IS NOT NULL` counts as the column's UNIQUE, as does the unique index the SQL Server
+    emulation makes a UNIQUE constraint), foreign keys (columns, table, referenced columns, ON DELETE), and
+    CHECK (column IN (...)) lists."""
     info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+    emulated = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tsql_constraints'").fetchone()
+    constraints = {n for (n,) in conn.execute("SELECT name FROM tsql_constraints")} if emulated else set()
     keys = {}
     for fk in conn.execute(f"PRAGMA foreign_key_list({table})").fetchall():
         keys.setdefault(fk[0], []).append(fk)
@@ -337,7 +340,7 @@ def declared(conn: sqlite3.Connection, table: str) -> dict:
         # SQL Server's UNIQUE allows one NULL: a nullable unique column is a unique index filtered on IS NOT NULL
         filtered = index[4] and len(columns) == 1 and re.search(
             rf"WHERE (NOT {columns[0]} IS|{columns[0]} IS NOT) NULL$", where)
-        if index[2] and (index[3] == "u" or filtered):
+        if index[2] and (index[3] == "u" or index[1] in constraints or filtered):
             uniques.add(columns)
     (text,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
     return {"columns": [(r[1].strip('"'), bool(r[3] or r[5])) for r in info],
