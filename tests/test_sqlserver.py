@@ -340,7 +340,7 @@ def test_ingest_from_view_takes_the_views_metadata_column(sample_dir):
     text is refused by AddImage and recorded; a user of image_similarity_user may run it."""
     sql = Server()
     install(sql, SCRIPTS)
-    photos = [sorted((sample_dir / c).iterdir())[0].read_bytes() for c in ("dotted", "leopard", "striped")]
+    photos = [min((sample_dir / c).iterdir()).read_bytes() for c in ("dotted", "leopard", "striped")]
     sql.conn.execute("CREATE TABLE products (sku text, category text, photo blob, attrs text)")
     sql.conn.executemany("INSERT INTO products VALUES (?, ?, ?, ?)", [
         ("sku-1", "dotted", photos[0], '{"title": "Spotted scarf"}'), ("sku-2", None, photos[1], None),

@@ -528,16 +528,16 @@ def table_id(name: str) -> int:
 CATALOG_VIEWS = (
     # sys.key_constraints: the UNIQUE constraints (the emulation keeps no PRIMARY KEY rows), each backed by the
     # unique index of its name (unique_constraints)
-    "CREATE VIEW key_constraints AS SELECT c.name AS name, OBJECT_ID(c.table_name, 'U') AS parent_object_id,"
-    " c.type AS type, i.rowid AS unique_index_id FROM tsql_constraints AS c"
-    " JOIN sqlite_master AS i ON i.type = 'index' AND i.name = c.name",
+    ("CREATE VIEW key_constraints AS SELECT c.name AS name, OBJECT_ID(c.table_name, 'U') AS parent_object_id,"
+     " c.type AS type, i.rowid AS unique_index_id FROM tsql_constraints AS c"
+     " JOIN sqlite_master AS i ON i.type = 'index' AND i.name = c.name"),
     # sys.index_columns: each index's columns, column_id counted from 1 in the table's column order
-    "CREATE VIEW index_columns AS SELECT OBJECT_ID(i.tbl_name, 'U') AS object_id, i.rowid AS index_id,"
-    " k.seqno + 1 AS index_column_id, k.cid + 1 AS column_id FROM sqlite_master AS i, pragma_index_info(i.name) AS k"
-    " WHERE i.type = 'index'",
+    ("CREATE VIEW index_columns AS SELECT OBJECT_ID(i.tbl_name, 'U') AS object_id, i.rowid AS index_id,"
+     " k.seqno + 1 AS index_column_id, k.cid + 1 AS column_id FROM sqlite_master AS i, pragma_index_info(i.name) AS k"
+     " WHERE i.type = 'index'"),
     # INFORMATION_SCHEMA.COLUMNS: the columns of every table and view
-    "CREATE VIEW columns AS SELECT 'dbo' AS table_schema, m.name AS table_name, c.name AS column_name"
-    " FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type IN ('table', 'view')",
+    ("CREATE VIEW columns AS SELECT 'dbo' AS table_schema, m.name AS table_name, c.name AS column_name"
+     " FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type IN ('table', 'view')"),
 )
 """The catalog views 02_Migrate.sql and the view source read (sys. and INFORMATION_SCHEMA. are dropped like dbo.)."""
 
