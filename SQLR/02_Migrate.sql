@@ -1,9 +1,10 @@
 -- issue 29: upgrades the tables of a database set up by an older release in place, before 02_Tables.sql (which
 -- creates what is missing, dbo.schema_version included, and records the version of a new database) and the
--- procedures that read the new columns. Version 1 is every database made before dbo.schema_version existed: its images table has no item_key.
--- Each step runs in one transaction and records the versions it passed (1, then 2), as the SQLite and PostgreSQL
--- stores do. A new database (no dbo.images yet) is left to 02_Tables.sql. Safe to re-run. No name here comes from
--- a user: the one dynamic statement drops the constraint SQL Server named itself.
+-- procedures that read the new columns. Version 1 is every database made before dbo.schema_version existed: its
+-- images table has no item_key. Each step runs in one transaction and records the versions it passed (1 and 2,
+-- then 3), as the SQLite and PostgreSQL stores do. A new database (no dbo.images yet) records 3 and is left to
+-- 02_Tables.sql. Safe to re-run. No name here comes from a user: the dynamic statements drop constraints SQL
+-- Server named itself.
 -- The rules followed, from Microsoft's ALTER TABLE (Transact-SQL) page
 -- (learn.microsoft.com/sql/t-sql/statements/alter-table-transact-sql): ALTER COLUMN must repeat the column's type
 -- when it gives NULL or NOT NULL; NULL may be given to any column not in a PRIMARY KEY; a column used in a UNIQUE
@@ -41,5 +42,31 @@ BEGIN
         CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
     INSERT INTO dbo.schema_version (version) VALUES (1), (2);
     COMMIT TRANSACTION;
+END
+GO
+-- version 3 (issue 28): feature_runtimes.runtime may be 'openvino'. A database at version 2 has the table with a
+-- CHECK that SQL Server named itself: it is found in sys.check_constraints, dropped and replaced by a named one.
+-- (T-SQL does not promise to short-circuit AND: the test of the table's rows is nested, so that it runs, and is
+-- resolved, only where the table exists.)
+IF OBJECT_ID(N'dbo.schema_version', N'U') IS NOT NULL
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM dbo.schema_version WHERE version >= 3)
+    BEGIN
+        BEGIN TRANSACTION;
+        DECLARE @check sysname = (
+            SELECT cc.name FROM sys.check_constraints AS cc
+            WHERE cc.parent_object_id = OBJECT_ID(N'dbo.feature_runtimes')
+                AND COL_NAME(cc.parent_object_id, cc.parent_column_id) = N'runtime');
+        IF @check IS NOT NULL
+        BEGIN
+            DECLARE @drop_check nvarchar(400) = N'ALTER TABLE dbo.feature_runtimes DROP CONSTRAINT ' + QUOTENAME(@check);
+            EXEC sp_executesql @drop_check;
+        END
+        IF OBJECT_ID(N'dbo.feature_runtimes', N'U') IS NOT NULL
+            ALTER TABLE dbo.feature_runtimes ADD CONSTRAINT ck_feature_runtimes_runtime
+                CHECK (runtime IN (N'torch', N'onnxruntime', N'openvino'));
+        INSERT INTO dbo.schema_version (version) VALUES (3);
+        COMMIT TRANSACTION;
+    END
 END
 GO

@@ -174,14 +174,15 @@ IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
     );
 GO
 IF NOT EXISTS (SELECT 1 FROM dbo.schema_version)
-    INSERT INTO dbo.schema_version (version) VALUES (2);
+    INSERT INTO dbo.schema_version (version) VALUES (3);
 GO
 -- issue 28: what computed each feature vector: the runtime and a hash of the network's weights (docs/runtimes.md)
 IF OBJECT_ID(N'dbo.feature_runtimes', N'U') IS NULL
     CREATE TABLE dbo.feature_runtimes (
         image_id int NOT NULL,
         backbone nvarchar(64) NOT NULL,
-        runtime nvarchar(16) NOT NULL CHECK (runtime IN (N'torch', N'onnxruntime')),
+        runtime nvarchar(16) NOT NULL
+            CONSTRAINT ck_feature_runtimes_runtime CHECK (runtime IN (N'torch', N'onnxruntime', N'openvino')),
         network_hash varchar(64) NOT NULL,
         PRIMARY KEY (image_id, backbone),
         FOREIGN KEY (image_id, backbone) REFERENCES dbo.features (image_id, backbone) ON DELETE CASCADE

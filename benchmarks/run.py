@@ -4,8 +4,8 @@ they ran.
 Every figure is printed next to a baseline measured in the same run, as a ratio, because the machines are
 shared and noisy: compare ratios across commits, not seconds. Times are the best of a few repeats. The output
 starts with the machine (CPU model and flags, torch version, threads, kernel caps) and the precision, network
-runtime and scan kernel chosen. It installs nothing, and refuses to run without ONNX Runtime, the peer the chosen
-network runtime is compared with.
+runtime and scan kernel chosen. It installs nothing, and refuses to run without ONNX Runtime and OpenVINO, the
+peers the chosen network runtime is compared with.
 
     PYTHONPATH=Python python benchmarks/run.py [--quick | --smoke] [--json] [--out DIR]
 """
@@ -30,7 +30,7 @@ from image_similarity.core import machine
 from image_similarity.errors import Unavailable
 from image_similarity.features.backbones import BACKBONES as BACKBONE_SPECS
 from image_similarity.features.precision import cpu_bf16_supported, resolve
-from image_similarity.features.runtimes import best_of_rounds, onnxruntime_version
+from image_similarity.features.runtimes import EXPORTED, best_of_rounds, runtime_version
 from image_similarity.pipeline.featurize import Featurizer, featurize
 from image_similarity.pipeline.ingest import class_files, ingest_bytes
 from image_similarity.pipeline.rank import rank_with
@@ -89,9 +89,9 @@ def photo_store(path: Path, n: int) -> SQLiteStore:
 
 def candidates(backbone: str) -> dict[str, Featurizer]:
     """Every way this machine can run the network: torch at float32 (and bfloat16 where oneDNN has the kernels),
-    ONNX Runtime at float32; named "runtime precision"."""
-    runs = {"torch fp32": Featurizer(backbone, device="cpu", precision="fp32", runtime="torch"),
-            "onnxruntime fp32": Featurizer(backbone, device="cpu", precision="fp32", runtime="onnxruntime")}
+    ONNX Runtime and OpenVINO at float32; named "runtime precision"."""
+    runs = {"torch fp32": Featurizer(backbone, device="cpu", precision="fp32", runtime="torch")}
+    runs |= {f"{name} fp32": Featurizer(backbone, device="cpu", precision="fp32", runtime=name) for name in EXPORTED}
     if cpu_bf16_supported():
         runs["torch bf16"] = Featurizer(backbone, device="cpu", precision="bf16", runtime="torch")
     return runs
@@ -250,8 +250,8 @@ def plot(rows: list[dict], ann: dict, path: Path) -> None:
 def where() -> dict:
     """The machine, and what was chosen on it (measured, or read from the cache of earlier measurements)."""
     return {**machine.describe(), "precision": resolve("auto", torch.device("cpu")), "scan_kernel": scan_kernel(),
-            "onnxruntime": onnxruntime_version(), "kernel_caps": {name: os.environ.get(name, "") for name in
-                                                                 ("ATEN_CPU_CAPABILITY", *machine.KERNEL_CAPS)}}
+            **{name: runtime_version(name) for name in EXPORTED},
+            "kernel_caps": {name: os.environ.get(name, "") for name in ("ATEN_CPU_CAPABILITY", *machine.KERNEL_CAPS)}}
 
 
 def run(mode: str, out_dir: Path) -> dict:
@@ -330,7 +330,8 @@ def table(result: dict) -> str:
 def peers_installed(script: str) -> bool:
     """Whether the runtimes the chosen one is compared with are installed; one line on stderr when not."""
     try:
-        onnxruntime_version()
+        for name in EXPORTED:
+            runtime_version(name)
     except Unavailable as err:  # a ratio to the fastest runtime means nothing without the runtimes
         print(f"{script}: {err}; it measures the network on every runtime and installs nothing: "
               "install the package's dependencies (pip install -e .)", file=sys.stderr)
@@ -356,7 +357,7 @@ def machine_lines(m: dict) -> list[str]:
             f"({m['cpu_capability']}), {m['threads']} threads",
             f"chosen here: forward precision {m['precision']}, exact scan kernel {m['scan_kernel']}",
             f"kernel caps: {' '.join(f'{k}={v}' for k, v in m['kernel_caps'].items() if v) or 'none'}; "
-            f"onnxruntime {m['onnxruntime']} (its MLAS kernels follow the CPU's flags: no cap)"]
+            f"onnxruntime {m['onnxruntime']}, openvino {m['openvino']} (their kernels follow the CPU's flags: no cap)"]
 
 
 def main(argv: list[str] | None = None) -> int:

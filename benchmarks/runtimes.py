@@ -1,7 +1,7 @@
 """The featurize figures of benchmarks/run.py alone: each runtime's img/s per backbone, the chosen one's ratio to the
 fastest and the whole featurize step's to the chosen forward pass, and where it ran. Minutes instead of run.py's
 quarter hour, so it can be repeated under kernel caps (docs/runtimes.md). Installs nothing; refuses to run without
-ONNX Runtime.
+ONNX Runtime and OpenVINO.
 
     PYTHONPATH=Python python benchmarks/runtimes.py [--images N] [--json]
 """

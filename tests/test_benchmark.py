@@ -41,25 +41,28 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
     assert all(0 < s["p50_ms"] <= s["p95_ms"] and s["requests_per_s"] > 0 for s in service)
     assert result["service_8_vs_1_clients"] == service[1]["requests_per_s"] / service[0]["requests_per_s"]
     feats = result["featurize"][0]
-    assert {"torch fp32", "onnxruntime fp32"} <= set(feats["runtime_ips"]) and feats["chosen"] in feats["runtime_ips"]
+    assert {"torch fp32", "onnxruntime fp32", "openvino fp32"} <= set(feats["runtime_ips"])
+    assert feats["chosen"] in feats["runtime_ips"]
     assert feats["chosen_vs_fastest"] == feats["runtime_ips"][feats["chosen"]] / max(feats["runtime_ips"].values())
-    assert result["machine"]["onnxruntime"] and set(result["machine"]["kernel_caps"]) == {
+    assert result["machine"]["onnxruntime"] and result["machine"]["openvino"]
+    assert set(result["machine"]["kernel_caps"]) == {
         "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE"}
 
 
-def run_without_onnxruntime(script: str, *args: str) -> subprocess.CompletedProcess:
-    """The script run as __main__ in a Python where `import onnxruntime` fails, as where it is not installed."""
-    code = ("import os, runpy, sys; sys.modules['onnxruntime'] = None; sys.argv = sys.argv[1:]; "
+def run_without(module: str, script: str, *args: str) -> subprocess.CompletedProcess:
+    """The script run as __main__ in a Python where `import module` fails, as where it is not installed."""
+    code = (f"import os, runpy, sys; sys.modules[{module!r}] = None; sys.argv = sys.argv[1:]; "
             "sys.path.insert(0, os.path.dirname(sys.argv[0])); runpy.run_path(sys.argv[0], run_name='__main__')")
     return subprocess.run([sys.executable, "-c", code, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, env=package_env(), timeout=120)
 
 
-@pytest.mark.parametrize("script", ["run.py", "runtimes.py"])
-def test_the_benchmarks_refuse_to_report_ratios_without_their_peers(script):
-    done = run_without_onnxruntime(script, "--json")
+@pytest.mark.parametrize(("script", "module", "name"), [("run.py", "onnxruntime", "ONNX Runtime"),
+                                                         ("runtimes.py", "openvino", "OpenVINO")])
+def test_the_benchmarks_refuse_to_report_ratios_without_their_peers(script, module, name):
+    done = run_without(module, script, "--json")
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.startswith(f"benchmarks/{script}: ONNX Runtime is not installed")
+    assert done.stderr.startswith(f"benchmarks/{script}: {name} is not installed")
     assert "installs nothing" in done.stderr and len(done.stderr.splitlines()) == 1
 
 

@@ -8,6 +8,7 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 from support import pgserver, schema_v1, tsql
 
@@ -52,7 +53,7 @@ def versions(store) -> list[int]:
 def test_an_old_database_is_migrated_in_place_and_keeps_working(old_database, sample_dir):
     before = schema_v1.photos(sample_dir, 2)
     with old_database() as store:
-        assert versions(store) == [1, SCHEMA_VERSION]
+        assert versions(store) == list(range(1, SCHEMA_VERSION + 1))
         rows = store.images()
         assert [(r.id, r.name, r.label, r.sha256, r.key, r.metadata) for r in rows] == \
             [(i, name, label, sha, None, None) for i, (name, label, _, sha) in enumerate(before, 1)]
@@ -70,7 +71,39 @@ def test_an_old_database_is_migrated_in_place_and_keeps_working(old_database, sa
         assert store.remove_image(2) and store.features("efficientnet_lite0")[0].tolist() == [1, 3, 4]
         assert store.neighbors(1, "efficientnet_lite0", "l2", 0) == []
     with old_database() as store:  # opened again: nothing more to migrate
-        assert versions(store) == [1, SCHEMA_VERSION] and len(store.images()) == 7
+        assert versions(store) == list(range(1, SCHEMA_VERSION + 1)) and len(store.images()) == 7
+
+
+@pytest.mark.parametrize("kind", ("sqlite", "postgresql"))
+def test_a_version_2_database_takes_openvino_vectors_and_keeps_what_it_recorded(kind, request, tmp_path, sample_dir):
+    if kind == "sqlite":
+        path = tmp_path / "v2.sqlite"
+        with sqlite3.connect(path) as conn:
+            conn.executescript(schema_v1.sqlite_script(2))
+            schema_v1.fill(conn.execute, sample_dir)
+            conn.execute("INSERT INTO feature_runtimes VALUES (1, 'efficientnet_lite0', 'onnxruntime', 'abc')")
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK constraint failed"):
+                conn.execute("INSERT INTO feature_runtimes VALUES (2, 'efficientnet_lite0', 'openvino', 'abc')")
+        opened = lambda: SQLiteStore(path)  # noqa: E731
+    else:
+        import psycopg
+
+        url = pgserver.create_database(request.getfixturevalue("pg_server"), pgserver.database_name(request.node.name),
+                                       routines=False)
+        with psycopg.connect(url) as conn:
+            conn.execute(schema_v1.postgres_script(2))
+            schema_v1.fill(conn.execute, sample_dir, "%s")
+            conn.execute("INSERT INTO feature_runtimes VALUES (1, 'efficientnet_lite0', 'onnxruntime', 'abc')")
+        opened = lambda: PostgresStore(url)  # noqa: E731
+    with opened() as store:
+        assert versions(store) == [2, 3] == [2, SCHEMA_VERSION]
+        assert store.feature_runtimes("efficientnet_lite0") == {("onnxruntime", "abc"): 1}
+        store.put_features("efficientnet_lite0", [5], np.ones((1, 3), np.float32), "fp32", ("openvino", "abc"))
+        assert store.feature_runtimes("efficientnet_lite0") == {("onnxruntime", "abc"): 1, ("openvino", "abc"): 1}
+        assert store.remove_image(1)  # the rebuilt table's reference still cascades
+        assert store.feature_runtimes("efficientnet_lite0") == {("openvino", "abc"): 1}
+    with opened() as store:
+        assert versions(store) == [2, 3]
 
 
 def test_a_key_is_unique_and_a_new_database_starts_at_the_current_version(tmp_path, sample_dir):
@@ -122,7 +155,7 @@ def test_the_sql_server_setup_upgrades_a_database_the_old_setup_made(sample_dir)
     assert {t: rows for t, rows in upgraded.items() if t != "images"} == \
         {t: rows for t, rows in before.items() if t != "images"} and len(upgraded["features"]) == 4
     assert [v for (v,) in server.conn.execute("SELECT version FROM schema_version ORDER BY version")] == \
-        [1, SCHEMA_VERSION]
+        list(range(1, SCHEMA_VERSION + 1))
     assert "feature_runtimes" in server.tables  # what later releases added is created beside
 
     def schema() -> list[tuple]:
@@ -149,7 +182,33 @@ def test_the_sql_server_setup_upgrades_a_database_the_old_setup_made(sample_dir)
     _, out = server.call("AddImage", name="again2.jpg", data=first[2], image_id=None, item_key="sku-2")
     assert out["image_id"] == 9
     with MSSQLStore("mssql://emulated/ImageSimilarity", connection=tsql.Client(server)) as store:
-        assert versions(store) == [1, SCHEMA_VERSION]
+        assert versions(store) == list(range(1, SCHEMA_VERSION + 1))
         assert store.find_key("sku-1").metadata == {"title": "Spotted scarf"} and store.image_bytes(1) == first[2]
         with pytest.raises(tsql.SqlError, match="UNIQUE constraint failed: images.item_key"):
             store.db.query("UPDATE dbo.images SET item_key = 'sku-1' WHERE id = 9")
+
+
+def test_the_sql_server_setup_upgrades_a_version_2_database(sample_dir):
+    """To 3 (issue 28's OpenVINO): the runtime's CHECK, which SQL Server named itself, is found in
+    sys.check_constraints and replaced by the named one that takes 'openvino'; the rows are kept."""
+    server = tsql.Server()
+    scripts = sorted(SQLR.glob("[0-9][0-9]_*.sql"))[1:]
+    server.run_script(schema_v1.sqlserver_script((SQLR / "02_Tables.sql").read_text(), 2))
+    cur = tsql.Client(server).cursor()
+    schema_v1.fill(lambda sql, params=(): cur.execute(sql, *params), sample_dir)
+    insert = "INSERT INTO dbo.feature_runtimes (image_id, backbone, runtime, network_hash) VALUES (?, ?, ?, 'abc')"
+    cur.execute(insert, 1, "efficientnet_lite0", "onnxruntime")
+    with pytest.raises(tsql.SqlError, match="CHECK constraint failed"):
+        cur.execute(insert, 2, "efficientnet_lite0", "openvino")
+    tsql.install(server, scripts)
+    cur.execute(insert, 2, "efficientnet_lite0", "openvino")
+    with pytest.raises(tsql.SqlError, match="CHECK constraint failed"):
+        cur.execute(insert, 3, "efficientnet_lite0", "cuda")
+    assert server.conn.execute("SELECT image_id, runtime FROM feature_runtimes ORDER BY image_id").fetchall() == [
+        (1, "onnxruntime"), (2, "openvino")]
+    assert [v for (v,) in server.conn.execute("SELECT version FROM schema_version ORDER BY version")] == [2, 3]
+    assert server.conn.execute("SELECT name, parent_column_id FROM check_constraints WHERE name LIKE '%runtime%'"
+                               ).fetchall() == [("ck_feature_runtimes_runtime", 0)]
+    migrated = server.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'feature_runtimes'").fetchall()
+    tsql.install(server, scripts)  # re-run: a no-op
+    assert server.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'feature_runtimes'").fetchall() == migrated

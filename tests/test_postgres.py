@@ -61,7 +61,7 @@ def test_both_contexts_give_the_engines_results(contexts, small_dir, featurizer)
             assert np.array_equal(found, ids)
             np.testing.assert_allclose(X, features, atol=1e-4)  # the server's torch threads may sum differently
             recorded = store.feature_runtimes("efficientnet_lite0")  # the server's own choice, inside it (issue 28)
-            assert sum(recorded.values()) == len(ids) and {r for r, _ in recorded} <= {"torch", "onnxruntime"}
+            assert sum(recorded.values()) == len(ids) and {r for r, _ in recorded} <= {"torch", "onnxruntime", "openvino"}
             assert store.split() == stores["sqlite"].split()
             model, reference = store.model(), stores["sqlite"].model()
             assert model.params["C"] == reference.params["C"]

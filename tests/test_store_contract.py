@@ -116,7 +116,7 @@ def test_features_are_kept_exactly_and_read_by_id(store, sample_dir):
     assert [i for b in store.missing_features(BACKBONE, 2, (ids[2], ids[4])) for i, _ in b] == ids[2:5]
     X = vectors(9)
     store.put_features(BACKBONE, ids[:5], X[:5], "bf16", ("torch", "a" * 16))
-    store.put_features(BACKBONE, ids[3:], X[3:] + 1, "fp32", ("onnxruntime", "a" * 16))  # the first two rows are
+    store.put_features(BACKBONE, ids[3:], X[3:] + 1, "fp32", ("openvino", "a" * 16))  # the first two rows are
     # there: kept as they were, with what computed them
     assert [i for b in store.missing_features(BACKBONE, 4) for i, _ in b] == []
     found, matrix = store.features(BACKBONE)
@@ -128,7 +128,7 @@ def test_features_are_kept_exactly_and_read_by_id(store, sample_dir):
     assert store.feature_counts() == {BACKBONE: 9}
     assert store.feature_dim(BACKBONE) == X.shape[1] and store.feature_dim("resnet50") is None
     assert store.feature_precisions(BACKBONE) == {"bf16": 5, "fp32": 4}
-    assert store.feature_runtimes(BACKBONE) == {("torch", "a" * 16): 5, ("onnxruntime", "a" * 16): 4}
+    assert store.feature_runtimes(BACKBONE) == {("torch", "a" * 16): 5, ("openvino", "a" * 16): 4}
     assert store.catalogue_stamp(BACKBONE) == (0, 0, 9, ids[-1])
 
 

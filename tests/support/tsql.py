@@ -498,26 +498,32 @@ def column_types(create_sql: str) -> tuple[str, dict[str, str]]:
     return name.lower(), {c.name.lower(): _type_text(c.args["kind"]) for c in tree.find_all(exp.ColumnDef)}
 
 
-def unique_constraints(create_sql: str) -> tuple[str, list[tuple[str, list[str]]]]:
-    """A CREATE TABLE statement without its UNIQUE constraints, and (name, columns) of each. SQL Server backs each
-    with a unique index of the constraint's name; the emulation creates that index, which ALTER TABLE ... DROP
-    CONSTRAINT can drop (SQLite cannot drop an inline UNIQUE). An unnamed one is named as SQL Server names it,
-    UQ__table__ and 16 hex digits."""
+def named_constraints(create_sql: str) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, int]]]:
+    """A CREATE TABLE statement without its UNIQUE constraints and with every column CHECK named, (name, columns)
+    of each UNIQUE, (name, column position from 1) of each CHECK. SQL Server backs a UNIQUE with a unique index of
+    the constraint's name; the emulation creates that index, which ALTER TABLE ... DROP CONSTRAINT can drop (SQLite
+    cannot drop an inline UNIQUE). An unnamed constraint is named as SQL Server names it: UQ__table__ or
+    CK__table__column__, then 16 hex digits."""
     tree = sqlglot.parse_one(create_sql, read="tsql")
-    table, found = tree.find(exp.Table).name, []
-    for col in tree.find_all(exp.ColumnDef):
+    table, uniques, checks = tree.find(exp.Table).name, [], []
+    for position, col in enumerate(tree.find_all(exp.ColumnDef), 1):
+        digest = hashlib.sha256(f"{table}.{col.name}".encode()).hexdigest()[:16].upper()
         constraints = col.args.get("constraints") or []
+        for constraint in constraints:
+            if isinstance(constraint.kind, exp.CheckColumnConstraint):
+                if not constraint.this:
+                    constraint.set("this", exp.to_identifier(f"CK__{table[:9]}__{col.name[:5]}__{digest}"))
+                checks.append((constraint.this.name, position))
         kept = [c for c in constraints if not isinstance(c.kind, exp.UniqueColumnConstraint)]
         if len(kept) < len(constraints):
-            digest = hashlib.sha256(f"{table}.{col.name}".encode()).hexdigest()[:16].upper()
-            found.append((f"UQ__{table[:8]}__{digest}", [col.name]))
+            uniques.append((f"UQ__{table[:8]}__{digest}", [col.name]))
             col.set("constraints", kept)
     for constraint in list(tree.find_all(exp.Constraint)):
         unique = constraint.find(exp.UniqueColumnConstraint)
         if unique is not None:
-            found.append((constraint.name, [c.name for c in unique.this.expressions]))
+            uniques.append((constraint.name, [c.name for c in unique.this.expressions]))
             constraint.pop()
-    return (tree.sql(dialect="tsql") if found else create_sql), found
+    return (tree.sql(dialect="tsql") if uniques or checks else create_sql), uniques, checks
 
 
 def table_id(name: str) -> int:
@@ -527,7 +533,7 @@ def table_id(name: str) -> int:
 
 CATALOG_VIEWS = (
     # sys.key_constraints: the UNIQUE constraints (the emulation keeps no PRIMARY KEY rows), each backed by the
-    # unique index of its name (unique_constraints)
+    # unique index of its name (named_constraints)
     ("CREATE VIEW key_constraints AS SELECT c.name AS name, OBJECT_ID(c.table_name, 'U') AS parent_object_id,"
      " c.type AS type, i.rowid AS unique_index_id FROM tsql_constraints AS c"
      " JOIN sqlite_master AS i ON i.type = 'index' AND i.name = c.name"),
@@ -535,6 +541,9 @@ CATALOG_VIEWS = (
     ("CREATE VIEW index_columns AS SELECT OBJECT_ID(i.tbl_name, 'U') AS object_id, i.rowid AS index_id,"
      " k.seqno + 1 AS index_column_id, k.cid + 1 AS column_id FROM sqlite_master AS i, pragma_index_info(i.name) AS k"
      " WHERE i.type = 'index'"),
+    # sys.check_constraints: each CHECK the scripts declared, parent_column_id 0 for a table-level one
+    ("CREATE VIEW check_constraints AS SELECT name, OBJECT_ID(table_name, 'U') AS parent_object_id,"
+     " column_id AS parent_column_id FROM tsql_constraints WHERE type = 'C'"),
     # INFORMATION_SCHEMA.COLUMNS: the columns of every table and view
     ("CREATE VIEW columns AS SELECT 'dbo' AS table_schema, m.name AS table_name, c.name AS column_name"
      " FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type IN ('table', 'view')"),
@@ -567,7 +576,8 @@ class Server:
         self.conn.execute("CREATE TABLE indexes (name TEXT)")
         self.conn.execute("CREATE TABLE configurations (name TEXT, value_in_use INTEGER)")
         self.conn.execute("INSERT INTO configurations VALUES ('external scripts enabled', 1)")
-        self.conn.execute("CREATE TABLE tsql_constraints (name TEXT PRIMARY KEY, table_name TEXT NOT NULL, type TEXT)")
+        self.conn.execute("CREATE TABLE tsql_constraints (name TEXT PRIMARY KEY, table_name TEXT NOT NULL, type TEXT,"
+                          " column_id INTEGER)")
         for name, arity, fn in [
             ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
             ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
@@ -948,11 +958,13 @@ class Server:
                 self.query(text, frame)
                 frame.temp_tables.append(name)
             else:
-                definition, uniques = unique_constraints(text)
+                definition, uniques, checks = named_constraints(text)
                 self.query(definition, frame)
                 for constraint, columns in uniques:
                     self.conn.execute(f'CREATE UNIQUE INDEX "{constraint}" ON {name} ({", ".join(columns)})')
-                    self.conn.execute("INSERT INTO tsql_constraints VALUES (?, ?, 'UQ')", (constraint, name))
+                    self.conn.execute("INSERT INTO tsql_constraints VALUES (?, ?, 'UQ', 0)", (constraint, name))
+                self.conn.executemany("INSERT INTO tsql_constraints VALUES (?, ?, 'C', ?)",
+                                      [(constraint, name, column) for constraint, column in checks])
             self.tables[name] = types
         elif head == "ALTER TABLE":
             self.alter_table(text)
@@ -1200,8 +1212,13 @@ class Server:
                 self.tables[table].update(added)
             elif len(actions) == 1 and isinstance(actions[0], exp.Drop) and actions[0].args.get("kind") == "CONSTRAINT":
                 self._drop_constraint(table, actions[0].find(exp.Table).name)
+            elif len(actions) == 1 and isinstance(actions[0], exp.AddConstraint) \
+                    and isinstance(actions[0].find(exp.Constraint), exp.Constraint) \
+                    and actions[0].find(exp.CheckColumnConstraint) is not None:
+                self._add_check(table, actions[0].find(exp.Constraint))
             else:
-                raise SqlError(102, f"only ALTER COLUMN, ADD columns and DROP CONSTRAINT are emulated: {text}", True)
+                raise SqlError(102, f"only ALTER COLUMN, ADD columns, ADD CONSTRAINT ... CHECK and DROP CONSTRAINT are "
+                                    f"emulated: {text}", True)
         except BaseException:
             self.conn.execute("ROLLBACK TO tsql_alter")
             self.conn.execute("RELEASE tsql_alter")
@@ -1226,13 +1243,21 @@ class Server:
         if not nullable and self.conn.execute(f"SELECT 1 FROM {table} WHERE {column} IS NULL").fetchone():
             raise SqlError(515, f"Cannot insert the value NULL into column '{column}', table '{table}'; column does "
                                 "not allow nulls. UPDATE fails.")
-        (sql,) = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                   (table,)).fetchone()
-        definition = sqlglot.parse_one(sql, read="sqlite")
+        definition = self._definition(table)
         col = next(c for c in definition.find_all(exp.ColumnDef) if c.name.lower() == column)
         kept = [c for c in col.args.get("constraints") or [] if not isinstance(c.kind, exp.NotNullColumnConstraint)]
         col.set("constraints", [exp.ColumnConstraint(kind=exp.NotNullColumnConstraint(allow_null=nullable or None)),
                                 *kept])
+        self._redefine(table, definition)
+
+    def _definition(self, table: str) -> exp.Create:
+        (sql,) = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                   (table,)).fetchone()
+        return sqlglot.parse_one(sql, read="sqlite")
+
+    def _redefine(self, table: str, definition: exp.Create) -> None:
+        """Store the table's new definition in place (SQLite's documented way to drop a NOT NULL or a CHECK; the
+        caller has checked the rows satisfy what it adds)."""
         (version,) = self.conn.execute("PRAGMA schema_version").fetchone()
         self.conn.execute("PRAGMA writable_schema = ON")
         try:
@@ -1241,6 +1266,23 @@ class Server:
             self.conn.execute(f"PRAGMA schema_version = {version + 1}")
         finally:
             self.conn.execute("PRAGMA writable_schema = OFF")
+
+    def _add_check(self, table: str, constraint: exp.Constraint) -> None:
+        """ADD CONSTRAINT name CHECK (...): refused (Msg 547) when a row fails it (WITH CHECK, the default)."""
+        name = constraint.name
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = ? UNION ALL SELECT 1 FROM tsql_constraints "
+                             "WHERE name = ?", (name, name)).fetchone():
+            raise SqlError(2714, f"There is already an object named '{name}' in the database.")
+        created = sqlglot.parse_one(to_sqlite(f"CREATE TABLE {table} (tsql_column int, {constraint.sql(dialect='tsql')})"),
+                                    read="sqlite").find(exp.Constraint)
+        check = created.find(exp.CheckColumnConstraint).this.sql(dialect="sqlite")
+        if self.conn.execute(f"SELECT 1 FROM {table} WHERE NOT ({check})").fetchone():
+            raise SqlError(547, f"The ALTER TABLE statement conflicted with the CHECK constraint \"{name}\". The "
+                                f"conflict occurred in table \"dbo.{table}\".")
+        definition = self._definition(table)
+        definition.this.append("expressions", created)
+        self._redefine(table, definition)
+        self.conn.execute("INSERT INTO tsql_constraints VALUES (?, ?, 'C', 0)", (name, table))
 
     def _dependents(self, table: str, column: str) -> list[tuple[str, str]]:
         """What keeps ALTER COLUMN from changing `column` (the page's list, as far as emulated): the primary key,
@@ -1253,6 +1295,9 @@ class Server:
             found += [(f"FK__{child}__{row[3]}", "object") for row in self.conn.execute(
                 "SELECT * FROM pragma_foreign_key_list(?)", (child,)) if row[2].lower() == table and row[4]
                 and row[4].lower() == column]
+        position = list(self.tables[table]).index(column) + 1
+        found += [(n, "object") for (n,) in self.conn.execute(
+            "SELECT name FROM tsql_constraints WHERE table_name = ? AND type = 'C' AND column_id = ?", (table, position))]
         constraints = {n for (n,) in self.conn.execute("SELECT name FROM tsql_constraints WHERE table_name = ?",
                                                         (table,))}
         for _, index, _, origin, _ in self.conn.execute("SELECT * FROM pragma_index_list(?)", (table,)).fetchall():
@@ -1282,10 +1327,18 @@ class Server:
         return {name: _type_text(action.args["kind"])}
 
     def _drop_constraint(self, table: str, name: str) -> None:
-        if not self.conn.execute("SELECT 1 FROM tsql_constraints WHERE name = ? AND table_name = ?",
-                                 (name, table)).fetchone():
+        found = self.conn.execute("SELECT type FROM tsql_constraints WHERE name = ? AND table_name = ?",
+                                  (name, table)).fetchone()
+        if not found:
             raise SqlError(3727, f"'{name}' is not a constraint. Could not drop constraint.")  # Msg 3728 then 3727
-        self.conn.execute(f'DROP INDEX "{name}"')
+        if found[0] == "UQ":
+            self.conn.execute(f'DROP INDEX "{name}"')
+        else:  # a CHECK: out of the column's constraints, or the table's
+            definition = self._definition(table)
+            for node in list(definition.find_all(exp.ColumnConstraint, exp.Constraint)):
+                if node.this is not None and not isinstance(node.this, bool) and node.this.name == name:
+                    node.pop()
+            self._redefine(table, definition)
         self.conn.execute("DELETE FROM tsql_constraints WHERE name = ?", (name,))
 
 

@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="forward-pass precision (default: auto: bf16 on CPUs measured to run it fast, e.g. with "
                           "AMX or AVX-512 BF16; fp16 mixed precision on CUDA; fp32 elsewhere)")
     net.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                     help="what runs the network (default: auto: ONNX Runtime on CPUs where it is measured faster "
-                          "than torch, else torch; always torch on CUDA): see docs/runtimes.md")
+                     help="what runs the network (default: auto: whichever of torch, ONNX Runtime and OpenVINO is "
+                          "measured fastest on this CPU; always torch on CUDA): see docs/runtimes.md")
 
     cluster = argparse.ArgumentParser(add_help=False)  # issue 17: --context spark
     cluster.add_argument("--master", default="local[*]", metavar="URL",

@@ -1,13 +1,15 @@
 """What runs a network's forward pass on a CPU, chosen per machine by measurement as the precision is: torch (float32,
-or the bfloat16 trace where that precision was chosen) or ONNX Runtime's CPU provider running an ONNX export of the
-very same module (backbones.FeatureExtractor: there is no second definition of any network). Exports are cached on
-disk beside the measured choices, named by a hash of the network's weights, so a refined network gets its own."""
+or the bfloat16 trace where that precision was chosen), ONNX Runtime's CPU provider or OpenVINO's CPU plugin, both
+running an ONNX export of the very same module (backbones.FeatureExtractor: there is no second definition of any
+network) at float32. Exports are cached on disk beside the measured choices, named by a hash of the network's
+weights, so a refined network gets its own."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -21,8 +23,11 @@ from .backbones import FeatureExtractor
 from .precision import MIN_SPEEDUP as REDUCED_PRECISION_SPEEDUP
 from .specs import RUNTIMES
 
+EXPORTED = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+"""The runtimes that run the network's ONNX export (at float32, on the CPU), by module name: their names for people."""
 MIN_SPEEDUP = 1.05
-"""ONNX Runtime is chosen only when it runs the network at least this many times faster than torch (the reference)."""
+"""An exported runtime is chosen only when it runs the network at least this many times faster than torch (the
+reference) at float32."""
 ROUNDS = 5
 PROBE_BATCH = 8
 PAUSE_S = 0.05
@@ -89,7 +94,7 @@ class OnnxNetwork:
     in, float32 features out. Sessions may run concurrently (ONNX Runtime's run is thread-safe)."""
 
     def __init__(self, model: bytes, threads: int) -> None:
-        import onnxruntime
+        import onnxruntime  # lazy: an optional runtime, imported only where the network runs
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # as many as torch has: a Spark task's cores, a server's setting
@@ -101,19 +106,52 @@ class OnnxNetwork:
         return torch.from_numpy(self.session.run(["features"], {"images": images.cpu().numpy()})[0])
 
 
+class OpenVinoNetwork:
+    """A network's export compiled by OpenVINO for the CPU at float32 (its default hint on a bfloat16 CPU is bfloat16,
+    whose MobileNetV2 features fell to cosine 0.988: docs/runtimes.md), called as the module is. One inference
+    request per calling thread, so calls may run concurrently."""
+
+    def __init__(self, model: bytes, threads: int) -> None:
+        import openvino  # lazy: an optional runtime, imported only where the network runs
+
+        core = openvino.Core()
+        self.compiled = core.compile_model(core.read_model(model), "CPU", {
+            "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+        self.local = threading.local()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        request = getattr(self.local, "request", None)
+        if request is None:
+            request = self.local.request = self.compiled.create_infer_request()
+        # the output lives in the request's memory, which its next call overwrites: copied
+        return torch.from_numpy(request.infer({0: images.cpu().numpy()})[0].copy())
+
+
+NETWORKS: dict[str, Callable[[bytes, int], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "onnxruntime": OnnxNetwork, "openvino": OpenVinoNetwork}
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed version of an exported runtime (a key of EXPORTED); Unavailable when it is not installed."""
+    try:
+        module = __import__(runtime)
+    except ImportError as err:
+        raise Unavailable(f"{EXPORTED[runtime]} is not installed ({err})") from None
+    version = getattr(module, "__version__", "")
+    return version.split("-")[0]  # OpenVINO's carries its build after a dash
+
+
 def onnxruntime_version() -> str:
     """The installed ONNX Runtime's version; Unavailable when it is not installed."""
-    try:
-        import onnxruntime
-    except ImportError as err:
-        raise Unavailable(f"ONNX Runtime is not installed ({err})") from None
-    return onnxruntime.__version__
+    return runtime_version("onnxruntime")
 
 
-def onnx_network(extractor: FeatureExtractor, digest: str) -> OnnxNetwork:
-    """The extractor's export in an ONNX Runtime session with torch's thread count: the cached export, else a new
-    one (also when ONNX Runtime cannot load the cached file, e.g. a truncated one). Unavailable when that fails."""
-    onnxruntime_version()
+def exported_network(runtime: str, extractor: FeatureExtractor, digest: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The extractor's export run by `runtime` (a key of EXPORTED) with torch's thread count: the cached export, else
+    a new one (also when the runtime cannot load the cached file, e.g. a truncated one). Unavailable when that
+    fails."""
+    runtime_version(runtime)
+    make, threads = NETWORKS[runtime], torch.get_num_threads()
     path = export_path(digest)
     try:
         cached = path.read_bytes() if path is not None and path.is_file() else None
@@ -121,15 +159,21 @@ def onnx_network(extractor: FeatureExtractor, digest: str) -> OnnxNetwork:
         cached = None
     if cached is not None:
         try:
-            return OnnxNetwork(cached, torch.get_num_threads())
-        except Exception:  # onnxruntime raises its own exception types
+            return make(cached, threads)
+        except Exception:  # noqa: BLE001 - the runtimes raise their own exception types
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
     model = export(extractor, digest)
     try:
-        return OnnxNetwork(model, torch.get_num_threads())
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise Unavailable(f"ONNX Runtime cannot load the export of {extractor.spec.name} ({_line(err)})") from err
+        return make(model, threads)
+    except Exception as err:  # the runtimes raise their own exception types
+        raise Unavailable(f"{EXPORTED[runtime]} cannot load the export of {extractor.spec.name} ({_line(err)})"
+                          ) from err
+
+
+def onnx_network(extractor: FeatureExtractor, digest: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The extractor's export in an ONNX Runtime session (exported_network)."""
+    return exported_network("onnxruntime", extractor, digest)
 
 
 def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -147,17 +191,21 @@ def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[s
     return best
 
 
-def faster(torch_forward: Callable[[torch.Tensor], object], onnx: OnnxNetwork, input_size: int,
-           precision: str) -> str:
-    """"onnxruntime" or "torch", whichever runs a batch of PROBE_BATCH images faster, with torch (the reference) kept
-    unless ONNX Runtime is at least MIN_SPEEDUP times faster; torch at a reduced `precision` is kept only when it is
-    at least precision.MIN_SPEEDUP times faster than ONNX Runtime's float32, as it is against torch's float32."""
+def fastest(torch_forward: Callable[[torch.Tensor], object], exported: dict[str, Callable[[torch.Tensor], object]],
+            input_size: int, precision: str) -> str:
+    """"torch" or the key of `exported` that runs a batch of PROBE_BATCH images fastest, all taking turns. torch (the
+    reference) is kept unless the fastest exported runtime (float32) is at least MIN_SPEEDUP times faster; torch at a
+    reduced `precision` is kept only when it is at least precision.MIN_SPEEDUP times faster than that runtime, as it
+    must be against torch's float32."""
     images = torch.randint(0, 256, (PROBE_BATCH, input_size, input_size, 3), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    times = best_of_rounds({"torch": lambda: torch_forward(images), "onnxruntime": lambda: onnx(images)}, ROUNDS)
+    runs = {"torch": lambda: torch_forward(images)} | {name: (lambda run=run: run(images))
+                                                        for name, run in exported.items()}
+    times = best_of_rounds(runs, ROUNDS)
+    best = min(exported, key=times.__getitem__)
     if precision == "fp32":
-        return "onnxruntime" if times["torch"] >= MIN_SPEEDUP * times["onnxruntime"] else "torch"
-    return "torch" if times["onnxruntime"] >= REDUCED_PRECISION_SPEEDUP * times["torch"] else "onnxruntime"
+        return best if times["torch"] >= MIN_SPEEDUP * times[best] else "torch"
+    return "torch" if times[best] >= REDUCED_PRECISION_SPEEDUP * times["torch"] else best
 
 
 def structure(extractor: FeatureExtractor) -> str:
@@ -169,33 +217,50 @@ def structure(extractor: FeatureExtractor) -> str:
 
 
 def choose(requested: str, extractor: FeatureExtractor, digest: str, device: torch.device, precision: str,
-           fixed_precision: bool, torch_forward: Callable[[torch.Tensor], object]) -> tuple[str, OnnxNetwork | None]:
-    """The runtime `requested` (one of RUNTIMES) means here for the network `extractor` of hash `digest`, and its ONNX
-    session when that is ONNX Runtime. "auto"
-    on a CPU measures torch at `precision` against ONNX Runtime (float32) once per machine and network structure;
-    it is torch on CUDA and when a reduced precision was asked for (`fixed_precision`). A missing ONNX Runtime or a
-    failed export falls back to torch with one line."""
+           fixed_precision: bool, torch_forward: Callable[[torch.Tensor], object]
+           ) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The runtime `requested` (one of RUNTIMES) means here for the network `extractor` of hash `digest`, and the
+    network on it when that is an exported runtime. "auto" on a CPU measures torch at `precision` against every
+    installed exported runtime (float32) once per machine and network structure; it is torch on CUDA and when a
+    reduced precision was asked for (`fixed_precision`). A missing runtime or a failed export leaves that runtime
+    out, with one line; with none left the network runs on torch."""
     if requested not in RUNTIMES:
         raise BadInput(f"unknown runtime {requested!r}: choose from {', '.join(RUNTIMES)}")
-    if requested == "onnxruntime" and (device.type != "cpu" or fixed_precision):
-        raise BadInput("the onnxruntime runtime runs float32 on the CPU: use --device cpu and --precision auto or fp32")
+    if requested in EXPORTED and (device.type != "cpu" or fixed_precision):
+        raise BadInput(f"the {requested} runtime runs float32 on the CPU: use --device cpu and --precision auto or "
+                       "fp32")
     if requested == "torch" or device.type != "cpu" or fixed_precision:
         return "torch", None
-    made: list[OnnxNetwork] = []
+    networks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    versions: dict[str, str] = {}
+    instead = "the network runs on torch" if requested != "auto" else "the runtime is chosen among the others"
+    for runtime in EXPORTED if requested == "auto" else (requested,):
+        try:
+            versions[runtime] = runtime_version(runtime)
+        except Unavailable as err:
+            say_once(f"{err}: {instead}")
 
-    def session() -> OnnxNetwork:
-        if not made:
-            made.append(onnx_network(extractor, digest))
-        return made[0]
+    def network(runtime: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if runtime not in networks:
+            try:
+                networks[runtime] = exported_network(runtime, extractor, digest)
+            except Unavailable as err:
+                say_once(f"{err}: {instead}")
+                versions.pop(runtime)
+                return None
+        return networks[runtime]
 
-    try:
-        if requested == "auto":
-            name = (f"network runtime of {structure(extractor)}: torch {precision} or onnxruntime "
-                    f"{onnxruntime_version()} fp32")
-            measure = lambda: faster(torch_forward, session(), extractor.spec.input_size, precision)
-            if measured_choice(name, measure) == "torch":
-                return "torch", None
-        return "onnxruntime", session()
-    except Unavailable as err:
-        say_once(f"{err}: the network runs on torch")
+    if requested != "auto":
+        made = network(requested) if versions else None
+        return (requested, made) if made is not None else ("torch", None)
+
+    def measure() -> str:
+        loaded = {runtime: run for runtime in list(versions) if (run := network(runtime)) is not None}
+        return fastest(torch_forward, loaded, extractor.spec.input_size, precision) if loaded else "torch"
+
+    if not versions:
         return "torch", None
+    candidates = " or ".join(f"{runtime} {version} fp32" for runtime, version in versions.items())
+    chosen = measured_choice(f"network runtime of {structure(extractor)}: torch {precision} or {candidates}", measure)
+    made = network(chosen) if chosen != "torch" else None
+    return (chosen, made) if made is not None else ("torch", None)

@@ -14,7 +14,7 @@ from ..errors import Unavailable
 DEFAULT_BACKBONE = "efficientnet_lite0"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """A featurizer's forward-pass precisions (features/precision.py)."""
-RUNTIMES = ("auto", "torch", "onnxruntime")
+RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 """What may run a featurizer's network (features/runtimes.py)."""
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -54,7 +54,8 @@ class Featurizer:
 
     `precision` (see precision.PRECISIONS) is resolved once: "auto" means bfloat16 autocast on a CPU that measurably
     runs it fast, float16 mixed precision on CUDA, float32 elsewhere. `runtime` (see runtimes.RUNTIMES) too: "auto"
-    means ONNX Runtime (float32) on a CPU where it measurably runs the network faster than torch, else torch. A
+    means ONNX Runtime or OpenVINO (float32) on a CPU where one measurably runs the network faster than torch, else
+    torch. A
     name that is not a built-in backbone is looked up among the refined networks in `store` (refine.py);
     `extractor`, when given, is the network itself (its spec names it) and `backbone`, `weights` and `store` are not
     used.

@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import BadInput, NotReady
 from ..features.specs import BACKBONES
 from .base import PROCEDURES, STORED_METHODS, VECTOR_SEARCH, StoreError
-from .migrations import POSTGRES_TO_2, upgrade, version_to_upgrade
+from .migrations import POSTGRES_TO_2, POSTGRES_TO_3, upgrade, version_to_upgrade
 from .pgcopy import copy_buffer
 from .pgdrivers import Plpy, Psycopg
 from .schema import BYTES, FLOAT, ID, INT, JSON, TABLES, TEXT, TIME, VECTOR, ddl, index_ddl
@@ -192,7 +192,8 @@ class PostgresStore(SQLStore):
 
         if recorded is None:
             record(version)
-        upgrade(version, {2: lambda: self.db.script(";\n".join(POSTGRES_TO_2) + ";\n")}, record)
+        upgrade(version, {n: lambda steps=steps: self.db.script(";\n".join(steps) + ";\n")
+                          for n, steps in ((2, POSTGRES_TO_2), (3, POSTGRES_TO_3))}, record)
 
     @classmethod
     def in_server(cls, plpy: Any, commits: bool = False) -> PostgresStore:

@@ -102,12 +102,14 @@ TABLES: tuple[Table, ...] = (
     Table("schema_version", (Column("version", INT), Column("applied_at", TIME)), ("version",)),
     # issue 28: what computed each feature vector: the runtime and a hash of the network's weights (runtimes.py)
     Table("feature_runtimes", (Column("image_id", ID), Column("backbone", TEXT),
-                               Column("runtime", TEXT, choices=("torch", "onnxruntime")), Column("network_hash", TEXT)),
+                               Column("runtime", TEXT, choices=("torch", "onnxruntime", "openvino")),
+                               Column("network_hash", TEXT)),
           ("image_id", "backbone"), foreign_keys=(ForeignKey(("image_id", "backbone"), "features"),)),
 )
 SCHEMA = {table.name: table for table in TABLES}
-SCHEMA_VERSION = 2
-"""The version of the tables above: 1 is every database made before `schema_version` existed (issue 29)."""
+SCHEMA_VERSION = 3
+"""The version of the tables above: 1 is every database made before `schema_version` existed (issue 29); 3 lets
+feature_runtimes record OpenVINO (issue 28)."""
 
 SERVER_CASCADES_SKIPPED = {("neighbors", "neighbor_id")}
 """References SQL Server keeps without ON DELETE CASCADE (it refuses a second cascade path to a table): the

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import StoreError
-from .migrations import sqlite_to_2, upgrade, version_to_upgrade
+from .migrations import sqlite_to_2, sqlite_to_3, upgrade, version_to_upgrade
 from .schema import BYTES, FLOAT, ID, INT, JSON, SCHEMA_VERSION, TABLES, TEXT, TIME, VECTOR, ddl, index_ddl
 from .sql import Dialect, SQLStore
 
@@ -113,7 +113,8 @@ class SQLiteStore(SQLStore):
                 version = version_to_upgrade(existed, found)
                 if found is None:
                     record(version)
-                upgrade(version, {2: lambda: sqlite_to_2(self.conn, TYPES)}, record)
+                upgrade(version, {2: lambda: sqlite_to_2(self.conn, TYPES), 3: lambda: sqlite_to_3(self.conn, TYPES)},
+                        record)
                 self.conn.commit()
             except BaseException:
                 self.conn.rollback()
