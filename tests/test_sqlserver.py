@@ -82,6 +82,13 @@ def test_initial_run_once_matches_the_engine(full_db, full_copy):
                             " GROUP BY precision_used").fetchall() == [(used.precision, 40)]
     assert sql.conn.execute("SELECT runtime, network_hash, COUNT(*) FROM feature_runtimes GROUP BY runtime,"
                             " network_hash").fetchall() == [(used.runtime, used.network_hash, 40)]
+    # another network's vectors are refused, as the engine's featurize refuses them, and nothing is stored
+    sql.conn.execute("DELETE FROM features WHERE image_id = 1")
+    sql.conn.execute("UPDATE feature_runtimes SET network_hash = '0000000000000000'")
+    with pytest.raises(SqlError, match=r"FeaturizeImages: the stored efficientnet_lite0 features were computed "
+                                            r"by another network \(weights hash 0000000000000000\) than this one"):
+        sql.call("FeaturizeImages")
+    assert sql.conn.execute("SELECT COUNT(*) FROM features WHERE image_id = 1").fetchone() == (0,)
     (summary,) = sql.conn.execute("SELECT summary FROM evaluations").fetchone()
     summary = json.loads(summary)
     assert summary["best_method"] == expected.summary["best_method"] == results[-1]["best_method"][0]
