@@ -1,10 +1,26 @@
 -- issue 29: upgrades the tables of a database set up by an older release in place, before 02_Tables.sql (which
--- creates what is missing, dbo.schema_version included, and records the version) and the procedures that read
--- the new columns. Version 1 is every database made before dbo.schema_version existed: its images table has no
--- item_key. Each step runs in one transaction. A new database (no dbo.images yet) is left to 02_Tables.sql.
--- Safe to re-run. No name here comes from a user: the dynamic statements drop constraints SQL Server
--- named itself.
+-- creates what is missing, dbo.schema_version included, and records the version of a new database) and the
+-- procedures that read the new columns. Version 1 is every database made before dbo.schema_version existed: its
+-- images table has no item_key. Each step runs in one transaction and records the versions it passed (1 and 2,
+-- then 3), as the SQLite and PostgreSQL stores do. A new database (no dbo.images yet) records 3 and is left to
+-- 02_Tables.sql. Safe to re-run. No name here comes from a user: the dynamic statements drop constraints SQL
+-- Server named itself.
+-- The rules followed, from Microsoft's ALTER TABLE (Transact-SQL) page
+-- (learn.microsoft.com/sql/t-sql/statements/alter-table-transact-sql): ALTER COLUMN must repeat the column's type
+-- when it gives NULL or NOT NULL; NULL may be given to any column not in a PRIMARY KEY; a column used in a UNIQUE
+-- constraint cannot be altered, and a constraint is dropped by its name (here the UQ__images__... name the server
+-- gave the old `sha256 ... UNIQUE`, read from sys.key_constraints); a column added to a table with rows must
+-- allow NULL (or have a default). The new columns are indexed in a separate batch (sp_executesql), because the
+-- batch that adds them was compiled before they existed.
 SET XACT_ABORT ON;
+GO
+-- 02_Tables.sql's dbo.schema_version (tests/test_migrations.py checks the two definitions are the same), made
+-- first so that the upgrade can record its steps
+IF OBJECT_ID(N'dbo.schema_version', N'U') IS NULL
+    CREATE TABLE dbo.schema_version (
+        version int NOT NULL PRIMARY KEY,
+        applied_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
 GO
 IF OBJECT_ID(N'dbo.images', N'U') IS NOT NULL AND COL_LENGTH(N'dbo.images', N'item_key') IS NULL
 BEGIN
@@ -24,6 +40,7 @@ BEGIN
     ALTER TABLE dbo.images ADD item_key nvarchar(400) NULL, metadata nvarchar(max) NULL;
     EXEC sp_executesql N'CREATE INDEX ix_images_sha256 ON dbo.images (sha256);
         CREATE UNIQUE INDEX uq_images_item_key ON dbo.images (item_key) WHERE item_key IS NOT NULL;';
+    INSERT INTO dbo.schema_version (version) VALUES (1), (2);
     COMMIT TRANSACTION;
 END
 GO

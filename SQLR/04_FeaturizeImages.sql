@@ -76,6 +76,18 @@ ORDER BY i.id',
         IF (SELECT COUNT(*) FROM #vectors) <> @expected
             OR EXISTS (SELECT 1 FROM #vectors WHERE (vector IS NULL AND reason IS NULL) OR LEN(vector) <> 8 * dim)
             THROW 50015, N'FeaturizeImages: the engine did not return one vector or one reason per image; nothing of this batch was stored.', 1;
+        -- a catalogue never mixes vectors of two networks (issue 28: docs/runtimes.md), as the engine's featurize refuses
+        DECLARE @stored varchar(64) = NULL, @computed varchar(64) = NULL;
+        SELECT TOP (1) @computed = v.network_hash FROM #vectors AS v WHERE v.vector IS NOT NULL;
+        SELECT TOP (1) @stored = r.network_hash FROM dbo.feature_runtimes AS r
+        WHERE r.backbone = @backbone AND r.network_hash <> @computed;
+        IF @stored IS NOT NULL
+        BEGIN
+            SET @error = CONCAT(N'FeaturizeImages: the stored ', @backbone, N' features were computed by another ',
+                                N'network (weights hash ', @stored, N') than this one (', @computed,
+                                N'); nothing of this batch was stored.');
+            THROW 50080, @error, 1;
+        END;
 
         BEGIN TRANSACTION;
         INSERT INTO dbo.features (image_id, backbone, dim, vector)

@@ -2,7 +2,8 @@
 -- Stores the query and its results in queries/rankings and returns them as one result set. It uses no
 -- INSERT ... EXEC itself (results come back through an OUTPUT parameter), so a caller may
 -- INSERT ... EXEC dbo.RankCandidates. On SQL Server 2025 (SQLR/12_Vectors.sql) every method ranks in T-SQL
--- with VECTOR_DISTANCE when its vectors are stored. The model's backbone may be a refined network: its weights cross as @network (see
+-- with VECTOR_DISTANCE when its vectors are stored, and dbo.SuggestRanked adds the suggestions for its unlabelled
+-- matches. The model's backbone may be a refined network: its weights cross as @network (see
 -- ResolveBackbone in SQLR/04_FeaturizeImages.sql). Conventions: see SQLR/04_FeaturizeImages.sql.
 CREATE OR ALTER PROCEDURE dbo.RankCandidates
     @query varbinary(max),
@@ -42,8 +43,12 @@ BEGIN
                           probability float NULL);
 
     IF OBJECT_ID(N'dbo.RankByVector', N'P') IS NOT NULL
+    BEGIN
         EXEC dbo.RankByVector @query_hex = @query_hex, @backbone = @backbone, @method = @used_method, @top = @top,
                               @network = @network, @model_version = @model_version;
+        EXEC dbo.SuggestRanked @backbone = @backbone, @classes = @classes, @model_params = @model_params,
+                               @model_version = @model_version;
+    END
     IF NOT EXISTS (SELECT 1 FROM #ranked)
     BEGIN
         CREATE TABLE #step (backbone nvarchar(64) NOT NULL, model_version int NOT NULL);
@@ -115,8 +120,8 @@ JOIN #step AS s ON a.version = s.model_version',
     SELECT @query_id, r.rank, r.image_id, r.score FROM #ranked AS r;
     COMMIT TRANSACTION;
     -- issue 29: label NULL for an unlabelled image; the item's key and metadata (JSON text) as ingested; for an
-    -- unlabelled image the model's suggested label and its probability (NULL on the VECTOR path, which runs no
-    -- model on the matches)
+    -- unlabelled image the model's suggested label and its probability (on the VECTOR path computed for the
+    -- ranked rows only, by dbo.SuggestRanked)
     SELECT r.rank, r.image_id, i.name, i.label, r.score, i.item_key, i.metadata, r.suggested, r.probability
     FROM #ranked AS r JOIN dbo.images AS i ON i.id = r.image_id ORDER BY r.rank;
 END;

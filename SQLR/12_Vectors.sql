@@ -267,6 +267,76 @@ FROM dbo.model_arrays AS a JOIN #vector_step AS s ON a.version = s.model_version
     ORDER BY d.score DESC, d.image_id;
 END;
 GO
+-- SuggestRanked (issue 29): the latest model's suggested label and its probability for the unlabelled images in
+-- the caller's #ranked (RankByVector's matches), computed by the engine from their stored features as the Python
+-- path computes them for its matches (pipeline/suggest.py): one Python call that reads the ranked rows' features
+-- only, none when no match is unlabelled. Labelled matches keep NULL.
+CREATE OR ALTER PROCEDURE dbo.SuggestRanked
+    @backbone nvarchar(64),
+    @classes nvarchar(max),
+    @model_params nvarchar(max),
+    @model_version int
+AS
+BEGIN
+    SET NOCOUNT ON;
+    SET XACT_ABORT ON;
+    CREATE TABLE #suggest_step (image_id int NOT NULL PRIMARY KEY, backbone nvarchar(64) NOT NULL,
+                                model_version int NOT NULL);
+    INSERT INTO #suggest_step (image_id, backbone, model_version)
+    SELECT r.image_id, @backbone, @model_version FROM #ranked AS r JOIN dbo.images AS i ON i.id = r.image_id
+    WHERE i.label IS NULL;
+    IF NOT EXISTS (SELECT 1 FROM #suggest_step)
+        RETURN;
+    DECLARE @error nvarchar(4000), @suggested nvarchar(max);
+    BEGIN TRY
+        EXEC sp_execute_external_script
+            @language = N'Python',
+            @script = N'
+# output variables are set on every path (Known issues for Python and R)
+suggested = None
+from image_similarity.contexts import inproc
+with inproc.reported() as report:
+    suggested = inproc.suggest_rows(InputDataSet, backbone, classes, model_params, model_version)
+error = report.error
+',
+            @input_data_1 = N'
+SELECT i.id AS image_id, i.name, i.label, i.sha256, i.dhash, CONVERT(varchar(max), f.vector, 2) AS data,
+       NULL AS array_name, NULL AS dtype, NULL AS shape
+FROM #suggest_step AS s
+JOIN dbo.images AS i ON i.id = s.image_id
+JOIN dbo.features AS f ON f.image_id = s.image_id AND f.backbone = s.backbone
+UNION ALL
+SELECT NULL, NULL, NULL, NULL, NULL, CONVERT(varchar(max), a.data, 2), a.name, a.dtype, a.shape
+FROM dbo.model_arrays AS a
+WHERE a.version IN (SELECT model_version FROM #suggest_step)',
+            @params = N'@backbone nvarchar(64), @classes nvarchar(max), @model_params nvarchar(max),
+                        @model_version int, @suggested nvarchar(max) OUTPUT, @error nvarchar(4000) OUTPUT',
+            @backbone = @backbone,
+            @classes = @classes,
+            @model_params = @model_params,
+            @model_version = @model_version,
+            @suggested = @suggested OUTPUT,
+            @error = @error OUTPUT;
+    END TRY
+    BEGIN CATCH
+        SET @error = ERROR_MESSAGE();
+    END CATCH;
+    IF @error IS NULL AND (ISJSON(@suggested) IS NULL OR ISJSON(@suggested) = 0)
+        SET @error = N'the engine returned no suggestions';
+    IF @error IS NOT NULL
+    BEGIN
+        SET @error = CONCAT(N'SuggestRanked: ', @error);
+        THROW 50079, @error, 1;
+    END;
+    UPDATE #ranked
+    SET suggested = (SELECT j.suggested FROM OPENJSON(@suggested) WITH (image_id int '$.image_id',
+                                                                        suggested nvarchar(200) '$.suggested') AS j
+                     WHERE j.image_id = #ranked.image_id),
+        probability = (SELECT j.probability FROM OPENJSON(@suggested) WITH (image_id int '$.image_id',
+                                                                            probability float '$.probability') AS j
+                       WHERE j.image_id = #ranked.image_id);
+END;
+GO
 -- CreateVectorIndex: an approximate DiskANN index on the vectors, for the operator to create once the
 -- catalogue is loaded (a preview feature of SQL Server 2025: the database needs PREVIEW_FEATURES = ON). The
 -- exact ranking above does not use it (VECTOR_DISTANCE never does); VECTOR_SEARCH queries can.

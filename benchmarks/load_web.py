@@ -61,6 +61,8 @@ class LoadReport:
     """How many answers each (model version, method) gave."""
     responses: list[tuple[int, httpx.Response | str]] = field(default_factory=list, repr=False)
     """(request number, its response or the transport error) of each timed request, to check."""
+    cpu_s: float | None = None
+    """CPU seconds the service process and this load-generating process spent meanwhile (None: not measured)."""
 
     def percentile(self, q: float) -> float:
         return float(np.percentile(self.latencies, q)) if self.latencies else float("nan")
@@ -204,11 +206,24 @@ def served(*args: str, env: dict | None = None) -> Iterator[tuple[str, subproces
         proc.output = proc.communicate(timeout=30)[0]
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads) process `pid` has spent, and this process when `pid` is None; None
+    where /proc cannot tell (not Linux)."""
+    if pid is None:
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rounds(urls: dict[str, str], photos: list[Path], clients: tuple[int, ...] = (1, 8), requests: int = 100,
-           repeats: int = 3) -> dict[str, dict[int, list[LoadReport]]]:
+           repeats: int = 3, pids: dict[str, int] | None = None) -> dict[str, dict[int, list[LoadReport]]]:
     """Reports of `repeats` rounds of `requests` checked requests from each number of `clients`, for each named
     service; the rounds alternate between services and client counts, so they share the machine's noise, and the
-    services take turns going first."""
+    services take turns going first. With the services' `pids`, each report has the CPU time spent by the service
+    and the load together."""
     rankers = {name: Ranker(url, photos) for name, url in urls.items()}
     references = {name: {} for name in urls}
     for name, ranker in rankers.items():
@@ -217,7 +232,12 @@ def rounds(urls: dict[str, str], photos: list[Path], clients: tuple[int, ...] = 
     for turn in range(repeats):
         for n in clients:
             for name, ranker in list(rankers.items())[::-1 if turn % 2 else 1]:
+                pid = (pids or {}).get(name)
+                before = (cpu_seconds(pid), cpu_seconds(None)) if pid else None
                 report = ranker.load(requests, n)
+                after = (cpu_seconds(pid), cpu_seconds(None)) if pid else None
+                if before and after and None not in (*before, *after):
+                    report.cpu_s = (after[0] - before[0]) + (after[1] - before[1])
                 ranker.check(report, references[name])
                 out[name][n].append(report)
     return out
@@ -228,7 +248,8 @@ def summary(reports: list[LoadReport]) -> dict:
     middle = sorted(reports, key=lambda r: r.requests / r.seconds)[len(reports) // 2]
     return {"clients": middle.threads, "rounds": len(reports), "requests_per_s": middle.requests / middle.seconds,
             "p50_ms": 1e3 * middle.percentile(50), "p95_ms": 1e3 * middle.percentile(95),
-            "errors": sum(len(r.errors) for r in reports)}
+            "errors": sum(len(r.errors) for r in reports),
+            "cpu_ms_per_request": None if middle.cpu_s is None else 1e3 * middle.cpu_s / middle.requests}
 
 
 def service_on(db: str, clients: tuple[int, ...] = (1, 8), requests: int = 100, repeats: int = 3,
@@ -236,23 +257,26 @@ def service_on(db: str, clients: tuple[int, ...] = (1, 8), requests: int = 100, 
     """`summary` per number of clients of `serve --db DB`, started here, and with `baseline` (a package folder,
     put first on PYTHONPATH) of the same database served by that code too; by service name ("this", "baseline")."""
     with ExitStack() as stack:
-        urls = {"this": stack.enter_context(served("--db", db))[0]}
+        started = {"this": stack.enter_context(served("--db", db))}
         if baseline:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([baseline, os.environ.get("PYTHONPATH", "")])}
-            urls["baseline"] = stack.enter_context(served("--db", db, env=env))[0]
-        found = rounds(urls, sample_photos(per_class), clients, requests, repeats)
+            started["baseline"] = stack.enter_context(served("--db", db, env=env))
+        found = rounds({name: url for name, (url, _) in started.items()}, sample_photos(per_class), clients, requests,
+                       repeats, {name: proc.pid for name, (_, proc) in started.items()})
     return {name: [summary(reports) for reports in by_clients.values()] for name, by_clients in found.items()}
 
 
 def service_table(results: dict[str, list[dict]]) -> list[str]:
     """Lines of a table of service_on's results, with each load's requests/s as a ratio to one client's."""
-    lines = [f"  {'service':9} {'clients':>7} {'requests/s':>10} {'vs 1':>6} {'p50 ms':>7} {'p95 ms':>7} {'errors':>6}"]
+    lines = [f"  {'service':9} {'clients':>7} {'requests/s':>10} {'vs 1':>6} {'p50 ms':>7} {'p95 ms':>7} {'errors':>6}"
+             f" {'CPU ms/request':>14}"]
     for name, rows in results.items():
         one = next((r["requests_per_s"] for r in rows if r["clients"] == 1), None)
         for r in rows:
             ratio = f"{r['requests_per_s'] / one:5.2f}x" if one else f"{'-':>6}"
+            cpu = r.get("cpu_ms_per_request")
             lines.append(f"  {name:9} {r['clients']:>7} {r['requests_per_s']:10.1f} {ratio} {r['p50_ms']:7.0f} "
-                         f"{r['p95_ms']:7.0f} {r['errors']:>6}")
+                         f"{r['p95_ms']:7.0f} {r['errors']:>6} {'-' if cpu is None else f'{cpu:.1f}':>14}")
     return lines
 
 

@@ -249,7 +249,8 @@ def plot(rows: list[dict], ann: dict, path: Path) -> None:
 
 def where() -> dict:
     """The machine, and what was chosen on it (measured, or read from the cache of earlier measurements)."""
-    return {**machine.describe(), "precision": resolve("auto", torch.device("cpu")), "scan_kernel": scan_kernel(),
+    return {**machine.describe(), "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+            os.cpu_count(), "precision": resolve("auto", torch.device("cpu")), "scan_kernel": scan_kernel(),
             **{name: runtime_version(name) for name in EXPORTED},
             "kernel_caps": {name: os.environ.get(name, "") for name in ("ATEN_CPU_CAPABILITY", *machine.KERNEL_CAPS)}}
 
@@ -323,8 +324,21 @@ def table(result: dict) -> str:
               f"speed-up {a['speedup']:.0f}x, index built in {a['build_s']:.1f} s", "",
               (f"web service (serve, its own process; bundled photos; median of {result['service'][0]['rounds']} "
                "alternating rounds):"), *load_web.service_table({"serve": result["service"]}),
+              *service_bound(result["service"], result["machine"]["cpus"]),
               "  goals: 8 clients >= 1.5x one client's requests/s, 0 errors", "", f"plot: {result['plot']}"]
     return "\n".join(lines)
+
+
+def service_bound(service: list[dict], cpus: int) -> list[str]:
+    """What the CPU allows: with every core busy, 8 clients get at most cpus / (CPU time per request) requests/s;
+    as a ratio to one client's requests/s, the most any scheduling of the service could reach here."""
+    one, many = service[0], service[-1]
+    if many.get("cpu_ms_per_request") is None:
+        return []
+    most = 1e3 * cpus / many["cpu_ms_per_request"]
+    return [f"  CPU per request (service and load together): {one['cpu_ms_per_request']:.1f} ms with 1 client, "
+            f"{many['cpu_ms_per_request']:.1f} ms with {many['clients']}: {cpus} cores serve at most {most:.0f} "
+            f"requests/s = {most / one['requests_per_s']:.2f}x one client's"]
 
 
 def peers_installed(script: str) -> bool:

@@ -39,6 +39,8 @@ def test_smoke_run_emits_the_figures_and_the_plot(tmp_path):
     service = result["service"]  # serve under 1 and 8 clients, every answer checked against the photo's alone
     assert [s["clients"] for s in service] == [1, 8] and all(s["errors"] == 0 for s in service)
     assert all(0 < s["p50_ms"] <= s["p95_ms"] and s["requests_per_s"] > 0 for s in service)
+    # the CPU time the service process and the load together spent per request (read from /proc)
+    assert all(s["cpu_ms_per_request"] > 0 for s in service) and result["machine"]["cpus"] >= 1
     assert result["service_8_vs_1_clients"] == service[1]["requests_per_s"] / service[0]["requests_per_s"]
     feats = result["featurize"][0]
     assert {"torch fp32", "onnxruntime fp32", "openvino fp32"} <= set(feats["runtime_ips"])

@@ -130,3 +130,85 @@ def test_the_sql_server_migration_leaves_a_new_or_migrated_database_alone(sample
         assert versions(store) == [SCHEMA_VERSION]
         data = schema_v1.photos(sample_dir, 1)[0][2]
         assert [store.add_image(new_image(data, k)) for k in (None, None, "a", "b", "a")] == [1, None, 2, 3, None]
+
+
+def test_the_sql_server_setup_upgrades_a_database_the_old_setup_made(sample_dir):
+    server = tsql.Server()
+    scripts = sorted(SQLR.glob("[0-9][0-9]_*.sql"))[1:]  # as the setup runs them (entrypoints/sqlserver.py)
+    server.run_script(schema_v1.sqlserver_script((SQLR / "02_Tables.sql").read_text()))
+    cur = tsql.Client(server).cursor()
+    schema_v1.fill(lambda sql, params=(): cur.execute(sql, *params), sample_dir)
+    cur.execute("INSERT INTO dbo.models (backbone, classes, params) VALUES ('efficientnet_lite0', ?, '{}')",
+                '["dotted", "leopard", "striped"]')
+    cur.execute("INSERT INTO dbo.model_arrays (version, name, dtype, shape, data) VALUES (1, 'w', 'float32', '[3]', ?)",
+                bytes(12))
+    with pytest.raises(tsql.SqlError, match="NOT NULL constraint failed: images.label"):  # the old schema
+        cur.execute("INSERT INTO dbo.images (name, label, format, width, height, mode, size_bytes, sha256, dhash, data)"
+                    " VALUES ('u', NULL, 'JPEG', 1, 1, 'RGB', 1, 'a', 'a', 0x00)")
+    tables = [t for (t,) in server.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"
+                                                " AND name NOT LIKE 'sqlite%' AND name NOT LIKE 'tsql%'")]
+    before = {t: server.conn.execute(f"SELECT * FROM {t}").fetchall() for t in tables}
+
+    tsql.install(server, scripts)
+    upgraded = {t: server.conn.execute(f"SELECT * FROM {t}").fetchall() for t in before}
+    assert upgraded["images"] == [row + (None, None) for row in before["images"]]  # item_key, metadata added
+    assert {t: rows for t, rows in upgraded.items() if t != "images"} == \
+        {t: rows for t, rows in before.items() if t != "images"} and len(upgraded["features"]) == 4
+    assert [v for (v,) in server.conn.execute("SELECT version FROM schema_version ORDER BY version")] == \
+        list(range(1, SCHEMA_VERSION + 1))
+    assert "feature_runtimes" in server.tables  # what later releases added is created beside
+
+    def schema() -> list[tuple]:
+        return server.conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    migrated, rows = schema(), {t: server.conn.execute(f"SELECT * FROM {t}").fetchall() for t in server.tables}
+    tsql.install(server, scripts)  # re-run: a no-op
+    assert schema() == migrated and rows == {t: server.conn.execute(f"SELECT * FROM {t}").fetchall()
+                                             for t in server.tables}
+    fresh = tsql.Server()
+    tsql.install(fresh, scripts)  # the tables, indexes and constraints of a new database, schema_version's included
+    assert migrated == fresh.conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+    tables_only = tsql.Server()
+    tsql.install(tables_only, [SQLR / "02_Tables.sql"])  # 02_Migrate.sql's schema_version is 02_Tables.sql's
+    definition = "SELECT sql FROM sqlite_master WHERE name = 'schema_version'"
+    assert tables_only.conn.execute(definition).fetchall() == fresh.conn.execute(definition).fetchall()
+
+    photos = schema_v1.photos(sample_dir, 3)
+    first, new = photos[0], photos[2]  # photos[2]: a dotted photo the old database does not hold
+    _, out = server.call("AddImage", name="new.jpg", label=None, data=new[2], image_id=None)
+    assert out["image_id"] == 7 and server.conn.execute("SELECT label FROM images WHERE id = 7").fetchone() == (None,)
+    _, out = server.call("AddImage", name="again.jpg", label="dotted", data=first[2], image_id=None, item_key="sku-1",
+                         metadata='{"title": "Spotted scarf"}')
+    assert out["image_id"] == 8  # identical bytes under another name: a new item with its key
+    _, out = server.call("AddImage", name="again2.jpg", data=first[2], image_id=None, item_key="sku-2")
+    assert out["image_id"] == 9
+    with MSSQLStore("mssql://emulated/ImageSimilarity", connection=tsql.Client(server)) as store:
+        assert versions(store) == list(range(1, SCHEMA_VERSION + 1))
+        assert store.find_key("sku-1").metadata == {"title": "Spotted scarf"} and store.image_bytes(1) == first[2]
+        with pytest.raises(tsql.SqlError, match="UNIQUE constraint failed: images.item_key"):
+            store.db.query("UPDATE dbo.images SET item_key = 'sku-1' WHERE id = 9")
+
+
+def test_the_sql_server_setup_upgrades_a_version_2_database(sample_dir):
+    """To 3 (issue 28's OpenVINO): the runtime's CHECK, which SQL Server named itself, is found in
+    sys.check_constraints and replaced by the named one that takes 'openvino'; the rows are kept."""
+    server = tsql.Server()
+    scripts = sorted(SQLR.glob("[0-9][0-9]_*.sql"))[1:]
+    server.run_script(schema_v1.sqlserver_script((SQLR / "02_Tables.sql").read_text(), 2))
+    cur = tsql.Client(server).cursor()
+    schema_v1.fill(lambda sql, params=(): cur.execute(sql, *params), sample_dir)
+    insert = "INSERT INTO dbo.feature_runtimes (image_id, backbone, runtime, network_hash) VALUES (?, ?, ?, 'abc')"
+    cur.execute(insert, 1, "efficientnet_lite0", "onnxruntime")
+    with pytest.raises(tsql.SqlError, match="CHECK constraint failed"):
+        cur.execute(insert, 2, "efficientnet_lite0", "openvino")
+    tsql.install(server, scripts)
+    cur.execute(insert, 2, "efficientnet_lite0", "openvino")
+    with pytest.raises(tsql.SqlError, match="CHECK constraint failed"):
+        cur.execute(insert, 3, "efficientnet_lite0", "cuda")
+    assert server.conn.execute("SELECT image_id, runtime FROM feature_runtimes ORDER BY image_id").fetchall() == [
+        (1, "onnxruntime"), (2, "openvino")]
+    assert [v for (v,) in server.conn.execute("SELECT version FROM schema_version ORDER BY version")] == [2, 3]
+    assert server.conn.execute("SELECT name, parent_column_id FROM check_constraints WHERE name LIKE '%runtime%'"
+                               ).fetchall() == [("ck_feature_runtimes_runtime", 0)]
+    migrated = server.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'feature_runtimes'").fetchall()
+    tsql.install(server, scripts)  # re-run: a no-op
+    assert server.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'feature_runtimes'").fetchall() == migrated

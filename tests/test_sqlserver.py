@@ -82,6 +82,13 @@ def test_initial_run_once_matches_the_engine(full_db, full_copy):
                             " GROUP BY precision_used").fetchall() == [(used.precision, 40)]
     assert sql.conn.execute("SELECT runtime, network_hash, COUNT(*) FROM feature_runtimes GROUP BY runtime,"
                             " network_hash").fetchall() == [(used.runtime, used.network_hash, 40)]
+    # another network's vectors are refused, as the engine's featurize refuses them, and nothing is stored
+    sql.conn.execute("DELETE FROM features WHERE image_id = 1")
+    sql.conn.execute("UPDATE feature_runtimes SET network_hash = '0000000000000000'")
+    with pytest.raises(SqlError, match=r"FeaturizeImages: the stored efficientnet_lite0 features were computed "
+                                            r"by another network \(weights hash 0000000000000000\) than this one"):
+        sql.call("FeaturizeImages")
+    assert sql.conn.execute("SELECT COUNT(*) FROM features WHERE image_id = 1").fetchone() == (0,)
     (summary,) = sql.conn.execute("SELECT summary FROM evaluations").fetchone()
     summary = json.loads(summary)
     assert summary["best_method"] == expected.summary["best_method"] == results[-1]["best_method"][0]
@@ -334,9 +341,34 @@ def test_ingest_from_view_stores_the_view_rows_records_bad_ones_and_is_safe_to_r
     assert sql.conn.execute("SELECT COUNT(*) FROM images").fetchone() == (2,)
 
 
-def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer):
+def test_ingest_from_view_takes_the_views_metadata_column(sample_dir):
+    """Issue 29: a view with the optional metadata column (found through COL_LENGTH, read by a constant statement
+    through sp_executesql, with the caller's SELECT permission): JSON objects become the items' metadata, other
+    text is refused by AddImage and recorded; a user of image_similarity_user may run it."""
+    sql = Server()
+    install(sql, SCRIPTS)
+    photos = [min((sample_dir / c).iterdir()).read_bytes() for c in ("dotted", "leopard", "striped")]
+    sql.conn.execute("CREATE TABLE products (sku text, category text, photo blob, attrs text)")
+    sql.conn.executemany("INSERT INTO products VALUES (?, ?, ?, ?)", [
+        ("sku-1", "dotted", photos[0], '{"title": "Spotted scarf"}'), ("sku-2", None, photos[1], None),
+        ("sku-3", "striped", photos[2], "[1, 2]")])
+    sql.conn.execute("CREATE VIEW image_source AS SELECT sku AS item_key, category AS label, photo AS data, "
+                     "attrs AS metadata FROM products")
+    sql.run_script("CREATE USER shop WITHOUT LOGIN; ALTER ROLE image_similarity_user ADD MEMBER shop;")
+    sql.user = "shop"
+    results, _ = sql.call("IngestFromView")
+    assert rows_of(results[-1]) == [(3, 2, 0, 1)]
+    assert sql.conn.execute("SELECT item_key, label, metadata FROM images ORDER BY id").fetchall() == [
+        ("sku-1", "dotted", '{"title": "Spotted scarf"}'), ("sku-2", None, None)]
+    assert sql.conn.execute("SELECT name, reason FROM rejected_files").fetchall() == [
+        ("image_source/sku-3", "AddImage: metadata must be a JSON object.")]
+
+
+@pytest.mark.parametrize("vector_type", [False, True])
+def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, featurizer, vector_type):
     """Issue 29: an unlabelled match comes with the latest model's suggested label and probability, as the engine's
-    pipeline/suggest.py gives them; a labelled match with none."""
+    pipeline/suggest.py gives them; a labelled match with none. On SQL Server 2025's VECTOR path (ranked in T-SQL)
+    dbo.SuggestRanked computes them for the ranked rows in one more Python call."""
     from image_similarity.pipeline.suggest import suggestions
 
     with SQLiteStore(small_copy) as store:
@@ -348,9 +380,14 @@ def test_rank_candidates_suggests_labels_for_unlabelled_matches(small_copy, feat
         expected = {s.id: (s.suggested, s.probability) for s in suggestions(store, load_model(store))}
         query = store.image_bytes(1)
     assert len(expected) == 12
-    sql = server(small_copy)
+    sql = server(small_copy, vector_type=vector_type)
     copy_model(sql)
-    (ranked,), _ = sql.call("RankCandidates", query=query, top=30)
+    if vector_type:
+        sql.call("StoreVectors")
+    before = sql.external_calls
+    (ranked,), _ = sql.call("RankCandidates", query=query, top=30, method="cosine")
+    assert sql.external_calls == before + (2 if vector_type else 1)  # vector_query and suggest_rows; rank_candidates
+    assert (sql.conn.execute("SELECT method FROM queries").fetchall() == [("cosine",)])
     assert list(ranked.columns[-2:]) == ["suggested", "probability"]
     rows = rows_of(ranked)
     unlabelled = [row for row in rows if row[3] is None]

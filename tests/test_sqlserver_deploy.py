@@ -45,7 +45,8 @@ def test_deploy_runs_end_to_end_from_the_setups_calling_convention(monkeypatch, 
 
 
 def test_deploy_ingests_the_dbas_view_with_ingest_from_view(monkeypatch, capsys, sample_dir):
-    """Issue 29: `deploy --from-view` runs dbo.IngestFromView over the view image_source before the first run."""
+    """Issue 29: `deploy --from-view` runs dbo.IngestFromView over the view image_source before the first run; the
+    view's metadata column becomes the items' metadata."""
     sql = Server()
     monkeypatch.setattr(mssql, "open_connection", lambda url: Client(sql))
     photos = [(label, path) for label in ("dotted", "leopard", "striped")
@@ -53,14 +54,16 @@ def test_deploy_ingests_the_dbas_view_with_ingest_from_view(monkeypatch, capsys,
     sql.conn.execute("CREATE TABLE products (sku text, category text, photo blob)")
     sql.conn.executemany("INSERT INTO products VALUES (?, ?, ?)",
                          [(f"sku-{k:02d}", label, path.read_bytes()) for k, (label, path) in enumerate(photos)])
-    sql.conn.execute("CREATE VIEW image_source AS SELECT sku AS item_key, category AS label, photo AS data "
-                     "FROM products")
+    sql.conn.execute("CREATE VIEW image_source AS SELECT sku AS item_key, category AS label, photo AS data, "
+                     "json_object('title', 'Item ' || sku) AS metadata FROM products")
     assert cli.main(["sqlserver", "deploy", "--db", "mssql://sql01/Images", "--from-view", "--python", PYTHON]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "dbo.IngestFromView: 12 rows of dbo.image_source: 12 added, 0 already stored, 0 rejected" in out
     assert [line.split(":")[0] for line in out][-3:] == ["dbo.IngestFromView", "dbo.Initial_Run_Once", "deployed"]
     assert sql.conn.execute("SELECT COUNT(*) FROM features").fetchone() == (12,)
     assert sql.conn.execute("SELECT COUNT(DISTINCT item_key) FROM images").fetchone() == (12,)
+    assert sql.conn.execute("SELECT metadata FROM images WHERE item_key = 'sku-03'").fetchone() == (
+        '{"title":"Item sku-03"}',)
 
 
 @pytest.mark.parametrize("damage,message", [

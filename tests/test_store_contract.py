@@ -16,6 +16,7 @@ import pytest
 from support import pgserver, tsql
 
 from image_similarity.errors import NotFound, NotReady
+from image_similarity.pipeline.ingest import ingest_view
 from image_similarity.store import (
     PROCEDURES,
     VECTOR_SEARCH,
@@ -216,7 +217,29 @@ def test_a_view_over_the_users_own_table_is_read_by_key(store, sample_dir):
                    f" FROM {prefix}products")
     store.db.query_many(store.d.sql(f"INSERT INTO {prefix}products (sku, category, photo) VALUES (?, ?, ?)"),
                         rows[::-1])
-    assert [row for batch in store.source_rows(batch_size=2) for row in batch] == rows
+    assert [row for batch in store.source_rows(batch_size=2) for row in batch] == [row + (None,) for row in rows]
+
+
+def test_the_views_metadata_column_becomes_the_items_metadata(store, sample_dir):
+    """Issue 29: a view image_source with the optional metadata column (JSON text of an object, found in the
+    catalogue): each item gets it; a row whose metadata is not JSON, or not an object, is refused and recorded."""
+    prefix = "dbo." if store.server == "SQL Server" else ""
+    text, binary = {"SQLite": ("TEXT", "BLOB"), "PostgreSQL": ("text", "bytea")}.get(store.server,
+                                                                                    ("nvarchar(400)", "varbinary(max)"))
+    store.db.query(f"CREATE TABLE {prefix}products (sku {text} NOT NULL, photo {binary} NOT NULL, attrs {text})")
+    store.db.query(f"CREATE VIEW {prefix}image_source AS SELECT sku AS item_key, NULL AS label, photo AS data,"
+                   f" attrs AS metadata FROM {prefix}products")
+    attributes = ['{"title": "Spotted scarf", "price": 9.5}', None, '{"title": "bad"', '["not", "an object"]']
+    rows = [(f"sku-{i}", im.data, a) for i, (im, a) in enumerate(zip(photos(sample_dir, 2), attributes))]
+    store.db.query_many(store.d.sql(f"INSERT INTO {prefix}products (sku, photo, attrs) VALUES (?, ?, ?)"), rows)
+    report = ingest_view(store, progress=False)
+    assert (report.added, report.already_stored, report.unlabelled) == (2, 0, 2)
+    assert [(im.key, im.metadata) for im in store.images()] == [
+        ("sku-0", {"title": "Spotted scarf", "price": 9.5}), ("sku-1", None)]
+    assert report.skipped == [("image_source/sku-2", "metadata: not JSON: Expecting ',' delimiter"),
+                              ("image_source/sku-3", "metadata: not a JSON object")]
+    assert [r[0] for r in store.rejected()] == ["image_source/sku-2", "image_source/sku-3"]
+    assert ingest_view(store, progress=False).already_stored == 2  # re-run: nothing new
 
 
 def test_relabel_image_changes_only_the_label(store, sample_dir):
@@ -301,9 +324,12 @@ FAMILIES = {"integer": {ID, INT}, "nvarchar": {TEXT, JSON}, "varchar": {TEXT}, "
 
 def declared(conn: sqlite3.Connection, table: str) -> dict:
     """What a table declares, as SQLite reads it: columns (name, NOT NULL), primary key, uniques (a unique index
-    filtered on `column IS NOT NULL` counts as the column's UNIQUE), foreign keys
-    (columns, table, referenced columns, ON DELETE), and CHECK (column IN (...)) lists."""
+    filtered on `column IS NOT NULL` counts as the column's UNIQUE, as does the unique index the SQL Server
+    emulation makes a UNIQUE constraint), foreign keys (columns, table, referenced columns, ON DELETE), and
+    CHECK (column IN (...)) lists."""
     info = conn.execute(f"PRAGMA table_info({table})").fetchall()
+    emulated = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'tsql_constraints'").fetchone()
+    constraints = {n for (n,) in conn.execute("SELECT name FROM tsql_constraints")} if emulated else set()
     keys = {}
     for fk in conn.execute(f"PRAGMA foreign_key_list({table})").fetchall():
         keys.setdefault(fk[0], []).append(fk)
@@ -314,7 +340,7 @@ def declared(conn: sqlite3.Connection, table: str) -> dict:
         # SQL Server's UNIQUE allows one NULL: a nullable unique column is a unique index filtered on IS NOT NULL
         filtered = index[4] and len(columns) == 1 and re.search(
             rf"WHERE (NOT {columns[0]} IS|{columns[0]} IS NOT) NULL$", where)
-        if index[2] and (index[3] == "u" or filtered):
+        if index[2] and (index[3] == "u" or index[1] in constraints or filtered):
             uniques.add(columns)
     (text,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()
     return {"columns": [(r[1].strip('"'), bool(r[3] or r[5])) for r in info],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from pathlib import Path
 
 from image_similarity.store import postgres, schema, sqlite
@@ -65,3 +66,43 @@ def fill(execute, sample_dir: Path, placeholder: str = "?") -> None:
     execute(f"INSERT INTO queries (query_name, query_sha256, method, backbone, created_at)"
             f" VALUES ('q', 'x', 'l2', 'efficientnet_lite0', '{AT}')")
     execute("INSERT INTO rankings (query_id, rank, image_id, score) VALUES (1, 1, 3, 0.25)")
+
+
+SQLSERVER_V1_IMAGES = """IF OBJECT_ID(N'dbo.images', N'U') IS NULL
+    CREATE TABLE dbo.images (
+        id int IDENTITY (1, 1) NOT NULL PRIMARY KEY,
+        name nvarchar(400) NOT NULL,
+        label nvarchar(200) NOT NULL,
+        format nvarchar(16) NOT NULL,
+        width int NOT NULL,
+        height int NOT NULL,
+        mode nvarchar(16) NOT NULL,
+        size_bytes int NOT NULL,
+        sha256 char(64) NOT NULL UNIQUE,
+        dhash char(64) NOT NULL,
+        data varbinary(max) NOT NULL,
+        added_at datetime2 NOT NULL DEFAULT SYSUTCDATETIME()
+    );
+"""
+"""SQLR/02_Tables.sql's images table before issue 29 (commit b31a52e's parent)."""
+
+
+SQLSERVER_V3_RUNTIME = """runtime nvarchar(16) NOT NULL
+            CONSTRAINT ck_feature_runtimes_runtime CHECK (runtime IN (N'torch', N'onnxruntime', N'openvino')),"""
+SQLSERVER_V2_RUNTIME = "runtime nvarchar(16) NOT NULL CHECK (runtime IN (N'torch', N'onnxruntime')),"
+"""feature_runtimes.runtime in SQLR/02_Tables.sql from version 3 (issue 28's OpenVINO) and before it (a CHECK that
+SQL Server names itself)."""
+
+
+def sqlserver_script(tables_sql: str, version: int = 1) -> str:
+    """SQLR/02_Tables.sql (`tables_sql`) as the setup ran it at `version`: 1, before issue 29 (the old images table,
+    no schema_version and none of the later tables: feature_runtimes is issue 28's); 2, before OpenVINO."""
+    batches = [b for b in re.split(r"(?im)^\s*GO\s*$", tables_sql) if b.strip()]
+    if version == 1:
+        kept = [SQLSERVER_V1_IMAGES if "CREATE TABLE dbo.images (" in b else b for b in batches
+                if "schema_version" not in b and "feature_runtimes" not in b]
+    else:
+        assert tables_sql.count(SQLSERVER_V3_RUNTIME) == 1 and tables_sql.count("VALUES (3);") == 1
+        kept = [b.replace(SQLSERVER_V3_RUNTIME, SQLSERVER_V2_RUNTIME).replace("VALUES (3);", "VALUES (2);")
+                for b in batches]
+    return "\nGO\n".join(kept) + "\nGO\n"

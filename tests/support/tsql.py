@@ -26,6 +26,7 @@ import json
 import math
 import re
 import sqlite3
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -419,7 +420,15 @@ def _values(node: exp.Values) -> exp.Expression:
     return exp.Subquery(this=select, alias=exp.TableAlias(this=alias.this))
 
 
+def _is_text(node: exp.Expression) -> bool:
+    """Whether an expression is text by its literals: T-SQL's + on text concatenates."""
+    return isinstance(node, exp.National) or isinstance(node, exp.Literal) and node.is_string \
+        or isinstance(node, exp.Add) and (_is_text(node.this) or _is_text(node.expression))
+
+
 def _rewrite(node: exp.Expression) -> exp.Expression:
+    if isinstance(node, exp.Add) and _is_text(node):
+        return exp.DPipe(this=node.this.transform(_rewrite), expression=node.expression.transform(_rewrite))
     if isinstance(node, exp.Select) and node.args.get("for_"):
         return _for_json(node)
     if isinstance(node, exp.Values) and node.args.get("alias") and node.args["alias"].columns:
@@ -434,6 +443,8 @@ def _rewrite(node: exp.Expression) -> exp.Expression:
             return exp.Subquery(this=_openjson(node.this).this, alias=node.args.get("alias"))
     if isinstance(node, exp.Column) and node.table and node.args.get("db"):
         node.set("db", None)
+    if isinstance(node, exp.Column) and node.table and node.args["table"].args.get("temporary"):
+        node.set("table", exp.to_identifier("tmp_" + node.table))  # #t.column
     if isinstance(node, exp.Convert):
         style = node.args.get("style") or exp.Null()
         return _function("tsql_convert", exp.Literal.string(_type_text(node.this)), node.expression, style)
@@ -487,6 +498,59 @@ def column_types(create_sql: str) -> tuple[str, dict[str, str]]:
     return name.lower(), {c.name.lower(): _type_text(c.args["kind"]) for c in tree.find_all(exp.ColumnDef)}
 
 
+def named_constraints(create_sql: str) -> tuple[str, list[tuple[str, list[str]]], list[tuple[str, int]]]:
+    """A CREATE TABLE statement without its UNIQUE constraints and with every column CHECK named, (name, columns)
+    of each UNIQUE, (name, column position from 1) of each CHECK. SQL Server backs a UNIQUE with a unique index of
+    the constraint's name; the emulation creates that index, which ALTER TABLE ... DROP CONSTRAINT can drop (SQLite
+    cannot drop an inline UNIQUE). An unnamed constraint is named as SQL Server names it: UQ__table__ or
+    CK__table__column__, then 16 hex digits."""
+    tree = sqlglot.parse_one(create_sql, read="tsql")
+    table, uniques, checks = tree.find(exp.Table).name, [], []
+    for position, col in enumerate(tree.find_all(exp.ColumnDef), 1):
+        digest = hashlib.sha256(f"{table}.{col.name}".encode()).hexdigest()[:16].upper()
+        constraints = col.args.get("constraints") or []
+        for constraint in constraints:
+            if isinstance(constraint.kind, exp.CheckColumnConstraint):
+                if not constraint.this:
+                    constraint.set("this", exp.to_identifier(f"CK__{table[:9]}__{col.name[:5]}__{digest}"))
+                checks.append((constraint.this.name, position))
+        kept = [c for c in constraints if not isinstance(c.kind, exp.UniqueColumnConstraint)]
+        if len(kept) < len(constraints):
+            uniques.append((f"UQ__{table[:8]}__{digest}", [col.name]))
+            col.set("constraints", kept)
+    for constraint in list(tree.find_all(exp.Constraint)):
+        unique = constraint.find(exp.UniqueColumnConstraint)
+        if unique is not None:
+            uniques.append((constraint.name, [c.name for c in unique.this.expressions]))
+            constraint.pop()
+    return (tree.sql(dialect="tsql") if uniques or checks else create_sql), uniques, checks
+
+
+def table_id(name: str) -> int:
+    """A table's object id (OBJECT_ID, sys.key_constraints, sys.index_columns): stable per name."""
+    return 1000 + zlib.crc32(name.lower().encode()) % 1_000_000_000
+
+
+CATALOG_VIEWS = (
+    # sys.key_constraints: the UNIQUE constraints (the emulation keeps no PRIMARY KEY rows), each backed by the
+    # unique index of its name (named_constraints)
+    ("CREATE VIEW key_constraints AS SELECT c.name AS name, OBJECT_ID(c.table_name, 'U') AS parent_object_id,"
+     " c.type AS type, i.rowid AS unique_index_id FROM tsql_constraints AS c"
+     " JOIN sqlite_master AS i ON i.type = 'index' AND i.name = c.name"),
+    # sys.index_columns: each index's columns, column_id counted from 1 in the table's column order
+    ("CREATE VIEW index_columns AS SELECT OBJECT_ID(i.tbl_name, 'U') AS object_id, i.rowid AS index_id,"
+     " k.seqno + 1 AS index_column_id, k.cid + 1 AS column_id FROM sqlite_master AS i, pragma_index_info(i.name) AS k"
+     " WHERE i.type = 'index'"),
+    # sys.check_constraints: each CHECK the scripts declared, parent_column_id 0 for a table-level one
+    ("CREATE VIEW check_constraints AS SELECT name, OBJECT_ID(table_name, 'U') AS parent_object_id,"
+     " column_id AS parent_column_id FROM tsql_constraints WHERE type = 'C'"),
+    # INFORMATION_SCHEMA.COLUMNS: the columns of every table and view
+    ("CREATE VIEW columns AS SELECT 'dbo' AS table_schema, m.name AS table_name, c.name AS column_name"
+     " FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type IN ('table', 'view')"),
+)
+"""The catalog views 02_Migrate.sql and the view source read (sys. and INFORMATION_SCHEMA. are dropped like dbo.)."""
+
+
 # ---------------------------------------------------------------- the server
 class Server:
     """SQL Server as far as SQLR/ needs it, over one SQLite connection (one session)."""
@@ -512,6 +576,8 @@ class Server:
         self.conn.execute("CREATE TABLE indexes (name TEXT)")
         self.conn.execute("CREATE TABLE configurations (name TEXT, value_in_use INTEGER)")
         self.conn.execute("INSERT INTO configurations VALUES ('external scripts enabled', 1)")
+        self.conn.execute("CREATE TABLE tsql_constraints (name TEXT PRIMARY KEY, table_name TEXT NOT NULL, type TEXT,"
+                          " column_id INTEGER)")
         for name, arity, fn in [
             ("tsql_convert", 3, convert), ("tsql_json_value", 2, json_value), ("ISJSON", 1, is_json),
             ("tsql_json_array", 1, self._json_array), ("DATALENGTH", 1, lambda v: None if v is None else len(v)),
@@ -525,7 +591,8 @@ class Server:
             ("DB_ID", 1, lambda name: 1 if name.lower() in self.databases else None), ("SYSUTCDATETIME", 0, lambda: "2026-01-01T00:00:00"),
             ("TYPE_ID", 1, lambda name: 1 if name.lower() == "vector" and self.vector_type else None),
             ("OBJECT_ID", 2, self._object_id), ("OBJECT_ID", 1, lambda name: self._object_id(name, None)),
-            ("COL_LENGTH", 2, self._col_length),
+            ("COL_LENGTH", 2, self._col_length), ("COL_NAME", 2, self._col_name),
+            ("QUOTENAME", 1, lambda name: None if name is None or len(name) > 128 else f"[{name.replace(']', ']]')}]"),
             ("SERVERPROPERTY", 1, lambda name: {"productmajorversion": "17" if self.vector_type else "16"}.get(
                 name.lower())),
             ("DATABASE_PRINCIPAL_ID", 1, lambda name: 1 if name.lower() in self.principals else None),
@@ -534,6 +601,8 @@ class Server:
             self.conn.create_function(name, arity, self._guarded(fn))
         self.conn.create_function("tsql_json_object", -1, self._guarded(json_object))
         self.conn.create_aggregate("tsql_for_json", 2, ForJson)
+        for view in CATALOG_VIEWS:
+            self.conn.execute(view)
         self._last_id = None
 
     # helpers reachable from SQL
@@ -632,7 +701,7 @@ class Server:
         if bare.startswith("#"):
             bare = "tmp_" + bare[1:]
         if kind in (None, "U") and bare in self.tables:
-            return 1
+            return table_id(bare)
         if kind in (None, "P") and bare in self.procedures:
             return 2
         if kind in (None, "V") and self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'view' AND name = ?",
@@ -641,9 +710,20 @@ class Server:
         return None
 
     def _col_length(self, table: str, column: str) -> int | None:
-        """Whether the column exists (its byte length in SQL Server; here 1), else NULL."""
+        """Whether the column of the table or view exists (its byte length in SQL Server; here 1), else NULL."""
         bare = table.split(".")[-1].strip("[]").lower()
-        return 1 if column.lower() in self.tables.get(bare, {}) else None
+        if bare in self.tables:
+            return 1 if column.lower() in self.tables[bare] else None
+        found = self.conn.execute("SELECT 1 FROM sqlite_master AS m, pragma_table_info(m.name) AS c WHERE m.type ="
+                                  " 'view' AND m.name = ? AND c.name = ? COLLATE NOCASE", (bare, column)).fetchone()
+        return 1 if found else None
+
+    def _col_name(self, object_id: int, column_id: int) -> str | None:
+        """COL_NAME: the column's name by the table's id and the column's position from 1, else NULL."""
+        for table, columns in self.tables.items():
+            if table_id(table) == object_id and 0 < column_id <= len(columns):
+                return list(columns)[column_id - 1]
+        return None
 
     # scripts
     def run_script(self, text: str, variables: dict[str, str] | None = None) -> None:
@@ -874,10 +954,20 @@ class Server:
             if name in self.tables and name.startswith("tmp_"):
                 raise SqlError(2714, f"There is already an object named '#{name[4:]}' in the database (a nested "
                                      "procedure must not reuse its caller's temporary table names).", True)
-            self.query(text, frame)
-            self.tables[name] = types
             if name.startswith("tmp_"):
+                self.query(text, frame)
                 frame.temp_tables.append(name)
+            else:
+                definition, uniques, checks = named_constraints(text)
+                self.query(definition, frame)
+                for constraint, columns in uniques:
+                    self.conn.execute(f'CREATE UNIQUE INDEX "{constraint}" ON {name} ({", ".join(columns)})')
+                    self.conn.execute("INSERT INTO tsql_constraints VALUES (?, ?, 'UQ', 0)", (constraint, name))
+                self.conn.executemany("INSERT INTO tsql_constraints VALUES (?, ?, 'C', ?)",
+                                      [(constraint, name, column) for constraint, column in checks])
+            self.tables[name] = types
+        elif head == "ALTER TABLE":
+            self.alter_table(text)
         elif re.match(r"CREATE\s+VECTOR\s+INDEX", text, re.IGNORECASE):
             self.vector_index(text)
         elif re.match(r"SELECT\s+(TOP\s*\([^)]*\)\s*)?@\w+\s*=", text, re.IGNORECASE):
@@ -920,18 +1010,20 @@ class Server:
     def exec_call(self, text: str, frame: Frame) -> list[pd.DataFrame]:
         name, _, rest = text.partition(" ")
         name = name.split(".")[-1].lower()
+        parts = split_arguments(rest)
+        dynamic = self.dynamic_sql(parts, frame) if name == "sp_executesql" else None
         arguments = {}
-        for part in split_arguments(rest):
+        for part in parts[2 if dynamic and dynamic.params else 1:] if dynamic else parts:
             found = re.match(r"@(\w+)\s*=\s*(.*)", part.strip(), re.DOTALL)
             if not found:
                 raise SqlError(102, f"pass parameters by name: {part!r}", True)
             arguments[found.group(1).lower()] = found.group(2).strip()
         if name == "sp_execute_external_script":
             return self.external_script(arguments, frame)
-        if name not in self.procedures:
+        if dynamic is None and name not in self.procedures:
             raise SqlError(2812, f"Could not find stored procedure '{name}'.", True)
         results: list[pd.DataFrame] = []
-        outputs = self.execute(self.procedures[name], dict(arguments), frame, results)
+        outputs = self.execute(dynamic or self.procedures[name], dict(arguments), frame, results)
         for param, value in outputs.items():
             source = arguments.get(param, "")
             if re.search(r"\bOUTPUT$", source, re.IGNORECASE):
@@ -1084,6 +1176,170 @@ class Server:
         for action in ("INSERT", "UPDATE", "DELETE"):  # SQL Server 2025's (earlier-version) index: read-only
             self.conn.execute(f"CREATE TRIGGER read_only_{action.lower()}_{table} BEFORE {action} ON {table} "
                               f"BEGIN SELECT tsql_vector_index_read_only('{table}'); END")
+
+    def dynamic_sql(self, parts: list[str], frame: Frame) -> Procedure:
+        """EXEC sp_executesql @stmt [, @params, @name = value [OUTPUT], ...]: the text as a procedure of those
+        parameters, so it runs in its own scope (no caller variables, its own temporary tables)."""
+        values = [self.scalar(re.sub(r"^@(?:stmt|params)\s*=\s*", "", p.strip(), flags=re.IGNORECASE), frame)
+                  for p in parts[:2] if not re.match(r"@(?!stmt\b|params\b)\w+\s*=", p.strip(), re.IGNORECASE)]
+        if not values or not isinstance(values[0], str) or not values[0].strip():
+            raise SqlError(102, f"sp_executesql: {values[:1]!r} is not a statement", True)
+        text = values[0] if values[0].rstrip().endswith(";") else values[0] + ";"
+        body, _ = parse_block(tokens(text) + ["END"], 0, ("END",))
+        for stmt in body:  # dynamic SQL leaves the ownership chain: the caller's own permissions apply
+            if stmt[0] == "sql" and stmt[1].split()[0].upper() in ("SELECT", "INSERT", "UPDATE", "DELETE"):
+                self.require_statement(stmt[1])
+        return Procedure("sp_executesql", declarations(values[1]) if len(values) > 1 else [], body)
+
+    def alter_table(self, text: str) -> None:
+        """ALTER TABLE as SQLR/02_Migrate.sql uses it, one atomic statement: ALTER COLUMN to the same type with
+        NULL or NOT NULL, ADD of nullable columns, DROP CONSTRAINT of a UNIQUE constraint; by the rules of
+        Microsoft's ALTER TABLE page (SQLR/README.md)."""
+        tree = sqlglot.parse_one(text, read="tsql")
+        table, actions = tree.this.name.lower(), tree.args.get("actions") or []
+        if table not in self.tables or table.startswith("tmp_"):
+            raise SqlError(4902, f"Cannot find the object \"{tree.this.name}\" because it does not exist or you do "
+                                 "not have permissions.")
+        self.require_on_object("ALTER", table)
+        self.conn.execute("SAVEPOINT tsql_alter")
+        try:
+            if len(actions) == 1 and isinstance(actions[0], exp.AlterColumn):
+                self._alter_column(table, actions[0])
+            elif actions and all(isinstance(a, exp.ColumnDef) for a in actions):
+                added = {}
+                for action in actions:
+                    added.update(self._add_column(table, action, added))
+                self.tables[table].update(added)
+            elif len(actions) == 1 and isinstance(actions[0], exp.Drop) and actions[0].args.get("kind") == "CONSTRAINT":
+                self._drop_constraint(table, actions[0].find(exp.Table).name)
+            elif len(actions) == 1 and isinstance(actions[0], exp.AddConstraint) \
+                    and isinstance(actions[0].find(exp.Constraint), exp.Constraint) \
+                    and actions[0].find(exp.CheckColumnConstraint) is not None:
+                self._add_check(table, actions[0].find(exp.Constraint))
+            else:
+                raise SqlError(102, f"only ALTER COLUMN, ADD columns, ADD CONSTRAINT ... CHECK and DROP CONSTRAINT are "
+                                    f"emulated: {text}", True)
+        except BaseException:
+            self.conn.execute("ROLLBACK TO tsql_alter")
+            self.conn.execute("RELEASE tsql_alter")
+            raise
+        self.conn.execute("RELEASE tsql_alter")
+
+    def _alter_column(self, table: str, action: exp.AlterColumn) -> None:
+        """Nullability only. SQLite cannot alter a column and a rebuild's DROP TABLE would cascade to the rows
+        that refer to the table (foreign keys cannot be switched off inside a transaction), so the table's stored
+        definition is edited in place, SQLite's documented way to remove (or add) a NOT NULL."""
+        column = action.this.name.lower()
+        if column not in self.tables[table]:
+            raise SqlError(4924, f"ALTER TABLE ALTER COLUMN failed because column '{column}' does not exist in "
+                                 f"table '{table}'.")
+        if action.args.get("dtype") is None or _type_text(action.args["dtype"]) != self.tables[table][column]:
+            raise SqlError(102, f"ALTER COLUMN {column}: only a change of nullability (the same type given) is "
+                                "emulated", True)
+        for name, why in self._dependents(table, column):  # Msg 5074 then 4922, which a CATCH block sees
+            raise SqlError(4922, f"The {why} '{name}' is dependent on column '{column}'. ALTER TABLE ALTER COLUMN "
+                                 f"{column} failed because one or more objects access this column.")
+        nullable = action.args.get("allow_null") is not False  # neither NULL nor NOT NULL: nullable (the page)
+        if not nullable and self.conn.execute(f"SELECT 1 FROM {table} WHERE {column} IS NULL").fetchone():
+            raise SqlError(515, f"Cannot insert the value NULL into column '{column}', table '{table}'; column does "
+                                "not allow nulls. UPDATE fails.")
+        definition = self._definition(table)
+        col = next(c for c in definition.find_all(exp.ColumnDef) if c.name.lower() == column)
+        kept = [c for c in col.args.get("constraints") or [] if not isinstance(c.kind, exp.NotNullColumnConstraint)]
+        col.set("constraints", [exp.ColumnConstraint(kind=exp.NotNullColumnConstraint(allow_null=nullable or None)),
+                                *kept])
+        self._redefine(table, definition)
+
+    def _definition(self, table: str) -> exp.Create:
+        (sql,) = self.conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                   (table,)).fetchone()
+        return sqlglot.parse_one(sql, read="sqlite")
+
+    def _redefine(self, table: str, definition: exp.Create) -> None:
+        """Store the table's new definition in place (SQLite's documented way to drop a NOT NULL or a CHECK; the
+        caller has checked the rows satisfy what it adds)."""
+        (version,) = self.conn.execute("PRAGMA schema_version").fetchone()
+        self.conn.execute("PRAGMA writable_schema = ON")
+        try:
+            self.conn.execute("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = ?",
+                              (definition.sql(dialect="sqlite"), table))
+            self.conn.execute(f"PRAGMA schema_version = {version + 1}")
+        finally:
+            self.conn.execute("PRAGMA writable_schema = OFF")
+
+    def _add_check(self, table: str, constraint: exp.Constraint) -> None:
+        """ADD CONSTRAINT name CHECK (...): refused (Msg 547) when a row fails it (WITH CHECK, the default)."""
+        name = constraint.name
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = ? UNION ALL SELECT 1 FROM tsql_constraints "
+                             "WHERE name = ?", (name, name)).fetchone():
+            raise SqlError(2714, f"There is already an object named '{name}' in the database.")
+        created = sqlglot.parse_one(to_sqlite(f"CREATE TABLE {table} (tsql_column int, {constraint.sql(dialect='tsql')})"),
+                                    read="sqlite").find(exp.Constraint)
+        check = created.find(exp.CheckColumnConstraint).this.sql(dialect="sqlite")
+        if self.conn.execute(f"SELECT 1 FROM {table} WHERE NOT ({check})").fetchone():
+            raise SqlError(547, f"The ALTER TABLE statement conflicted with the CHECK constraint \"{name}\". The "
+                                f"conflict occurred in table \"dbo.{table}\".")
+        definition = self._definition(table)
+        definition.this.append("expressions", created)
+        self._redefine(table, definition)
+        self.conn.execute("INSERT INTO tsql_constraints VALUES (?, ?, 'C', 0)", (name, table))
+
+    def _dependents(self, table: str, column: str) -> list[tuple[str, str]]:
+        """What keeps ALTER COLUMN from changing `column` (the page's list, as far as emulated): the primary key,
+        a foreign key from or to it, a UNIQUE constraint, an index unless the column is (n)varchar or varbinary."""
+        found = [(f"PK__{table}", "object") for _, name, *_, pk in self.conn.execute(
+            "SELECT * FROM pragma_table_info(?)", (table,)) if name.lower() == column and pk]
+        found += [(f"FK__{table}__{column}", "object") for row in self.conn.execute(
+            "SELECT * FROM pragma_foreign_key_list(?)", (table,)) if row[3].lower() == column]
+        for (child,) in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            found += [(f"FK__{child}__{row[3]}", "object") for row in self.conn.execute(
+                "SELECT * FROM pragma_foreign_key_list(?)", (child,)) if row[2].lower() == table and row[4]
+                and row[4].lower() == column]
+        position = list(self.tables[table]).index(column) + 1
+        found += [(n, "object") for (n,) in self.conn.execute(
+            "SELECT name FROM tsql_constraints WHERE table_name = ? AND type = 'C' AND column_id = ?", (table, position))]
+        constraints = {n for (n,) in self.conn.execute("SELECT name FROM tsql_constraints WHERE table_name = ?",
+                                                        (table,))}
+        for _, index, _, origin, _ in self.conn.execute("SELECT * FROM pragma_index_list(?)", (table,)).fetchall():
+            if column in (c.lower() for (c,) in self.conn.execute("SELECT name FROM pragma_index_info(?)", (index,))):
+                if index in constraints or origin != "c":
+                    found.append((index, "object"))
+                elif base_type(self.tables[table][column]) not in ("varchar", "nvarchar", "varbinary"):
+                    found.append((index, "index"))
+        return found
+
+    def _add_column(self, table: str, action: exp.ColumnDef, added: dict[str, str]) -> dict[str, str]:
+        name = action.name.lower()
+        if name in self.tables[table] or name in added:
+            raise SqlError(2705, f"Column names in each table must be unique. Column name '{name}' in table "
+                                 f"'{table}' is specified more than once.")
+        kinds = [c.kind for c in action.args.get("constraints") or []]
+        if any(not isinstance(k, (exp.NotNullColumnConstraint, exp.DefaultColumnConstraint)) for k in kinds):
+            raise SqlError(102, f"ADD {name}: only NULL, NOT NULL and DEFAULT are emulated", True)
+        not_null = any(isinstance(k, exp.NotNullColumnConstraint) and not k.args.get("allow_null") for k in kinds)
+        if not_null and not any(isinstance(k, exp.DefaultColumnConstraint) for k in kinds) \
+                and self.conn.execute(f"SELECT 1 FROM {table}").fetchone():
+            raise SqlError(4901, f"ALTER TABLE only allows columns to be added that can contain nulls, or have a "
+                                 f"DEFAULT definition specified. Column '{name}' cannot be added to non-empty table "
+                                 f"'{table}' because it does not satisfy these conditions.")
+        created = sqlglot.parse_one(to_sqlite(f"CREATE TABLE {table} ({action.sql(dialect='tsql')})"), read="sqlite")
+        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {created.find(exp.ColumnDef).sql(dialect='sqlite')}")
+        return {name: _type_text(action.args["kind"])}
+
+    def _drop_constraint(self, table: str, name: str) -> None:
+        found = self.conn.execute("SELECT type FROM tsql_constraints WHERE name = ? AND table_name = ?",
+                                  (name, table)).fetchone()
+        if not found:
+            raise SqlError(3727, f"'{name}' is not a constraint. Could not drop constraint.")  # Msg 3728 then 3727
+        if found[0] == "UQ":
+            self.conn.execute(f'DROP INDEX "{name}"')
+        else:  # a CHECK: out of the column's constraints, or the table's
+            definition = self._definition(table)
+            for node in list(definition.find_all(exp.ColumnConstraint, exp.Constraint)):
+                if node.this is not None and not isinstance(node.this, bool) and node.this.name == name:
+                    node.pop()
+            self._redefine(table, definition)
+        self.conn.execute("DELETE FROM tsql_constraints WHERE name = ?", (name,))
 
 
 def install(server: Server, scripts: list, database: str = "ImageSimilarity") -> None:

@@ -287,6 +287,15 @@ def rank_candidates(frame: pd.DataFrame, query_hex: str, backbone: str, classes:
                       allow_nan=False), result.method
 
 
+def suggest_rows(frame: pd.DataFrame, backbone: str, classes: str, params: str, version: int) -> str:
+    """Feature rows (image_id, name, label, sha256, dhash, data hex) of unlabelled images and the model's arrays ->
+    their suggested labels as a JSON list of {image_id, suggested, probability} (pipeline/suggest.py), as
+    rank_candidates gives them: for the matches SQL Server 2025 ranked in T-SQL (dbo.SuggestRanked)."""
+    found = catalogue_suggestions(_catalogue(frame, backbone), _model(frame, backbone, classes, params, version))
+    return json.dumps([{"image_id": i, "suggested": label, "probability": finite(p)}
+                       for i, (label, p) in sorted(found.items())], allow_nan=False)
+
+
 def vector_query(frame: pd.DataFrame, query_hex: str, backbone: str, network: str | None = None, method: str = "l2",
                  classes: str | None = None, params: str | None = None,
                  version: int | None = None) -> tuple[str, str]:

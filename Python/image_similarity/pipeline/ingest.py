@@ -4,6 +4,7 @@ per class; files at the top level are unlabelled) or a manifest (manifest.py); e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..core.images import MAX_FILE_BYTES, BadImageError, inspect_image
-from ..errors import NotFound
+from ..errors import BadInput, NotFound
 from ..store import NewImage, Store
 
 
@@ -119,11 +120,34 @@ def ingest_items(store: Store, items: Iterable[Item], total: int | None = None, 
     return report
 
 
+def json_object(value: Any) -> dict[str, Any]:
+    """An item's attributes from JSON text (a manifest's JSON line, the view's metadata) or from the object a
+    database's json column gives; BadInput when it is not JSON or not an object."""
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise BadInput(f"not JSON: {getattr(err, 'msg', err)}") from None
+    if not isinstance(value, dict):
+        raise BadInput("not a JSON object")
+    return value
+
+
+def view_item(key: str, label: str | None, data: bytes | None, metadata: Any) -> Item:
+    """The item of one row of the view image_source; a row whose metadata is not a JSON object is refused."""
+    name = f"image_source/{key}"
+    try:
+        attributes = None if metadata is None else json_object(metadata)
+    except BadInput as err:
+        return Item(name, label or None, None, key, problem=f"metadata: {err}")
+    return Item(name, label or None, data, key, attributes or None)
+
+
 def ingest_view(store: Store, progress: bool = True) -> IngestReport:
-    """Ingest every row of the view `image_source (item_key, label, data)` the database's owner created (issue 29):
-    the view's name and columns are fixed, so no SQL text or name from a user is ever run. Safe to re-run."""
-    items = (Item(f"image_source/{key}", label or None, data, key)
-             for batch in store.source_rows() for key, label, data in batch)
+    """Ingest every row of the view `image_source (item_key, label, data[, metadata])` the database's owner created
+    (issue 29): the view's name and columns are fixed, so no SQL text or name from a user is ever run. Safe to
+    re-run."""
+    items = (view_item(*row) for batch in store.source_rows() for row in batch)
     return ingest_items(store, items, None, progress)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import BadInput, NotFound
 from ..store import Store
-from .ingest import IngestReport, Item, ingest_items
+from .ingest import IngestReport, Item, ingest_items, json_object
 
 PATH, LABEL, KEY = "path", "label", "key"
 MAX_LABEL, MAX_KEY = 200, 400
@@ -53,11 +53,9 @@ def rows(manifest: Path) -> Iterator[tuple[dict[str, Any] | str, str]]:
                     continue
                 where = f"{manifest.name} line {number}"
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"not JSON: {err.msg}", where
-                    continue
-                yield (row if isinstance(row, dict) else "not a JSON object"), where
+                    yield json_object(line), where
+                except BadInput as err:
+                    yield str(err), where
             return
         reader = csv.DictReader(f)
         if reader.fieldnames is None or PATH not in reader.fieldnames:

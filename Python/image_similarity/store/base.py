@@ -165,9 +165,10 @@ class Store(abc.ABC):
         """The stored image of the item with this key, if any."""
 
     @abc.abstractmethod
-    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes]]]:
-        """Batches of (item_key, label, data) from the view `image_source` that the database's owner created over
-        their own table (issue 29), by key, streamed; StoreError when there is no such view."""
+    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes | None, Any]]]:
+        """Batches of (item_key, label, data, metadata) from the view `image_source` that the database's owner
+        created over their own table (issue 29), by key, streamed; metadata is the view's optional `metadata`
+        column as the driver gives it (None without one); StoreError when there is no such view."""
 
     @abc.abstractmethod
     def record_rejected(self, name: str, label: str, reason: str, stage: str) -> None:

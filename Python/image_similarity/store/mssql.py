@@ -131,6 +131,8 @@ class TSQL(Dialect):
     prefix = "dbo."
     now = "SYSUTCDATETIME()"
     lock = " WITH (UPDLOCK, HOLDLOCK)"
+    source_column = ("SELECT 1 FROM INFORMATION_SCHEMA.COLUMNS WHERE TABLE_SCHEMA = 'dbo'"
+                     " AND TABLE_NAME = 'image_source' AND COLUMN_NAME = ?")
 
     def quote(self, name: str) -> str:
         return "[key]" if name == "key" else name

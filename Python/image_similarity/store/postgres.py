@@ -47,6 +47,8 @@ class Postgres(Dialect):
     now = "now()"
     vector_column = "embedding"
     serialize_images = "SELECT pg_advisory_xact_lock(7120356)"
+    source_column = ("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()"
+                     " AND table_name = 'image_source' AND column_name = ?")
 
     def time_text(self, column: str) -> str:
         return f"{column}::text"

@@ -31,6 +31,9 @@ from .base import (
 from .schema import JSON, SCHEMA, TIME
 
 LAST_ID = 2 ** 63 - 1
+SOURCE = "SELECT item_key, label, data, NULL AS metadata FROM image_source WHERE item_key > ? ORDER BY item_key"
+SOURCE_WITH_METADATA = "SELECT item_key, label, data, metadata FROM image_source WHERE item_key > ? ORDER BY item_key"
+"""The view's rows (issue 29): fixed names, the metadata column read where the view has one."""
 
 
 class Connection(Protocol):
@@ -91,6 +94,8 @@ class Dialect:
     lock = ""
     """Table hint that holds a checked key until the transaction ends (SQL Server)."""
     vector_column = "vector"
+    source_column = "SELECT 1 FROM pragma_table_info('image_source') WHERE name = ?"
+    """Whether the view image_source has the column (bound), from the catalogue."""
 
     def __init__(self) -> None:
         self.names = _Names(self)
@@ -232,11 +237,13 @@ class SQLStore(Store):
         rows = self._image_rows(" WHERE item_key = ?", key)
         return rows[0] if rows else None
 
-    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes]]]:
-        sql = self.d.sql("SELECT item_key, label, data FROM image_source WHERE item_key > ? ORDER BY item_key")
+    def source_rows(self, batch_size: int = 100) -> Iterator[list[tuple[str, str | None, bytes | None, Any]]]:
         last = ""
         while True:
             try:
+                if not last:  # the view's optional metadata column: one of two constant statements
+                    sql = self.d.sql(SOURCE_WITH_METADATA if self.db.query(self.d.sql(self.d.source_column),
+                                                                           ("metadata",)) else SOURCE)
                 batch = self.db.query(*self.d.limit(sql, (last,), int(batch_size)))
             except Exception as err:  # noqa: BLE001 - each driver's error for a missing view or column
                 detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -244,7 +251,8 @@ class SQLStore(Store):
             if not batch:
                 return
             last = batch[-1][0]
-            yield [(str(k), label, bytes(data)) for k, label, data in batch]
+            yield [(str(k), label, None if data is None else bytes(data), metadata)
+                   for k, label, data, metadata in batch]
 
     def record_rejected(self, name: str, label: str | None, reason: str, stage: str) -> None:
         with self.db.transaction():
