@@ -29,7 +29,10 @@ MIN_SPEEDUP = 1.05
 """An exported runtime is chosen only when it runs the network at least this many times faster than torch (the
 reference) at float32."""
 ROUNDS = 5
-PROBE_BATCH = 8
+PROBE_BATCH = 32
+"""Images per timed call: featurize's batch (pipeline/steps.BATCH_SIZE). The runtimes rank differently by batch size
+(MobileNetV2 on the AMD EPYC: ONNX Runtime and OpenVINO tie at 8, ONNX Runtime is 1.14x OpenVINO at 32, torch's
+bfloat16 trace the fastest at 8 and the slowest at 32: docs/runtimes.md)."""
 PAUSE_S = 0.05
 """Between two timed calls: the previous runtime's idle worker threads stop spinning and sleep meanwhile, so they do
 not slow the next runtime's call."""
