@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from ..errors import BadInput, NotReady
+from ..errors import BadInput, NotReady, first_line
 from ..features.specs import BACKBONES
 from .base import PROCEDURES, STORED_METHODS, VECTOR_SEARCH, StoreError
 from .migrations import POSTGRES_TO_2, POSTGRES_TO_3, upgrade, version_to_upgrade
@@ -161,8 +161,7 @@ class PostgresStore(SQLStore):
             except ImportError:
                 raise StoreError("no PostgreSQL driver: pip install 'psycopg[binary]'") from None
             except Exception as err:  # psycopg.OperationalError: server down, bad database, auth failure
-                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise StoreError(f"cannot connect to PostgreSQL at {address}: {first}") from None
+                raise StoreError(f"cannot connect to PostgreSQL at {address}: {first_line(err)}") from None
         self.db = driver
         self.url = f"postgresql://{address}{parts.path}" if url else "postgresql://(this server)"
         try:

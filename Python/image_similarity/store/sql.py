@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import NotFound, NotReady, StoreError
+from ..errors import NotFound, NotReady, StoreError, first_line
 from .base import (
     EvaluationRecord,
     ImageRow,
@@ -246,8 +246,8 @@ class SQLStore(Store):
                                                                            ("metadata",)) else SOURCE)
                 batch = self.db.query(*self.d.limit(sql, (last,), int(batch_size)))
             except Exception as err:  # noqa: BLE001 - each driver's error for a missing view or column
-                detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-                raise StoreError(f"cannot read the view image_source (item_key, label, data): {detail}") from None
+                raise StoreError(f"cannot read the view image_source (item_key, label, data): {first_line(err)}"
+                                 ) from None
             if not batch:
                 return
             last = batch[-1][0]
