@@ -6,6 +6,7 @@ weights, so a refined network gets its own."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import sys
@@ -144,11 +145,6 @@ def runtime_version(runtime: str) -> str:
     return version.split("-")[0]  # OpenVINO's carries its build after a dash
 
 
-def onnxruntime_version() -> str:
-    """The installed ONNX Runtime's version; Unavailable when it is not installed."""
-    return runtime_version("onnxruntime")
-
-
 def exported_network(runtime: str, extractor: FeatureExtractor, digest: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The extractor's export run by `runtime` (a key of EXPORTED) with torch's thread count: the cached export, else
     a new one (also when the runtime cannot load the cached file, e.g. a truncated one). Unavailable when that
@@ -172,11 +168,6 @@ def exported_network(runtime: str, extractor: FeatureExtractor, digest: str) -> 
     except Exception as err:  # the runtimes raise their own exception types
         raise Unavailable(f"{EXPORTED[runtime]} cannot load the export of {extractor.spec.name} ({_line(err)})"
                           ) from err
-
-
-def onnx_network(extractor: FeatureExtractor, digest: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The extractor's export in an ONNX Runtime session (exported_network)."""
-    return exported_network("onnxruntime", extractor, digest)
 
 
 def best_of_rounds(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -234,7 +225,6 @@ def choose(requested: str, extractor: FeatureExtractor, digest: str, device: tor
                        "fp32")
     if requested == "torch" or device.type != "cpu" or fixed_precision:
         return "torch", None
-    networks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     versions: dict[str, str] = {}
     instead = "the network runs on torch" if requested != "auto" else "the runtime is chosen among the others"
     for runtime in EXPORTED if requested == "auto" else (requested,):
@@ -243,22 +233,21 @@ def choose(requested: str, extractor: FeatureExtractor, digest: str, device: tor
         except Unavailable as err:
             say_once(f"{err}: {instead}")
 
+    @functools.cache
     def network(runtime: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if runtime not in networks:
-            try:
-                networks[runtime] = exported_network(runtime, extractor, digest)
-            except Unavailable as err:
-                say_once(f"{err}: {instead}")
-                versions.pop(runtime)
-                return None
-        return networks[runtime]
+        """The network on `runtime`, loaded once; None (with one line) where it cannot be."""
+        try:
+            return exported_network(runtime, extractor, digest)
+        except Unavailable as err:
+            say_once(f"{err}: {instead}")
+            return None
 
     if requested != "auto":
         made = network(requested) if versions else None
         return (requested, made) if made is not None else ("torch", None)
 
     def measure() -> str:
-        loaded = {runtime: run for runtime in list(versions) if (run := network(runtime)) is not None}
+        loaded = {runtime: run for runtime in versions if (run := network(runtime)) is not None}
         return fastest(torch_forward, loaded, extractor.spec.input_size, precision) if loaded else "torch"
 
     if not versions:

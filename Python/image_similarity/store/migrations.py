@@ -20,7 +20,7 @@ POSTGRES_TO_2 = (
 POSTGRES_TO_3 = (
     "ALTER TABLE feature_runtimes DROP CONSTRAINT IF EXISTS feature_runtimes_runtime_check",
     "ALTER TABLE feature_runtimes ADD CONSTRAINT feature_runtimes_runtime_check CHECK (runtime IN ("
-    + ", ".join(repr(v) for v in SCHEMA["feature_runtimes"].columns[2].choices) + "))",
+    + ", ".join(repr(v) for v in SCHEMA["feature_runtimes"].column("runtime").choices) + "))",
 )
 """Version 2 to 3 on PostgreSQL: feature_runtimes.runtime may be "openvino" (the name is PostgreSQL's own for a
 column's CHECK)."""
