@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import __version__
 from .. import store as stores
+from ..contexts.spark_settings import DEFAULT_MASTER
 from ..contexts.sql import call
 from ..core.images import BadImageError
 from ..errors import BadInput, ImageSimilarityError, NotFound
@@ -91,9 +92,9 @@ def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
                           "measured fastest on this CPU; always torch on CUDA): see docs/runtimes.md")
 
     cluster = argparse.ArgumentParser(add_help=False)  # issue 17: --context spark
-    cluster.add_argument("--master", default="local[*]", metavar="URL",
-                         help="Spark master for --context spark: local[*] (default), local[N], spark://host:7077, "
-                              "yarn, k8s://...; SQLite databases only with a local master")
+    cluster.add_argument("--master", default=DEFAULT_MASTER, metavar="URL",
+                         help=f"Spark master for --context spark: {DEFAULT_MASTER} (default), local[N], "
+                              "spark://host:7077, yarn, k8s://...; SQLite databases only with a local master")
     cluster.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                          help="a Spark setting for --context spark, repeatable, e.g. --conf spark.task.cpus=4")
     return common, net, cluster
