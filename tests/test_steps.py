@@ -1,6 +1,7 @@
 """The step definitions: every place that runs the job follows one list; one rule picks the model and features."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from image_similarity.contexts.sql import POSTGRES_ROUTINES, PROCEDURES
 from image_similarity.entrypoints import cli
 from image_similarity.entrypoints.reports import PRINTERS
 from image_similarity.errors import BadInput
-from image_similarity.pipeline.steps import JOB, REFINED_JOB, STEPS, choose_model, run_steps
+from image_similarity.pipeline.steps import JOB, REFINED_JOB, STEPS, Results, Run, choose_model, run_job, run_steps
 from image_similarity.store import SQLiteStore
 
 SQLR = Path(__file__).resolve().parents[1] / "SQLR"
@@ -37,6 +38,28 @@ def test_run_is_ingest_the_job_then_the_refined_job_then_rank():
     assert run_steps() == ("ingest", *JOB, "rank")
     assert run_steps(refine=True) == ("ingest", *JOB, *REFINED_JOB, "rank")
     assert all(STEPS[name].compute and PRINTERS[name] for name in run_steps(refine=True))
+
+
+def test_steps_return_their_results_and_leave_the_run_and_earlier_results_as_they_were(tmp_path, small_dir,
+                                                                                     featurizer, capsys):
+    """The steps of `run` on 36 real photos, in two calls: each call starts from the results it is given, and
+    neither a run's options nor results handed to a step change; each report goes to its step's printer."""
+    with SQLiteStore(tmp_path / "run.sqlite") as store:
+        run = Run(store, lambda backbone: featurizer, folder=small_dir, seed=3)
+        featurized = run_job(run, ("ingest", "featurize", "split"))
+        assert featurized == Results(backbone=featurizer.backbone, featurizer=featurizer)
+        shown = []
+        done = run_job(run, ("train", "evaluate", "rank"), show=lambda *step: shown.append(step), done=featurized)
+        assert featurized.model is None and featurized.summary is None
+        assert done.model.version == 1 and done.summary["model_version"] == 1 and done.featurizer is featurizer
+        assert [(name, report) for name, report, _ in shown][:2] == [("train", done.model), ("evaluate", done.summary)]
+        assert shown[2][1].model_version == 1 and len(shown[2][1].matches) == 10
+        assert run.seed == 3 and run.backbone is None
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            run.seed = 4
+        for name, report, _ in shown:
+            PRINTERS[name](report)
+        assert capsys.readouterr().out.startswith("train: model version 1, C=")
 
 
 def test_procedure_tables_come_from_the_steps():

@@ -38,6 +38,7 @@ from .reports import (
     print_featurize,
     print_ingest,
     print_left_out,
+    print_neighbors,
     print_ranking,
     print_refine,
     print_run_step,
@@ -421,13 +422,6 @@ def neighbor_options(store, args) -> tuple[Any, str, str]:
 
     model, backbone = choose_model(store, args.model_version, args.backbone)
     return model, backbone, args.method or default_method(store, model)
-
-
-def print_neighbors(report) -> None:
-    print(f"neighbors: top {report.k} by {report.method} ({report.backbone}"
-          + (f", model version {report.model_version}" if report.model_version else "")
-          + f") for {report.added} images, {report.already_stored} already stored, of {report.images}"
-          f"; {report.block_rows} rows per block")
 
 
 def cmd_neighbors(store, args) -> None:

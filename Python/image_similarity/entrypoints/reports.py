@@ -11,6 +11,7 @@ from ..pipeline.steps import Results
 
 if TYPE_CHECKING:
     from ..pipeline.featurize import FeaturizeReport
+    from ..pipeline.neighbors import NeighborsReport
     from ..search.model import SimilarityModel
     from ..store.base import NetworkRecord
 
@@ -157,6 +158,13 @@ def print_refine(record: NetworkRecord) -> None:
     print_left_out(record.params)
 
 
+def print_neighbors(report: NeighborsReport) -> None:
+    print(f"neighbors: top {report.k} by {report.method} ({report.backbone}"
+          + (f", model version {report.model_version}" if report.model_version else "")
+          + f") for {report.added} images, {report.already_stored} already stored, of {report.images}"
+          f"; {report.block_rows} rows per block")
+
+
 def print_best_ranking(summary: dict[str, Any]) -> None:
     """The best ranking method of an evaluation, beside the CNTK tutorial's figures on the same classes."""
     best = summary["ranking"][summary["best_method"]]
@@ -168,7 +176,7 @@ def print_best_ranking(summary: dict[str, Any]) -> None:
 
 PRINTERS: dict[str, Callable[[Any], None]] = {
     "ingest": print_ingest, "featurize": print_featurize, "split": print_split, "train": print_train,
-    "evaluate": print_evaluation, "rank": print_ranking, "refine": print_refine,
+    "evaluate": print_evaluation, "rank": print_ranking, "refine": print_refine, "neighbors": print_neighbors,
 }
 """The printer of each step's report (pipeline/steps.py STEPS), for its command and for `run`."""
 
