@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from image_similarity.core import machine
-from image_similarity.entrypoints.reports import print_report
+from image_similarity.entrypoints.reports import print_run_step
 from image_similarity.pipeline.featurize import Featurizer
 from image_similarity.pipeline.ingest import class_files
 from image_similarity.pipeline.rank import rank
-from image_similarity.pipeline.steps import JOB, REFINED_JOB, Run, run_job
+from image_similarity.pipeline.steps import JOB, REFINED_JOB, Results, Run, run_job
 from image_similarity.resources import SAMPLE_DATASET
 from image_similarity.store import SQLiteStore
 
@@ -96,16 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         with SQLiteStore(Path(tmp) / "gpu.sqlite") as store:
             run = Run(store, lambda backbone: Featurizer(backbone or "efficientnet_lite0", device="cuda", store=store),
                       folder=folder, device="cuda", epochs=args.epochs)
+            done = Results()
             for names in (("ingest", *JOB), REFINED_JOB):
                 start = time.perf_counter()
-                run_job(run, names, show=print_report)
+                done = run_job(run, names, show=print_run_step, done=done)
                 print(f"-> {' + '.join(names)} on cuda in {time.perf_counter() - start:.1f} s")
             queries = [p.read_bytes() for p in sorted(folder.rglob("*.jpg"))[:8]]
             start = time.perf_counter()
-            result = rank(store, queries[0], run.featurizer)
-            print(f"rank on cuda ({run.featurizer.backbone}): {1e3 * (time.perf_counter() - start):.1f} ms, "
+            result = rank(store, queries[0], done.featurizer)
+            print(f"rank on cuda ({done.featurizer.backbone}): {1e3 * (time.perf_counter() - start):.1f} ms, "
                   f"top match {result.matches[0].name}")
-            service_figures(store, run.featurizer, queries, args.requests)
+            service_figures(store, done.featurizer, queries, args.requests)
     return 0
 
 

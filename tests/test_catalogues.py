@@ -66,10 +66,10 @@ def test_a_manifest_with_blank_labels_ingests_trains_ranks_and_suggests(catalogu
     db, rows, manifest, featurizer = catalogue
     assert main(["ingest", "--manifest", str(manifest), "--db", str(db), "-q"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("added 36 images, 0 already stored, 2 skipped; 12 of those added unlabelled")
+    assert out.startswith(f"ingest {manifest}: 36 added, 0 already stored, 2 skipped; 12 of those added unlabelled")
     assert "skipped missing.jpg: cannot read file" in out and "skipped items.csv line 39: no path" in out
     assert main(["ingest", "--manifest", str(manifest), "--db", str(db), "-q"]) == 0  # safe to re-run
-    assert capsys.readouterr().out.startswith("added 0 images, 36 already stored, 2 skipped")
+    assert capsys.readouterr().out.startswith(f"ingest {manifest}: 0 added, 36 already stored, 2 skipped")
     with SQLiteStore(db) as store:
         images = store.images()
         assert len(store.rejected()) == 2 and len({im.key for im in images}) == 36
@@ -196,8 +196,8 @@ def test_ingest_from_the_view_over_your_own_table(tmp_path, sample_dir, capsys):
                             [(f"p{i}", "" if i == 2 else label, p.read_bytes())
                              for i, (label, p) in enumerate(zip(LABELS, photos))])
         store.conn.commit()
-    for out in ("added 3 images, 0 already stored, 0 skipped; 1 of those added unlabelled",
-                "added 0 images, 3 already stored, 0 skipped"):
+    for out in ("ingest the view image_source: 3 added, 0 already stored, 0 skipped; 1 of those added unlabelled",
+                "ingest the view image_source: 0 added, 3 already stored, 0 skipped"):
         assert main(["ingest", "--from-view", "--db", str(db), "-q"]) == 0
         assert capsys.readouterr().out.startswith(out)
     with SQLiteStore(db) as store:

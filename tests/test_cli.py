@@ -32,12 +32,12 @@ def test_console_script_help_lists_the_steps():
 def test_steps_one_by_one_on_real_photos(tmp_path, small_dir, capsys, sample_dir):
     db = str(tmp_path / "cli.sqlite")
     assert main(["ingest", str(small_dir), "--db", db, "-q"]) == 0
-    assert "added 36 images" in capsys.readouterr().out
+    assert f"ingest {small_dir}: 36 added, 0 already stored, 0 skipped" in capsys.readouterr().out
     assert main(["featurize", "--db", db, "-q", "--batch-size", "16"]) == 0
-    assert "featurized 36 images with efficientnet_lite0" in capsys.readouterr().out
+    assert "featurize: 36 new vectors (efficientnet_lite0 on cpu" in capsys.readouterr().out
     assert main(["split", "--db", db, "--seed", "2"]) == 0
     assert main(["train", "--db", db, "--C", "0.1", "1"]) == 0
-    assert "trained model version 1" in capsys.readouterr().out.splitlines()[-1]
+    assert "train: model version 1" in capsys.readouterr().out.splitlines()[-1]
     assert main(["evaluate", "--db", db, "--json", "--out", str(tmp_path / "plots")]) == 0
     figures = json.loads(capsys.readouterr().out)
     assert {"test_accuracy", "class_avg_accuracy", "best_method"} <= set(figures)

@@ -28,7 +28,7 @@ from ..pipeline.ingest import ingest_bytes
 from ..pipeline.neighbors import neighbors
 from ..pipeline.rank import default_method, rank
 from ..pipeline.split import split
-from ..pipeline.steps import JOB, STEPS, Run, choose_model, run_job
+from ..pipeline.steps import JOB, STEPS, Results, Run, choose_model, run_job
 from ..pipeline.train import C_GRID, load_model, train
 from ..store.postgres import PostgresStore
 
@@ -115,17 +115,17 @@ def initial_run_once(plpy: Any, backbone: str | None, test_fraction: float, seed
     """Procedure: the JOB on the stored images (featurize, committing each batch; split; train; evaluate).
     (model_version, test_accuracy, best_method, pid)."""
     store = PostgresStore.in_server(plpy, commits=True)
-    run = run_job(Run(store, lambda name: _featurizer(name, store), test_fraction=test_fraction, seed=seed,
-                      backbone=backbone), JOB)
-    return run.model.version, run.summary["test_accuracy"], run.summary["best_method"], os.getpid()
+    done = run_job(Run(store, lambda name: _featurizer(name, store), test_fraction=test_fraction, seed=seed,
+                       backbone=backbone), JOB)
+    return done.model.version, done.summary["test_accuracy"], done.summary["best_method"], os.getpid()
 
 
 @_clear_errors
 def refine_model(plpy: Any, backbone: str | None, epochs: int | None, seed: int) -> tuple:
     """Procedure: fine-tune a backbone on the training split, committing after every epoch (a new call resumes).
     (network name, best epoch, its validation accuracy, device, pid)."""
-    record = STEPS["refine"].compute(Run(PostgresStore.in_server(plpy, commits=True), backbone=backbone,
-                                         epochs=epochs, seed=seed))
+    record, _ = STEPS["refine"].compute(Run(PostgresStore.in_server(plpy, commits=True), backbone=backbone,
+                                            epochs=epochs, seed=seed), Results())
     best = record.metrics["best"]
     return record.name, best["epoch"], best["val_accuracy"], record.metrics["device"], os.getpid()
 

@@ -39,8 +39,8 @@ from ..pipeline.train import load_model
 from ..search.catalogue import Catalogue
 from ..search.searchers import ExactSearcher, scorer
 from ..store import Store, StoreError, connect
+from .spark_settings import DEFAULT_MASTER
 
-DEFAULT_MASTER = "local[*]"
 MISSING = "--context spark needs PySpark and Java 17: pip install 'image-similarity[spark]'"
 FAULT_ENV = "IMAGE_SIMILARITY_SPARK_FAULT"
 """For tests of retries: a task's first attempt kills its Python worker after storing this many batches."""

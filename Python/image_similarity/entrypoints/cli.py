@@ -5,6 +5,7 @@ import, and `--help`, ingest, split and the in-database commands (--context sql)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 from .. import __version__
 from .. import store as stores
+from ..contexts.spark_settings import DEFAULT_MASTER
 from ..contexts.sql import call
 from ..core.images import BadImageError
 from ..errors import BadInput, ImageSimilarityError, NotFound
@@ -21,7 +23,7 @@ from ..pipeline import split
 from ..pipeline.ingest import ingest, ingest_view
 from ..pipeline.manifest import ingest_manifest
 from ..pipeline.refine_settings import Settings
-from ..pipeline.steps import BATCH_SIZE, STEPS, Run, choose_model, run_job, run_steps
+from ..pipeline.steps import BATCH_SIZE, STEPS, Results, Run, choose_model, run_job, run_steps
 from ..resources import sample_dataset
 from ..search import ann
 from ..search.methods import METHODS, ranking_method
@@ -30,15 +32,17 @@ from ..store import DEFAULT_DB
 from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
 from . import sqlserver
 from .reports import (
-    percent,
     print_audit,
     print_class_notes,
     print_evaluation,
+    print_featurize,
+    print_ingest,
     print_left_out,
     print_ranking,
     print_refine,
-    print_report,
-    print_unlabelled,
+    print_run_step,
+    print_split,
+    print_train,
 )
 
 DEFAULT_OUT = "image-similarity-output"
@@ -88,9 +92,9 @@ def _shared_options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser,
                           "measured fastest on this CPU; always torch on CUDA): see docs/runtimes.md")
 
     cluster = argparse.ArgumentParser(add_help=False)  # issue 17: --context spark
-    cluster.add_argument("--master", default="local[*]", metavar="URL",
-                         help="Spark master for --context spark: local[*] (default), local[N], spark://host:7077, "
-                              "yarn, k8s://...; SQLite databases only with a local master")
+    cluster.add_argument("--master", default=DEFAULT_MASTER, metavar="URL",
+                         help=f"Spark master for --context spark: {DEFAULT_MASTER} (default), local[N], "
+                              "spark://host:7077, yarn, k8s://...; SQLite databases only with a local master")
     cluster.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                          help="a Spark setting for --context spark, repeatable, e.g. --conf spark.task.cpus=4")
     return common, net, cluster
@@ -299,11 +303,7 @@ def cmd_ingest(store, args) -> None:
         report = ingest_manifest(store, args.manifest, not args.quiet)
     else:
         report = ingest(store, args.dir, not args.quiet)
-    print(f"added {report.added} images, {report.already_stored} already stored, {len(report.skipped)} skipped"
-          + (f"; {report.unlabelled} of those added unlabelled" if report.unlabelled else "")
-          + (f"; {report.replaced} replaced the image of their key" if report.replaced else ""))
-    for name, reason in report.skipped:
-        print(f"  skipped {name}: {reason}")
+    print_ingest(report)
 
 
 def cmd_featurize(store, args) -> None:
@@ -313,26 +313,14 @@ def cmd_featurize(store, args) -> None:
                               progress=not args.quiet))
 
 
-def print_featurize(report, where: str = "") -> None:
-    print(f"featurized {report.added} images with {report.backbone} on {where}{report.device} ({report.runtime}, "
-          f"{report.precision})"
-          f", {len(report.skipped)} skipped" + "".join(f"\n  skipped image {i}: {r}" for i, r in report.skipped))
-
-
 def cmd_split(store, args) -> None:
-    counts = split.split(store, args.test_fraction, args.seed)
-    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test (seed {args.seed})")
-    print_unlabelled(counts.get("unlabelled", 0))
-    print_class_notes(split.notes(store))
+    print_split(split.split_report(store, args.test_fraction, args.seed))
 
 
 def cmd_train(store, args) -> None:
     from ..pipeline.train import C_GRID, train  # lazy: scikit-learn (module docstring)
 
-    model = train(store, args.backbone, args.C or C_GRID, seed=args.seed)
-    print(f"trained model version {model.version} on {model.params['n_train']} {model.backbone} features: "
-          f"C={model.params['C']:g}, cross-validated accuracy {percent(model.params['cv_accuracy'])}")
-    print_left_out(model.params)
+    print_train(train(store, args.backbone, args.C or C_GRID, seed=args.seed))
 
 
 def cmd_evaluate(store, args) -> None:
@@ -462,7 +450,7 @@ def cmd_spark(store, args) -> None:
             report = spark.featurize_on_spark(session, db, args.backbone or DEFAULT_BACKBONE, args.device,
                                               args.weights, args.batch_size, progress=not args.quiet,
                                               precision=args.precision, runtime=args.runtime)
-            print_featurize(report, f"Spark {args.master}, ")
+            print_featurize(dataclasses.replace(report, device=f"Spark {args.master}, {report.device}"))
         else:
             _, backbone, method = neighbor_options(store, args)
             print_neighbors(spark.neighbors_on_spark(session, db, backbone, method, args.top, args.model_version,
@@ -472,17 +460,18 @@ def cmd_spark(store, args) -> None:
 
 
 def cmd_refine(store, args) -> None:
-    chosen = {k: getattr(args, k) for k in ("image_size", "batch_size", "freeze")}
+    chosen = Settings(**{k: getattr(args, k) for k in ("image_size", "batch_size", "freeze")})
     run = Run(store, backbone=args.backbone, epochs=args.epochs, seed=args.seed, progress=not args.quiet,
               device=args.device, precision=args.precision, refine_settings=chosen)
-    print_refine(run, STEPS["refine"].compute(run))
+    record, _ = STEPS["refine"].compute(run, Results())
+    print_refine(record)
 
 
 def cmd_run(store, args) -> None:
     run = Run(store, lambda backbone: _featurizer(args, backbone, store), folder=args.dir or sample_dataset(),
               seed=args.seed, out=out_folder(args.out), progress=not args.quiet, epochs=args.epochs,
               device=args.device, precision=args.precision, backbone=args.backbone)
-    run_job(run, run_steps(args.refine), show=print_report)
+    run_job(run, run_steps(args.refine), show=print_run_step)
 
 
 def cmd_serve(store, args) -> None:

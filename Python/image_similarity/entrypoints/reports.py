@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..pipeline.classes import NOT_LEARNT, ClassCount, from_params, named, unlabelled_note
-from ..pipeline.split import notes
-from ..pipeline.steps import Run
+from ..pipeline.ingest import IngestReport
+from ..pipeline.split import SplitReport
+from ..pipeline.steps import Results
+
+if TYPE_CHECKING:
+    from ..pipeline.featurize import FeaturizeReport
+    from ..search.model import SimilarityModel
+    from ..store.base import NetworkRecord
 
 CNTK_CLASSES = {"dotted", "leopard", "striped"}
 CNTK_ACCURACY, CNTK_TOP1 = 0.889, 0.433
@@ -111,31 +117,35 @@ def print_audit(report, top: int) -> None:
         print(f"  class {c!r} has only {n} images: too small to learn (not judged)")
 
 
-def _print_ingest(run: Run, report) -> None:
-    print(f"ingest {run.folder}: {report.added} added, {report.already_stored} already stored, "
-          f"{len(report.skipped)} skipped")
+def print_ingest(report: IngestReport) -> None:
+    print(f"ingest {report.source}: {report.added} added, {report.already_stored} already stored, "
+          f"{len(report.skipped)} skipped"
+          + (f"; {report.unlabelled} of those added unlabelled" if report.unlabelled else "")
+          + (f"; {report.replaced} replaced the image of their key" if report.replaced else ""))
     for name, reason in report.skipped:
         print(f"  skipped {name}: {reason}")
 
 
-def _print_featurize(run: Run, report) -> None:
+def print_featurize(report: FeaturizeReport) -> None:
     print(f"featurize: {report.added} new vectors ({report.backbone} on {report.device}, {report.precision}), "
           f"{len(report.skipped)} skipped")
+    for image_id, reason in report.skipped:
+        print(f"  skipped image {image_id}: {reason}")
 
 
-def _print_split(run: Run, counts: dict[str, int]) -> None:
-    print(f"split: {counts.get('train', 0)} train, {counts.get('test', 0)} test")
-    print_unlabelled(counts.get("unlabelled", 0))
-    print_class_notes(notes(run.store))
+def print_split(report: SplitReport) -> None:
+    print(f"split: {report.counts.get('train', 0)} train, {report.counts.get('test', 0)} test")
+    print_unlabelled(report.counts.get("unlabelled", 0))
+    print_class_notes(report.notes)
 
 
-def _print_train(run: Run, model) -> None:
+def print_train(model: SimilarityModel) -> None:
     print(f"train: model version {model.version}, C={model.params['C']:g}, "
           f"cross-validated accuracy {percent(model.params['cv_accuracy'])}")
     print_left_out(model.params)
 
 
-def print_refine(run: Run | None, record) -> None:
+def print_refine(record: NetworkRecord) -> None:
     """What refine did: the stored network, its best epoch and validation accuracy, its speed."""
     best, history = record.metrics["best"], record.metrics["history"]
     val = "no validation images" if best["val_accuracy"] is None else \
@@ -147,24 +157,25 @@ def print_refine(run: Run | None, record) -> None:
     print_left_out(record.params)
 
 
-def _print_rank(run: Run, result) -> None:
-    """The best ranking method of the run's last evaluation (beside the CNTK tutorial's), then the example."""
-    summary = run.summary
+def print_best_ranking(summary: dict[str, Any]) -> None:
+    """The best ranking method of an evaluation, beside the CNTK tutorial's figures on the same classes."""
     best = summary["ranking"][summary["best_method"]]
     print(f"  best ranking ({summary['best_method']}, original protocol): top-1 {percent(best['top1'])}, "
           f"top-10 {percent(best['top10'])}, median rank {best['median_rank']:g}"
           + (f"; CNTK tutorial on the same 3 classes: test accuracy {percent(CNTK_ACCURACY)}, top-1 {percent(CNTK_TOP1)}"
              if set(summary["classes"]) == CNTK_CLASSES else ""))
-    print_ranking(result)
 
 
-PRINTERS: dict[str, Callable[[Run, Any], None]] = {
-    "ingest": _print_ingest, "featurize": _print_featurize, "split": _print_split, "train": _print_train,
-    "evaluate": lambda run, summary: print_evaluation(summary), "rank": _print_rank, "refine": print_refine,
+PRINTERS: dict[str, Callable[[Any], None]] = {
+    "ingest": print_ingest, "featurize": print_featurize, "split": print_split, "train": print_train,
+    "evaluate": print_evaluation, "rank": print_ranking, "refine": print_refine,
 }
-"""The printer of each step's report (pipeline/steps.py STEPS)."""
+"""The printer of each step's report (pipeline/steps.py STEPS), for its command and for `run`."""
 
 
-def print_report(name: str, run: Run, report: Any) -> None:
-    """Print the report of step `name` (`run_job`'s `show`)."""
-    PRINTERS[name](run, report)
+def print_run_step(name: str, report: Any, done: Results) -> None:
+    """`run`'s printer (`run_job`'s show): each step's report; the example ranking comes after the best method of
+    the run's last evaluation."""
+    if name == "rank":
+        print_best_ranking(done.summary)
+    PRINTERS[name](report)

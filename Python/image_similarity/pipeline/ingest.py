@@ -20,9 +20,11 @@ from ..store import NewImage, Store
 
 @dataclass
 class IngestReport:
-    """What an ingest did: images added (and how many of them replaced a key's image), already stored, and files
-    skipped with the reason."""
+    """What an ingest of `source` did: images added (and how many of them replaced a key's image), already stored,
+    and files skipped with the reason."""
 
+    source: str = ""
+    """What was ingested: a folder, a manifest, the view."""
     added: int = 0
     already_stored: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -97,10 +99,11 @@ def ingest_one(store: Store, name: str, label: str | None, source: Path | bytes,
     return image_id, reason
 
 
-def ingest_items(store: Store, items: Iterable[Item], total: int | None = None, progress: bool = True,
+def ingest_items(store: Store, items: Iterable[Item], source: str, total: int | None = None, progress: bool = True,
                  stage: str = "ingest") -> IngestReport:
-    """Ingest items one by one as they come (memory stays flat); bad ones are skipped and recorded, never fatal."""
-    report = IngestReport()
+    """Ingest the items of `source` one by one as they come (memory stays flat); bad ones are skipped and recorded,
+    never fatal."""
+    report = IngestReport(source)
     for item in tqdm(items, total=total, desc=stage, unit="item", disable=not progress):
         if item.problem is not None or item.source is None:
             reason = item.problem or "no image"
@@ -148,7 +151,7 @@ def ingest_view(store: Store, progress: bool = True) -> IngestReport:
     (issue 29): the view's name and columns are fixed, so no SQL text or name from a user is ever run. Safe to
     re-run."""
     items = (view_item(*row) for batch in store.source_rows() for row in batch)
-    return ingest_items(store, items, None, progress)
+    return ingest_items(store, items, "the view image_source", None, progress)
 
 
 def ingest(store: Store, folder: str | Path, progress: bool = True) -> IngestReport:
@@ -157,4 +160,5 @@ def ingest(store: Store, folder: str | Path, progress: bool = True) -> IngestRep
     if not folder.is_dir():
         raise NotFound(f"not a folder: {folder}")
     files = class_files(folder)
-    return ingest_items(store, (Item(name, label, path) for name, label, path in files), len(files), progress)
+    return ingest_items(store, (Item(name, label, path) for name, label, path in files), str(folder), len(files),
+                        progress)

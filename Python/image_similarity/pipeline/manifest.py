@@ -81,4 +81,4 @@ def ingest_manifest(store: Store, manifest: str | Path, progress: bool = True) -
     folder = manifest.resolve().parent
     items = (Item(where, None, None, problem=row) if isinstance(row, str) else item(row, folder, where)
              for row, where in rows(manifest))
-    return ingest_items(store, items, count_rows(manifest), progress)
+    return ingest_items(store, items, str(manifest), count_rows(manifest), progress)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -69,3 +70,17 @@ def notes(store: Store) -> dict[str, dict[str, ClassCount]]:
     subsets = store.split()
     images = [im for im in store.images() if im.id in subsets and im.label is not None]
     return split_notes([im.label for im in images], [im.dhash for im in images], [subsets[im.id] for im in images])
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    """What a split did: the count per subset (and of the unlabelled images left out), and the classes a later step
+    leaves out."""
+
+    counts: dict[str, int]
+    notes: dict[str, dict[str, ClassCount]]
+
+
+def split_report(store: Store, test_fraction: float = TEST_FRACTION, seed: int = 0) -> SplitReport:
+    """Split (`split`) and report it."""
+    return SplitReport(split(store, test_fraction, seed), notes(store))

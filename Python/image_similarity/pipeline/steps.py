@@ -10,14 +10,15 @@ context and the CLI's --help need only their names, without scikit-learn or torc
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BadInput
 from ..features.specs import DEFAULT_BACKBONE
-from .ingest import ingest
-from .split import TEST_FRACTION, split
+from .ingest import IngestReport, ingest
+from .refine_settings import Settings
+from .split import TEST_FRACTION, SplitReport, split_report
 
 BATCH_SIZE = 32
 """Images per batch of the featurize step, unless told otherwise (featurize, Spark's tasks, the CLI)."""
@@ -25,12 +26,14 @@ BATCH_SIZE = 32
 if TYPE_CHECKING:
     from ..search.model import SimilarityModel
     from ..store import Store
-    from .featurize import Featurizer
+    from ..store.base import NetworkRecord
+    from .featurize import Featurizer, FeaturizeReport
+    from .rank import RankResult
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """One run of the job: its store and options, and what each step leaves for the next."""
+    """One run of the job: its store, how it gets a featurizer, and its options, the same for every step."""
 
     store: Store
     featurizer_for: Callable[[str | None], Featurizer] | None = None
@@ -43,66 +46,74 @@ class Run:
     epochs: int | None = None
     device: str | None = None
     precision: str = "auto"
-    refine_settings: dict[str, Any] = field(default_factory=dict)
+    refine_settings: Settings = field(default_factory=Settings)
     backbone: str | None = None
-    """The backbone the next step featurizes or refines (None: the default one)."""
+    """The backbone the run featurizes or refines first (None: the default one)."""
+
+
+@dataclass(frozen=True)
+class Results:
+    """What a run's steps have returned so far: each step returns a new one for the next."""
+
+    backbone: str | None = None
+    """The backbone the last step featurized or refined (None: none yet: the run's)."""
     featurizer: Featurizer | None = None
     model: SimilarityModel | None = None
     summary: dict[str, Any] | None = None
+    """The last evaluation's summary."""
 
 
-def _ingest(run: Run):
-    return ingest(run.store, run.folder, progress=run.progress)
+def _ingest(run: Run, done: Results) -> tuple[IngestReport, Results]:
+    return ingest(run.store, run.folder, progress=run.progress), done
 
 
-def _featurize(run: Run):
+def _featurize(run: Run, done: Results) -> tuple[FeaturizeReport, Results]:
     from .featurize import featurize  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
-    run.featurizer = run.featurizer_for(run.backbone)
-    run.backbone = run.featurizer.backbone
-    return featurize(run.store, run.featurizer, progress=run.progress)
+    featurizer = run.featurizer_for(done.backbone or run.backbone)
+    report = featurize(run.store, featurizer, progress=run.progress)
+    return report, replace(done, backbone=featurizer.backbone, featurizer=featurizer)
 
 
-def _split(run: Run) -> dict[str, int]:
-    return split(run.store, run.test_fraction, run.seed)
+def _split(run: Run, done: Results) -> tuple[SplitReport, Results]:
+    return split_report(run.store, run.test_fraction, run.seed), done
 
 
-def _train(run: Run):
+def _train(run: Run, done: Results) -> tuple[SimilarityModel, Results]:
     from .train import train  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
-    run.model = train(run.store, run.featurizer.backbone, seed=run.seed)
-    return run.model
+    model = train(run.store, done.featurizer.backbone, seed=run.seed)
+    return model, replace(done, model=model)
 
 
-def _evaluate(run: Run) -> dict[str, Any]:
+def _evaluate(run: Run, done: Results) -> tuple[dict[str, Any], Results]:
     from .evaluate import evaluate  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     out = run.out
-    if out is not None and run.summary is not None:  # a later evaluation of the run (the refined network's)
-        out = out / run.model.backbone  # keeps the earlier one's plots: its own go into a folder of its name
-    run.summary = evaluate(run.store, run.model, out_dir=out, seed=run.seed)
-    return run.summary
+    if out is not None and done.summary is not None:  # a later evaluation of the run (the refined network's)
+        out = out / done.model.backbone  # keeps the earlier one's plots: its own go into a folder of its name
+    summary = evaluate(run.store, done.model, out_dir=out, seed=run.seed)
+    return summary, replace(done, summary=summary)
 
 
-def _refine(run: Run):
-    """Refine the run's backbone (the default one when none is set); the steps after it use the result."""
-    from .refine import Settings, refine  # lazy: scikit-learn and torch, when a step computes (module docstring)
+def _refine(run: Run, done: Results) -> tuple[NetworkRecord, Results]:
+    """Refine the backbone of the run (the default one when none is set); the steps after it use the result."""
+    from .refine import refine  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
-    name = refine(run.store, run.backbone or DEFAULT_BACKBONE, epochs=run.epochs, seed=run.seed, progress=run.progress,
-                  device=run.device, precision=run.precision, settings=Settings(**run.refine_settings))
-    run.backbone = name
-    return run.store.network(name)
+    name = refine(run.store, done.backbone or run.backbone or DEFAULT_BACKBONE, epochs=run.epochs, seed=run.seed,
+                  progress=run.progress, device=run.device, precision=run.precision, settings=run.refine_settings)
+    return run.store.network(name), replace(done, backbone=name)
 
 
-def _rank(run: Run):
+def _rank(run: Run, done: Results) -> tuple[RankResult, Results]:
     """Rank the first test image (the run's example query) with the run's model."""
     from .rank import rank  # lazy: scikit-learn and torch, when a step computes (module docstring)
 
     store = run.store
     test_ids = sorted(i for i, s in store.split().items() if s == "test")
     query = next(im for im in store.images() if im.id == test_ids[0])
-    return rank(store, store.image_bytes(query.id), run.featurizer, model=run.model,
-                name=f"{query.name} ({query.label})")
+    return rank(store, store.image_bytes(query.id), done.featurizer, model=done.model,
+                name=f"{query.name} ({query.label})"), done
 
 
 @dataclass(frozen=True)
@@ -115,9 +126,9 @@ class Step:
     """The SQL Server procedure (SQLR/); None: the step runs only on the client."""
     parameters: tuple[str, ...] = ()
     """The parameters a client passes to the procedure and its PostgreSQL routine (store/postgres.py ROUTINES) (a subset of what they declare)."""
-    compute: Callable[[Run], Any] | None = None
-    """Computes the step within a run from what the earlier steps left; returns its report (printed by the CLI:
-    entrypoints/reports.py)."""
+    compute: Callable[[Run, Results], tuple[Any, Results]] | None = None
+    """Computes the step within a run from what the earlier steps returned; returns its report (printed by the CLI:
+    entrypoints/reports.py PRINTERS) and the results for the next step."""
 
 
 STEPS: dict[str, Step] = {step.name: step for step in (
@@ -144,14 +155,15 @@ def run_steps(refine: bool = False) -> tuple[str, ...]:
     return ("ingest", *JOB, *(REFINED_JOB if refine else ()), "rank")
 
 
-def run_job(run: Run, names: tuple[str, ...], show: Callable[[str, Run, Any], None] | None = None) -> Run:
-    """Compute the named steps in order on one run, handing each report to `show` (name, run, report) when given
-    (the CLI's printers: entrypoints/reports.print_report)."""
+def run_job(run: Run, names: tuple[str, ...], show: Callable[[str, Any, Results], None] | None = None,
+            done: Results = Results()) -> Results:
+    """Compute the named steps in order on one run, from the results of earlier steps (`done`); hand each report to
+    `show` (name, report, results so far) when given (the CLI: entrypoints/reports.print_run_step)."""
     for name in names:
-        report = STEPS[name].compute(run)
+        report, done = STEPS[name].compute(run, done)
         if show is not None:
-            show(name, run, report)
-    return run
+            show(name, report, done)
+    return done
 
 
 def choose_model(store: Store, version: int | None = None, backbone: str | None = None,
