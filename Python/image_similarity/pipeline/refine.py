@@ -48,6 +48,23 @@ class Images:
     targets: torch.Tensor
 
 
+@dataclass
+class _Training:
+    """What stays fixed for a whole training: the network and its optimizer, the input normalisation (mean, std),
+    the gradient scaler, where and in which precision it computes, the settings, the seed, the decoded images."""
+
+    module: RefineNet
+    optimizer: torch.optim.AdamW
+    norm: tuple[torch.Tensor, torch.Tensor]
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+    settings: Settings
+    seed: int
+    train: Images
+    val: Images
+
+
 def _cache(data: bytes, short: int, resample: Image.Resampling) -> torch.Tensor:
     """Decode and resize so the short side is `short` (long side at most MAX_ASPECT times it): uint8 (3, H, W)."""
     image = decode_image(data)
@@ -124,6 +141,19 @@ def _decode_images(store: Store, rows: Sequence, classes: list[str], size: int, 
     return Images(tensors, torch.tensor(targets, dtype=torch.long))
 
 
+def _training_data(store: Store, rows: Sequence, classes: list[str], settings: Settings, seed: int,
+                   resample: Image.Resampling, progress: bool) -> tuple[Images, Images]:
+    """(training, validation) images: the rows split by the seed (near duplicates on one side), each decoded once."""
+    validation_ids = {i for i, s in split_images(rows, settings.val_fraction, seed).items() if s == "test"}
+    train = _decode_images(store, [r for r in rows if r.id not in validation_ids], classes, settings.image_size,
+                           resample, progress)
+    val = _decode_images(store, [r for r in rows if r.id in validation_ids], classes, settings.image_size,
+                         resample, progress)
+    if not train.tensors:
+        raise BadInput("no decodable training images to refine on")
+    return train, val
+
+
 def _fingerprint(rows: Sequence) -> str:
     text = json.dumps([(im.id, im.label, im.sha256) for im in rows])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -150,38 +180,124 @@ def _learning_rate_scale(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _logits(module: RefineNet, norm: tuple[torch.Tensor, torch.Tensor], batch: torch.Tensor,
-            dropout: float, generator: torch.Generator | None) -> torch.Tensor:
-    mean, std = norm
+def _set_learning_rates(optimizer: torch.optim.Optimizer, rates: Sequence[float]) -> None:
+    """Set each parameter group's learning rate, in order."""
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+
+
+def _logits(training: _Training, batch: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The head's logits for a float 0..255 batch; dropout on the pooled features only when `generator` is given."""
+    mean, std = training.norm
+    dropout = training.settings.dropout
     x = ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
-    features = module.net.pooled(x)
+    features = training.module.net.pooled(x)
     if generator is not None and dropout > 0:
         keep = torch.rand(features.shape, generator=generator).to(features.device) >= dropout
         features = features * keep / (1 - dropout)
-    return module.head(features.float())
+    return training.module.head(features.float())
 
 
-def _evaluate(module: RefineNet, norm, images: Images, size: int, batch_size: int, device: torch.device,
-              precision: str) -> tuple[float | None, float | None]:
+def _augmented_batch(training: _Training, ids: list[int],
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images `ids` randomly cropped, flipped and colour-jittered, and their targets, on the device."""
+    size = training.settings.image_size
+    batch = _jitter(torch.stack([_random_crop(training.train.tensors[i], size, generator) for i in ids]), generator)
+    return batch.to(training.device), training.train.targets[ids].to(training.device)
+
+
+def _step(training: _Training, batch: torch.Tensor, targets: torch.Tensor, generator: torch.Generator) -> float:
+    """One optimizer step on a batch (dropout drawn from `generator`, the loss scaled for fp16): the batch's loss."""
+    with precisions.autocast(training.precision, training.device):
+        logits = _logits(training, batch, generator)
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=training.settings.label_smoothing)
+    training.optimizer.zero_grad(set_to_none=True)
+    training.scaler.scale(loss).backward()
+    training.scaler.step(training.optimizer)
+    training.scaler.update()
+    return float(loss.detach())
+
+
+def _train_epoch(training: _Training, epoch: int, progress: bool) -> float:
+    """One pass over the training images in the epoch's seeded order, the learning rates scaled by the schedule
+    step by step and restored after: the mean loss."""
+    settings, images = training.settings, training.train
+    steps = math.ceil(len(images.tensors) / settings.batch_size)
+    base_lrs = [group["lr"] for group in training.optimizer.param_groups]
+    generator = torch.Generator().manual_seed(training.seed * 1_000_003 + epoch)
+    order = torch.randperm(len(images.tensors), generator=generator).tolist()
+    total_loss = 0.0
+    for step in tqdm(range(steps), desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
+        ids = order[step * settings.batch_size:(step + 1) * settings.batch_size]
+        batch, targets = _augmented_batch(training, ids, generator)
+        scale = _learning_rate_scale(epoch * steps + step, settings.epochs * steps, steps)
+        _set_learning_rates(training.optimizer, [lr * scale for lr in base_lrs])
+        total_loss += _step(training, batch, targets, generator) * len(ids)
+    _set_learning_rates(training.optimizer, base_lrs)
+    return total_loss / len(images.tensors)
+
+
+def _evaluate(training: _Training) -> tuple[float | None, float | None]:
     """(accuracy, mean loss) on the validation images; (None, None) when there are none."""
+    images, size, batch_size = training.val, training.settings.image_size, training.settings.batch_size
     if not images.tensors:
         return None, None
     correct, loss = 0, 0.0
     with torch.no_grad():
         for start in range(0, len(images.tensors), batch_size):
-            batch = torch.stack([_centre(t, size) for t in images.tensors[start:start + batch_size]]).to(device)
-            targets = images.targets[start:start + batch_size].to(device)
-            with precisions.autocast(precision, device):
-                logits = _logits(module, norm, batch, 0.0, None)
+            batch = torch.stack([_centre(t, size) for t in images.tensors[start:start + batch_size]])
+            batch = batch.to(training.device)
+            targets = images.targets[start:start + batch_size].to(training.device)
+            with precisions.autocast(training.precision, training.device):
+                logits = _logits(training, batch, None)
             loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
             correct += int((logits.argmax(1) == targets).sum())
     return correct / len(images.tensors), loss / len(images.tensors)
+
+
+def _epoch(training: _Training, epoch: int, progress: bool) -> dict:
+    """Train one epoch and evaluate it: the epoch's metrics entry (epochs count from 1)."""
+    started = time.perf_counter()
+    loss = _train_epoch(training, epoch, progress)
+    val_accuracy, val_loss = _evaluate(training)
+    return {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_accuracy, "val_loss": val_loss,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _is_better(val: tuple[float | None, float | None], best: dict | None) -> bool:
     if best is None or val[0] is None:
         return True
     return (val[0], -val[1]) > (best["val_accuracy"], -best["val_loss"])
+
+
+def _checkpoint(store: Store, name: str, training: _Training, metrics: dict, entry: dict) -> tuple[dict, bool]:
+    """Add the epoch's entry to the metrics and store them: the network ready with its best weights when finished
+    (last epoch, or `patience` epochs without a better one), else the whole state to resume: (metrics, finished)."""
+    settings = training.settings
+    improved = _is_better((entry["val_accuracy"], entry["val_loss"]), metrics["best"])
+    metrics = {**metrics, "history": [*metrics["history"], entry], "best": entry if improved else metrics["best"],
+               "train_images": len(training.train.tensors), "val_images": len(training.val.tensors),
+               "device": str(training.device), "precision": training.precision}
+    finished = entry["epoch"] == settings.epochs or entry["epoch"] - metrics["best"]["epoch"] >= settings.patience
+    arrays = {"weights": _state_arrays(training.module)} if improved else {}
+    if finished:
+        store.put_network(name, "ready", metrics, arrays, drop=("state", "optimizer"))
+    else:
+        arrays.update(state=_state_arrays(training.module), optimizer=_optimizer_arrays(training.optimizer))
+        store.put_network(name, "training", metrics, arrays)
+    return metrics, finished
+
+
+def _checked_settings(base: str, epochs: int | None, settings: Settings | None) -> Settings:
+    """The settings to refine `base` with (`epochs`, when given, overriding theirs), checked."""
+    if base not in BACKBONES:
+        raise BadInput(f"refine starts from a pretrained backbone ({', '.join(BACKBONES)}), not {base!r}")
+    settings = settings or Settings()
+    if epochs is not None:
+        settings = dataclasses.replace(settings, epochs=epochs)
+    if settings.epochs < 1:
+        raise BadInput(f"epochs must be at least 1, got {settings.epochs}")
+    return settings
 
 
 def _network_record(store: Store, base: str, seed: int, settings: Settings, rows: Sequence, classes: list[str],
@@ -234,13 +350,7 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     unfinished run after its last finished epoch, or returns the finished network. `on_epoch(epoch, metrics)`
     is called after each epoch's checkpoint is committed (epochs count from 1).
     """
-    if base not in BACKBONES:
-        raise BadInput(f"refine starts from a pretrained backbone ({', '.join(BACKBONES)}), not {base!r}")
-    settings = settings or Settings()
-    if epochs is not None:
-        settings = dataclasses.replace(settings, epochs=epochs)
-    if settings.epochs < 1:
-        raise BadInput(f"epochs must be at least 1, got {settings.epochs}")
+    settings = _checked_settings(base, epochs, settings)
     rows, classes, left_out = _training_images(store)
     record = _network_record(store, base, seed, settings, rows, classes, left_out)
     if record.status == "ready":
@@ -250,68 +360,23 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     chosen = precisions.resolve(precision, torch_device)
     extractor = load_backbone(base)
     module, optimizer = _new_module(extractor, len(classes), seed, settings)
-
     metrics = record.metrics or {"history": [], "best": None}
     done = len(metrics["history"])
     if done:
         _resume(store, record, module, optimizer)
-
-    validation_ids = {i for i, s in split_images(rows, settings.val_fraction, seed).items() if s == "test"}
-    spec = extractor.spec
-    train = _decode_images(store, [r for r in rows if r.id not in validation_ids], classes, settings.image_size,
-                           spec.resample, progress)
-    val = _decode_images(store, [r for r in rows if r.id in validation_ids], classes, settings.image_size,
-                         spec.resample, progress)
-    if not train.tensors:
-        raise BadInput("no decodable training images to refine on")
+    train, val = _training_data(store, rows, classes, settings, seed, extractor.spec.resample, progress)
 
     module.to(torch_device).eval()  # batch-norm statistics stay as pretrained; dropout is applied by hand
-    norm = (extractor.mean.to(torch_device), extractor.std.to(torch_device))
-    scaler = torch.amp.GradScaler("cuda", enabled=chosen == "fp16")
-    steps = math.ceil(len(train.tensors) / settings.batch_size)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    training = _Training(module, optimizer, norm=(extractor.mean.to(torch_device), extractor.std.to(torch_device)),
+                         scaler=torch.amp.GradScaler("cuda", enabled=chosen == "fp16"), device=torch_device,
+                         precision=chosen, settings=settings, seed=seed, train=train, val=val)
     bar = tqdm(total=settings.epochs, initial=done, desc=f"refine {record.name} ({torch_device}, {chosen})",
                unit="epoch", disable=not progress)
     for epoch in range(done, settings.epochs):
-        started = time.perf_counter()
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(train.tensors), generator=generator).tolist()
-        total_loss = 0.0
-        for step in tqdm(range(steps), desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress):
-            chosen_ids = order[step * settings.batch_size:(step + 1) * settings.batch_size]
-            batch = _jitter(torch.stack([_random_crop(train.tensors[i], settings.image_size, generator)
-                                         for i in chosen_ids]), generator).to(torch_device)
-            targets = train.targets[chosen_ids].to(torch_device)
-            scale = _learning_rate_scale(epoch * steps + step, settings.epochs * steps, steps)
-            for group, lr in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = lr * scale
-            with precisions.autocast(chosen, torch_device):
-                logits = _logits(module, norm, batch, settings.dropout, generator)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total_loss += float(loss.detach()) * len(chosen_ids)
-        for group, lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = lr
-        val_accuracy, val_loss = _evaluate(module, norm, val, settings.image_size, settings.batch_size,
-                                           torch_device, chosen)
-        entry = {"epoch": epoch + 1, "loss": total_loss / len(train.tensors), "val_accuracy": val_accuracy,
-                 "val_loss": val_loss, "seconds": round(time.perf_counter() - started, 2)}
-        improved = _is_better((val_accuracy, val_loss), metrics["best"])
-        metrics = {**metrics, "history": [*metrics["history"], entry], "best": entry if improved else metrics["best"],
-                   "train_images": len(train.tensors), "val_images": len(val.tensors), "device": str(torch_device),
-                   "precision": chosen}
-        finished = epoch + 1 == settings.epochs or epoch + 1 - metrics["best"]["epoch"] >= settings.patience
-        arrays = {"weights": _state_arrays(module)} if improved else {}
-        if finished:
-            store.put_network(record.name, "ready", metrics, arrays, drop=("state", "optimizer"))
-        else:
-            arrays.update(state=_state_arrays(module), optimizer=_optimizer_arrays(optimizer))
-            store.put_network(record.name, "training", metrics, arrays)
+        entry = _epoch(training, epoch, progress)
+        metrics, finished = _checkpoint(store, record.name, training, metrics, entry)
         bar.set_postfix(loss=f"{entry['loss']:.3f}",
-                        val_acc="-" if val_accuracy is None else f"{100 * val_accuracy:.1f}%")
+                        val_acc="-" if entry["val_accuracy"] is None else f"{100 * entry['val_accuracy']:.1f}%")
         bar.update(1)
         if on_epoch is not None:
             on_epoch(epoch + 1, metrics)
