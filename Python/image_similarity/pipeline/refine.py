@@ -360,13 +360,13 @@ def refine(store: Store, base: str = DEFAULT_BACKBONE, *, epochs: int | None = N
     chosen = precisions.resolve(precision, torch_device)
     extractor = load_backbone(base)
     module, optimizer = _new_module(extractor, len(classes), seed, settings)
+    module.to(torch_device).eval()  # batch-norm statistics stay as pretrained; dropout is applied by hand
     metrics = record.metrics or {"history": [], "best": None}
     done = len(metrics["history"])
-    if done:
+    if done:  # after the move: the optimizer's state is loaded onto the device of the parameters it belongs to
         _resume(store, record, module, optimizer)
     train, val = _training_data(store, rows, classes, settings, seed, extractor.spec.resample, progress)
 
-    module.to(torch_device).eval()  # batch-norm statistics stay as pretrained; dropout is applied by hand
     training = _Training(module, optimizer, norm=(extractor.mean.to(torch_device), extractor.std.to(torch_device)),
                          scaler=torch.amp.GradScaler("cuda", enabled=chosen == "fp16"), device=torch_device,
                          precision=chosen, settings=settings, seed=seed, train=train, val=val)
