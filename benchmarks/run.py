@@ -131,6 +131,11 @@ def _peak_rss_child(n: int, workdir: str) -> float:
     parent's size at the fork (this benchmark's parent holds every runtime of both networks by then)."""
     with photo_store(Path(workdir) / f"rss-{n}.sqlite", n) as store:
         featurize(store, Featurizer(BACKBONES[0], device="cpu"), batch_size=BATCH_SIZE, progress=False)
+    return own_peak_mib()
+
+
+def own_peak_mib() -> float:
+    """This process's own peak RSS in MiB: VmHWM on Linux (ru_maxrss elsewhere, where exec resets it)."""
     status = Path("/proc/self/status")
     if status.is_file():
         return int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))) / 1024

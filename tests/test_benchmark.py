@@ -89,3 +89,27 @@ def test_neighbors_benchmark_compares_the_step_with_float32_only():
     assert result["ratio"] == result["step_s"] / result["float32_s"] and result["ratio"] > 0
     # the same ids: these seeded vectors' top-11 scores are at least 3.4e-6 apart, far above float32's rounding
     assert result["blocks_with_the_same_ids"] == 2
+
+
+def test_a_spawned_childs_peak_rss_is_its_own_not_its_parents(tmp_path):
+    """The featurizing child's peak RSS figure: a parent that holds 800 MiB spawns a child, as the benchmark does; the
+    child's figure is its own size, while getrusage's ru_maxrss in the same child reports the parent's."""
+    script = tmp_path / "spawn_peak.py"
+    script.write_text(
+        "import resource, sys\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from multiprocessing import get_context\n"
+        "import numpy as np\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import run\n"
+        "def figures():\n"
+        "    return run.own_peak_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+        "if __name__ == '__main__':\n"
+        "    ballast = np.ones(800 * 2 ** 20 // 8)  # 800 MiB, every page written\n"
+        "    with ProcessPoolExecutor(1, mp_context=get_context('spawn')) as pool:\n"
+        "        print(*pool.submit(figures).result(), run.own_peak_mib())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=package_env(),
+                          timeout=300, check=True)
+    child, child_maxrss, parent = map(float, done.stdout.split())
+    assert parent > 800 and child_maxrss > 800  # ru_maxrss: the parent's size at the fork
+    assert child < parent - 600  # the child's own: no ballast
