@@ -34,7 +34,7 @@ def test_steps_one_by_one_on_real_photos(tmp_path, small_dir, capsys, sample_dir
     assert main(["ingest", str(small_dir), "--db", db, "-q"]) == 0
     assert f"ingest {small_dir}: 36 added, 0 already stored, 0 skipped" in capsys.readouterr().out
     assert main(["featurize", "--db", db, "-q", "--batch-size", "16"]) == 0
-    assert "featurize: 36 new vectors (efficientnet_lite0 on cpu" in capsys.readouterr().out
+    assert "featurize: 36 new vectors with efficientnet_lite0 on cpu (" in capsys.readouterr().out
     assert main(["split", "--db", db, "--seed", "2"]) == 0
     assert main(["train", "--db", db, "--C", "0.1", "1"]) == 0
     assert "train: model version 1" in capsys.readouterr().out.splitlines()[-1]

@@ -128,8 +128,8 @@ def print_ingest(report: IngestReport) -> None:
 
 
 def print_featurize(report: FeaturizeReport) -> None:
-    print(f"featurize: {report.added} new vectors ({report.backbone} on {report.device}, {report.precision}), "
-          f"{len(report.skipped)} skipped")
+    print(f"featurize: {report.added} new vectors with {report.backbone} on {report.device} ({report.runtime}, "
+          f"{report.precision}), {len(report.skipped)} skipped")
     for image_id, reason in report.skipped:
         print(f"  skipped image {image_id}: {reason}")
 

@@ -64,8 +64,10 @@ def with_suggestions(matches: list[Match], found: dict[int, tuple[str, float]]) 
 
 
 def suggest_matches(store: Store, model: SimilarityModel | None, matches: list[Match]) -> list[Match]:
-    """The matches, the unlabelled ones with the model's suggested label and probability (features read now)."""
+    """The matches, the unlabelled ones with the model's suggested label and probability (their features read now,
+    and nothing else)."""
     wanted = [m.image_id for m in matches if m.label is None]
     if model is None or not wanted:
         return matches
-    return with_suggestions(matches, {s.id: (s.suggested, s.probability) for s in suggestions(store, model, wanted)})
+    found, X = store.features(model.backbone, wanted)
+    return with_suggestions(matches, {int(i): guess for i, guess in zip(found, suggest(model, X))})
