@@ -56,7 +56,7 @@ class Results:
     """What a run's steps have returned so far: each step returns a new one for the next."""
 
     backbone: str | None = None
-    """The backbone the last step featurized or refined (None: none yet: the run's)."""
+    """The backbone the last step featurized or refined (None before either: the run's)."""
     featurizer: Featurizer | None = None
     model: SimilarityModel | None = None
     summary: dict[str, Any] | None = None
