@@ -97,3 +97,21 @@ def test_rank_index_choice(full_copy, sample_dir, capsys, monkeypatch):
     monkeypatch.setattr(ann, "available", lambda: False)
     assert main(["rank", query, "--db", str(full_copy), "--index", "hnsw"]) == 1
     assert "approximate search needs faiss" in capsys.readouterr().err
+
+
+def test_help_ingest_and_split_load_no_network_or_learning_library(tmp_path, small_dir):
+    """--help and the steps that need no network (ingest, split) run without importing torch, scikit-learn, ONNX
+    Runtime or OpenVINO: each of them takes a second or more to import on 2 cores."""
+    db = str(tmp_path / "light.sqlite")
+    code = ("import sys\n"
+            "from image_similarity.entrypoints.cli import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            f"assert main(['ingest', {str(small_dir)!r}, '--db', {db!r}, '-q']) == 0\n"
+            f"assert main(['split', '--db', {db!r}]) == 0\n"
+            "print('loaded:', *sorted(m for m in ('torch', 'sklearn', 'onnxruntime', 'openvino') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.splitlines()[-1] == "loaded:"
+    assert "split: 27 train, 9 test" in done.stdout

@@ -1,7 +1,8 @@
 """The `image-similarity` command: each step of the job as a subcommand, and `run` for all of them.
 
-The commands import the steps that train, rank or run a network when they run: scikit-learn takes seconds to
-import, and `--help`, ingest, split and the in-database commands (--context sql) do without it."""
+The commands import the steps that train, rank or run a network when they run: torch and scikit-learn take a
+second or more each to import, and `--help`, ingest, split and the in-database commands (--context sql) do without
+them (tests/test_cli.py checks it)."""
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,8 @@ from ..pipeline.refine_settings import Settings
 from ..pipeline.steps import BATCH_SIZE, STEPS, Results, Run, choose_model, run_job, run_steps
 from ..resources import sample_dataset
 from ..search import ann
+from ..search.ann import ANN_THRESHOLD, INDEXES
 from ..search.methods import METHODS, ranking_method
-from ..search.searchers import ANN_THRESHOLD, INDEXES
 from ..store import DEFAULT_DB
 from ..store.postgres import EF_SEARCH, EF_SEARCH_MAX, EF_SEARCH_PER_MATCH
 from . import sqlserver

@@ -8,6 +8,11 @@ from ..errors import Unavailable
 MISSING = "approximate search needs faiss: pip install 'image-similarity[ann]' (faiss-cpu)"
 EF_SEARCH = 128
 """Candidates a graph search looks at unless told."""
+INDEXES = ("auto", "exact", "hnsw")
+"""exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss; in a database with
+vector search, its index, for any method); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when
+faiss is installed, in a database its index when it has one, else exact (searchers.py)."""
+ANN_THRESHOLD = 200_000
 
 
 def available() -> bool:

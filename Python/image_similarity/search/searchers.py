@@ -18,16 +18,12 @@ from ..errors import BadInput, NotReady, Unavailable
 from ..store import Store
 from ..store.base import VECTOR_SEARCH
 from . import ann, screen
+from .ann import ANN_THRESHOLD, INDEXES
 from .catalogue import Catalogue
 from .methods import METHODS, Method, ranking_method, scoring_method
 from .model import SimilarityModel
 from .screen import BLOCK, FP32, Float32Rows, HalfMatrix, Int8Matrix, scan_kernel, screening_copy
 
-INDEXES = ("auto", "exact", "hnsw")
-"""exact: score every image; hnsw: approximate l2/cosine search on a graph index (needs faiss; in a database with
-vector search, its index, for any method); auto: hnsw for catalogues in memory of at least ANN_THRESHOLD images when
-faiss is installed, in a database its index when it has one, else exact."""
-ANN_THRESHOLD = 200_000
 SCREEN_THRESHOLD = 20_000
 """Exact l2 and cosine search over at least this many images scans a screening copy of the matrix (float16,
 bfloat16 or int8: a half or a quarter of the bytes; whichever screen.scan_kernel measured fastest here, if any beats
