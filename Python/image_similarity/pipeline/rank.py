@@ -56,13 +56,13 @@ def default_method(store: Store, model: SimilarityModel | None) -> str:
     return "scores"
 
 
-def rank(store: Store, data: bytes, featurizer, top: int = 10, method: str | None = None,
+def rank(store: Store, data: bytes, featurizer, *, top: int = 10, method: str | None = None,
          model: SimilarityModel | None = None, name: str = "query", save: bool = True,
          index: str = "exact", ef_search: int | None = None) -> RankResult:
     """Rank the store's catalogue against a query image given as bytes, and store the ranking unless not `save`.
 
     Uses the latest model unless `model` is given, if it was trained on the featurizer's backbone; `method` defaults
-    to default_method's. `index` as in search.searchers.INDEXES: exact unless asked, as one query never pays for
+    to default_method's. `index` as in search.ann.INDEXES: exact unless asked, as one query never pays for
     building a graph (keep a searcher and use `rank_with` to answer many); `ef_search`: the candidates an HNSW
     search looks at (None: the database's or the in-memory graph's default).
     """
