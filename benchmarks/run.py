@@ -135,7 +135,8 @@ def _peak_rss_child(n: int, workdir: str) -> float:
 
 
 def own_peak_mib() -> float:
-    """This process's own peak RSS in MiB: VmHWM on Linux (ru_maxrss elsewhere, where exec resets it)."""
+    """This process's own peak RSS in MiB: VmHWM on Linux, where ru_maxrss keeps the size of the parent it was
+    forked from across exec; ru_maxrss elsewhere."""
     status = Path("/proc/self/status")
     if status.is_file():
         return int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmHWM:"))) / 1024

@@ -54,21 +54,16 @@ def split_images(images: Sequence[ImageRow], test_fraction: float = TEST_FRACTIO
 def split(store: Store, test_fraction: float = TEST_FRACTION, seed: int = 0) -> dict[str, int]:
     """Split the stored labelled images and save the split; return the count per subset, and of the unlabelled
     images left out ("unlabelled")."""
-    images = store.images()
-    labelled = [im for im in images if im.label is not None]
-    if not images:
-        raise NotReady("no images stored: run 'image-similarity ingest DIR' first")
-    if not labelled:
-        raise NotReady(f"no labelled images stored ({len(images)} unlabelled): ingest some with labels first")
-    subsets = split_images(labelled, test_fraction, seed)
-    store.put_split(subsets, seed, test_fraction)
-    return {**Counter(subsets.values()), "unlabelled": unlabelled([im.label for im in images])}
+    return split_report(store, test_fraction, seed).counts
 
 
 def notes(store: Store) -> dict[str, dict[str, ClassCount]]:
     """The stored split's classes that a later step leaves out (classes.split_notes)."""
-    subsets = store.split()
-    images = [im for im in store.images() if im.id in subsets and im.label is not None]
+    return _notes([im for im in store.images() if im.label is not None], store.split())
+
+
+def _notes(labelled: list[ImageRow], subsets: dict[int, str]) -> dict[str, dict[str, ClassCount]]:
+    images = [im for im in labelled if im.id in subsets]
     return split_notes([im.label for im in images], [im.dhash for im in images], [subsets[im.id] for im in images])
 
 
@@ -82,5 +77,14 @@ class SplitReport:
 
 
 def split_report(store: Store, test_fraction: float = TEST_FRACTION, seed: int = 0) -> SplitReport:
-    """Split (`split`) and report it."""
-    return SplitReport(split(store, test_fraction, seed), notes(store))
+    """Split the stored labelled images and save the split, reading them once; report it (`split`, `notes`)."""
+    images = store.images()
+    labelled = [im for im in images if im.label is not None]
+    if not images:
+        raise NotReady("no images stored: run 'image-similarity ingest DIR' first")
+    if not labelled:
+        raise NotReady(f"no labelled images stored ({len(images)} unlabelled): ingest some with labels first")
+    subsets = split_images(labelled, test_fraction, seed)
+    store.put_split(subsets, seed, test_fraction)
+    counts = {**Counter(subsets.values()), "unlabelled": unlabelled([im.label for im in images])}
+    return SplitReport(counts, _notes(labelled, subsets))
