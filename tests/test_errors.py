@@ -25,7 +25,7 @@ def test_cli_renders_the_packages_errors_and_interrupts_in_one_line(error, code,
                                                                     capsys):
     def fail(*args, **kwargs):
         raise error
-    monkeypatch.setattr(split, "split", fail)
+    monkeypatch.setattr(split, "split_report", fail)  # what the split command calls
     assert main(["split", "--db", str(tmp_path / "x.sqlite")]) == code
     line = one_line(capsys.readouterr().err)
     assert line == "image-similarity: interrupted; run the same command again to resume" if code == 130 else \
@@ -36,7 +36,7 @@ def test_cli_renders_the_packages_errors_and_interrupts_in_one_line(error, code,
 def test_cli_lets_a_bug_show_its_traceback(bug, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise bug
-    monkeypatch.setattr(split, "split", fail)
+    monkeypatch.setattr(split, "split_report", fail)  # what the split command calls
     with pytest.raises(type(bug)):
         main(["split", "--db", str(tmp_path / "x.sqlite")])
 
